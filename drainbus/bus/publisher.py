@@ -1,0 +1,77 @@
+"""Appending messages to a topic's stream.
+
+A batch of messages is one MULTI/EXEC of XADDs: it is stored whole or not at all, so after a
+failure the publisher can say exactly how many messages were stored. Each XADD trims the
+stream approximately to ``max_len``; time retention (``XTRIM MINID``) runs at most once per
+``_RETENTION_EVERY`` seconds per topic, which is plenty for a retention measured in hours.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from drainbus.bus.connection import backend_error
+from drainbus.bus.streams import Keys, StreamId, entry_fields, parse_id
+
+__all__ = ["Publisher"]
+
+log = structlog.get_logger(__name__)
+
+_RETENTION_EVERY = 30.0
+
+
+class Publisher:
+    """Appends messages to topics; one per process, shared by every session."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, max_len: int, retention: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._max_len = max_len
+        self._retention_ms = int(retention * 1000)
+        self._known_topics: set[str] = set()
+        self._last_retention_trim: dict[str, float] = {}
+
+    async def publish(
+        self, topic: str, messages: Sequence[bytes], *, user: str, raw: bool = False
+    ) -> list[StreamId]:
+        """Store ``messages`` on ``topic`` as one atomic batch; return their stream ids.
+
+        Returns only once Redis acknowledged every XADD. Raises BackendUnavailable if Redis
+        cannot be reached; then none of this batch was stored.
+        """
+        if not messages:
+            return []
+        key = self._keys.stream(topic)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for data in messages:
+                    fields = entry_fields(data, user=user, message_id=secrets.token_hex(8), raw=raw)
+                    pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)  # type: ignore[arg-type]
+                ids = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise backend_error(exc, f"publishing to '{topic}'") from exc
+        await self._housekeeping(topic, key)
+        return [parse_id(i) for i in ids]
+
+    async def _housekeeping(self, topic: str, key: str) -> None:
+        """Register the topic and apply time retention; failures here lose nothing."""
+        try:
+            await self._register_and_trim(topic, key)
+        except (RedisError, OSError) as exc:
+            log.warning("topic_housekeeping_failed", topic=topic, error=str(exc))
+
+    async def _register_and_trim(self, topic: str, key: str) -> None:
+        if topic not in self._known_topics:
+            await self._redis.sadd(self._keys.topics, topic)
+            self._known_topics.add(topic)
+        now = time.monotonic()
+        if now - self._last_retention_trim.get(topic, 0.0) >= _RETENTION_EVERY:
+            self._last_retention_trim[topic] = now
+            oldest_kept = int(time.time() * 1000) - self._retention_ms
+            await self._redis.xtrim(key, minid=f"{oldest_kept}-0", approximate=True)

@@ -1,0 +1,151 @@
+"""Redis key names and the stream operations the bus is made of.
+
+Every key of one topic carries the topic in a hash tag (``drainbus:{TOPIC}:stream``) so that
+all of them land in one Redis Cluster slot. Each stream entry holds:
+
+====  =====================================================================
+d     the message bytes
+u     the authenticated publisher
+m     a message id (hex), the same across retries: consumers drop repeats
+t     the time the bus received it, in ms since the epoch
+r     ``1`` for a ``pub --raw`` chunk (written to subscribers as-is)
+====  =====================================================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeAlias, cast
+
+from redis.asyncio import Redis
+
+__all__ = [
+    "MAX_SEQ",
+    "Entry",
+    "Keys",
+    "StreamId",
+    "StreamInfo",
+    "format_id",
+    "parse_id",
+]
+
+StreamId: TypeAlias = tuple[int, int]
+MAX_SEQ = 2**64 - 1
+ZERO_ID: StreamId = (0, 0)
+
+
+def parse_id(raw: bytes | str) -> StreamId:
+    """``b"1700000000000-3"`` -> ``(1700000000000, 3)``; a bare ``ms`` means ``ms-0``."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(stream_id: StreamId) -> str:
+    """``(ms, seq)`` -> ``"ms-seq"``."""
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+def rfc3339(ms: int) -> str:
+    """Milliseconds since the epoch as an RFC 3339 UTC time with millisecond precision."""
+    return (
+        datetime.fromtimestamp(ms / 1000, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+class Keys:
+    """Every Redis key name drainbus uses, in one place."""
+
+    def __init__(self, namespace: str = "drainbus") -> None:
+        self.namespace = namespace
+        self.topics = f"{namespace}:topics"
+        self.nodes = f"{namespace}:nodes"
+
+    def stream(self, topic: str) -> str:
+        """The stream holding ``topic``'s messages."""
+        return f"{self.namespace}:{{{topic}}}:stream"
+
+    def dead_letters(self, topic: str) -> str:
+        """The stream holding ``topic``'s entries that consumers gave up on."""
+        return f"{self.namespace}:{{{topic}}}:dead"
+
+    def node_subscribers(self, node: str) -> str:
+        """A hash topic -> live subscriber count on ``node`` (expires if the node dies)."""
+        return f"{self.namespace}:node:{node}:subscribers"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry, decoded."""
+
+    id: StreamId
+    data: bytes
+    user: str
+    message_id: str
+    received_ms: int
+    raw: bool
+
+    @classmethod
+    def from_redis(cls, raw_id: bytes, fields: dict[bytes, bytes]) -> Entry:
+        """Decode an entry as redis-py returns it (bytes id, bytes field map)."""
+        stream_id = parse_id(raw_id)
+        return cls(
+            id=stream_id,
+            data=fields.get(b"d", b""),
+            user=fields.get(b"u", b"").decode("utf-8", "replace"),
+            message_id=fields.get(b"m", b"").decode("ascii", "replace"),
+            received_ms=int(fields.get(b"t", stream_id[0])),
+            raw=fields.get(b"r") == b"1",
+        )
+
+
+def entry_fields(data: bytes, *, user: str, message_id: str, raw: bool) -> dict[str, Any]:
+    """The field map XADD stores for one message."""
+    fields: dict[str, Any] = {"d": data, "u": user, "m": message_id, "t": int(time.time() * 1000)}
+    if raw:
+        fields["r"] = "1"
+    return fields
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What ``XINFO STREAM`` says about a topic, reduced to what drainbus uses."""
+
+    length: int
+    last_id: StreamId
+    first_id: StreamId | None
+    entries_added: int
+
+    @property
+    def was_trimmed(self) -> bool:
+        """True if entries were ever removed (by MAXLEN/MINID trimming or XDEL)."""
+        return self.entries_added > self.length
+
+
+async def stream_info(redis: Redis, key: str) -> StreamInfo | None:
+    """``XINFO STREAM`` for ``key``, or None if the stream does not exist."""
+    if not await redis.exists(key):
+        return None
+    info = await redis.xinfo_stream(key)
+    first = info.get("first-entry")
+    return StreamInfo(
+        length=int(info["length"]),
+        last_id=parse_id(info["last-generated-id"]),
+        first_id=parse_id(first[0]) if first else None,
+        entries_added=int(info.get("entries-added", info["length"])),
+    )
+
+
+async def read_after(redis: Redis, key: str, after: StreamId, count: int) -> list[Entry]:
+    """Up to ``count`` entries with ids strictly greater than ``after``, oldest first."""
+    start = "(" + format_id(after) if after != ZERO_ID else "-"
+    rows = cast(
+        Sequence[tuple[bytes, dict[bytes, bytes]]],
+        await redis.xrange(key, min=start, max="+", count=count),
+    )
+    return [Entry.from_redis(raw_id, fields) for raw_id, fields in rows]

@@ -1,0 +1,270 @@
+"""One typed, frozen settings object, loaded and validated once at start-up.
+
+Sources, strongest first: command-line flags, the environment, the TOML config file, the
+defaults below. Every setting can come from the environment as ``DRAINBUS_<NAME>``, with
+``__`` between a section and its key: ``DRAINBUS_REDIS_URL``, ``DRAINBUS_SERVER__LISTEN``,
+``DRAINBUS_SERVER__ADMINS='["alice"]'`` (lists and tables as JSON). A systemd unit therefore
+needs nothing but an ``EnvironmentFile``.
+
+Relative paths are taken from the working directory drainbus starts in.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from drainbus.errors import ConfigError
+
+__all__ = [
+    "AclRule",
+    "ServerSettings",
+    "Settings",
+    "TopicSettings",
+    "load_settings",
+    "parse_duration",
+    "parse_listen",
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Return seconds for ``30``, ``1.5``, ``"250ms"``, ``"30s"``, ``"10m"``, ``"2h"``, ``"7d"``.
+
+    Raises ValueError naming the accepted forms.
+    """
+    if isinstance(value, bool):
+        # ValueError, not TypeError: pydantic reports only ValueError as a validation error.
+        raise ValueError("expected a duration such as 30s, 10m, 2h or 7d")  # noqa: TRY004
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration: use a number with ms, s, m, h or d")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:2222`` for IPv6) into host and port.
+
+    Raises ValueError when the port is missing or outside 0-65535.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (for example 0.0.0.0:2222 or [::1]:2222)")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - listening on all is the default
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Section):
+    """The SSH front door: where it listens, who may log in, and its limits."""
+
+    listen: str = "0.0.0.0:2222"
+    host_keys_dir: Path = Path("keys/host")
+    users_dir: Path = Path("keys/users")
+    admins: tuple[str, ...] = ()
+    max_connections: int = Field(1000, ge=1)
+    max_sessions_per_user: int = Field(64, ge=1)
+    login_timeout: Duration = 10.0
+    keepalive_interval: Duration = 15.0
+    keepalive_count_max: int = Field(3, ge=1)
+    max_message_bytes: int = Field(65536, ge=1, le=64 * 1024 * 1024)
+    subscriber_buffer_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    users_reload_interval: Duration = 2.0
+    shutdown_grace: Duration = 5.0
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        """``listen`` split into (host, port)."""
+        return parse_listen(self.listen)
+
+
+class TopicSettings(_Section):
+    """How much history each topic's stream keeps."""
+
+    max_len: int = Field(100_000, ge=1)
+    retention: Duration = 7 * 86400.0
+
+
+class AclRule(_Section):
+    """Who may publish and subscribe on topics matching ``topics``.
+
+    Patterns are topic names or globs (``*`` within one segment, ``**`` across segments).
+    Principals: ``"*"`` any authenticated user, ``"@admins"``, or user names.
+    """
+
+    topics: tuple[str, ...] = Field(min_length=1)
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+
+    @field_validator("topics")
+    @classmethod
+    def _check_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not pattern or pattern.startswith("/") or any(c.isspace() for c in pattern):
+                raise ValueError(f"{pattern!r} is not a topic name or glob")
+        return value
+
+
+_settings_config = SettingsConfigDict(
+    env_prefix="DRAINBUS_",
+    env_nested_delimiter="__",
+    frozen=True,
+    extra="forbid",
+    nested_model_default_partial_update=True,
+)
+
+
+class Settings(BaseSettings):
+    """Everything drainbus is configured with. Built by :func:`load_settings`."""
+
+    model_config = _settings_config
+
+    redis_url: str | None = None
+    data_dir: Path = Path("data")
+    namespace: str = Field("drainbus", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    server: ServerSettings = ServerSettings()
+    topics: TopicSettings = TopicSettings()
+    acl: tuple[AclRule, ...] = ()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        schemes = ("redis://", "rediss://", "unix://")
+        if not value.startswith(schemes):
+            raise ValueError(f"{value!r} is not a Redis URL: use redis://, rediss:// or unix://")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _MappingSource(settings_cls, _FILE_DATA.get()))
+
+
+# load_settings hands the parsed file to settings_customise_sources through this variable:
+# pydantic-settings builds its sources from the class, not from the call.
+_FILE_DATA: ContextVar[Mapping[str, Any]] = ContextVar(
+    "drainbus_config_file", default=MappingProxyType({})
+)
+
+
+class _MappingSource(PydanticBaseSettingsSource):
+    """The already parsed TOML file as a settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable by this user") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
+    """One readable line for one pydantic error: the key, then what is expected."""
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, error["loc"][:-1])
+        hint = f"; known keys here: {', '.join(allowed)}" if allowed else ""
+        return f"{location}: unknown setting{hint}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    shown = repr(error.get("input"))
+    return f"{location}: {message}" + ("" if shown in message else f" (got {shown})")
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        current = next((a for a in (annotation, *args) if isinstance(a, type)), None)
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def load_settings(
+    config_path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Read the TOML file (if any), the environment and ``overrides`` into :class:`Settings`.
+
+    ``overrides`` holds command-line values, nested like the file (``{"server": {"listen":
+    ...}}``); ``None`` values are ignored. Raises :class:`ConfigError` with one line naming
+    the first bad key and what it expects.
+    """
+    file_data = _read_toml(config_path) if config_path else {}
+    cleaned = _drop_none(dict(overrides or {}))
+    token = _FILE_DATA.set(file_data)
+    try:
+        return Settings(**cleaned)
+    except ValidationError as exc:
+        errors = exc.errors()
+        origin = f"config file {config_path}: " if config_path else "settings: "
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(origin + _describe(errors[0], Settings) + more) from None
+    finally:
+        _FILE_DATA.reset(token)
+
+
+def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        kept = _drop_none(value) if isinstance(value, dict) else value
+        if kept is not None and kept != {}:
+            out[key] = kept
+    return out

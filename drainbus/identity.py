@@ -1,0 +1,196 @@
+"""Who is who: the server's host key and the users' public keys.
+
+Users are files: ``users_dir/NAME.pub`` in OpenSSH authorized_keys format (one or more keys,
+comments and blank lines allowed, options before a key are accepted and ignored). NAME is the
+identity, whatever login name the client sends. A key listed for two different users belongs
+to neither: it is refused and logged, because guessing would hand one user the other's rights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import structlog
+
+from drainbus.errors import ConfigError
+
+__all__ = [
+    "HOST_KEY_NAME",
+    "Identity",
+    "UserKeys",
+    "load_or_create_host_key",
+    "parse_authorized_keys",
+    "valid_user_name",
+]
+
+log = structlog.get_logger(__name__)
+
+HOST_KEY_NAME = "ssh_host_ed25519_key"
+_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_KEY_TYPES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
+
+
+def valid_user_name(name: str) -> bool:
+    """True for names usable as an identity: letters, digits, '.', '_', '-', at most 64."""
+    return bool(_USER_NAME.match(name))
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated user: the name from the key file and the key's SHA256 fingerprint."""
+
+    user: str
+    fingerprint: str
+    is_admin: bool
+
+
+def load_or_create_host_key(directory: Path) -> asyncssh.SSHKey:
+    """Read ``directory/ssh_host_ed25519_key``, generating it (mode 0600) if missing.
+
+    Raises ConfigError if the file exists but cannot be read or parsed.
+    """
+    path = directory / HOST_KEY_NAME
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        # O_EXCL: two nodes starting at once on a shared folder must not overwrite each other.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_or_create_host_key(directory)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key.export_private_key())
+        path.with_suffix(".pub").write_bytes(key.export_public_key())
+        log.info("host_key_generated", path=str(path))
+        return key
+    try:
+        return asyncssh.read_private_key(path)
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise ConfigError(f"host key {path} cannot be read: {exc}") from None
+
+
+def parse_authorized_keys(text: str, *, source: str) -> list[asyncssh.SSHKey]:
+    """Parse authorized_keys text into keys. Raises ConfigError naming the bad line."""
+    keys: list[asyncssh.SSHKey] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        # Options (from="…",no-pty …) may precede the key; asyncssh doesn't enforce them
+        # for us, so we only locate where the key type starts.
+        start = next(
+            (
+                m.start()
+                for m in re.finditer(r"(?:^|\s)(\S+)", line)
+                if m.group(1).startswith(_KEY_TYPES)
+            ),
+            None,
+        )
+        if start is None:
+            raise ConfigError(f"{source}:{number}: no public key found on this line")
+        try:
+            keys.append(asyncssh.import_public_key(line[start:].strip()))
+        except asyncssh.KeyImportError as exc:
+            raise ConfigError(f"{source}:{number}: not a valid public key ({exc})") from None
+    return keys
+
+
+class UserKeys:
+    """The users folder, indexed by key, reloaded when its files change.
+
+    ``lookup`` is what authentication calls; ``reload_if_changed`` is cheap (one stat per
+    file) and is called periodically and on SIGHUP. A file that fails to parse keeps the
+    user's previous keys and logs the error, so a typo never locks everyone out.
+    """
+
+    def __init__(self, directory: Path, admins: tuple[str, ...] = ()) -> None:
+        self.directory = directory
+        self.admins = frozenset(admins)
+        self._by_key: dict[bytes, tuple[str, str]] = {}
+        self._by_user: dict[str, list[asyncssh.SSHKey]] = {}
+        self._signature: tuple[tuple[str, int, int], ...] | None = None
+
+    @property
+    def users(self) -> dict[str, list[asyncssh.SSHKey]]:
+        """User name -> keys, as last loaded."""
+        return dict(self._by_user)
+
+    def lookup(self, key: asyncssh.SSHKey) -> Identity | None:
+        """The identity owning ``key``, or None if no user (or more than one) lists it."""
+        found = self._by_key.get(key.public_data)
+        if found is None:
+            return None
+        user, fingerprint = found
+        return Identity(user=user, fingerprint=fingerprint, is_admin=user in self.admins)
+
+    def _scan(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            entries = sorted(os.scandir(self.directory), key=lambda e: e.name)
+        except FileNotFoundError:
+            return ()
+        signature = []
+        for entry in entries:
+            if entry.name.endswith(".pub") and entry.is_file():
+                stat = entry.stat()
+                signature.append((entry.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(signature)
+
+    def reload_if_changed(self) -> bool:
+        """Reload when a file was added, removed or changed. Returns True if it reloaded."""
+        signature = self._scan()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        self.reload()
+        return True
+
+    def load(self) -> None:
+        """First load at start-up: any unreadable or invalid key file is a ConfigError."""
+        self._signature = self._scan()
+        self.reload(strict=True)
+
+    def reload(self, *, strict: bool = False) -> None:
+        """Read every ``NAME.pub`` again and rebuild the index.
+
+        ``strict`` (used at start-up) raises ConfigError for an unreadable or invalid file
+        instead of logging it and keeping that user's previous keys.
+        """
+        by_user: dict[str, list[asyncssh.SSHKey]] = {}
+        for path in sorted(self.directory.glob("*.pub")):
+            user = path.stem
+            if not valid_user_name(user):
+                log.warning("user_file_ignored", path=str(path), reason="invalid user name")
+                continue
+            try:
+                by_user[user] = parse_authorized_keys(path.read_text(), source=str(path))
+            except (OSError, UnicodeDecodeError, ConfigError) as exc:
+                if strict:
+                    raise ConfigError(f"user key file {path} cannot be used: {exc}") from None
+                log.error(  # noqa: TRY400 - the reason is in the message; a traceback adds nothing
+                    "user_file_unreadable", path=str(path), error=str(exc)
+                )
+                if user in self._by_user:
+                    by_user[user] = self._by_user[user]
+        owners: dict[bytes, set[str]] = {}
+        for user, keys in by_user.items():
+            for key in keys:
+                owners.setdefault(key.public_data, set()).add(user)
+        by_key: dict[bytes, tuple[str, str]] = {}
+        for user, keys in by_user.items():
+            for key in keys:
+                if len(owners[key.public_data]) > 1:
+                    continue
+                by_key[key.public_data] = (user, key.get_fingerprint("sha256"))
+        for data, names in owners.items():
+            if len(names) > 1:
+                log.error(
+                    "key_refused_shared",
+                    users=sorted(names),
+                    fingerprint=asyncssh.import_public_key(data).get_fingerprint(),
+                )
+        self._by_user, self._by_key = by_user, by_key
+        log.info("users_loaded", users=len(by_user), keys=len(by_key))

@@ -1,0 +1,474 @@
+"""The commands a user runs over SSH: pub, sub, ls, whoami, help.
+
+Each command parses its arguments, checks access, does its work through the bus, and returns
+an exit code (sysexits.h). Errors are raised as :mod:`drainbus.errors` exceptions and turned
+into one line on stderr plus the matching exit code by :func:`run_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import NoReturn
+
+import asyncssh
+import structlog
+
+from drainbus.acl import Access, check_topic_name
+from drainbus.bus import Bus
+from drainbus.bus.catalog import describe_topics, known_topics
+from drainbus.bus.fanout import TrimNotice
+from drainbus.bus.streams import MAX_SEQ, ZERO_ID, StreamId, parse_id
+from drainbus.config import Settings, parse_duration
+from drainbus.errors import (
+    BackendError,
+    DataError,
+    DrainbusError,
+    ExitCode,
+    PermissionDenied,
+    UsageError,
+)
+from drainbus.identity import Identity
+
+__all__ = ["COMMANDS", "LineCheck", "SessionContext", "parse_since", "run_command"]
+
+log = structlog.get_logger(__name__)
+
+Process = asyncssh.SSHServerProcess[bytes]
+LineCheck = Callable[[Identity, bytes], None]
+"""Validates one message for a topic; raises DataError or PermissionDenied to reject it."""
+
+_BATCH_LINES = 2048  # messages per MULTI/EXEC when a publisher sends a lot at once
+
+
+@dataclass
+class SessionContext:
+    """What a command needs: who runs it, the process to talk to, and the node's services."""
+
+    identity: Identity
+    process: Process
+    settings: Settings
+    bus: Bus
+    access: Access
+    line_checks: dict[str, LineCheck] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    topic: str | None = None
+
+    def stderr(self, text: str) -> None:
+        """Write one line to the client's stderr."""
+        self.process.stderr.write((text.rstrip("\n") + "\n").encode("utf-8", "replace"))
+
+    async def stdout(self, data: bytes) -> None:
+        """Write to the client's stdout and wait until the channel can take more."""
+        self.process.stdout.write(data)
+        self.bytes_out += len(data)
+        await self.process.stdout.drain()
+
+
+class _HelpRequested(Exception):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing and exiting."""
+
+    def __init__(self, prog: str, description: str, epilog: str) -> None:
+        super().__init__(
+            prog=prog,
+            description=description,
+            epilog=epilog,
+            allow_abbrev=False,
+            exit_on_error=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+    def print_help(self, file: object = None) -> None:
+        raise _HelpRequested(self.format_help())
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise UsageError(message or f"{self.prog}: invalid arguments")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command: its one-line summary, an example, its parser and what it does."""
+
+    name: str
+    summary: str
+    example: str
+    parser: _Parser
+    run: Callable[[SessionContext, argparse.Namespace], Awaitable[int]]
+
+
+# --- pub ---------------------------------------------------------------------------------
+
+
+async def _pub(ctx: SessionContext, args: argparse.Namespace) -> int:
+    topic = check_topic_name(args.topic)
+    ctx.topic = topic
+    ctx.access.require(ctx.identity, "publish", topic)
+    publisher = _LinePublisher(ctx, topic)
+    reader = ctx.process.stdin
+    limit = ctx.settings.server.max_message_bytes
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            break
+        ctx.bytes_in += len(chunk)
+        if args.raw:
+            for start in range(0, len(chunk), limit):
+                publisher.add_raw(chunk[start : start + limit])
+        else:
+            publisher.feed(chunk)
+        await publisher.flush()
+    publisher.finish()
+    await publisher.flush()
+    return publisher.report()
+
+
+class _LinePublisher:
+    """Splits stdin into lines, checks each, and stores valid ones in batches."""
+
+    def __init__(self, ctx: SessionContext, topic: str) -> None:
+        self.ctx = ctx
+        self.topic = topic
+        self.check = ctx.line_checks.get(topic)
+        self.limit = ctx.settings.server.max_message_bytes
+        self.partial = bytearray()
+        self.skipping = False  # inside a line already known to be too long
+        self.line_number = 0
+        self.pending: list[bytes] = []
+        self.raw = False
+        self.published = 0
+        self.rejected = 0
+        self.worst = ExitCode.OK
+
+    def feed(self, chunk: bytes) -> None:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                self._extend(chunk[start:])
+                return
+            self._extend(chunk[start:end])
+            self._end_line()
+            start = end + 1
+
+    def _extend(self, piece: bytes) -> None:
+        if self.skipping:
+            return
+        self.partial += piece
+        if len(self.partial) > self.limit + 1:  # +1: a CR of a CRLF ending doesn't count
+            self.skipping = True
+            self.partial.clear()
+
+    def _end_line(self) -> None:
+        self.line_number += 1
+        if self.skipping:
+            self.skipping = False
+            self._reject(DataError(f"line is longer than {self.limit} bytes (max_message_bytes)"))
+            return
+        line = bytes(self.partial.removesuffix(b"\r"))
+        self.partial.clear()
+        if not line:
+            return
+        if len(line) > self.limit:
+            self._reject(DataError(f"line is longer than {self.limit} bytes (max_message_bytes)"))
+            return
+        if self.check is not None:
+            try:
+                self.check(self.ctx.identity, line)
+            except (DataError, PermissionDenied) as exc:
+                self._reject(exc)
+                return
+        self.pending.append(line)
+
+    def _reject(self, exc: DrainbusError) -> None:
+        self.rejected += 1
+        self.worst = max(self.worst, exc.exit_code, key=_severity)
+        self.ctx.stderr(f"line {self.line_number}: {exc.message}")
+
+    def add_raw(self, data: bytes) -> None:
+        self.raw = True
+        self.pending.append(data)
+
+    def finish(self) -> None:
+        if self.partial or self.skipping:  # a final line without a newline still counts
+            self._end_line()
+
+    async def flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:_BATCH_LINES], self.pending[_BATCH_LINES:]
+            try:
+                await self.ctx.bus.publisher.publish(
+                    self.topic, batch, user=self.ctx.identity.user, raw=self.raw
+                )
+            except BackendError as exc:
+                exc.message += (
+                    f"; {self.published} message(s) of this session were stored before it, "
+                    "none after"
+                )
+                raise
+            self.published += len(batch)
+
+    def report(self) -> int:
+        if self.rejected:
+            self.ctx.stderr(
+                f"drainbus: {self.published} message(s) published, {self.rejected} line(s) rejected"
+            )
+        return int(self.worst)
+
+
+def _severity(code: ExitCode) -> int:
+    """Which exit code wins when lines fail for different reasons: refusals over bad data."""
+    return {ExitCode.OK: 0, ExitCode.DATAERR: 1, ExitCode.NOPERM: 2}.get(code, 3)
+
+
+# --- sub ---------------------------------------------------------------------------------
+
+_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+
+
+def parse_since(value: str, *, now_ms: int | None = None) -> StreamId:
+    """Turn ``--since`` into "deliver messages with ids after this one".
+
+    Accepts a stream id (``1700000000000-0``), a duration back from now (``30s``, ``10m``,
+    ``2h``, ``7d``), an RFC 3339 time, or ``all``. Raises UsageError otherwise.
+    """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if value == "all":
+        return ZERO_ID
+    if _STREAM_ID.match(value):
+        return parse_id(value)
+    if re.match(r"^\d+(\.\d+)?(ms|s|m|h|d)$", value):
+        start_ms = now_ms - int(parse_duration(value) * 1000)
+        return _just_before(start_ms)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        moment = None
+    if moment is not None and moment.tzinfo is not None:
+        return _just_before(int(moment.timestamp() * 1000))
+    hint = " (add a time zone, e.g. Z)" if moment is not None else ""
+    raise UsageError(
+        f"--since '{value}' is not a stream id, a duration (30s, 10m, 2h, 7d), "
+        f"an RFC 3339 time{hint} or 'all'"
+    )
+
+
+def _just_before(ms: int) -> StreamId:
+    return (ms - 1, MAX_SEQ) if ms > 0 else ZERO_ID
+
+
+async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
+    topic = check_topic_name(args.topic)
+    ctx.topic = topic
+    ctx.access.require(ctx.identity, "subscribe", topic)
+    if args.count is not None and args.count < 1:
+        raise UsageError("sub: --count must be a positive number")
+    after = parse_since(args.since) if args.since else None
+    remaining = args.count
+    fanout = ctx.bus.fanout
+    fanout.count(topic, +1)
+    try:
+        stream = fanout.follow(topic, after)
+        try:
+            async for item in stream:
+                if isinstance(item, TrimNotice):
+                    ctx.stderr(item.message(topic))
+                    continue
+                batch = item
+                if remaining is not None and len(batch.entries) > remaining:
+                    batch = type(item)(topic, item.entries[:remaining])
+                await ctx.stdout(batch.json_lines() if args.json else batch.plain())
+                if remaining is not None:
+                    remaining -= len(batch.entries)
+                    if remaining == 0:
+                        return 0
+        finally:
+            await stream.aclose()
+    finally:
+        fanout.count(topic, -1)
+    return 0
+
+
+# --- ls, whoami, help --------------------------------------------------------------------
+
+
+async def _ls(ctx: SessionContext, args: argparse.Namespace) -> int:
+    bus = ctx.bus
+    topics = [
+        t
+        for t in await known_topics(bus.redis, bus.keys)
+        if t.startswith(args.prefix or "") and ctx.access.allows(ctx.identity, "subscribe", t)
+    ]
+    summaries = await describe_topics(bus.redis, bus.keys, topics, await bus.presence.subscribers())
+    if args.json:
+        await ctx.stdout(b"".join(json.dumps(asdict(s)).encode() + b"\n" for s in summaries))
+        return 0
+    rows = [("TOPIC", "MESSAGES", "LAST MESSAGE", "SUBSCRIBERS", "DEAD", "GROUPS")]
+    for s in summaries:
+        groups = ", ".join(
+            f"{g.name} (lag {'?' if g.lag is None else g.lag}, pending {g.pending})"
+            for g in s.groups
+        )
+        rows.append(
+            (
+                s.topic,
+                str(s.messages),
+                s.last_time or "-",
+                str(s.subscribers),
+                str(s.dead_letters),
+                groups or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1]
+        for r in rows
+    ]
+    await ctx.stdout(("\n".join(lines) + "\n").encode())
+    return 0
+
+
+async def _whoami(ctx: SessionContext, args: argparse.Namespace) -> int:
+    ident = ctx.identity
+    admin = "yes" if ident.is_admin else "no"
+    text = f"user: {ident.user}\nkey: {ident.fingerprint}\nadmin: {admin}\n"
+    if args.json:
+        text = json.dumps(asdict(ident)) + "\n"
+    await ctx.stdout(text.encode())
+    return 0
+
+
+async def _help(ctx: SessionContext, args: argparse.Namespace) -> int:
+    await ctx.stdout(help_text().encode())
+    return 0
+
+
+def help_text() -> str:
+    """The command list with a one-line description and an example for each."""
+    lines = ["drainbus: authenticated pub/sub over SSH", "", "commands:"]
+    for command in COMMANDS.values():
+        lines.append(f"  {command.name:<8} {command.summary}")
+        lines.append(f"  {'':<8}   e.g. {command.example}")
+    lines += [
+        "",
+        "Run 'ssh bus COMMAND --help' for a command's options.",
+        "Exit codes: 0 ok, 64 usage, 65 bad data, 69 backend unavailable, 75 try later, "
+        "77 permission denied.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _command(
+    name: str,
+    summary: str,
+    example: str,
+    run: Callable[[SessionContext, argparse.Namespace], Awaitable[int]],
+) -> Command:
+    parser = _Parser(f"ssh bus {name}", summary, f"example:\n  {example}")
+    return Command(name, summary, example, parser, run)
+
+
+def _build_commands() -> dict[str, Command]:
+    pub = _command(
+        "pub",
+        "publish each line of stdin as one message",
+        "echo acme-blog | ssh bus pub cache-drain",
+        _pub,
+    )
+    pub.parser.add_argument("topic", help="topic name, e.g. cache-drain or alice/deploys")
+    pub.parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="send stdin in chunks as-is (binary-safe), not line by line",
+    )
+
+    sub = _command(
+        "sub",
+        "write the topic's messages to stdout as they arrive",
+        "ssh bus sub cache-drain --since 10m --json",
+        _sub,
+    )
+    sub.parser.add_argument("topic")
+    sub.parser.add_argument(
+        "--since",
+        metavar="POS",
+        help="replay from POS first: a stream id, a duration (30s, 10m, "
+        "2h, 7d), an RFC 3339 time, or 'all'",
+    )
+    sub.parser.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    sub.parser.add_argument(
+        "--json", action="store_true", help="one JSON object per line: id, time, topic, user, data"
+    )
+
+    ls = _command(
+        "ls",
+        "list the topics you may read: size, last message, subscribers, groups",
+        "ssh bus ls cache --json",
+        _ls,
+    )
+    ls.parser.add_argument("prefix", nargs="?", help="only topics starting with PREFIX")
+    ls.parser.add_argument("--json", action="store_true", help="one JSON object per topic")
+
+    whoami = _command(
+        "whoami",
+        "show your user name, key fingerprint and whether you are admin",
+        "ssh bus whoami",
+        _whoami,
+    )
+    whoami.parser.add_argument("--json", action="store_true")
+
+    help_ = _command("help", "show this list", "ssh bus help", _help)
+    return {c.name: c for c in (pub, sub, ls, whoami, help_)}
+
+
+COMMANDS = _build_commands()
+
+
+def _lookup(name: str) -> Command:
+    command = COMMANDS.get(name)
+    if command is None:
+        shown = name if name.isprintable() else repr(name)
+        raise UsageError(f"unknown command '{shown}'")
+    return command
+
+
+async def run_command(ctx: SessionContext, command_line: str | None) -> int:
+    """Parse and run one SSH command line; return its exit code. Never raises DrainbusError."""
+    try:
+        try:
+            argv = shlex.split(command_line or "")
+        except ValueError as exc:
+            raise UsageError(f"cannot parse the command line: {exc}") from None
+        if not argv:
+            await _help(ctx, argparse.Namespace())
+            return 0
+        command = _lookup(argv[0])
+        try:
+            args = command.parser.parse_args(argv[1:])
+        except argparse.ArgumentError as exc:
+            raise UsageError(f"{command.parser.prog}: {exc}") from None
+        return await command.run(ctx, args)
+    except _HelpRequested as shown:
+        await ctx.stdout(shown.text.encode())
+        return 0
+    except UsageError as exc:
+        ctx.stderr(f"drainbus: {exc.message} (run 'ssh bus help' for usage)")
+        return int(exc.exit_code)
+    except DrainbusError as exc:
+        ctx.stderr(f"drainbus: {exc.message}")
+        return int(exc.exit_code)
