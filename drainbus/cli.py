@@ -108,10 +108,17 @@ def serve(
 def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     try:
         anyio.run(main)
-    except DrainbusError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+    except* DrainbusError as group:
+        # Task groups wrap what passes through them; the person at the terminal needs only
+        # the first error drainbus raised on purpose.
+        _fail(_first_leaf(group))
+    except* KeyboardInterrupt:  # a second Ctrl-C during shutdown
         sys.exit(130)
+
+
+def _first_leaf(group: BaseExceptionGroup[DrainbusError]) -> DrainbusError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _serve(settings: Settings) -> None:
@@ -200,21 +207,27 @@ def keys_add(ctx: click.Context, config: str | None, name: str, pubkey_file: Any
         users_dir.mkdir(parents=True, exist_ok=True)
         path = users_dir / f"{name}.pub"
         existing = {k.public_data for k in users.users.get(name, [])}
-        lines = []
-        for key, line in zip(new_keys, _key_lines(text), strict=True):
+        # Refuse before echoing anything, or 'added' would show for keys that are never written.
+        for key in new_keys:
             owner = users.lookup(key)
             if owner is not None and owner.user != name:
                 raise ConfigError(
                     f"key {key.get_fingerprint()} already belongs to user '{owner.user}'"
                 )
+        lines = []
+        for key, line in zip(new_keys, _key_lines(text), strict=True):
             if key.public_data in existing:
                 click.echo(f"{name}: {key.get_fingerprint()} already present")
                 continue
+            existing.add(key.public_data)
             lines.append(line)
             click.echo(f"{name}: added {key.get_fingerprint()}")
         if lines:
+            # A hand-edited file may lack its final newline: don't glue our key onto its last line.
+            current = path.read_text() if path.exists() else ""
+            separator = "\n" if current and not current.endswith("\n") else ""
             with path.open("a") as handle:
-                handle.write("".join(f"{line}\n" for line in lines))
+                handle.write(separator + "".join(f"{line}\n" for line in lines))
     except DrainbusError as exc:
         _fail(exc)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from contextlib import AsyncExitStack
 from types import TracebackType
 
 import anyio
 import structlog
-from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -49,15 +49,20 @@ class Bus:
         self.keys = Keys(settings.namespace)
         self.embedded: EmbeddedRedis | None = None
         self.url = settings.redis_url or ""
-        self._task_group: TaskGroup | None = None
 
     async def __aenter__(self) -> Bus:
-        if not self.settings.redis_url:
-            self.embedded = EmbeddedRedis(self.settings.data_dir)
-            self.embedded.start()
-            self.url = self.embedded.url
+        # Everything entered here is left in reverse order by the exit stack, in the task
+        # that entered it (task groups require that).
+        stack = AsyncExitStack()
+        await stack.__aenter__()
         try:
+            if not self.settings.redis_url:
+                self.embedded = EmbeddedRedis(self.settings.data_dir)
+                self.embedded.start()
+                stack.callback(self.embedded.stop)
+                self.url = self.embedded.url
             self.redis: Redis = command_client(self.url)
+            stack.push_async_callback(self.redis.aclose)
             try:
                 await self.redis.ping()
             except (RedisError, OSError) as exc:
@@ -68,28 +73,31 @@ class Bus:
                 max_len=self.settings.topics.max_len,
                 retention=self.settings.topics.retention,
             )
-            self.fanout = Fanout(
-                self.redis,
-                self.url,
-                self.keys,
-                inbox_bytes=self.settings.server.subscriber_buffer_bytes,
-                on_change=self._presence_changed,
+            self.fanout = await stack.enter_async_context(
+                Fanout(
+                    self.redis,
+                    self.url,
+                    self.keys,
+                    inbox_bytes=self.settings.server.subscriber_buffer_bytes,
+                    on_change=self._presence_changed,
+                )
             )
             self.presence = Presence(
                 self.redis, self.keys, self.node, self.fanout.subscriber_counts
             )
-            self._task_group = anyio.create_task_group()
-            await self._task_group.__aenter__()
-            await self.fanout.__aenter__()
-            self._task_group.start_soon(self.presence.run)
-        except BaseException:
-            await self._close()
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)
+            task_group.start_soon(self.presence.run)
+        except BaseException as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
             raise
+        self._stack = stack
         log.info("bus_connected", redis=_redacted(self.url), node=self.node)
         return self
 
     def _presence_changed(self) -> None:
-        self.presence.changed()
+        if hasattr(self, "presence"):
+            self.presence.changed()
 
     async def __aexit__(
         self,
@@ -97,20 +105,8 @@ class Bus:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        with anyio.CancelScope(shield=True):
-            if self._task_group is not None:
-                await self.fanout.__aexit__(None, None, None)
-                self._task_group.cancel_scope.cancel()
-                await self._task_group.__aexit__(None, None, None)
-                self._task_group = None
-            if hasattr(self, "redis"):
-                await self.redis.aclose()
-            if self.embedded is not None:
-                self.embedded.stop()
-                self.embedded = None
+        await self._stack.__aexit__(exc_type, exc, tb)
+        self.embedded = None
 
 
 def _redacted(url: str) -> str:

@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import cast
 
 import anyio
@@ -197,16 +198,22 @@ class Fanout:
         self._subscribers: dict[str, int] = {}
         self._on_change = on_change
         self._task_group: TaskGroup | None = None
+        self.lagged = 0  # times a subscriber overflowed its inbox and had to catch up
 
     async def __aenter__(self) -> Fanout:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(None, None, None)
+        await self._task_group.__aexit__(exc_type, exc, tb)
 
     def subscriber_counts(self) -> dict[str, int]:
         """Topic -> number of live local subscribers."""
@@ -311,6 +318,7 @@ class Fanout:
                                 yield fresh
                                 position = fresh.last_id
             except Overflow:
+                self.lagged += 1
                 log.info("subscriber_lagging", topic=topic, position=format_id(position or ZERO_ID))
             except (RedisError, OSError) as exc:
                 if not started:

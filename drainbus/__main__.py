@@ -1,0 +1,5 @@
+"""``python -m drainbus``: the same as the ``drainbus`` command."""
+
+from drainbus.cli import main
+
+main()

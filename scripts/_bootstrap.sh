@@ -1,0 +1,46 @@
+# Sourced by scripts/check and scripts/quickstart: makes .venv with drainbus installed.
+# Usage: bootstrap [EXTRAS]   e.g. bootstrap test
+set -euo pipefail
+
+bootstrap() {
+    local extras="${1:-}"
+    local root; root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    cd "$root"
+    local python="${PYTHON:-python3}"
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "drainbus needs Python >= 3.11 ($python is $("$python" --version 2>&1))" >&2
+        exit 1
+    fi
+    if [ ! -x .venv/bin/python ]; then
+        echo "==> creating .venv" >&2
+        "$python" -m venv .venv
+    fi
+    # Reinstall only when pyproject.toml changed: a re-run starts in a second.
+    local stamp=".venv/.drainbus-installed${extras:+-$extras}"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        echo "==> installing drainbus${extras:+[$extras]} into .venv" >&2
+        .venv/bin/python -m pip install --quiet --upgrade pip
+        .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+        touch "$stamp"
+    fi
+}
+
+# Debian packages the tests drive for real: the OpenSSH client and nginx.
+need_debian_packages() {
+    local missing=()
+    command -v ssh >/dev/null || missing+=(openssh-client)
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        echo "==> apt-get install ${missing[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        # The package starts a system nginx on port 80; the tests run their own.
+        if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
+            systemctl stop nginx || true
+        fi
+    else
+        echo "missing: ${missing[*]} — install with: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+}

@@ -1,0 +1,339 @@
+"""Fixtures that start real things: a Redis-compatible server, the SSH bus, OpenSSH clients.
+
+Redis: the one at ``DRAINBUS_TEST_REDIS_URL`` if set, else one embedded server started for
+the whole session (the same code path ``drainbus serve`` uses). Each test gets its own key
+namespace, so tests never see each other's topics and nothing needs flushing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drainbus.bus import Bus
+from drainbus.bus.embedded import EmbeddedRedis
+from drainbus.config import Settings, load_settings
+from drainbus.identity import UserKeys, load_or_create_host_key
+from drainbus.ssh.server import FrontDoor
+
+SSH = shutil.which("ssh") or "/usr/bin/ssh"
+
+
+@pytest.fixture(scope="session")
+def short_tmp() -> Iterator[Path]:
+    """A short temp dir: unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="db-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url(short_tmp: Path) -> Iterator[str]:
+    """URL of the Redis-compatible server the tests share."""
+    external = os.environ.get("DRAINBUS_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    with EmbeddedRedis(short_tmp / "shared-redis") as server:
+        yield server.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A key namespace of this test's own."""
+    return f"t{secrets.token_hex(4)}"
+
+
+@dataclass
+class User:
+    """A throwaway user: name, private key file, public key text."""
+
+    name: str
+    key_file: Path
+
+    @property
+    def public_key(self) -> str:
+        return self.key_file.with_suffix(".pub").read_text()
+
+
+@pytest.fixture
+def make_key(tmp_path: Path) -> Callable[[str], Path]:
+    """Generate an ed25519 key pair with ssh-keygen; return the private key's path."""
+
+    def make(label: str) -> Path:
+        path = tmp_path / "client-keys" / label
+        path.parent.mkdir(exist_ok=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", label, "-f", str(path)],
+            check=True,
+        )
+        return path
+
+    return make
+
+
+@pytest.fixture
+def users_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "keys" / "users"
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.fixture
+def add_user(users_dir: Path, make_key: Callable[[str], Path]) -> Callable[[str], User]:
+    """Create a user with a fresh key registered in the users folder."""
+
+    def add(name: str) -> User:
+        key = make_key(name)
+        (users_dir / f"{name}.pub").write_text(key.with_suffix(".pub").read_text())
+        return User(name, key)
+
+    return add
+
+
+@pytest.fixture
+def settings_for(
+    tmp_path: Path, users_dir: Path, redis_url: str, namespace: str
+) -> Callable[..., Settings]:
+    """Build Settings for a test bus: free port, this test's namespace and users folder."""
+
+    def build(**overrides: Any) -> Settings:
+        base: dict[str, Any] = {
+            "redis_url": redis_url,
+            "namespace": namespace,
+            "data_dir": str(tmp_path / "data"),
+            "server": {
+                "listen": "127.0.0.1:0",
+                "host_keys_dir": str(tmp_path / "keys" / "host"),
+                "users_dir": str(users_dir),
+                "admins": ["root"],
+                "users_reload_interval": 0.2,
+            },
+            "acl": [{"topics": ["cache-drain", "shared/**"], "publish": ["*"], "subscribe": ["*"]}],
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+        return load_settings(None, base)
+
+    return build
+
+
+@dataclass
+class RunningBus:
+    """An in-process bus node: its SSH port, its Bus and FrontDoor."""
+
+    port: int
+    bus: Bus
+    door: FrontDoor
+    users: UserKeys
+
+
+@pytest.fixture
+async def start_bus(
+    settings_for: Callable[..., Settings],
+) -> AsyncIterator[Callable[..., Awaitable[RunningBus]]]:
+    """Start in-process bus nodes (real asyncssh server on a free port); stop them after.
+
+    Each node runs in a task of its own, as under ``drainbus serve``: its task groups must
+    be entered and left in one task.
+    """
+    nodes: list[tuple[asyncio.Task[None], asyncio.Event]] = []
+
+    async def start(settings: Settings | None = None, **overrides: Any) -> RunningBus:
+        settings = settings or settings_for(**overrides)
+        ready: asyncio.Future[RunningBus] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+
+        async def run() -> None:
+            try:
+                host_key = load_or_create_host_key(settings.server.host_keys_dir)
+                users = UserKeys(settings.server.users_dir, settings.server.admins)
+                users.load()
+                async with Bus(settings) as bus, FrontDoor(settings, bus, users, host_key) as door:
+                    reload = asyncio.create_task(_reload_loop(users, settings))
+                    ready.set_result(RunningBus(door.port, bus, door, users))
+                    await stop.wait()
+                    reload.cancel()
+            except BaseException as exc:
+                if not ready.done():
+                    ready.set_exception(exc)
+                raise
+
+        nodes.append((asyncio.create_task(run()), stop))
+        return await ready
+
+    yield start
+    for _, stop in nodes:
+        stop.set()
+    for task, _ in nodes:
+        await task
+
+
+async def _reload_loop(users: UserKeys, settings: Settings) -> None:
+    while True:
+        await asyncio.sleep(settings.server.users_reload_interval)
+        users.reload_if_changed()
+
+
+def ssh_argv(port: int, key: Path, *args: str, login: str = "anyone") -> list[str]:
+    """The OpenSSH command line for running ``args`` on the bus as the key's owner."""
+    return [
+        SSH, "-F", "/dev/null", "-T", "-p", str(port), "-i", str(key),
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+        "-o", "IdentityAgent=none", "-o", "ConnectTimeout=10",
+        f"{login}@127.0.0.1", *args,
+    ]  # fmt: skip
+
+
+@dataclass
+class Result:
+    """What an ssh invocation ended with."""
+
+    code: int
+    stdout: bytes
+    stderr: str
+
+
+async def run_ssh(
+    port: int, key: Path, *args: str, stdin: bytes = b"", timeout: float = 30, **kw: Any
+) -> Result:
+    """Run the real OpenSSH client to completion."""
+    argv = ssh_argv(port, key, *args, **kw)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    assert proc.returncode is not None
+    return Result(proc.returncode, out, err.decode(errors="replace"))
+
+
+class Subscriber:
+    """A live ``ssh … sub`` process whose output the test reads line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def line(self, timeout: float = 15) -> bytes:
+        assert self.proc.stdout is not None
+        data = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not data:
+            err = await self.proc.stderr.read() if self.proc.stderr else b""
+            raise AssertionError(f"subscriber ended: {err.decode(errors='replace')}")
+        return data.rstrip(b"\n")
+
+    async def lines(self, n: int, timeout: float = 15) -> list[bytes]:
+        return [await self.line(timeout) for _ in range(n)]
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+
+
+@pytest.fixture
+async def subscribe() -> AsyncIterator[Callable[..., Awaitable[Subscriber]]]:
+    """Start ``ssh … sub …`` processes; the test awaits readiness with ``wait_subscribed``."""
+    started: list[Subscriber] = []
+
+    async def start(port: int, key: Path, *args: str, stdin_eof: bool = False) -> Subscriber:
+        argv = ssh_argv(port, key, "sub", *args)
+        if stdin_eof:
+            argv.insert(1, "-n")
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL if stdin_eof else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            limit=1 << 20,
+        )
+        sub = Subscriber(proc)
+        started.append(sub)
+        return sub
+
+    yield start
+    for sub in started:
+        await sub.stop()
+
+
+async def wait_subscribed(bus: Bus, topic: str, count: int = 1, timeout: float = 15) -> None:
+    """Wait until ``count`` local ``sub`` sessions on ``topic`` are attached to the fan-out."""
+    async with asyncio.timeout(timeout):
+        while bus.fanout.subscriber_counts().get(topic, 0) < count:
+            await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def serve_process(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> AsyncIterator[ServeProcess]:
+    """Run ``drainbus serve`` as a real process; wait for it to listen; stop it after."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "drainbus", "--log-json", "serve", *args,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})}, cwd=cwd,
+    )  # fmt: skip
+    server = ServeProcess(proc)
+    try:
+        await server.wait_for_event("serving")
+        yield server
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+        await server.reader
+
+
+class ServeProcess:
+    """A running ``drainbus serve`` and every JSON line it has logged (read continuously,
+    so the server never blocks on a full stderr pipe)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.port = 0
+        self.log: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            try:
+                event: dict[str, Any] = json.loads(raw)
+            except ValueError:
+                event = {"event": "raw", "text": raw.decode(errors="replace")}
+            if event.get("event") == "serving":
+                self.port = int(event["port"])
+            async with self._changed:
+                self.log.append(event)
+                self._changed.notify_all()
+        async with self._changed:
+            self.log.append({"event": "(exited)"})
+            self._changed.notify_all()
+
+    async def wait_for_event(self, name: str, timeout: float = 20) -> dict[str, Any]:
+        """The first logged event called ``name``, waiting for it if needed."""
+        async with asyncio.timeout(timeout), self._changed:
+            while True:
+                for event in self.log:
+                    if event.get("event") == name:
+                        return event
+                if self.log and self.log[-1]["event"] == "(exited)":
+                    raise AssertionError(f"serve exited without logging {name}: {self.log}")
+                await self._changed.wait()
