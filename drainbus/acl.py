@@ -28,7 +28,7 @@ Action = Literal["publish", "subscribe"]
 
 def check_topic_name(topic: str) -> str:
     """Return ``topic`` if it is a valid name, else raise UsageError stating the rule."""
-    if not (1 <= len(topic) <= 128) or not _TOPIC.match(topic) or ".." in topic:
+    if not (1 <= len(topic) <= 128) or not _TOPIC.fullmatch(topic) or ".." in topic:
         shown = topic if topic.isprintable() else topic.encode("unicode_escape").decode()
         raise UsageError(f"topic '{shown}' is invalid: {TOPIC_RULE}", topic=topic)
     return topic
@@ -40,7 +40,7 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     body = "".join(
         ".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part) for part in parts
     )
-    return re.compile(f"^{body}$")
+    return re.compile(f"^{body}\\Z")  # \Z: "$" would also match before a final newline
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,22 +6,25 @@ tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import click
 import structlog
+from redis.asyncio import Redis
 
 from drainbus.config import Settings, load_settings
 from drainbus.errors import ConfigError, DrainbusError, UsageError
 from drainbus.identity import (
     UserKeys,
-    load_or_create_host_key,
     parse_authorized_keys,
     valid_user_name,
 )
@@ -123,40 +126,179 @@ def _first_leaf(group: BaseExceptionGroup[DrainbusError]) -> DrainbusError:
 
 async def _serve(settings: Settings) -> None:
     # Imported here so `drainbus keys …` starts without loading the server stack.
-    from drainbus.bus import Bus
-    from drainbus.ssh.server import FrontDoor
+    from drainbus.node import open_node
 
-    host_key = load_or_create_host_key(settings.server.host_keys_dir)
-    log.info(
-        "host_key", fingerprint=host_key.get_fingerprint(), path=str(settings.server.host_keys_dir)
-    )
-    users = UserKeys(settings.server.users_dir, settings.server.admins)
-    users.load()
-    async with Bus(settings) as bus, FrontDoor(settings, bus, users, host_key) as door:
+    async with open_node(settings) as node:
         _notify_systemd("READY=1")
-        log.info("serving", port=door.port, pid=os.getpid())
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_reload_users_periodically, users, settings.server.users_reload_interval)
-            with anyio.open_signal_receiver(
-                signal.SIGINT, signal.SIGTERM, signal.SIGHUP
-            ) as signals:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        log.info("reload", reason="SIGHUP")
-                        users.reload()
-                        continue
-                    log.info("shutting_down", signal=signal.Signals(signum).name)
-                    _notify_systemd("STOPPING=1")
-                    break
-            tg.cancel_scope.cancel()
+        log.info("serving", port=node.port, pid=os.getpid(), drain=node.drain is not None)
+        await _wait_for_stop(node.users)
     log.info("stopped")
 
 
-async def _reload_users_periodically(users: UserKeys, interval: float) -> None:
-    while True:
-        await anyio.sleep(interval)
-        if users.reload_if_changed():
-            log.info("reload", reason="users folder changed")
+async def _wait_for_stop(users: UserKeys | None = None) -> None:
+    """Return on SIGINT or SIGTERM; reload the users folder on SIGHUP."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("reload", reason="SIGHUP")
+                if users is not None:
+                    users.reload()
+                continue
+            log.info("shutting_down", signal=signal.Signals(signum).name)
+            _notify_systemd("STOPPING=1")
+            return
+
+
+@cli.command()
+@config_option
+@click.option("--redis-url", metavar="URL", help="The bus's Redis (env DRAINBUS_REDIS_URL).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Without --redis-url: the data dir of a `drainbus serve` on this machine.",
+)
+@click.pass_context
+def drain(
+    ctx: click.Context, config: str | None, redis_url: str | None, data_dir: str | None
+) -> None:
+    """Run the drain daemon alone (for web nodes without the SSH front door)."""
+    if config:
+        ctx.obj["config"] = config
+    settings = _settings(ctx, redis_url=redis_url, data_dir=data_dir)
+    if not settings.drain.enabled:
+        _fail(
+            ConfigError(
+                "no drain targets configured: add [[drain.nginx]], "
+                "[[drain.http_purge]] or [drain.cloudflare] to the config"
+            )
+        )
+    _run(lambda: _drain(settings))
+
+
+async def _drain(settings: Settings) -> None:
+    from drainbus.drain.build import open_drain
+
+    async with (
+        _tool_redis(settings) as (redis, url),
+        open_drain(settings, redis=redis, redis_url=url) as daemon,
+        anyio.create_task_group() as task_group,
+    ):
+        task_group.start_soon(daemon.run)
+        _notify_systemd("READY=1")
+        log.info(
+            "draining",
+            node=settings.drain.node,
+            topic=settings.drain.topic,
+            roles=[r.name for r in daemon.roles],
+        )
+        await _wait_for_stop()
+        task_group.cancel_scope.cancel()
+    log.info("stopped")
+
+
+@asynccontextmanager
+async def _tool_redis(settings: Settings) -> AsyncIterator[tuple[Redis, str]]:
+    """The bus's Redis for commands that only use it: the URL, or a local serve's socket."""
+    from redis.exceptions import RedisError
+
+    from drainbus.bus.connection import backend_error, command_client
+
+    url = settings.redis_url
+    if not url:
+        socket_path = (settings.data_dir / "redis.sock").resolve()
+        if not socket_path.exists():
+            raise UsageError(
+                "no Redis to talk to: pass --redis-url (env DRAINBUS_REDIS_URL), or run this "
+                f"beside a running `drainbus serve` using the same --data-dir ({socket_path} "
+                "does not exist)"
+            )
+        url = f"unix://{socket_path}"
+    redis = command_client(url)
+    try:
+        try:
+            await redis.ping()
+        except (RedisError, OSError) as exc:
+            raise backend_error(exc, "connecting") from exc
+        yield redis, url
+    finally:
+        await redis.aclose()
+
+
+# --- dlq -------------------------------------------------------------------------------
+
+
+@cli.group()
+def dlq() -> None:
+    """Inspect and replay purges the drain gave up on (the dead-letter stream)."""
+
+
+@dlq.command("ls")
+@config_option
+@click.option("--redis-url", metavar="URL")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
+@click.pass_context
+def dlq_ls(ctx: click.Context, config: str | None, redis_url: str | None, as_json: bool) -> None:
+    """List dead letters: id, failed group, publisher, error, purge line."""
+    if config:
+        ctx.obj["config"] = config
+    settings = _settings(ctx, redis_url=redis_url)
+
+    async def run() -> None:
+        from drainbus.bus.streams import Keys
+        from drainbus.drain.dead_letters import list_dead_letters
+
+        async with _tool_redis(settings) as (redis, _):
+            letters = await list_dead_letters(redis, Keys(settings.namespace), settings.drain.topic)
+        for letter in letters:
+            if as_json:
+                click.echo(json.dumps(dataclasses.asdict(letter)))
+            else:
+                click.echo(
+                    f"{letter.id}  {letter.group}  {letter.user}  {letter.data!r}  {letter.error}"
+                )
+        if not letters and not as_json:
+            click.echo("no dead letters", err=True)
+
+    _run(run)
+
+
+@dlq.command("replay")
+@config_option
+@click.option("--redis-url", metavar="URL")
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+@click.argument("ids", nargs=-1)
+@click.pass_context
+def dlq_replay(
+    ctx: click.Context,
+    config: str | None,
+    redis_url: str | None,
+    replay_all: bool,
+    ids: tuple[str, ...],
+) -> None:
+    """Publish dead letters (by ID, or --all) to the topic again."""
+    if config:
+        ctx.obj["config"] = config
+    if bool(ids) == replay_all:
+        _fail(UsageError("dlq replay: give dead-letter IDs or --all (not both)"))
+    settings = _settings(ctx, redis_url=redis_url)
+
+    async def run() -> None:
+        from drainbus.bus.streams import Keys
+        from drainbus.drain.dead_letters import replay_dead_letters
+
+        async with _tool_redis(settings) as (redis, _):
+            try:
+                done = await replay_dead_letters(
+                    redis,
+                    Keys(settings.namespace),
+                    settings.drain.topic,
+                    None if replay_all else list(ids),
+                )
+            except KeyError as exc:
+                raise UsageError(f"no dead letter {exc.args[0]}") from None
+        click.echo(f"replayed {len(done)} dead letter(s)")
+
+    _run(run)
 
 
 def _notify_systemd(state: str) -> None:

@@ -12,6 +12,7 @@ Relative paths are taken from the working directory drainbus starts in.
 from __future__ import annotations
 
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -29,11 +30,16 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
+from drainbus.drain.cloudflare import CloudflareZoneConfig
+from drainbus.drain.http_purge import HttpPurgeConfig
+from drainbus.drain.nginx import NginxCacheConfig
 from drainbus.errors import ConfigError
 
 __all__ = [
     "AclRule",
+    "DrainSettings",
     "ServerSettings",
     "Settings",
     "TopicSettings",
@@ -136,6 +142,39 @@ class AclRule(_Section):
         return value
 
 
+class DrainSettings(_Section):
+    """The cache-drain consumer: which topic, this node's name, the targets it drains."""
+
+    topic: str = "cache-drain"
+    node: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    key_host: str | None = None
+    max_deliveries: int = Field(5, ge=1)
+    retry_after: Duration = 10.0
+    nginx: tuple[NginxCacheConfig, ...] = ()
+    http_purge: tuple[HttpPurgeConfig, ...] = ()
+    cloudflare: tuple[CloudflareZoneConfig, ...] = ()
+
+    @field_validator("cloudflare", mode="before")
+    @classmethod
+    def _one_or_many_zones(cls, value: object) -> object:
+        # [drain.cloudflare] (one zone) and [[drain.cloudflare]] (several) both work.
+        return [value] if isinstance(value, dict) else value
+
+    @field_validator("key_host")
+    @classmethod
+    def _check_key_host(cls, value: str | None) -> str | None:
+        if value is not None and value.count("{key}") != 1:
+            raise ValueError(
+                f"{value!r} must contain {{key}} exactly once, e.g. {{key}}.pages.example"
+            )
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """True when this node has any target to drain into."""
+        return bool(self.nginx or self.http_purge or self.cloudflare)
+
+
 _settings_config = SettingsConfigDict(
     env_prefix="DRAINBUS_",
     env_nested_delimiter="__",
@@ -150,12 +189,13 @@ class Settings(BaseSettings):
 
     model_config = _settings_config
 
-    redis_url: str | None = None
+    redis_url: str | None = Field(None, repr=False)  # may hold a password
     data_dir: Path = Path("data")
     namespace: str = Field("drainbus", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     server: ServerSettings = ServerSettings()
     topics: TopicSettings = TopicSettings()
     acl: tuple[AclRule, ...] = ()
+    drain: DrainSettings = DrainSettings()
 
     @field_validator("redis_url")
     @classmethod
@@ -257,6 +297,12 @@ def load_settings(
         origin = f"config file {config_path}: " if config_path else "settings: "
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigError(origin + _describe(errors[0], Settings) + more) from None
+    except SettingsError as exc:
+        # An environment value that is not JSON where a list or table is expected.
+        raise ConfigError(
+            f"environment: {exc}: {exc.__cause__} (lists and tables are JSON, "
+            f"for example DRAINBUS_SERVER__ADMINS='[\"alice\"]')"
+        ) from None
     finally:
         _FILE_DATA.reset(token)
 

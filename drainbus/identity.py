@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncssh
 import structlog
+from asyncssh.public_key import decode_ssh_public_key
 
 from drainbus.errors import ConfigError
 
@@ -36,7 +37,7 @@ _KEY_TYPES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
 
 def valid_user_name(name: str) -> bool:
     """True for names usable as an identity: letters, digits, '.', '_', '-', at most 64."""
-    return bool(_USER_NAME.match(name))
+    return bool(_USER_NAME.fullmatch(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +191,7 @@ class UserKeys:
                 log.error(
                     "key_refused_shared",
                     users=sorted(names),
-                    fingerprint=asyncssh.import_public_key(data).get_fingerprint(),
+                    fingerprint=decode_ssh_public_key(data).get_fingerprint(),
                 )
         self._by_user, self._by_key = by_user, by_key
         log.info("users_loaded", users=len(by_user), keys=len(by_key))

@@ -26,8 +26,9 @@ import pytest
 from drainbus.bus import Bus
 from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.config import Settings, load_settings
-from drainbus.identity import UserKeys, load_or_create_host_key
-from drainbus.ssh.server import FrontDoor
+from drainbus.node import Node, open_node
+
+RunningBus = Node  # what the tests call a started node
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 
@@ -134,42 +135,27 @@ def settings_for(
     return build
 
 
-@dataclass
-class RunningBus:
-    """An in-process bus node: its SSH port, its Bus and FrontDoor."""
-
-    port: int
-    bus: Bus
-    door: FrontDoor
-    users: UserKeys
-
-
 @pytest.fixture
 async def start_bus(
     settings_for: Callable[..., Settings],
-) -> AsyncIterator[Callable[..., Awaitable[RunningBus]]]:
-    """Start in-process bus nodes (real asyncssh server on a free port); stop them after.
+) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+    """Start in-process nodes exactly as ``drainbus serve`` does; stop them after.
 
-    Each node runs in a task of its own, as under ``drainbus serve``: its task groups must
-    be entered and left in one task.
+    Each node runs in a task of its own, as under ``serve``: its task groups must be entered
+    and left in one task.
     """
     nodes: list[tuple[asyncio.Task[None], asyncio.Event]] = []
 
-    async def start(settings: Settings | None = None, **overrides: Any) -> RunningBus:
+    async def start(settings: Settings | None = None, **overrides: Any) -> Node:
         settings = settings or settings_for(**overrides)
-        ready: asyncio.Future[RunningBus] = asyncio.get_running_loop().create_future()
+        ready: asyncio.Future[Node] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
 
         async def run() -> None:
             try:
-                host_key = load_or_create_host_key(settings.server.host_keys_dir)
-                users = UserKeys(settings.server.users_dir, settings.server.admins)
-                users.load()
-                async with Bus(settings) as bus, FrontDoor(settings, bus, users, host_key) as door:
-                    reload = asyncio.create_task(_reload_loop(users, settings))
-                    ready.set_result(RunningBus(door.port, bus, door, users))
+                async with open_node(settings) as node:
+                    ready.set_result(node)
                     await stop.wait()
-                    reload.cancel()
             except BaseException as exc:
                 if not ready.done():
                     ready.set_exception(exc)
@@ -183,12 +169,6 @@ async def start_bus(
         stop.set()
     for task, _ in nodes:
         await task
-
-
-async def _reload_loop(users: UserKeys, settings: Settings) -> None:
-    while True:
-        await asyncio.sleep(settings.server.users_reload_interval)
-        users.reload_if_changed()
 
 
 def ssh_argv(port: int, key: Path, *args: str, login: str = "anyone") -> list[str]:

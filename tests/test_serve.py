@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import User, run_ssh, serve_process
 
-ACL = '[[acl]]\ntopics = ["cache-drain"]\npublish = ["*"]\nsubscribe = ["*"]\n'
+ACL = '[[acl]]\ntopics = ["shared/**"]\npublish = ["*"]\nsubscribe = ["*"]\n'
 
 
 def write_config(directory: Path, users_dir: Path, extra: str = "") -> Path:
@@ -51,7 +51,7 @@ async def test_two_nodes_on_one_redis_are_one_bus(
     ):
         subs = [
             await asyncio.create_subprocess_exec(
-                *_ssh(node.port, alice.key_file, "sub", "cache-drain"),
+                *_ssh(node.port, alice.key_file, "sub", "shared/feed"),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -65,8 +65,8 @@ async def test_two_nodes_on_one_redis_are_one_bus(
                     rows = [json.loads(line) for line in listing.stdout.splitlines()]
                     if rows and rows[0]["subscribers"] == 2:
                         break
-                    await run_ssh(one.port, alice.key_file, "pub", "cache-drain", stdin=b"warm\n")
-            result = await run_ssh(one.port, alice.key_file, "pub", "cache-drain", stdin=b"x1\n")
+                    await run_ssh(one.port, alice.key_file, "pub", "shared/feed", stdin=b"warm\n")
+            result = await run_ssh(one.port, alice.key_file, "pub", "shared/feed", stdin=b"x1\n")
             assert result.code == 0
             for sub in subs:
                 assert sub.stdout is not None
@@ -89,7 +89,7 @@ async def test_restarted_serve_replays_messages_from_before(
     args = ("--config", str(config), "--data-dir", str(data_dir))
     env = {"DRAINBUS_REDIS_URL": ""}
     async with serve_process(*args, env=env) as first:
-        result = await run_ssh(first.port, alice.key_file, "pub", "cache-drain", stdin=b"a\nb\n")
+        result = await run_ssh(first.port, alice.key_file, "pub", "shared/feed", stdin=b"a\nb\n")
         assert result.code == 0
         started = await first.wait_for_event("embedded_redis_started")
         first.proc.send_signal(signal.SIGTERM)
@@ -97,7 +97,7 @@ async def test_restarted_serve_replays_messages_from_before(
     assert not pid_alive(int(started["pid"]))
     async with serve_process(*args, env=env) as second:
         replay = await run_ssh(
-            second.port, alice.key_file, "sub", "cache-drain", "--since", "all", "--count", "2"
+            second.port, alice.key_file, "sub", "shared/feed", "--since", "all", "--count", "2"
         )
         assert replay.stdout == b"a\nb\n"
 

@@ -15,7 +15,6 @@ r     ``1`` for a ``pub --raw`` chunk (written to subscribers as-is)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeAlias, cast
@@ -141,11 +140,19 @@ async def stream_info(redis: Redis, key: str) -> StreamInfo | None:
     )
 
 
+Row: TypeAlias = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry as redis-py returns it: raw id and raw field map."""
+
+
+async def read_rows(
+    redis: Redis, key: str, *, min: str = "-", max: str = "+", count: int | None = None
+) -> list[Row]:
+    """``XRANGE key min max [COUNT count]``, typed."""
+    return cast(list[Row], await redis.xrange(key, min=min, max=max, count=count))
+
+
 async def read_after(redis: Redis, key: str, after: StreamId, count: int) -> list[Entry]:
     """Up to ``count`` entries with ids strictly greater than ``after``, oldest first."""
     start = "(" + format_id(after) if after != ZERO_ID else "-"
-    rows = cast(
-        Sequence[tuple[bytes, dict[bytes, bytes]]],
-        await redis.xrange(key, min=start, max="+", count=count),
-    )
+    rows = await read_rows(redis, key, min=start, count=count)
     return [Entry.from_redis(raw_id, fields) for raw_id, fields in rows]

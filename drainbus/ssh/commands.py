@@ -119,6 +119,8 @@ async def _pub(ctx: SessionContext, args: argparse.Namespace) -> int:
     topic = check_topic_name(args.topic)
     ctx.topic = topic
     ctx.access.require(ctx.identity, "publish", topic)
+    if args.raw and topic in ctx.line_checks:
+        raise UsageError(f"pub --raw is not allowed on '{topic}': it takes one checked line each")
     publisher = _LinePublisher(ctx, topic)
     reader = ctx.process.stdin
     limit = ctx.settings.server.max_message_bytes

@@ -1,0 +1,57 @@
+"""Build the drain daemon from the settings, with every configured target opened."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from redis.asyncio import Redis
+
+from drainbus.bus.streams import Keys
+from drainbus.config import Settings
+from drainbus.drain.cloudflare import CloudflareForwarder
+from drainbus.drain.daemon import Drain
+from drainbus.drain.http_purge import HttpPurger
+from drainbus.drain.nginx import NginxCache
+from drainbus.drain.purges import ScopeRule
+from drainbus.drain.targets import (
+    CloudflareTarget,
+    HttpPurgeTarget,
+    LocalCacheTarget,
+    NginxTarget,
+    Target,
+)
+
+__all__ = ["Drain", "open_drain"]
+
+
+@asynccontextmanager
+async def open_drain(settings: Settings, *, redis: Redis, redis_url: str) -> AsyncIterator[Drain]:
+    """Open every target in ``settings.drain`` and yield the daemon (not yet running)."""
+    drain = settings.drain
+    rule = ScopeRule(key_host=drain.key_host)
+    async with AsyncExitStack() as stack:
+        local: list[LocalCacheTarget] = []
+        for number, cache_config in enumerate(drain.nginx, start=1):
+            cache = await stack.enter_async_context(NginxCache(cache_config))
+            local.append(NginxTarget(cache, rule, cache_config.name or f"nginx-{number}"))
+        for number, http_config in enumerate(drain.http_purge, start=1):
+            purger = await stack.enter_async_context(HttpPurger(http_config))
+            local.append(HttpPurgeTarget(purger, http_config.name or f"http-{number}"))
+        cdn: list[Target] = []
+        window = 0.0
+        if drain.cloudflare:
+            forwarder = await stack.enter_async_context(CloudflareForwarder(drain.cloudflare))
+            target = CloudflareTarget(forwarder)
+            window = target.batch_window
+            cdn.append(target)
+        yield Drain(
+            drain,
+            redis=redis,
+            redis_url=redis_url,
+            keys=Keys(settings.namespace),
+            admins=frozenset(settings.server.admins),
+            local_targets=local,
+            cdn_targets=cdn,
+            cdn_batch_window=window,
+        )

@@ -1,0 +1,395 @@
+"""The drain daemon: consume the cache-drain topic and carry out every purge, at least once.
+
+Two roles, each a consumer group on the topic's stream:
+
+- **local** (group ``node-NAME``, one per node): every node evicts its own caches (nginx,
+  HTTP PURGE). Each node must act, so each node has its own group.
+- **cdn** (group ``cdn``, shared): Cloudflare is called once per purge across all nodes, so
+  every node is a consumer of the same group and Redis hands each entry to one of them.
+
+An entry is acknowledged only after every target of its role carried it out, or after it
+was moved to the dead-letter stream. After a crash a consumer first works through its own
+pending entries; entries left pending (by a failure here, or by a consumer that died) are
+claimed again with XAUTOCLAIM once idle for ``retry_after``, and after ``max_deliveries``
+deliveries they go to the dead-letter stream with the last error. While a batch is in
+flight its entries are re-claimed periodically, so a slow target (Cloudflare waiting out a
+rate limit) is not mistaken for a dead consumer.
+
+Duplicates within a batch are coalesced; every action is idempotent, because at-least-once
+means a purge can arrive twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import anyio
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from drainbus.bus.connection import BLOCK_MS, reader_client
+from drainbus.bus.streams import Keys, stream_info
+from drainbus.config import DrainSettings
+from drainbus.drain.purges import Purge, ScopeRule, check_scope, parse_purge
+from drainbus.drain.retry import Outcome, merge_outcomes
+from drainbus.drain.targets import LocalCacheTarget, Target
+from drainbus.errors import DataError, PermissionDenied
+
+__all__ = ["Drain", "DrainStats", "Role"]
+
+log = structlog.get_logger(__name__)
+
+_Row = tuple[bytes, dict[bytes, bytes]]
+_READ_COUNT = 256
+_DEAD_LETTER_MAX = 100_000
+
+
+@dataclass
+class Role:
+    """One consumer group and the targets its entries are carried out on."""
+
+    name: str
+    group: str
+    targets: Sequence[Target]
+    batch_window: float = 0.0
+    flush_if_missed: bool = False
+
+
+@dataclass
+class DrainStats:
+    """Counters an operator (``ls``, metrics) can read."""
+
+    purges_done: int = 0
+    entries_acked: int = 0
+    dead_lettered: int = 0
+    retries: int = 0
+    flushes: int = 0
+    last_purge_ms: int | None = None
+    last_error: str | None = None
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class Drain:
+    """Runs the roles this node has targets for, until cancelled."""
+
+    def __init__(
+        self,
+        settings: DrainSettings,
+        *,
+        redis: Redis,
+        redis_url: str,
+        keys: Keys,
+        admins: frozenset[str],
+        local_targets: Sequence[LocalCacheTarget] = (),
+        cdn_targets: Sequence[Target] = (),
+        cdn_batch_window: float = 0.0,
+    ) -> None:
+        self.settings = settings
+        self.consumer = settings.node
+        self.stats = DrainStats()
+        self._redis = redis
+        self._redis_url = redis_url
+        self._keys = keys
+        self._admins = admins
+        self._rule = ScopeRule(key_host=settings.key_host)
+        self._stream = keys.stream(settings.topic)
+        self._dead = keys.dead_letters(settings.topic)
+        self._last_error: dict[bytes, str] = {}
+        self._local_targets = local_targets
+        self.roles: list[Role] = []
+        if local_targets:
+            self.roles.append(
+                Role("local", f"node-{settings.node}", local_targets, flush_if_missed=True)
+            )
+        if cdn_targets:
+            self.roles.append(Role("cdn", "cdn", cdn_targets, batch_window=cdn_batch_window))
+        self.ready = anyio.Event()
+
+    async def run(self) -> None:
+        """Consume until cancelled. ``ready`` is set once every group is being read."""
+        started = 0
+        async with anyio.create_task_group() as tg:
+            for role in self.roles:
+                await self._prepare(role)
+                started += 1
+                tg.start_soon(self._consume, role)
+            if started == len(self.roles):
+                self.ready.set()
+
+    # --- start-up ----------------------------------------------------------------------
+
+    async def _prepare(self, role: Role) -> None:
+        try:
+            await self._redis.xgroup_create(self._stream, role.group, id="$", mkstream=True)
+            log.info("drain_group_created", group=role.group)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        if role.flush_if_missed and await self._missed_purges(role):
+            await self._flush_local(role)
+        await self._process_own_pending(role)
+
+    async def _missed_purges(self, role: Role) -> bool:
+        """True if entries this group never read were trimmed away (node down too long)."""
+        info = await stream_info(self._redis, self._stream)
+        groups = await self._redis.xinfo_groups(self._stream)
+        mine = next((g for g in groups if _text(g["name"]) == role.group), None)
+        if info is None or mine is None:
+            return False
+        lag = mine.get("lag")
+        # Redis reports no lag when it cannot tell; a lag larger than what the stream still
+        # holds means some unread entries were trimmed.
+        return lag is None or int(lag) > info.length
+
+    async def _flush_local(self, role: Role) -> None:
+        log.warning(
+            "drain_missed_purges_flushing",
+            group=role.group,
+            reason="purges this node had not read were trimmed from the stream "
+            "(down longer than the retention); flushing the local caches instead of "
+            "serving stale pages",
+        )
+        for target in self._local_targets:
+            removed = await target.flush_all()
+            log.warning("drain_flushed", target=target.name, removed=removed)
+        self.stats.flushes += 1
+
+    async def _process_own_pending(self, role: Role) -> None:
+        """After a crash: entries delivered to this consumer but never acknowledged."""
+        position = "0"
+        while True:
+            reply = await self._redis.xreadgroup(
+                role.group, self.consumer, {self._stream: position}, count=_READ_COUNT
+            )
+            rows = _rows(reply)
+            if not rows:
+                return
+            log.info("drain_resuming_pending", group=role.group, entries=len(rows))
+            await self._handle(role, rows)
+            position = rows[-1][0].decode()
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def _consume(self, role: Role) -> None:
+        failures = 0
+        next_claim = 0.0
+        while True:
+            client = reader_client(self._redis_url)
+            try:
+                while True:
+                    if time.monotonic() >= next_claim:
+                        await self._reclaim(role)
+                        next_claim = time.monotonic() + self.settings.retry_after / 2
+                    wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
+                    rows = _rows(
+                        await client.xreadgroup(
+                            role.group,
+                            self.consumer,
+                            {self._stream: ">"},
+                            count=_READ_COUNT,
+                            block=wait_ms,
+                        )
+                    )
+                    if rows and role.batch_window > 0:
+                        rows += await self._gather(client, role)
+                    failures = 0
+                    if rows:
+                        await self._handle(role, rows)
+            except (RedisError, OSError) as exc:
+                failures += 1
+                delay = min(5.0, 0.1 * 2**failures)
+                log.warning(
+                    "drain_redis_retry",
+                    group=role.group,
+                    attempt=failures,
+                    delay=delay,
+                    error=str(exc),
+                )
+                await anyio.sleep(delay)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
+
+    async def _gather(self, client: Redis, role: Role) -> list[_Row]:
+        """More entries for ``role.batch_window`` seconds: one API call can carry them all."""
+        gathered: list[_Row] = []
+        deadline = time.monotonic() + role.batch_window
+        while (left := deadline - time.monotonic()) > 0:
+            reply = await client.xreadgroup(
+                role.group,
+                self.consumer,
+                {self._stream: ">"},
+                count=_READ_COUNT,
+                block=max(1, int(left * 1000)),
+            )
+            gathered += _rows(reply)
+        return gathered
+
+    async def _reclaim(self, role: Role) -> None:
+        """Claim entries idle for ``retry_after`` (failed here, or on a dead consumer)."""
+        cursor = "0-0"
+        min_idle = int(self.settings.retry_after * 1000)
+        while True:
+            reply = await self._redis.xautoclaim(
+                self._stream,
+                role.group,
+                self.consumer,
+                min_idle,
+                start_id=cursor,
+                count=_READ_COUNT,
+            )
+            cursor = _text(reply[0])
+            rows = cast(list[_Row], [r for r in reply[1] if r and r[1] is not None])
+            if len(reply) > 2 and reply[2]:
+                log.error(
+                    "drain_entries_lost",
+                    group=role.group,
+                    count=len(reply[2]),
+                    reason="pending entries were trimmed from the stream before success",
+                )
+            if rows:
+                self.stats.retries += len(rows)
+                await self._handle(role, await self._dead_letter_exhausted(role, rows))
+            if cursor == "0-0":
+                return
+
+    async def _dead_letter_exhausted(self, role: Role, rows: list[_Row]) -> list[_Row]:
+        """Move entries delivered more than ``max_deliveries`` times; return the rest."""
+        pending = await self._redis.xpending_range(
+            self._stream, role.group, min=rows[0][0], max=rows[-1][0], count=len(rows) * 4
+        )
+        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        keep = []
+        for row in rows:
+            count = deliveries.get(row[0], 0)
+            if count > self.settings.max_deliveries:
+                error = self._last_error.get(row[0], "no success within the delivery limit")
+                await self._dead_letter(role, row, f"gave up after {count - 1} deliveries: {error}")
+            else:
+                keep.append(row)
+        return keep
+
+    # --- one batch ---------------------------------------------------------------------
+
+    async def _handle(self, role: Role, rows: list[_Row]) -> None:
+        batch: dict[Purge, list[_Row]] = {}
+        for row in rows:
+            purge = await self._parse(role, row)
+            if purge is not None:
+                batch.setdefault(purge, []).append(row)
+        if not batch:
+            return
+        purges = list(batch)
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_claimed, role, [r[0] for r in rows])
+            outcomes = await self._apply(role, purges)
+            tg.cancel_scope.cancel()
+        acked = []
+        for purge, outcome in zip(purges, outcomes, strict=True):
+            entries = batch[purge]
+            if outcome.status == "done":
+                acked += [r[0] for r in entries]
+                self._count(purge)
+            elif outcome.status == "permanent":
+                for row in entries:
+                    await self._dead_letter(role, row, outcome.error or "refused by the target")
+            else:
+                self.stats.last_error = outcome.error
+                for row in entries:
+                    self._last_error[row[0]] = outcome.error or "failed"
+                log.warning(
+                    "drain_purge_retry_later",
+                    group=role.group,
+                    error=outcome.error,
+                    entries=len(entries),
+                    retry_after=self.settings.retry_after,
+                )
+        if acked:
+            await self._redis.xack(self._stream, role.group, *acked)
+            for entry_id in acked:
+                self._last_error.pop(entry_id, None)
+            self.stats.entries_acked += len(acked)
+            self.stats.last_purge_ms = int(time.time() * 1000)
+        log.info(
+            "drain_batch",
+            group=role.group,
+            entries=len(rows),
+            purges=len(purges),
+            acked=len(acked),
+            seconds=round(time.monotonic() - started, 4),
+        )
+
+    async def _apply(self, role: Role, purges: list[Purge]) -> list[Outcome]:
+        per_target = []
+        for target in role.targets:
+            try:
+                per_target.append(await target.apply(purges))
+            except Exception as exc:  # a target bug must not kill the consumer: retry later
+                log.exception("drain_target_failed", target=target.name)
+                per_target.append([Outcome("retry_later", f"{target.name}: {exc}")] * len(purges))
+        return [merge_outcomes(column) for column in zip(*per_target, strict=True)]
+
+    async def _parse(self, role: Role, row: _Row) -> Purge | None:
+        """The entry's purge, checked again against its publisher's scope; None if invalid."""
+        fields = row[1]
+        user = fields.get(b"u", b"").decode("utf-8", "replace")
+        try:
+            purge = parse_purge(fields.get(b"d", b"").decode("utf-8"))
+            check_scope(purge, user=user, is_admin=user in self._admins, rule=self._rule)
+        except (DataError, PermissionDenied, UnicodeDecodeError) as exc:
+            await self._dead_letter(role, row, f"invalid purge: {exc}")
+            return None
+        return purge
+
+    async def _keep_claimed(self, role: Role, ids: list[bytes]) -> None:
+        # Resets the entries' idle time so no other consumer reclaims them mid-flight.
+        while True:
+            await anyio.sleep(self.settings.retry_after / 3)
+            try:
+                await self._redis.xclaim(
+                    self._stream, role.group, self.consumer, 0, list[Any](ids), justid=True
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("drain_heartbeat_failed", group=role.group, error=str(exc))
+
+    async def _dead_letter(self, role: Role, row: _Row, error: str) -> None:
+        entry_id, fields = row
+        record: dict[Any, Any] = {
+            **fields,
+            "origin_id": entry_id,
+            "group": role.group,
+            "error": error[:2000],
+            "failed_at": int(time.time() * 1000),
+        }
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self._dead, record, maxlen=_DEAD_LETTER_MAX, approximate=True)
+            pipe.xack(self._stream, role.group, entry_id)
+            await pipe.execute()
+        self._last_error.pop(entry_id, None)
+        self.stats.dead_lettered += 1
+        self.stats.last_error = error
+        log.error("drain_dead_letter", group=role.group, entry=entry_id.decode(), error=error)
+
+    def _count(self, purge: Purge) -> None:
+        self.stats.purges_done += 1
+        for kind in ("keys", "tags", "urls", "prefixes", "hosts"):
+            if getattr(purge, kind):
+                self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+        if purge.everything:
+            self.stats.by_kind["everything"] = self.stats.by_kind.get("everything", 0) + 1
+
+
+def _rows(reply: Any) -> list[_Row]:
+    rows: list[_Row] = []
+    for _key, entries in reply or ():
+        rows += [(i, f) for i, f in entries if f is not None]
+    return rows
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,382 @@
+"""Forward purges to caches that take HTTP purge requests: Varnish, Souin, Caddy and the like.
+
+What each template expresses
+----------------------------
+``url`` (required)
+    URL purges: one ``method`` (PURGE) request per URL. Placeholders: ``{url}`` the whole
+    URL, ``{scheme}``, ``{host}`` (host[:port]), ``{path}`` (path and query).
+``tags_url``
+    Tag and key purges (keys are sent as tags): one ``method`` request per
+    ``tags_per_request`` tags. The URL takes no placeholders; the tags travel in a header
+    template using ``{tags}`` (space-joined): ``Surrogate-Key`` for Souin, ``xkey`` or
+    ``xkey-purge`` for Varnish's xkey vmod.
+``ban_url``
+    Host and prefix purges: one ``ban_method`` (BAN) request per host or prefix.
+    Placeholders: ``{host}``, ``{path}`` (the prefix path; ``/`` for a host) and
+    ``{path_regex}``, an anchored regex that keeps path boundaries (``/docs`` gives
+    ``^/docs([/?]|$)``, matching ``/docs``, ``/docs/a`` and ``/docs?x`` but not ``/docs2``).
+``everything_url``
+    The everything purge: one ``ban_method`` request; no placeholders.
+
+``headers`` go with every request, rendered with all placeholders (``{url}``, ``{scheme}``,
+``{host}``, ``{path}``, ``{path_regex}``, ``{tags}``); a header whose value renders empty is
+left out, so one mapping serves every kind: ``{"Host": "{host}", "xkey": "{tags}"}``.
+Placeholders are checked when the config is loaded; ``{`` and ``}`` mean nothing else.
+
+A purge kind no template expresses is skipped by default (``on_unsupported="skip"``): that
+part counts as done, is logged as ``http_purge_unsupported`` and counted in
+``stats().skipped``. Failing it instead would dead-letter every such purge, forever, for a
+limit of the configuration rather than of the purge; ``on_unsupported="permanent"`` chooses
+that anyway. Soft purges are sent like hard ones: there is no common HTTP convention for them.
+
+A request succeeds when its status is in ``expect_status``. 408, 425, 429 (with its
+``Retry-After``), 5xx, timeouts and connection errors are retried with the shared policy of
+:mod:`drainbus.drain.retry`; any other status is permanent. A purge is ``done`` when every
+request carrying part of it succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Literal, Self
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from drainbus.drain.purges import Purge
+from drainbus.drain.retry import (
+    DONE,
+    Outcome,
+    RetryPolicy,
+    Sleep,
+    Verdict,
+    merge_outcomes,
+    parse_retry_after,
+    run_with_retry,
+    status_verdict,
+    transport_verdict,
+)
+
+__all__ = ["HttpPurgeConfig", "HttpPurgeStats", "HttpPurger", "Outcome"]
+
+_log = structlog.get_logger(__name__)
+
+_PLACEHOLDER: Final = re.compile(r"\{([^{}]*)\}")
+_METHOD: Final = re.compile(r"[A-Z][A-Z0-9_-]*")
+_ALLOWED: Final[Mapping[str, frozenset[str]]] = {
+    "url": frozenset({"url", "scheme", "host", "path"}),
+    "tags_url": frozenset(),
+    "ban_url": frozenset({"host", "path", "path_regex"}),
+    "everything_url": frozenset(),
+    "headers": frozenset({"url", "scheme", "host", "path", "path_regex", "tags"}),
+}
+
+
+def _check_template(field: str, template: str) -> None:
+    allowed = _ALLOWED[field]
+    for name in _PLACEHOLDER.findall(template):
+        if name not in allowed:
+            expected = ", ".join("{" + a + "}" for a in sorted(allowed)) or "none"
+            raise ValueError(
+                f"{field} template {template!r} uses {{{name}}}: placeholders allowed: {expected}"
+            )
+
+
+def _render(template: str, values: Mapping[str, str]) -> str:
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), template)
+
+
+def _path_regex(path: str) -> str:
+    trimmed = path.rstrip("/")
+    if not trimmed:
+        return "^/"
+    return "^" + re.escape(trimmed) + "([/?]|$)"
+
+
+class HttpPurgeConfig(BaseModel):
+    """One cache that takes HTTP purge requests; the module docstring explains the templates.
+
+    ``timeout`` is seconds per request; ``concurrency`` bounds requests in flight.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str | None = None
+    method: str = "PURGE"
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    expect_status: list[int] = Field(default_factory=lambda: [200, 204])
+    timeout: float = Field(default=5.0, gt=0)
+    tags_url: str | None = None
+    tags_per_request: int = Field(default=100, ge=1)
+    ban_url: str | None = None
+    ban_method: str = "BAN"
+    everything_url: str | None = None
+    on_unsupported: Literal["skip", "permanent"] = "skip"
+    concurrency: int = Field(default=8, ge=1)
+
+    @field_validator("method", "ban_method")
+    @classmethod
+    def _check_method(cls, value: str) -> str:
+        if not _METHOD.fullmatch(value):
+            raise ValueError(f"method {value!r} must be an upper-case HTTP method like PURGE")
+        return value
+
+    @field_validator("expect_status")
+    @classmethod
+    def _check_statuses(cls, value: list[int]) -> list[int]:
+        if not value or not all(100 <= s <= 599 for s in value):
+            raise ValueError("expect_status must list HTTP statuses between 100 and 599")
+        return value
+
+    @model_validator(mode="after")
+    def _check_templates(self) -> Self:
+        for field in ("url", "tags_url", "ban_url", "everything_url"):
+            template = getattr(self, field)
+            if template is None:
+                continue
+            _check_template(field, template)
+            if not _PLACEHOLDER.sub("x", template).startswith(("http://", "https://")):
+                raise ValueError(f"{field} {template!r} must be an http(s) URL template")
+        for header, template in self.headers.items():
+            _check_template("headers", template)
+            if not header or any(c in header for c in " :\r\n"):
+                raise ValueError(f"header name {header!r} is invalid")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name used in logs: ``name``, else the host of ``url``."""
+        return self.name or urlsplit(_PLACEHOLDER.sub("", self.url)).netloc or self.url
+
+
+@dataclass(frozen=True, slots=True)
+class HttpPurgeStats:
+    """A snapshot of a purger's counters: ``requests`` by final outcome, ``retries``,
+    ``skipped`` purge parts no template expresses, and the ``last_error``."""
+
+    requests: Mapping[str, int]
+    retries: int
+    skipped: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    url: str
+    headers: dict[str, str]
+    what: str
+
+
+class HttpPurger:
+    """Sends batches of purges to one HTTP-purge cache; an async context manager owning the
+    HTTP client. ``retry`` sets the back-off; ``sleep`` and ``rng`` exist for tests."""
+
+    def __init__(
+        self,
+        config: HttpPurgeConfig,
+        *,
+        retry: RetryPolicy | None = None,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._client: httpx.AsyncClient | None = None
+        self._log = _log.bind(target=config.label)
+        self._requests: Counter[str] = Counter()
+        self._retries = 0
+        self._skipped = 0
+        self._last_error: str | None = None
+
+    async def __aenter__(self) -> Self:
+        self._client = httpx.AsyncClient(
+            timeout=self.config.timeout,
+            follow_redirects=False,
+            headers={"User-Agent": "drainbus"},
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def stats(self) -> HttpPurgeStats:
+        """A snapshot of the counters."""
+        return HttpPurgeStats(
+            requests=dict(self._requests),
+            retries=self._retries,
+            skipped=self._skipped,
+            last_error=self._last_error,
+        )
+
+    async def forward(self, purges: Sequence[Purge]) -> list[Outcome]:
+        """Send a batch; return one :class:`Outcome` per purge, in order.
+
+        Never raises for a purge's failure; raises :class:`RuntimeError` outside
+        ``async with``.
+        """
+        if self._client is None:
+            raise RuntimeError("HttpPurger.forward() called outside 'async with'")
+        requests, parts = self._plan(purges)
+        limit = asyncio.Semaphore(self.config.concurrency)
+
+        async def run(request: _Request, owners: set[int]) -> None:
+            async with limit:
+                outcome = await self._send(request)
+            for i in owners:
+                parts[i].append(outcome)
+
+        async with asyncio.TaskGroup() as group:
+            for request, owners in requests:
+                group.create_task(run(request, owners))
+        return [merge_outcomes(parts[i]) for i in range(len(purges))]
+
+    def _plan(
+        self, purges: Sequence[Purge]
+    ) -> tuple[list[tuple[_Request, set[int]]], dict[int, list[Outcome]]]:
+        cfg = self.config
+        parts: dict[int, list[Outcome]] = {i: [] for i in range(len(purges))}
+        unsupported: dict[str, set[int]] = {}
+        urls: dict[str, set[int]] = {}
+        tags: dict[str, set[int]] = {}
+        bans: dict[tuple[str, str], set[int]] = {}  # (host, path)
+        everything: set[int] = set()
+
+        for i, purge in enumerate(purges):
+            for url in purge.urls:
+                urls.setdefault(url, set()).add(i)
+            for tag in purge.keys | purge.tags:
+                tags.setdefault(tag, set()).add(i)
+            for host in purge.hosts:
+                bans.setdefault((host.lower(), "/"), set()).add(i)
+            for prefix in purge.prefixes:
+                split = urlsplit(prefix)
+                bans.setdefault((split.netloc.lower(), split.path or "/"), set()).add(i)
+            if purge.everything:
+                everything.add(i)
+
+        requests: list[tuple[_Request, set[int]]] = []
+        for url, owners in urls.items():
+            split = urlsplit(url)
+            path = split.path or "/"
+            values = {
+                "url": url,
+                "scheme": split.scheme,
+                "host": split.netloc,
+                "path": f"{path}?{split.query}" if split.query else path,
+            }
+            requests.append((self._request(cfg.method, cfg.url, values, f"URL {url}"), owners))
+
+        if tags and cfg.tags_url is None:
+            unsupported["tags"] = set().union(*tags.values())
+        elif tags:
+            ordered = sorted(tags)
+            for start in range(0, len(ordered), cfg.tags_per_request):
+                chunk = ordered[start : start + cfg.tags_per_request]
+                values = {"tags": " ".join(chunk)}
+                what = f"{len(chunk)} tags"
+                request = self._request(cfg.method, cfg.tags_url, values, what)
+                requests.append((request, set().union(*(tags[t] for t in chunk))))
+
+        if bans and cfg.ban_url is None:
+            unsupported["hosts/prefixes"] = set().union(*bans.values())
+        elif bans:
+            for (host, path), owners in bans.items():
+                values = {"host": host, "path": path, "path_regex": _path_regex(path)}
+                what = f"prefix {host}{path}" if path != "/" else f"host {host}"
+                requests.append((self._request(cfg.ban_method, cfg.ban_url, values, what), owners))
+
+        if everything and cfg.everything_url is None:
+            unsupported["everything"] = everything
+        elif everything:
+            request = self._request(cfg.ban_method, cfg.everything_url, {}, "everything")
+            requests.append((request, everything))
+
+        for kind, owners in unsupported.items():
+            self._skipped += len(owners)
+            if cfg.on_unsupported == "skip":
+                self._log.warning("http_purge_unsupported", kind=kind, purges=len(owners))
+                outcome = DONE
+            else:
+                error = f"{cfg.label}: no template configured for {kind} purges"
+                self._log.error("http_purge_unsupported", kind=kind, purges=len(owners))
+                outcome = Outcome("permanent", error)
+            for i in owners:
+                parts[i].append(outcome)
+        return requests, parts
+
+    def _request(
+        self, method: str, template: str | None, values: Mapping[str, str], what: str
+    ) -> _Request:
+        assert template is not None
+        headers = {}
+        for name, header_template in self.config.headers.items():
+            value = _render(header_template, values)
+            if value:
+                headers[name] = value
+        return _Request(method, _render(template, values), headers, what)
+
+    async def _send(self, request: _Request) -> Outcome:
+        client = self._client
+        assert client is not None
+        what = f"{self.config.label} {request.method} {request.what}"
+        log = self._log.bind(method=request.method, purge=request.what)
+        expect = self.config.expect_status
+
+        async def attempt() -> Verdict:
+            try:
+                response = await client.request(
+                    request.method, request.url, headers=request.headers
+                )
+            except httpx.InvalidURL as exc:
+                return Verdict("permanent", f"{what}: invalid URL {request.url!r}: {exc}")
+            except httpx.HTTPError as exc:
+                return transport_verdict(exc, what=what)
+            retry_after = None
+            if response.status_code == 429:
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+            return status_verdict(
+                response.status_code,
+                ok=response.status_code in expect,
+                error=f"{what}: HTTP {response.status_code}, expected one of {expect}",
+                retry_after=retry_after,
+            )
+
+        def count_retry(verdict: Verdict) -> None:
+            self._retries += 1
+
+        verdict = await run_with_retry(
+            attempt,
+            policy=self._retry,
+            log=log,
+            rng=self._rng,
+            sleep=self._sleep,
+            on_retry=count_retry,
+        )
+        outcome = verdict.outcome()
+        self._requests[outcome.status] += 1
+        if outcome.status == "done":
+            log.debug("http_purged")
+        else:
+            self._last_error = verdict.error
+            if outcome.status == "permanent":
+                log.error("http_purge_refused", error=verdict.error)
+        return outcome

@@ -1,0 +1,616 @@
+"""What is in one nginx ``proxy_cache`` folder: key templates, cache-file heads, and an index.
+
+nginx stores each cached response in a file named by the MD5 of its cache key, in folders
+taken from the end of the hash (``levels=1:2`` -> ``c/29/b7f5…029c``). A file starts with a
+binary header whose size depends on the nginx version, then ``\\nKEY: <key>\\n``, then the
+upstream status line and response headers up to a blank line, then the body.
+
+:class:`CacheIndex` reads those heads once at start (a scan of the tree) and then follows
+inotify, so host, prefix and tag purges never need a scan. nginx (``use_temp_path=off``)
+writes a temporary ``<md5>.<10 digits>`` file and renames it into place, so a finished file
+shows up as ``IN_MOVED_TO``; an in-place header update as ``IN_CLOSE_WRITE``.
+
+Host and path come from the key by running the key template backwards. ``$scheme$host`` is
+ambiguous (``httpshop.example`` is ``http`` + ``shop.example`` or ``https`` + ``hop.example``),
+so an entry keeps every reading the template allows and matches any of them: a rare
+over-purge, never a missed one. A template without ``$host`` (nginx's default
+``$scheme$proxy_host$request_uri``) makes one object serve every host, so such entries match
+any host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple, Self
+from urllib.parse import unquote, urlsplit
+
+import structlog
+from asyncinotify import Event, Inotify, Mask
+
+from drainbus.errors import BackendError, DrainbusError, StartupError
+
+__all__ = [
+    "SUPPORTED_VARIABLES",
+    "CacheEntry",
+    "CacheHead",
+    "CacheIndex",
+    "KeyParts",
+    "KeyTemplate",
+    "cache_file_path",
+    "is_cache_file_name",
+    "parse_cache_head",
+    "parse_levels",
+    "read_cache_head",
+    "template_variables",
+    "url_parts",
+]
+
+log = structlog.get_logger("drainbus.drain.nginx")
+
+#: The variables a key template may use.
+SUPPORTED_VARIABLES = ("scheme", "host", "proxy_host", "request_uri", "uri", "is_args", "args")
+
+_VARIABLE = re.compile(r"\$(?:\{([A-Za-z0-9_]*)\}|([A-Za-z0-9_]*))")
+_CAPTURE = {
+    "host": r"[^/?\s]*",
+    "request_uri": r"/\S*",
+    "uri": r"/[^?]*",
+    "is_args": r"\??",
+    "args": r".*?",
+}
+_HEX = frozenset("0123456789abcdef")
+_HEAD_FIRST_READ = 4096
+_HEAD_MAX = 16384
+_TAG_HEADERS = frozenset({b"cache-tag", b"surrogate-key", b"xkey"})
+_WATCH_MASK = (
+    Mask.CLOSE_WRITE
+    | Mask.MOVED_TO
+    | Mask.MOVED_FROM
+    | Mask.DELETE
+    | Mask.CREATE
+    | Mask.ONLYDIR
+    | Mask.DONT_FOLLOW
+)
+_EVENT_BATCH = 1024
+
+
+def parse_levels(levels: str) -> tuple[int, ...]:
+    """``"1:2"`` -> ``(1, 2)``; raises ``ValueError`` unless 1-3 levels of 1 or 2 characters."""
+    parts = levels.split(":")
+    if not 1 <= len(parts) <= 3 or any(part not in {"1", "2"} for part in parts):
+        raise ValueError(
+            f"levels {levels!r} is invalid: use 1 to 3 colon-separated numbers, each 1 or 2, "
+            "as in nginx's proxy_cache_path (e.g. '1:2')"
+        )
+    return tuple(int(part) for part in parts)
+
+
+def cache_file_path(root: Path, levels: Iterable[int], key: str) -> Path:
+    """Where nginx stores the object for ``key``: folders from the end of its MD5."""
+    digest = hashlib.md5(key.encode("utf-8", "surrogateescape"), usedforsecurity=False)
+    name = digest.hexdigest()
+    path, end = root, len(name)
+    for width in levels:
+        path = path / name[end - width : end]
+        end -= width
+    return path / name
+
+
+def is_cache_file_name(name: str) -> bool:
+    """True for nginx cache file names (32 hex digits); temp files carry a ``.N`` suffix."""
+    return len(name) == 32 and _HEX.issuperset(name)
+
+
+def template_variables(template: str) -> tuple[str, ...]:
+    """The variables ``template`` uses, in order; ``ValueError`` names any unsupported one."""
+    names = [braced or bare for braced, bare in _VARIABLE.findall(template)]
+    unknown = sorted({name for name in names if name not in SUPPORTED_VARIABLES})
+    if unknown:
+        shown = ", ".join(f"${name}" if name else "a bare '$'" for name in unknown)
+        supported = ", ".join(f"${name}" for name in SUPPORTED_VARIABLES)
+        raise ValueError(
+            f"key template {template!r} uses unsupported variables {shown}: use only {supported}"
+        )
+    return tuple(names)
+
+
+class KeyParts(NamedTuple):
+    """What a cache key (or a URL) says about its object.
+
+    ``host`` is lower-case, or None when the key does not carry the host; ``path`` is
+    percent-decoded without the query, or None when the key does not carry it; ``query`` is
+    the raw query string, None when absent or empty.
+    """
+
+    host: str | None
+    path: str | None
+    query: str | None
+
+
+def _nginx_host(netloc: str) -> str:
+    # nginx's $host: the Host name lower-cased, without port or trailing dot.
+    hostport = netloc.rpartition("@")[2]
+    if hostport.startswith("["):
+        host = hostport[: hostport.find("]") + 1]
+    else:
+        host = hostport.partition(":")[0]
+    return host.lower().rstrip(".")
+
+
+def _url_variables(url: str) -> dict[str, str]:
+    split = urlsplit(url)
+    path = split.path or "/"
+    has_query = "?" in url.partition("#")[0]
+    return {
+        "scheme": split.scheme.lower(),
+        "host": _nginx_host(split.netloc),
+        "request_uri": f"{path}?{split.query}" if has_query else path,
+        "uri": unquote(path),
+        "args": split.query,
+        "is_args": "?" if split.query else "",
+    }
+
+
+def url_parts(url: str) -> KeyParts:
+    """Host, decoded path and query of an absolute URL, normalised as index entries are."""
+    values = _url_variables(url)
+    return KeyParts(values["host"], values["uri"], values["args"] or None)
+
+
+class KeyTemplate:
+    """An nginx ``proxy_cache_key`` template: renders keys for URLs and reads keys back.
+
+    Raises ``ValueError`` for unsupported variables, or for ``$proxy_host`` without a
+    ``proxy_host`` value.
+    """
+
+    def __init__(self, template: str, proxy_host: str | None = None) -> None:
+        names = template_variables(template)
+        if "proxy_host" in names and proxy_host is None:
+            raise ValueError(
+                f"key template {template!r} uses $proxy_host: set proxy_host to the host[:port] "
+                "written in proxy_pass (e.g. 'origin:8080')"
+            )
+        self.template = template
+        self.proxy_host = proxy_host
+        self.variables = frozenset(names)
+        #: Whether the key tells objects of different hosts / queries apart.
+        self.has_host = "host" in self.variables
+        self.has_query = bool(self.variables & {"request_uri", "args"})
+        self._patterns = tuple(self._pattern(scheme) for scheme in ("https", "http"))
+
+    def __repr__(self) -> str:
+        return f"KeyTemplate({self.template!r}, proxy_host={self.proxy_host!r})"
+
+    def render(self, url: str) -> str:
+        """The cache key nginx computes for a request of ``url`` (an absolute URL)."""
+        values = _url_variables(url)
+        values["proxy_host"] = self.proxy_host or ""
+        return _VARIABLE.sub(lambda m: values[m[1] or m[2]], self.template)
+
+    def _pattern(self, scheme: str) -> re.Pattern[str]:
+        pattern, seen, last = [], set(), 0
+        for match in _VARIABLE.finditer(self.template):
+            pattern.append(re.escape(self.template[last : match.start()]))
+            last = match.end()
+            name = match[1] or match[2]
+            if name == "scheme":
+                pattern.append(scheme)
+            elif name == "proxy_host":
+                pattern.append(re.escape(self.proxy_host or ""))
+            elif name in seen:
+                pattern.append(f"(?P={name})")
+            else:
+                seen.add(name)
+                pattern.append(f"(?P<{name}>{_CAPTURE[name]})")
+        pattern.append(re.escape(self.template[last:]))
+        return re.compile("".join(pattern), re.DOTALL)
+
+    def invert(self, key: str) -> tuple[KeyParts, ...]:
+        """Every (host, path, query) reading of ``key``; empty if the template cannot match."""
+        readings: list[KeyParts] = []
+        for pattern in self._patterns:
+            match = pattern.fullmatch(key)
+            if match is None:
+                continue
+            groups = match.groupdict()
+            host = groups["host"].lower() if "host" in groups else None
+            if "request_uri" in groups:
+                path, _, query = groups["request_uri"].partition("?")
+                parts = KeyParts(host, unquote(path), query or None)
+            elif "uri" in groups:
+                parts = KeyParts(host, groups["uri"], groups.get("args") or None)
+            else:
+                parts = KeyParts(host, None, None)
+            if parts not in readings:
+                readings.append(parts)
+        return tuple(readings)
+
+
+class CacheHead(NamedTuple):
+    """The parts of a cache file's head the index needs: its key and its tags."""
+
+    key: str
+    tags: tuple[str, ...]
+
+
+def parse_cache_head(data: bytes) -> CacheHead | None:
+    """Key and tags from the first bytes of a cache file, or None if they are not all there.
+
+    Tags come from every ``Cache-Tag``, ``Surrogate-Key`` and ``xkey`` header line (names
+    case-insensitive), split on commas and white space. ``data`` shorter than 16 KiB must
+    hold the whole header block; at 16 KiB the complete lines read so far are used.
+    """
+    start = data.find(b"\nKEY: ")
+    if start < 0:
+        return None
+    key_end = data.find(b"\n", start + 6)
+    if key_end < 0:
+        return None
+    key = data[start + 6 : key_end].decode("utf-8", "surrogateescape")
+    head_end = data.find(b"\r\n\r\n", key_end)
+    if head_end >= 0:
+        lines = data[key_end + 1 : head_end].split(b"\r\n")
+    elif len(data) >= _HEAD_MAX:
+        lines = data[key_end + 1 :].split(b"\r\n")[:-1]
+    else:
+        return None  # truncated or still being written
+    tags: set[str] = set()
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() in _TAG_HEADERS:
+            tags.update(value.decode("utf-8", "replace").replace(",", " ").split())
+    return CacheHead(key, tuple(sorted(tags)))
+
+
+def read_cache_head(path: str) -> CacheHead | None:
+    """Read and parse the head of the cache file at ``path``; raises ``OSError`` as open does."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        data = os.read(fd, _HEAD_FIRST_READ)
+        if len(data) == _HEAD_FIRST_READ and b"\r\n\r\n" not in data:
+            data += os.read(fd, _HEAD_MAX - _HEAD_FIRST_READ)
+    finally:
+        os.close(fd)
+    return parse_cache_head(data)
+
+
+class CacheEntry(NamedTuple):
+    """One indexed cache file: its key, its tags (sorted) and every reading of the key."""
+
+    # Tuples all the way down: the garbage collector stops tracking them, which keeps the
+    # scan of a large cache from paying for repeated full collections.
+    key: str
+    tags: tuple[str, ...]
+    readings: tuple[KeyParts, ...]
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The hosts the key may belong to (empty: unknown, or the key ignores the host)."""
+        return frozenset(r.host for r in self.readings if r.host is not None)
+
+
+def _path_under(path: str, prefix: str) -> bool:
+    prefix = prefix.rstrip("/")
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
+@dataclass
+class _Tables:
+    entries: dict[str, CacheEntry] = field(default_factory=dict)
+    by_tag: dict[str, set[str]] = field(default_factory=dict)
+    by_host: dict[str, set[str]] = field(default_factory=dict)
+    by_path: dict[str, set[str]] = field(default_factory=dict)
+    # Only entries no path can be read from: the rest are found by path, then key.
+    by_key: dict[str, set[str]] = field(default_factory=dict)
+    any_host: set[str] = field(default_factory=set)
+    unreadable: int = 0
+    invalid: int = 0
+
+    def _links(self, entry: CacheEntry) -> Iterator[tuple[dict[str, set[str]], str]]:
+        for tag in entry.tags:
+            yield self.by_tag, tag
+        has_path = False
+        for reading in entry.readings:
+            if reading.host is not None:
+                yield self.by_host, reading.host
+            if reading.path is not None:
+                has_path = True
+                yield self.by_path, reading.path
+        if not has_path:
+            yield self.by_key, entry.key
+
+    def add(self, path: str, entry: CacheEntry) -> None:
+        if path in self.entries:
+            self.remove(path)
+        self.entries[path] = entry
+        for table, value in self._links(entry):
+            paths = table.get(value)
+            if paths is None:
+                table[value] = {path}
+            else:
+                paths.add(path)
+        if any(r.host is None and r.path is not None for r in entry.readings):
+            self.any_host.add(path)
+
+    def remove(self, path: str) -> None:
+        entry = self.entries.pop(path, None)
+        if entry is None:
+            return
+        for table, value in self._links(entry):
+            paths = table.get(value)
+            if paths is not None:
+                paths.discard(path)
+                if not paths:
+                    del table[value]
+        self.any_host.discard(path)
+
+
+def _load(tables: _Tables, template: KeyTemplate, path: str) -> None:
+    try:
+        head = read_cache_head(path)
+    except FileNotFoundError:
+        tables.remove(path)
+        return
+    except PermissionError:
+        tables.unreadable += 1
+        tables.remove(path)
+        # Once is enough to tell the operator; the count is in every index log line.
+        level = log.warning if tables.unreadable == 1 else log.debug
+        level("nginx_cache_file_unreadable", path=path, hint="run as nginx's worker user")
+        return
+    except OSError as exc:  # a symlink, an I/O error: not a file nginx wrote
+        tables.invalid += 1
+        tables.remove(path)
+        log.debug("nginx_cache_file_unusable", path=path, error=str(exc))
+        return
+    if head is None:
+        tables.invalid += 1
+        tables.remove(path)
+        return
+    tables.add(path, CacheEntry(head.key, head.tags, template.invert(head.key)))
+
+
+def _scan(tables: _Tables, template: KeyTemplate, top: Path, inotify: Inotify) -> None:
+    # Watch each folder before listing it, so a file nginx adds after the listing still
+    # arrives as an event.
+    stack = [str(top)]
+    while stack:
+        folder = stack.pop()
+        try:
+            inotify.add_watch(folder, _WATCH_MASK)
+            listing = os.scandir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError:
+            tables.unreadable += 1
+            log.warning("nginx_cache_folder_unreadable", path=folder)
+            continue
+        with listing:
+            for item in listing:
+                if item.is_dir(follow_symlinks=False):
+                    stack.append(item.path)
+                elif is_cache_file_name(item.name):
+                    _load(tables, template, item.path)
+
+
+def _fresh_scan(root: Path, template: KeyTemplate, inotify: Inotify) -> _Tables:
+    tables = _Tables()
+    _scan(tables, template, root, inotify)
+    return tables
+
+
+def _watch_failure(kind: type[DrainbusError], root: Path, exc: OSError) -> DrainbusError:
+    hint = ""
+    if exc.errno in (errno.ENOSPC, errno.EMFILE):
+        hint = "; raise the sysctls fs.inotify.max_user_watches / max_user_instances"
+    return kind(f"cannot index nginx cache folder {str(root)!r}: {exc}{hint}")
+
+
+class CacheIndex:
+    """An in-memory index of one nginx cache folder, kept current by inotify.
+
+    Use as an async context manager: entering scans the tree (in a worker thread) and starts
+    following inotify events on the event loop; leaving stops. Call :meth:`sync` before
+    acting on the index so it includes every file nginx finished before the call. Lookups
+    return sets of absolute file paths (``str``).
+
+    Entering raises :class:`StartupError` when the folder cannot be watched (inotify limits);
+    a later rescan that fails the same way raises :class:`BackendError` from :meth:`sync`.
+    """
+
+    def __init__(self, root: Path, template: KeyTemplate, *, name: str | None = None) -> None:
+        self.root = root
+        self.template = template
+        self.name = name or str(root)
+        self._tables = _Tables()
+        self._inotify: Inotify | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stale = False
+        self._held: list[Event] | None = None
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Self:
+        self._loop = asyncio.get_running_loop()
+        async with self._lock:
+            await self._rebuild(StartupError)
+            self._drain()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close_inotify()
+
+    def __len__(self) -> int:
+        return len(self._tables.entries)
+
+    def __contains__(self, path: object) -> bool:
+        return str(path) in self._tables.entries
+
+    def get(self, path: str | Path) -> CacheEntry | None:
+        """The entry indexed for the file at ``path``, if any."""
+        return self._tables.entries.get(str(path))
+
+    @property
+    def skipped_unreadable(self) -> int:
+        """Files (and folders) skipped because reading them was not permitted."""
+        return self._tables.unreadable
+
+    @property
+    def skipped_invalid(self) -> int:
+        """Files skipped because they hold no complete nginx cache head (truncated, garbage)."""
+        return self._tables.invalid
+
+    async def sync(self) -> None:
+        """Apply every inotify event queued so far; rescan instead after a queue overflow.
+
+        Events are also applied whenever the event loop sees them, so between calls the
+        index lags nginx only by what the loop has not run yet.
+        """
+        async with self._lock:
+            if self._stale:
+                await self._rebuild()
+            self._drain()
+
+    def paths_for_key(self, key: str) -> set[str]:
+        """Files whose cache key is exactly ``key`` (the main file and any Vary variants)."""
+        tables = self._tables
+        paths = {r.path for r in self.template.invert(key) if r.path is not None}
+        if not paths:
+            return set(tables.by_key.get(key, ()))
+        candidates = set().union(*(tables.by_path.get(path, ()) for path in paths))
+        return {path for path in candidates if tables.entries[path].key == key}
+
+    def paths_for_tag(self, tag: str) -> set[str]:
+        """Files tagged ``tag`` (exact, case-sensitive)."""
+        return set(self._tables.by_tag.get(tag, ()))
+
+    def paths_for_host(self, host: str) -> set[str]:
+        """Files of ``host`` (case-insensitive), including objects whose key ignores the host."""
+        tables = self._tables
+        return tables.by_host.get(host.lower(), set()) | tables.any_host
+
+    def paths_for_url(self, url: str) -> set[str]:
+        """Files holding ``url``'s host, path and (if the key has it) query, any scheme."""
+        want = url_parts(url)
+        found = set()
+        for path in self._tables.by_path.get(want.path or "/", ()):
+            for reading in self._tables.entries[path].readings:
+                if (
+                    reading.host in (None, want.host)
+                    and reading.path == want.path
+                    and (not self.template.has_query or reading.query == want.query)
+                ):
+                    found.add(path)
+        return found
+
+    def paths_for_prefix(self, prefix_url: str) -> set[str]:
+        """Files of the prefix's host whose path is the prefix path or below it.
+
+        Boundaries hold: ``/docs`` covers ``/docs``, ``/docs?x`` and ``/docs/…``, never
+        ``/docs2``; ``/`` covers the whole host.
+        """
+        want = url_parts(prefix_url)
+        prefix = want.path or "/"
+        found = set()
+        for path in self.paths_for_host(want.host or ""):
+            for reading in self._tables.entries[path].readings:
+                if (
+                    reading.host in (None, want.host)
+                    and reading.path is not None
+                    and _path_under(reading.path, prefix)
+                ):
+                    found.add(path)
+        return found
+
+    async def _rebuild(self, failure: type[DrainbusError] = BackendError) -> None:
+        self._close_inotify()
+        started = time.monotonic()
+        try:
+            inotify = Inotify(cache_size=_EVENT_BATCH)
+        except OSError as exc:
+            raise _watch_failure(failure, self.root, exc) from exc
+        inotify.sync_timeout = 0  # sync_get: never block, None when the queue is empty
+        self._inotify, self._stale, self._held = inotify, False, []
+        # Read events while the scan runs so a busy nginx cannot overflow the kernel's queue;
+        # they are held and applied in order once the scan's tables are in place.
+        assert self._loop is not None
+        self._loop.add_reader(inotify.fd, self._drain)
+        try:
+            tables = await asyncio.to_thread(_fresh_scan, self.root, self.template, inotify)
+        except OSError as exc:
+            self._close_inotify()
+            raise _watch_failure(failure, self.root, exc) from exc
+        except BaseException:
+            self._close_inotify()
+            raise
+        self._tables, held, self._held = tables, self._held, None
+        for event in held:
+            self._apply(event, inotify)
+        if not self.root.is_dir():
+            self._stale = True  # retry at the next sync until nginx creates it
+        log.info(
+            "nginx_cache_indexed",
+            cache=self.name,
+            files=len(tables.entries),
+            unreadable=tables.unreadable,
+            invalid=tables.invalid,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _close_inotify(self) -> None:
+        self._held = None
+        if self._inotify is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._inotify.fd)
+            self._inotify.close()
+            self._inotify = None
+
+    def _drain(self) -> None:
+        inotify = self._inotify
+        while inotify is not None and not self._stale:
+            event = inotify.sync_get()
+            if event is None:
+                return
+            if self._held is not None:
+                self._held.append(event)
+            else:
+                self._apply(event, inotify)
+        if self._stale and inotify is not None and self._loop is not None:
+            # Stop reading until sync() rescans; the events left are superseded by that scan.
+            self._loop.remove_reader(inotify.fd)
+
+    def _apply(self, event: Event, inotify: Inotify) -> None:
+        mask, path = event.mask, event.path
+        if Mask.Q_OVERFLOW in mask or (Mask.IGNORED in mask and path == self.root):
+            log.warning("nginx_cache_index_stale", cache=self.name, reason=repr(mask))
+            self._stale = True
+        elif path is None or Mask.IGNORED in mask:
+            return
+        elif Mask.ISDIR in mask:
+            if mask & (Mask.CREATE | Mask.MOVED_TO):
+                try:
+                    _scan(self._tables, self.template, path, inotify)
+                except OSError:  # out of watches: the next sync rescans, or says why
+                    log.exception("nginx_cache_folder_unwatched", path=str(path))
+                    self._stale = True
+            elif mask & Mask.MOVED_FROM:
+                self._stale = True  # the folder's watch now names a wrong path
+        elif is_cache_file_name(path.name):
+            if mask & (Mask.CLOSE_WRITE | Mask.MOVED_TO):
+                _load(self._tables, self.template, str(path))
+            elif mask & (Mask.DELETE | Mask.MOVED_FROM):
+                self._tables.remove(str(path))

@@ -1,0 +1,377 @@
+"""The purge grammar: what a `cache-drain` message may say, parsed into Purge values.
+
+One line is one purge::
+
+    acme-blog                  a bare site key                Purge(keys={"acme-blog"})
+    tag:KEY                    a cache tag                    Purge(tags={"KEY"})
+    url:URL  or  https://...   one URL                        Purge(urls={URL})
+    prefix:URL                 every URL at or under a path   Purge(prefixes={URL})
+    host:NAME                  every object of a host         Purge(hosts={"name"})
+    *                          the whole cache (admins only)  Purge(everything=True)
+    {"tags": [...], ...}       the same as JSON, plus "soft"
+
+:func:`parse_purge` turns a line into a :class:`Purge` or raises :class:`DataError`;
+:func:`check_scope` decides whether a user may publish it or raises :class:`PermissionDenied`.
+Keys and tags end up in HTTP header values and Cloudflare tag lists, so their character set is
+narrow on purpose. Prefixes match on path boundaries (:func:`url_matches_prefix`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from drainbus.errors import ConfigError, DataError, PermissionDenied
+
+__all__ = [
+    "MAX_JSON_ITEMS",
+    "MAX_TOKEN_LENGTH",
+    "Purge",
+    "ScopeRule",
+    "check_scope",
+    "key_host_for",
+    "parse_purge",
+    "url_matches_prefix",
+]
+
+MAX_TOKEN_LENGTH = 1024
+"""Longest key or tag, in characters (Cloudflare's limit for one tag)."""
+
+MAX_JSON_ITEMS = 1000
+"""Most items in any one list of a JSON purge."""
+
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_TAG = re.compile(r"[A-Za-z0-9._:/-]+")
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_FORMS = "a bare key, tag:KEY, url:URL, prefix:URL, host:NAME, an http(s):// URL, '*' or JSON"
+_JSON_FIELDS = ("tags", "urls", "prefixes", "hosts", "keys", "everything", "soft")
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """One purge request, as parsed from one line of the `cache-drain` topic.
+
+    ``keys`` are bare site keys (``acme-blog``): they mean "every object tagged with the key"
+    and, when ``drain.key_host`` is configured, "every object of the key's host" too. ``tags``
+    come from ``tag:KEY`` and the JSON ``tags`` list. URLs are absolute ``http(s)://`` URLs;
+    prefixes are absolute URLs whose path marks a boundary (``https://h/docs`` covers
+    ``/docs`` and ``/docs/…`` but not ``/docs2``); hosts are lower-case host names.
+    ``everything`` purges the whole cache; ``soft`` asks for invalidate-and-revalidate instead
+    of delete where a target supports it.
+    """
+
+    keys: frozenset[str] = field(default_factory=frozenset)
+    tags: frozenset[str] = field(default_factory=frozenset)
+    urls: frozenset[str] = field(default_factory=frozenset)
+    prefixes: frozenset[str] = field(default_factory=frozenset)
+    hosts: frozenset[str] = field(default_factory=frozenset)
+    everything: bool = False
+    soft: bool = False
+
+
+def parse_purge(line: str) -> Purge:
+    """Parse one line of the `cache-drain` topic into a :class:`Purge`.
+
+    Surrounding whitespace is ignored; URL schemes and host names come back lower-cased, paths
+    and queries as given. Raises :class:`DataError` naming the bad input and the rule it
+    breaks (the caller adds the line number).
+    """
+    text = line.strip()
+    if not text:
+        raise DataError(f"purge line is empty; give {_FORMS}")
+    if text == "*":
+        return Purge(everything=True)
+    if text.startswith("{"):
+        return _parse_json(text)
+    word, colon, value = text.partition(":")
+    if not colon:
+        return Purge(keys=frozenset({_key(text)}))
+    if word.lower() in ("http", "https"):
+        return Purge(urls=frozenset({_url(text)}))
+    if word == "tag":
+        return Purge(tags=frozenset({_tag(value)}))
+    if word == "url":
+        return Purge(urls=frozenset({_url(value)}))
+    if word == "prefix":
+        return Purge(prefixes=frozenset({_prefix(value)}))
+    if word == "host":
+        return Purge(hosts=frozenset({_host(value)}))
+    raise DataError(f"unknown purge form {_show(word + ':')}; use {_FORMS}")
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeRule:
+    """What a non-admin user owns besides the keys named after them.
+
+    A user owns the key equal to their name and every key starting with name +
+    ``owner_separator``; the same goes for tags. ``key_host`` maps a key to its host name,
+    e.g. ``"{key}.pages.example"``; a user owns the hosts of their keys. Without ``key_host``
+    non-admins may not purge hosts, URLs or prefixes. Raises :class:`ConfigError` if
+    ``key_host`` lacks exactly one ``{key}`` (or has other braces) or the separator is empty.
+    """
+
+    key_host: str | None = None
+    owner_separator: str = "-"
+
+    def __post_init__(self) -> None:
+        template = self.key_host
+        if template is not None and (
+            template.count("{key}") != 1 or set("{}") & set(template.replace("{key}", ""))
+        ):
+            raise ConfigError(
+                f"key_host {template!r} is invalid: it needs exactly one '{{key}}' and no "
+                "other braces, like '{key}.pages.example'"
+            )
+        if not self.owner_separator:
+            raise ConfigError("owner_separator is empty; use a character such as '-'")
+
+
+def key_host_for(rule: ScopeRule, key: str) -> str | None:
+    """Return the lower-case host name of ``key`` under ``rule.key_host``.
+
+    Returns None when no ``key_host`` is configured or the result is not a valid DNS name
+    (for a key containing '_', say): then the key is purged as a tag only.
+    """
+    if rule.key_host is None:
+        return None
+    host = rule.key_host.replace("{key}", key).lower()
+    return host if _is_dns_name(host) else None
+
+
+def check_scope(purge: Purge, *, user: str, is_admin: bool, rule: ScopeRule) -> None:
+    """Return if ``user`` may publish ``purge``; raise :class:`PermissionDenied` if not.
+
+    Admins may purge anything. Other users may purge the keys and tags they own (see
+    :class:`ScopeRule`), and hosts, URLs and prefixes whose host is ``key_host`` of a key they
+    own (host names compare case-insensitively). Only admins may purge everything.
+    """
+    if is_admin:
+        return
+    if purge.everything:
+        raise PermissionDenied(
+            "purge of everything refused: only admins may purge everything", user=user
+        )
+    sep = rule.owner_separator
+    refused = [("key", key) for key in sorted(purge.keys) if not _owns(user, key, sep)]
+    refused += [("tag", tag) for tag in sorted(purge.tags) if not _owns(user, tag, sep)]
+    refused += [("host", host) for host in sorted(purge.hosts) if not _owns_host(user, host, rule)]
+    refused += [
+        (kind, url)
+        for kind, urls in (("URL", purge.urls), ("prefix", purge.prefixes))
+        for url in sorted(urls)
+        if not _owns_host(user, _hostname(url), rule)
+    ]
+    if refused:
+        kind, item = refused[0]
+        owned = f"user {user!r} may purge only keys {user!r} and {user + sep + '*'!r}"
+        owned += " and their hosts" if rule.key_host else "; hosts, URLs and prefixes need an admin"
+        raise PermissionDenied(f"purge of {kind} {_show(item)} refused: {owned}", user=user)
+
+
+def url_matches_prefix(url: str, prefix: str) -> bool:
+    """Return whether ``url`` lies at or under ``prefix``, on a path boundary.
+
+    Hosts compare case-insensitively; schemes, ports, queries and fragments are ignored.
+    ``https://h/docs`` covers ``/docs``, ``/docs/...`` and ``/docs?x=1`` but not ``/docs2``;
+    ``https://h/docs/`` covers paths starting with ``/docs/``; ``https://h`` and ``https://h/``
+    cover the whole host. Returns False if either is not a URL with a host.
+    """
+    url_host, prefix_host = _hostname(url), _hostname(prefix)
+    if not url_host or url_host != prefix_host:
+        return False
+    path, base = urlsplit(url).path or "/", urlsplit(prefix).path or "/"
+    if base.endswith("/"):
+        return path.startswith(base)
+    return path == base or path.startswith(base + "/")
+
+
+def _parse_json(text: str) -> Purge:
+    """Parse the JSON form of a purge; every list is checked like its one-line form."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"purge line is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise DataError("purge line is JSON nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python will convert
+        raise DataError(f"purge line is not acceptable JSON: {exc}") from None
+    # The text starts with '{', so what json.loads returned is an object (a dict).
+    unknown = sorted(set(data) - set(_JSON_FIELDS))
+    if unknown:
+        raise DataError(f"unknown JSON field {_show(unknown[0])}; use {', '.join(_JSON_FIELDS)}")
+    purge = Purge(
+        tags=_json_list(data, "tags", _tag),
+        urls=_json_list(data, "urls", _url),
+        prefixes=_json_list(data, "prefixes", _prefix),
+        hosts=_json_list(data, "hosts", _host),
+        keys=_json_list(data, "keys", _key),
+        everything=_json_flag(data, "everything"),
+        soft=_json_flag(data, "soft"),
+    )
+    items = (purge.tags, purge.urls, purge.prefixes, purge.hosts, purge.keys)
+    if not (purge.everything or any(items)):
+        raise DataError(
+            "JSON purge names nothing to purge; give at least one item in tags, urls, "
+            'prefixes, hosts or keys, or "everything": true'
+        )
+    return purge
+
+
+def _json_list(data: dict[str, Any], name: str, check: Callable[[str], str]) -> frozenset[str]:
+    items = data.get(name, [])
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise DataError(f"JSON field {name!r} must be a list of strings")
+    if len(items) > MAX_JSON_ITEMS:
+        raise DataError(
+            f"JSON field {name!r} has {len(items):,} items; a list holds at most {MAX_JSON_ITEMS:,}"
+        )
+    checked = set()
+    for index, item in enumerate(items):
+        try:
+            checked.add(check(item))
+        except DataError as exc:
+            raise DataError(f"JSON field {name!r} item {index}: {exc.message}") from None
+    return frozenset(checked)
+
+
+def _json_flag(data: dict[str, Any], name: str) -> bool:
+    value = data.get(name, False)
+    if not isinstance(value, bool):
+        raise DataError(f"JSON field {name!r} must be true or false")
+    return value
+
+
+def _token(kind: str, value: str, pattern: re.Pattern[str], chars: str) -> str:
+    """Check a key or tag: 1 to MAX_TOKEN_LENGTH characters, all of them from ``pattern``."""
+    if not value:
+        raise DataError(f"{kind} is empty; a {kind} is 1 to {MAX_TOKEN_LENGTH:,} characters")
+    if len(value) > MAX_TOKEN_LENGTH:
+        raise DataError(
+            f"{kind} is {len(value)} characters; a {kind} is at most {MAX_TOKEN_LENGTH:,}"
+        )
+    if pattern.fullmatch(value):
+        return value
+    bad = next((c for c in value if not pattern.fullmatch("a" + c)), None)
+    if bad is None:  # every character is allowed, so the first one is in the wrong place
+        raise DataError(f"{kind} {_show(value)} must start with a letter or digit")
+    raise DataError(
+        f"{kind} {_show(value)} contains {_describe(bad)}; a {kind} may contain only {chars}"
+    )
+
+
+def _key(value: str) -> str:
+    return _token("key", value, _KEY, "letters, digits, '.', '_' and '-'")
+
+
+def _tag(value: str) -> str:
+    return _token("tag", value, _TAG, "letters, digits, '.', '_', '-', ':' and '/'")
+
+
+def _url(value: str, *, kind: str = "URL") -> str:
+    """Check an absolute http(s) URL; return it with scheme and host lower-cased."""
+    if not value:
+        raise DataError(f"{kind} is empty; give an absolute http:// or https:// URL")
+    bad = next((c for c in value if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise DataError(
+            f"{kind} {_show(value)} contains {_describe(bad)}; a URL is printable ASCII, "
+            "with anything else percent-encoded"
+        )
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise DataError(f"{kind} {_show(value)} is malformed: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise DataError(f"{kind} {_show(value)} is not an absolute http:// or https:// URL")
+    if "@" in parts.netloc:
+        raise DataError(f"{kind} {_show(value)} has user info; drop the 'user@' part")
+    if "#" in value:
+        raise DataError(f"{kind} {_show(value)} has a fragment; drop the '#...' part")
+    try:
+        _host(parts.hostname or "")
+    except DataError as exc:
+        raise DataError(f"{kind} {_show(value)}: {exc.message}") from None
+    rest = value[len(parts.scheme) + len("://") + len(parts.netloc) :]
+    return f"{parts.scheme}://{parts.netloc.lower()}{rest}"
+
+
+def _prefix(value: str) -> str:
+    url = _url(value, kind="prefix URL")
+    if "?" in url:
+        raise DataError(f"prefix URL {_show(value)} has a query string; a prefix is a path only")
+    return url
+
+
+def _host(value: str) -> str:
+    """Check a DNS name or IP literal without a port; return it lower-cased (IPs canonical)."""
+    host = value.lower()
+    if not host:
+        raise DataError("host is empty; give a DNS name or an IP address")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        ip = None
+    if ip is not None and "%" not in host and (ip.version == 6 or not bracketed):
+        return str(ip)
+    name, _, port = host.rpartition(":")
+    if port.isdigit() and name and (":" not in name or name.startswith("[")):
+        raise DataError(f"host {_show(value)} has a port; give the host name alone")
+    if not _is_dns_name(host):
+        raise DataError(
+            f"host {_show(value)} is not a DNS name or IP address; a name is dot-separated "
+            "labels of letters, digits and inner '-', 1 to 63 characters each"
+        )
+    return host
+
+
+def _is_dns_name(host: str) -> bool:
+    """Whether ``host`` (lower case) is a DNS host name; an all-digit last label is not."""
+    labels = host.split(".")
+    return (
+        len(host) <= 253
+        and all(_DNS_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def _hostname(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
+def _owns(user: str, name: str, sep: str) -> bool:
+    return bool(user) and (name == user or name.startswith(user + sep))
+
+
+def _owns_host(user: str, host: str | None, rule: ScopeRule) -> bool:
+    """Whether ``host`` is ``rule.key_host`` of some key ``user`` owns, ignoring case."""
+    if rule.key_host is None or not host:
+        return False
+    before, _, after = rule.key_host.lower().partition("{key}")
+    host = host.lower()
+    if len(host) <= len(before) + len(after) or not (
+        host.startswith(before) and host.endswith(after)
+    ):
+        return False
+    key = host[len(before) : len(host) - len(after)]
+    return _owns(user.lower(), key, rule.owner_separator.lower())
+
+
+def _describe(char: str) -> str:
+    if char.isspace():
+        return "whitespace"
+    return repr(char) if char.isprintable() else f"control character {char!r}"
+
+
+def _show(value: str) -> str:
+    """Quote user input for a message: escaped, and cut short when long."""
+    return repr(value) if len(value) <= 80 else repr(value[:77]) + "..."

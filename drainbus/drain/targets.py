@@ -1,0 +1,106 @@
+"""Every cache target behind one small interface, so the daemon treats them alike.
+
+A target takes a batch of distinct purges and returns one :class:`Outcome` per purge:
+``done`` (carried out), ``permanent`` (will never succeed: dead-letter it) or
+``retry_later`` (leave it pending; it is delivered again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import structlog
+
+from drainbus.drain.cloudflare import CloudflareForwarder
+from drainbus.drain.http_purge import HttpPurger
+from drainbus.drain.nginx import NginxCache
+from drainbus.drain.purges import Purge, ScopeRule, key_host_for
+from drainbus.drain.retry import DONE, Outcome
+from drainbus.errors import DrainbusError
+
+__all__ = ["CloudflareTarget", "HttpPurgeTarget", "LocalCacheTarget", "NginxTarget", "Target"]
+
+log = structlog.get_logger(__name__)
+
+
+class Target(Protocol):
+    """What the daemon needs of a target."""
+
+    name: str
+
+    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
+        """Carry out ``purges``; one outcome each, in order."""
+        ...
+
+
+class LocalCacheTarget(Target, Protocol):
+    """A cache on this node, which can also be emptied entirely."""
+
+    async def flush_all(self) -> int:
+        """Remove every object; return how many were removed."""
+        ...
+
+
+class NginxTarget:
+    """One nginx ``proxy_cache`` folder on this node."""
+
+    def __init__(self, cache: NginxCache, rule: ScopeRule, name: str) -> None:
+        self.cache = cache
+        self.name = name
+        self._rule = rule
+        self.evicted = 0
+
+    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
+        outcomes = []
+        for purge in purges:
+            key_hosts = [h for k in purge.keys if (h := key_host_for(self._rule, k))]
+            try:
+                removed = await self.cache.purge(purge, key_hosts=key_hosts)
+            except (DrainbusError, OSError) as exc:
+                log.warning("nginx_purge_failed", target=self.name, error=str(exc))
+                outcomes.append(Outcome("retry_later", f"{self.name}: {exc}"))
+                continue
+            self.evicted += removed
+            log.info("nginx_purged", target=self.name, removed=removed)
+            outcomes.append(DONE)
+        return outcomes
+
+    async def flush_all(self) -> int:
+        removed = await self.cache.flush_all()
+        self.evicted += removed
+        return removed
+
+
+class HttpPurgeTarget:
+    """An HTTP PURGE/BAN cache (Varnish, Souin, Caddy, ngx_cache_purge)."""
+
+    def __init__(self, purger: HttpPurger, name: str) -> None:
+        self.purger = purger
+        self.name = name
+
+    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
+        return await self.purger.forward(purges)
+
+    async def flush_all(self) -> int:
+        """Send the configured everything-purge; the cache does not say how many it held."""
+        outcome = (await self.purger.forward([Purge(everything=True)]))[0]
+        if outcome.status != "done":
+            raise DrainbusError(f"{self.name}: flush failed: {outcome.error}")
+        return 0
+
+
+class CloudflareTarget:
+    """Cloudflare's purge API for the configured zones."""
+
+    def __init__(self, forwarder: CloudflareForwarder) -> None:
+        self.forwarder = forwarder
+        self.name = "cloudflare"
+
+    @property
+    def batch_window(self) -> float:
+        """How long to gather purges before calling the API."""
+        return self.forwarder.batch_window
+
+    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
+        return await self.forwarder.forward(purges)

@@ -1,0 +1,80 @@
+"""One bus node: the SSH front door on the bus, plus the drain when it has targets.
+
+``drainbus serve`` runs exactly this; so do the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import structlog
+
+from drainbus.bus import Bus
+from drainbus.config import Settings
+from drainbus.drain.build import open_drain
+from drainbus.drain.daemon import Drain
+from drainbus.drain.purges import ScopeRule
+from drainbus.drain.validate import purge_line_check
+from drainbus.identity import UserKeys, load_or_create_host_key
+from drainbus.ssh.server import FrontDoor
+
+__all__ = ["Node", "open_node"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Node:
+    """A running node's parts."""
+
+    bus: Bus
+    door: FrontDoor
+    users: UserKeys
+    drain: Drain | None
+
+    @property
+    def port(self) -> int:
+        """The SSH port actually bound (useful with port 0)."""
+        return self.door.port
+
+
+@asynccontextmanager
+async def open_node(settings: Settings) -> AsyncIterator[Node]:
+    """Start a node; stop it (stop accepting, end sessions, stop Redis) on exit.
+
+    Raises ConfigError (bad key files), StartupError (port, embedded server) or
+    BackendUnavailable (Redis) before anything is served.
+    """
+    host_key = load_or_create_host_key(settings.server.host_keys_dir)
+    log.info("host_key", fingerprint=host_key.get_fingerprint(),
+             path=str(settings.server.host_keys_dir))  # fmt: skip
+    users = UserKeys(settings.server.users_dir, settings.server.admins)
+    users.load()
+    # pub on the drain topic checks every line, whether or not this node runs the drain.
+    checks = {settings.drain.topic: purge_line_check(ScopeRule(key_host=settings.drain.key_host))}
+    async with AsyncExitStack() as stack:
+        bus = await stack.enter_async_context(Bus(settings))
+        door = await stack.enter_async_context(
+            FrontDoor(settings, bus, users, host_key, line_checks=checks)
+        )
+        task_group = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(task_group.cancel_scope.cancel)
+        drain = None
+        if settings.drain.enabled:
+            drain = await stack.enter_async_context(
+                open_drain(settings, redis=bus.redis, redis_url=bus.url)
+            )
+            task_group.start_soon(drain.run)
+            await drain.ready.wait()
+        task_group.start_soon(_reload_users, users, settings.server.users_reload_interval)
+        yield Node(bus, door, users, drain)
+
+
+async def _reload_users(users: UserKeys, interval: float) -> None:
+    while True:
+        await anyio.sleep(interval)
+        if users.reload_if_changed():
+            log.info("reload", reason="users folder changed")
