@@ -80,6 +80,13 @@ def cli(ctx: click.Context, config: str | None, log_level: str, log_json: bool |
     configure_logging(log_level, json=log_json)
 
 
+_metrics_option = click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (env DRAINBUS_METRICS_LISTEN).",
+)
+
+
 @cli.command()
 @config_option
 @click.option("--listen", metavar="HOST:PORT", help="SSH address (default 0.0.0.0:2222).")
@@ -93,6 +100,7 @@ def cli(ctx: click.Context, config: str | None, log_level: str, log_json: bool |
     type=click.Path(file_okay=False),
     help="Where the embedded server keeps its files (default ./data).",
 )
+@_metrics_option
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -100,12 +108,46 @@ def serve(
     listen: str | None,
     redis_url: str | None,
     data_dir: str | None,
+    metrics_listen: str | None,
 ) -> None:
-    """Run the SSH bus in the foreground until SIGINT or SIGTERM."""
+    """Run the SSH bus in the foreground until SIGINT or SIGTERM (SIGHUP reloads users)."""
     if config:
         ctx.obj["config"] = config
-    settings = _settings(ctx, redis_url=redis_url, data_dir=data_dir, server={"listen": listen})
+    settings = _settings(
+        ctx,
+        redis_url=redis_url,
+        data_dir=data_dir,
+        metrics_listen=metrics_listen,
+        server={"listen": listen},
+    )
     _run(lambda: _serve(settings))
+
+
+@cli.command("check-config")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@click.pass_context
+def check_config(ctx: click.Context, path: str | None) -> None:
+    """Validate a config file (and the environment) without starting anything."""
+    configure_logging("warning")  # the answer is one line; progress logs would bury it
+    if path:
+        ctx.obj["config"] = path
+    settings = _settings(ctx)
+    try:
+        users = UserKeys(settings.server.users_dir, settings.server.admins)
+        users.load()
+        for zone in settings.drain.cloudflare:
+            zone.resolve_token()
+    except DrainbusError as exc:
+        _fail(exc)
+    drain = settings.drain
+    targets = len(drain.nginx) + len(drain.http_purge) + len(drain.cloudflare)
+    source = ctx.obj.get("config") or "(no file: defaults and environment)"
+    redis = "external" if settings.redis_url else "embedded"
+    drain_text = f"with {targets} target(s)" if drain.enabled else "off"
+    click.echo(
+        f"ok: {source}: listen {settings.server.listen}, redis {redis}, "
+        f"{len(users.users)} user(s), {len(settings.acl)} acl rule(s), drain {drain_text}"
+    )
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -157,14 +199,19 @@ async def _wait_for_stop(users: UserKeys | None = None) -> None:
     type=click.Path(file_okay=False),
     help="Without --redis-url: the data dir of a `drainbus serve` on this machine.",
 )
+@_metrics_option
 @click.pass_context
 def drain(
-    ctx: click.Context, config: str | None, redis_url: str | None, data_dir: str | None
+    ctx: click.Context,
+    config: str | None,
+    redis_url: str | None,
+    data_dir: str | None,
+    metrics_listen: str | None,
 ) -> None:
     """Run the drain daemon alone (for web nodes without the SSH front door)."""
     if config:
         ctx.obj["config"] = config
-    settings = _settings(ctx, redis_url=redis_url, data_dir=data_dir)
+    settings = _settings(ctx, redis_url=redis_url, data_dir=data_dir, metrics_listen=metrics_listen)
     if not settings.drain.enabled:
         _fail(
             ConfigError(
@@ -177,22 +224,25 @@ def drain(
 
 async def _drain(settings: Settings) -> None:
     from drainbus.drain.build import open_drain
+    from drainbus.metrics import NodeCollector, serve_metrics
 
     async with (
         _tool_redis(settings) as (redis, url),
         open_drain(settings, redis=redis, redis_url=url) as daemon,
         anyio.create_task_group() as task_group,
     ):
-        task_group.start_soon(daemon.run)
-        _notify_systemd("READY=1")
-        log.info(
-            "draining",
-            node=settings.drain.node,
-            topic=settings.drain.topic,
-            roles=[r.name for r in daemon.roles],
-        )
-        await _wait_for_stop()
-        task_group.cancel_scope.cancel()
+        collector = NodeCollector(settings.drain.node, drain=daemon)
+        with serve_metrics(settings.metrics_listen, collector):
+            task_group.start_soon(daemon.run)
+            _notify_systemd("READY=1")
+            log.info(
+                "draining",
+                node=settings.drain.node,
+                topic=settings.drain.topic,
+                roles=[r.name for r in daemon.roles],
+            )
+            await _wait_for_stop()
+            task_group.cancel_scope.cancel()
     log.info("stopped")
 
 

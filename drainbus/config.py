@@ -196,6 +196,14 @@ class Settings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     acl: tuple[AclRule, ...] = ()
     drain: DrainSettings = DrainSettings()
+    metrics_listen: str | None = None  # HOST:PORT for Prometheus; off when unset
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str | None) -> str | None:
+        if value:
+            parse_listen(value)
+        return value or None
 
     @field_validator("redis_url")
     @classmethod

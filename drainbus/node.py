@@ -19,6 +19,7 @@ from drainbus.drain.daemon import Drain
 from drainbus.drain.purges import ScopeRule
 from drainbus.drain.validate import purge_line_check
 from drainbus.identity import UserKeys, load_or_create_host_key
+from drainbus.metrics import NodeCollector, serve_metrics
 from drainbus.ssh.server import FrontDoor
 
 __all__ = ["Node", "open_node"]
@@ -34,6 +35,7 @@ class Node:
     door: FrontDoor
     users: UserKeys
     drain: Drain | None
+    metrics_port: int | None = None
 
     @property
     def port(self) -> int:
@@ -70,7 +72,9 @@ async def open_node(settings: Settings) -> AsyncIterator[Node]:
             task_group.start_soon(drain.run)
             await drain.ready.wait()
         task_group.start_soon(_reload_users, users, settings.server.users_reload_interval)
-        yield Node(bus, door, users, drain)
+        collector = NodeCollector(settings.drain.node, door=door, fanout=bus.fanout, drain=drain)
+        metrics_port = stack.enter_context(serve_metrics(settings.metrics_listen, collector))
+        yield Node(bus, door, users, drain, metrics_port)
 
 
 async def _reload_users(users: UserKeys, interval: float) -> None:

@@ -81,7 +81,7 @@ async def test_bare_ssh_prints_help_and_exits_zero(
     node = await start_bus()
     result = await run_ssh(node.port, alice.key_file)
     assert result.code == 0
-    for name in ("pub", "sub", "ls", "whoami", "help"):
+    for name in ("pub", "sub", "ls", "whoami", "stats", "help"):
         assert f"  {name} " in result.stdout.decode()
 
 
@@ -92,11 +92,11 @@ async def test_help_lists_every_command_with_an_example(
     alice = add_user("alice")
     node = await start_bus()
     text = (await run_ssh(node.port, alice.key_file, "help")).stdout.decode()
-    assert text.count("e.g. ") == 5
+    assert text.count("e.g. ") == 6
     assert text.count("ssh bus ") >= 5
 
 
-@pytest.mark.parametrize("command", ["pub", "sub", "ls", "whoami", "help"])
+@pytest.mark.parametrize("command", ["pub", "sub", "ls", "whoami", "stats", "help"])
 async def test_each_command_prints_usage_on_help(
     start_bus: StartBus, add_user: Callable[[str], User], command: str
 ) -> None:

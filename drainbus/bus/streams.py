@@ -73,6 +73,15 @@ class Keys:
         """The stream holding ``topic``'s entries that consumers gave up on."""
         return f"{self.namespace}:{{{topic}}}:dead"
 
+    def drain_status(self, node: str) -> str:
+        """JSON status of ``node``'s drain, refreshed while it runs (for ``stats``)."""
+        return f"{self.namespace}:drain:{node}:status"
+
+    @property
+    def drain_nodes(self) -> str:
+        """Sorted set of drain nodes scored by their last status refresh (ms)."""
+        return f"{self.namespace}:drain-nodes"
+
     def node_subscribers(self, node: str) -> str:
         """A hash topic -> live subscriber count on ``node`` (expires if the node dies)."""
         return f"{self.namespace}:node:{node}:subscribers"

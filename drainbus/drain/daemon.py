@@ -21,6 +21,7 @@ means a purge can arrive twice.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from drainbus.drain.purges import Purge, ScopeRule, check_scope, parse_purge
 from drainbus.drain.retry import Outcome, merge_outcomes
 from drainbus.drain.targets import LocalCacheTarget, Target
 from drainbus.errors import DataError, PermissionDenied
+from drainbus.metrics import PURGE_SECONDS
 
 __all__ = ["Drain", "DrainStats", "Role"]
 
@@ -71,6 +73,7 @@ class DrainStats:
     last_purge_ms: int | None = None
     last_error: str | None = None
     by_kind: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, tuple[int | None, int]] = field(default_factory=dict)  # lag, pending
 
 
 class Drain:
@@ -100,6 +103,7 @@ class Drain:
         self._dead = keys.dead_letters(settings.topic)
         self._last_error: dict[bytes, str] = {}
         self._local_targets = local_targets
+        self.all_targets: list[Target] = [*local_targets, *cdn_targets]
         self.roles: list[Role] = []
         if local_targets:
             self.roles.append(
@@ -183,6 +187,7 @@ class Drain:
                 while True:
                     if time.monotonic() >= next_claim:
                         await self._reclaim(role)
+                        await self._publish_status()
                         next_claim = time.monotonic() + self.settings.retry_after / 2
                     wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
                     rows = _rows(
@@ -311,6 +316,14 @@ class Drain:
                 )
         if acked:
             await self._redis.xack(self._stream, role.group, *acked)
+            now_ms = time.time() * 1000
+            for purge in purges:
+                for row in batch[purge]:
+                    received = row[1].get(b"t")
+                    if received:
+                        PURGE_SECONDS.labels(role.name).observe(
+                            max(0.0, now_ms - int(received)) / 1000
+                        )
             for entry_id in acked:
                 self._last_error.pop(entry_id, None)
             self.stats.entries_acked += len(acked)
@@ -374,6 +387,30 @@ class Drain:
         self.stats.dead_lettered += 1
         self.stats.last_error = error
         log.error("drain_dead_letter", group=role.group, entry=entry_id.decode(), error=error)
+
+    async def _publish_status(self) -> None:
+        """Refresh group lag/pending and share this node's status for ``ssh bus stats``."""
+        groups = await self._redis.xinfo_groups(self._stream)
+        self.stats.groups = {
+            _text(g["name"]): (None if g.get("lag") is None else int(g["lag"]), int(g["pending"]))
+            for g in groups
+        }
+        status = {
+            "node": self.consumer,
+            "roles": [r.name for r in self.roles],
+            "last_purge_ms": self.stats.last_purge_ms,
+            "purges_done": self.stats.purges_done,
+            "dead_lettered": self.stats.dead_lettered,
+            "last_error": self.stats.last_error,
+            "targets": {t.name: t.snapshot() for t in self.all_targets},
+        }
+        ttl_ms = int(max(30.0, self.settings.retry_after * 3) * 1000)
+        now_ms = int(time.time() * 1000)
+        await self._redis.set(
+            self._keys.drain_status(self.consumer), json.dumps(status, default=str), px=ttl_ms
+        )
+        await self._redis.zadd(self._keys.drain_nodes, {self.consumer: now_ms})
+        await self._redis.zremrangebyscore(self._keys.drain_nodes, "-inf", now_ms - ttl_ms)
 
     def _count(self, purge: Purge) -> None:
         self.stats.purges_done += 1

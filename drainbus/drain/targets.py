@@ -8,7 +8,7 @@ A target takes a batch of distinct purges and returns one :class:`Outcome` per p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -31,6 +31,10 @@ class Target(Protocol):
 
     async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
         """Carry out ``purges``; one outcome each, in order."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for metrics and ``ssh bus stats``."""
         ...
 
 
@@ -71,6 +75,9 @@ class NginxTarget:
         self.evicted += removed
         return removed
 
+    def snapshot(self) -> dict[str, Any]:
+        return {"evicted": self.evicted, "indexed": len(self.cache.index)}
+
 
 class HttpPurgeTarget:
     """An HTTP PURGE/BAN cache (Varnish, Souin, Caddy, ngx_cache_purge)."""
@@ -81,6 +88,11 @@ class HttpPurgeTarget:
 
     async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
         return await self.purger.forward(purges)
+
+    def snapshot(self) -> dict[str, Any]:
+        stats = self.purger.stats()
+        return {"requests": dict(stats.requests), "retries": stats.retries,
+                "skipped": stats.skipped, "last_error": stats.last_error}  # fmt: skip
 
     async def flush_all(self) -> int:
         """Send the configured everything-purge; the cache does not say how many it held."""
@@ -104,3 +116,13 @@ class CloudflareTarget:
 
     async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
         return await self.forwarder.forward(purges)
+
+    def snapshot(self) -> dict[str, Any]:
+        stats = self.forwarder.stats()
+        return {
+            "calls": dict(stats.calls),
+            "rate_limited": stats.rate_limited,
+            "retries": stats.retries,
+            "tokens_left": {k: round(v, 2) for k, v in stats.tokens_left.items()},
+            "last_error": stats.last_error,
+        }

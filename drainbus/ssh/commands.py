@@ -26,6 +26,7 @@ from drainbus.bus.catalog import describe_topics, known_topics
 from drainbus.bus.fanout import TrimNotice
 from drainbus.bus.streams import MAX_SEQ, ZERO_ID, StreamId, parse_id
 from drainbus.config import Settings, parse_duration
+from drainbus.drain.status import drain_health
 from drainbus.errors import (
     BackendError,
     DataError,
@@ -35,6 +36,13 @@ from drainbus.errors import (
     UsageError,
 )
 from drainbus.identity import Identity
+from drainbus.metrics import (
+    DELIVERY_SECONDS,
+    MESSAGES_DELIVERED,
+    MESSAGES_PUBLISHED,
+    PUBLISH_SECONDS,
+    topic_label,
+)
 
 __all__ = ["COMMANDS", "LineCheck", "SessionContext", "parse_since", "run_command"]
 
@@ -213,6 +221,7 @@ class _LinePublisher:
     async def flush(self) -> None:
         while self.pending:
             batch, self.pending = self.pending[:_BATCH_LINES], self.pending[_BATCH_LINES:]
+            started = time.perf_counter()
             try:
                 await self.ctx.bus.publisher.publish(
                     self.topic, batch, user=self.ctx.identity.user, raw=self.raw
@@ -224,6 +233,8 @@ class _LinePublisher:
                 )
                 raise
             self.published += len(batch)
+            PUBLISH_SECONDS.observe(time.perf_counter() - started)
+            MESSAGES_PUBLISHED.labels(topic_label(self.topic)).inc(len(batch))
 
     def report(self) -> int:
         if self.rejected:
@@ -282,6 +293,7 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
         raise UsageError("sub: --count must be a positive number")
     after = parse_since(args.since) if args.since else None
     remaining = args.count
+    label = topic_label(topic)
     fanout = ctx.bus.fanout
     fanout.count(topic, +1)
     try:
@@ -295,6 +307,10 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
                 if remaining is not None and len(batch.entries) > remaining:
                     batch = type(item)(topic, item.entries[:remaining])
                 await ctx.stdout(batch.json_lines() if args.json else batch.plain())
+                MESSAGES_DELIVERED.labels(label).inc(len(batch.entries))
+                DELIVERY_SECONDS.observe(
+                    max(0.0, time.time() - batch.entries[0].received_ms / 1000)
+                )
                 if remaining is not None:
                     remaining -= len(batch.entries)
                     if remaining == 0:
@@ -352,6 +368,37 @@ async def _whoami(ctx: SessionContext, args: argparse.Namespace) -> int:
     if args.json:
         text = json.dumps(asdict(ident)) + "\n"
     await ctx.stdout(text.encode())
+    return 0
+
+
+async def _stats(ctx: SessionContext, args: argparse.Namespace) -> int:
+    if not ctx.identity.is_admin:
+        raise PermissionDenied("stats is for admins (server.admins)", user=ctx.identity.user)
+    health = await drain_health(ctx.bus.redis, ctx.bus.keys, ctx.settings.drain.topic)
+    if args.json:
+        await ctx.stdout(json.dumps(health).encode() + b"\n")
+        return 0
+    lines = [
+        f"topic {health['topic']}: {health['messages']} message(s), last "
+        f"{health['last_message'] or '-'}, dead letters {health['dead_letters']}",
+        "",
+        "GROUP                LAG    PENDING  CONSUMERS",
+    ]
+    for g in health["groups"]:
+        lag = "?" if g["lag"] is None else str(g["lag"])
+        lines.append(f"{g['group']:<20} {lag:<6} {g['pending']:<8} {g['consumers']}")
+    lines += ["", "NODE         LAST PURGE                PURGES  DEAD  LAST ERROR"]
+    for node in health["nodes"]:
+        lines.append(
+            f"{node['node']:<12} {node['last_purge'] or '-':<25} {node['purges_done']:<7} "
+            f"{node['dead_lettered']:<5} {node['last_error'] or '-'}"
+        )
+        for target, figures in node["targets"].items():
+            shown = ", ".join(f"{k} {v}" for k, v in figures.items() if v not in (None, {}))
+            lines.append(f"  {target}: {shown}")
+    if not health["nodes"]:
+        lines.append("(no drain node has reported in the last 2 minutes)")
+    await ctx.stdout(("\n".join(lines) + "\n").encode())
     return 0
 
 
@@ -434,11 +481,23 @@ def _build_commands() -> dict[str, Command]:
     )
     whoami.parser.add_argument("--json", action="store_true")
 
+    stats = _command("stats", "is the drain healthy? lag, pending, dead letters, per node "
+                     "(admins)", "ssh bus stats --json", _stats)  # fmt: skip
+    stats.parser.add_argument("--json", action="store_true")
+
     help_ = _command("help", "show this list", "ssh bus help", _help)
-    return {c.name: c for c in (pub, sub, ls, whoami, help_)}
+    return {c.name: c for c in (pub, sub, ls, whoami, stats, help_)}
 
 
 COMMANDS = _build_commands()
+
+
+def command_label(command_line: str | None) -> str:
+    """The command's name for metrics: a known command, ``(none)`` or ``other``."""
+    name = (command_line or "").split(" ", 1)[0]
+    if not name:
+        return "(none)"
+    return name if name in COMMANDS else "other"
 
 
 def _lookup(name: str) -> Command:

@@ -21,7 +21,8 @@ from drainbus.bus import Bus
 from drainbus.config import Settings
 from drainbus.errors import ExitCode, StartupError
 from drainbus.identity import Identity, UserKeys
-from drainbus.ssh.commands import LineCheck, SessionContext, run_command
+from drainbus.metrics import SESSIONS
+from drainbus.ssh.commands import LineCheck, SessionContext, command_label, run_command
 
 __all__ = ["FrontDoor"]
 
@@ -223,6 +224,7 @@ class FrontDoor:
             )
             if not process.is_closing():
                 process.exit(int(code))
+            SESSIONS.labels(command_label(process.command), str(int(code))).inc()
 
     async def _run_until_closed(self, ctx: SessionContext) -> int:
         """Run the command, abandoning it if the client goes away first."""
