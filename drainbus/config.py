@@ -35,6 +35,7 @@ from pydantic_settings.exceptions import SettingsError
 from drainbus.drain.cloudflare import CloudflareZoneConfig
 from drainbus.drain.http_purge import HttpPurgeConfig
 from drainbus.drain.nginx import NginxCacheConfig
+from drainbus.drain.purges import ScopeRule
 from drainbus.errors import ConfigError
 
 __all__ = [
@@ -148,6 +149,7 @@ class DrainSettings(_Section):
     topic: str = "cache-drain"
     node: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     key_host: str | None = None
+    owner_separator: str = Field("-", min_length=1, max_length=8)
     max_deliveries: int = Field(5, ge=1)
     retry_after: Duration = 10.0
     nginx: tuple[NginxCacheConfig, ...] = ()
@@ -168,6 +170,11 @@ class DrainSettings(_Section):
                 f"{value!r} must contain {{key}} exactly once, e.g. {{key}}.pages.example"
             )
         return value
+
+    @property
+    def scope_rule(self) -> ScopeRule:
+        """What a non-admin publisher may purge (see :class:`ScopeRule`)."""
+        return ScopeRule(key_host=self.key_host, owner_separator=self.owner_separator)
 
     @property
     def enabled(self) -> bool:

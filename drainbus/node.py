@@ -16,7 +16,6 @@ from drainbus.bus import Bus
 from drainbus.config import Settings
 from drainbus.drain.build import open_drain
 from drainbus.drain.daemon import Drain
-from drainbus.drain.purges import ScopeRule
 from drainbus.drain.validate import purge_line_check
 from drainbus.identity import UserKeys, load_or_create_host_key
 from drainbus.metrics import NodeCollector, serve_metrics
@@ -56,7 +55,7 @@ async def open_node(settings: Settings) -> AsyncIterator[Node]:
     users = UserKeys(settings.server.users_dir, settings.server.admins)
     users.load()
     # pub on the drain topic checks every line, whether or not this node runs the drain.
-    checks = {settings.drain.topic: purge_line_check(ScopeRule(key_host=settings.drain.key_host))}
+    checks = {settings.drain.topic: purge_line_check(settings.drain.scope_rule)}
     async with AsyncExitStack() as stack:
         bus = await stack.enter_async_context(Bus(settings))
         door = await stack.enter_async_context(

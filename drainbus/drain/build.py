@@ -13,7 +13,6 @@ from drainbus.drain.cloudflare import CloudflareForwarder
 from drainbus.drain.daemon import Drain
 from drainbus.drain.http_purge import HttpPurger
 from drainbus.drain.nginx import NginxCache
-from drainbus.drain.purges import ScopeRule
 from drainbus.drain.targets import (
     CloudflareTarget,
     HttpPurgeTarget,
@@ -29,7 +28,7 @@ __all__ = ["Drain", "open_drain"]
 async def open_drain(settings: Settings, *, redis: Redis, redis_url: str) -> AsyncIterator[Drain]:
     """Open every target in ``settings.drain`` and yield the daemon (not yet running)."""
     drain = settings.drain
-    rule = ScopeRule(key_host=drain.key_host)
+    rule = drain.scope_rule
     async with AsyncExitStack() as stack:
         local: list[LocalCacheTarget] = []
         for number, cache_config in enumerate(drain.nginx, start=1):

@@ -33,9 +33,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from drainbus.bus.connection import BLOCK_MS, reader_client
-from drainbus.bus.streams import Keys, stream_info
+from drainbus.bus.streams import Keys, parse_id, stream_info
 from drainbus.config import DrainSettings
-from drainbus.drain.purges import Purge, ScopeRule, check_scope, parse_purge
+from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.retry import Outcome, merge_outcomes
 from drainbus.drain.targets import LocalCacheTarget, Target
 from drainbus.errors import DataError, PermissionDenied
@@ -98,7 +98,7 @@ class Drain:
         self._redis_url = redis_url
         self._keys = keys
         self._admins = admins
-        self._rule = ScopeRule(key_host=settings.key_host)
+        self._rule = settings.scope_rule
         self._stream = keys.stream(settings.topic)
         self._dead = keys.dead_letters(settings.topic)
         self._last_error: dict[bytes, str] = {}
@@ -142,12 +142,16 @@ class Drain:
         info = await stream_info(self._redis, self._stream)
         groups = await self._redis.xinfo_groups(self._stream)
         mine = next((g for g in groups if _text(g["name"]) == role.group), None)
-        if info is None or mine is None:
+        if info is None or mine is None or not info.was_trimmed:
             return False
-        lag = mine.get("lag")
-        # Redis reports no lag when it cannot tell; a lag larger than what the stream still
-        # holds means some unread entries were trimmed.
-        return lag is None or int(lag) > info.length
+        entries_read = mine.get("entries-read")
+        if entries_read is None:
+            # Redis lost count (entries were deleted in the middle): decide by position.
+            last_read = parse_id(mine["last-delivered-id"])
+            return info.first_id is not None and last_read < info.first_id
+        # Every entry ever added was either read by this group, is still in the stream, or
+        # was trimmed before this group read it: the last kind are missed purges.
+        return info.entries_added - int(entries_read) - info.length > 0
 
     async def _flush_local(self, role: Role) -> None:
         log.warning(

@@ -1,0 +1,150 @@
+"""The drain's recovery paths: dead consumers, delivery limits, missed purges, dlq CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from drainbus.bus.streams import Keys
+from drainbus.drain.dead_letters import list_dead_letters
+from drainbus.node import Node
+from tests.conftest import User
+from tests.nginx_env import NginxEnv, run_nginx_env
+from tests.test_drain import PAGES, cache_states, drain_config, prime, wait_drained
+
+StartNode = Callable[..., Awaitable[Node]]
+TOPIC = "cache-drain"
+
+
+@pytest.fixture
+def nginx_env(tmp_path: Path) -> Iterator[NginxEnv]:
+    with run_nginx_env(tmp_path / "nginx") as env:
+        yield env
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> Redis:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def add_entry(redis: Redis, keys: Keys, data: str, user: str = "root") -> bytes:
+    entry_id: bytes = await redis.xadd(keys.stream(TOPIC), {"d": data, "u": user, "m": data})
+    return entry_id
+
+
+async def test_entry_stuck_on_a_dead_consumer_is_reclaimed_and_carried_out(
+    start_bus: StartNode, nginx_env: NginxEnv, redis: Redis, namespace: str
+) -> None:
+    """An entry another consumer read and never acked is claimed after retry_after."""
+    keys = Keys(namespace)
+    await redis.xgroup_create(keys.stream(TOPIC), "node-web1", id="$", mkstream=True)
+    await add_entry(redis, keys, "acme-blog")
+    read = await redis.xreadgroup("node-web1", "crashed", {keys.stream(TOPIC): ">"}, count=10)
+    assert len(read[0][1]) == 1  # delivered to "crashed", which then died
+    prime(nginx_env)
+    node = await start_bus(drain=drain_config(nginx_env))
+    await wait_drained(node)
+    assert cache_states(nginx_env)[("acme-blog.pages.example", "/")] == "MISS"
+    assert node.drain is not None and node.drain.stats.retries >= 1
+
+
+async def test_entry_over_the_delivery_limit_is_dead_lettered(
+    start_bus: StartNode, nginx_env: NginxEnv, redis: Redis, namespace: str
+) -> None:
+    """After max_deliveries deliveries an entry moves to the dead-letter stream, acked."""
+    keys = Keys(namespace)
+    stream = keys.stream(TOPIC)
+    await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
+    entry_id = await add_entry(redis, keys, "acme-blog")
+    await redis.xreadgroup("node-web1", "crashed", {stream: ">"}, count=10)
+    for _ in range(2):  # each claim is one more delivery: 3 in all, over the limit of 2
+        await redis.xclaim(stream, "node-web1", "crashed", 0, [entry_id])
+    node = await start_bus(drain=drain_config(nginx_env, max_deliveries=2))
+    await wait_drained(node)
+    letters = await list_dead_letters(redis, keys, TOPIC)
+    assert [(d.origin_id, d.group, d.data) for d in letters] == [
+        (entry_id.decode(), "node-web1", "acme-blog")
+    ]
+    assert "gave up after 3 deliveries" in letters[0].error
+
+
+async def test_node_down_longer_than_retention_flushes_its_cache(
+    start_bus: StartNode, nginx_env: NginxEnv, redis: Redis, namespace: str
+) -> None:
+    """If purges this node never read were trimmed away, it empties its local cache."""
+    keys = Keys(namespace)
+    stream = keys.stream(TOPIC)
+    await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
+    for n in range(10):
+        await add_entry(redis, keys, f"gone-{n}")
+    await redis.xtrim(stream, maxlen=2, approximate=False)  # 8 unread purges are lost
+    prime(nginx_env)
+    node = await start_bus(drain=drain_config(nginx_env))
+    await wait_drained(node)
+    assert node.drain is not None and node.drain.stats.flushes == 1
+    assert set(cache_states(nginx_env).values()) == {"MISS"}
+
+
+async def test_node_that_kept_up_does_not_flush(
+    start_bus: StartNode, nginx_env: NginxEnv, redis: Redis, namespace: str
+) -> None:
+    """Trimming only entries the group already read is no reason to flush."""
+    keys = Keys(namespace)
+    stream = keys.stream(TOPIC)
+    await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
+    for n in range(10):
+        await add_entry(redis, keys, f"seen-{n}")
+    rows = await redis.xreadgroup("node-web1", "web1", {stream: ">"}, count=100)
+    await redis.xack(stream, "node-web1", *[i for i, _ in rows[0][1]])
+    await redis.xtrim(stream, maxlen=2, approximate=False)
+    prime(nginx_env)
+    node = await start_bus(drain=drain_config(nginx_env))
+    await wait_drained(node)
+    assert node.drain is not None and node.drain.stats.flushes == 0
+    assert set(cache_states(nginx_env).values()) == {"HIT"}
+
+
+def drainbus_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "drainbus", *args], capture_output=True, text=True, timeout=30,
+        env={**os.environ, **env}, check=False,
+    )  # fmt: skip
+
+
+async def test_dlq_cli_lists_and_replays(
+    start_bus: StartNode, add_user: Callable[[str], User], nginx_env: NginxEnv,
+    redis: Redis, redis_url: str, namespace: str,
+) -> None:  # fmt: skip
+    """`drainbus dlq ls --json` shows dead letters; `dlq replay ID` publishes them again."""
+    keys = Keys(namespace)
+    await redis.xgroup_create(keys.stream(TOPIC), "node-web1", id="$", mkstream=True)
+    await add_entry(redis, keys, "tag:bad tag")  # malformed: the daemon dead-letters it
+    node = await start_bus(drain=drain_config(nginx_env))
+    await wait_drained(node)
+    env = {"DRAINBUS_REDIS_URL": redis_url, "DRAINBUS_NAMESPACE": namespace}
+    listed = await asyncio.to_thread(drainbus_cli, "dlq", "ls", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    letter = json.loads(listed.stdout)
+    assert letter["data"] == "tag:bad tag"
+    assert "invalid purge" in letter["error"]
+    missing = await asyncio.to_thread(drainbus_cli, "dlq", "replay", "9-9", env=env)
+    assert missing.returncode == 64
+    replayed = await asyncio.to_thread(drainbus_cli, "dlq", "replay", letter["id"], env=env)
+    assert (replayed.returncode, replayed.stdout.strip()) == (0, "replayed 1 dead letter(s)")
+    await wait_drained(node)
+    again = await list_dead_letters(redis, keys, TOPIC)
+    assert [d.data for d in again] == ["tag:bad tag"]  # still invalid: dead-lettered again
+    assert again[0].id != letter["id"]
+
+
+_ = PAGES
