@@ -18,7 +18,7 @@ from drainbus.drain.dead_letters import list_dead_letters
 from drainbus.node import Node
 from tests.conftest import User
 from tests.nginx_env import NginxEnv, run_nginx_env
-from tests.test_drain import PAGES, cache_states, drain_config, prime, wait_drained
+from tests.test_drain import cache_states, drain_config, prime, wait_drained
 
 StartNode = Callable[..., Awaitable[Node]]
 TOPIC = "cache-drain"
@@ -55,7 +55,8 @@ async def test_entry_stuck_on_a_dead_consumer_is_reclaimed_and_carried_out(
     node = await start_bus(drain=drain_config(nginx_env))
     await wait_drained(node)
     assert cache_states(nginx_env)[("acme-blog.pages.example", "/")] == "MISS"
-    assert node.drain is not None and node.drain.stats.retries >= 1
+    assert node.drain is not None
+    assert node.drain.stats.retries >= 1
 
 
 async def test_entry_over_the_delivery_limit_is_dead_lettered(
@@ -91,7 +92,8 @@ async def test_node_down_longer_than_retention_flushes_its_cache(
     prime(nginx_env)
     node = await start_bus(drain=drain_config(nginx_env))
     await wait_drained(node)
-    assert node.drain is not None and node.drain.stats.flushes == 1
+    assert node.drain is not None
+    assert node.drain.stats.flushes == 1
     assert set(cache_states(nginx_env).values()) == {"MISS"}
 
 
@@ -110,7 +112,8 @@ async def test_node_that_kept_up_does_not_flush(
     prime(nginx_env)
     node = await start_bus(drain=drain_config(nginx_env))
     await wait_drained(node)
-    assert node.drain is not None and node.drain.stats.flushes == 0
+    assert node.drain is not None
+    assert node.drain.stats.flushes == 0
     assert set(cache_states(nginx_env).values()) == {"HIT"}
 
 
@@ -146,5 +149,3 @@ async def test_dlq_cli_lists_and_replays(
     assert [d.data for d in again] == ["tag:bad tag"]  # still invalid: dead-lettered again
     assert again[0].id != letter["id"]
 
-
-_ = PAGES
