@@ -148,4 +148,3 @@ async def test_dlq_cli_lists_and_replays(
     again = await list_dead_letters(redis, keys, TOPIC)
     assert [d.data for d in again] == ["tag:bad tag"]  # still invalid: dead-lettered again
     assert again[0].id != letter["id"]
-
