@@ -1,0 +1,114 @@
+"""Purge path: from `echo url:… | ssh bus pub cache-drain` returning to the nginx cache file
+being gone, and to the Cloudflare call arriving (at a local stand-in for its API).
+
+A real `drainbus serve` (bus + drain) runs against a real nginx whose cache is primed page by
+page; each purge is a fresh OpenSSH `pub`, as a deploy hook would send it.
+
+    .venv/bin/python -m bench.purge_path [N]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fakes.cloudflare_api import FakeCloudflare  # noqa: E402
+from tests.nginx_env import run_nginx_env  # noqa: E402
+
+HOST = "acme-blog.pages.example"
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _cache_file(cache: Path, key: str) -> Path:
+    digest = hashlib.md5(key.encode()).hexdigest()  # noqa: S324 - nginx's own file naming
+    return cache / digest[-1] / digest[-3:-1] / digest
+
+
+def measure(count: int = 100, batch_window: float = 0.5) -> dict[str, Any]:
+    """Run ``count`` purges; return p50/p99 of both delays in milliseconds."""
+    work = Path(tempfile.mkdtemp(prefix="dbp-"))
+    key = work / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    users = work / "users"
+    users.mkdir()
+    (users / "root.pub").write_text(key.with_suffix(".pub").read_text())
+    with run_nginx_env(work / "nginx") as env, FakeCloudflare(plan="enterprise") as cloudflare:
+        config = work / "drainbus.toml"
+        config.write_text(
+            f'[server]\nlisten = "127.0.0.1:0"\nadmins = ["root"]\nusers_dir = "{users}"\n'
+            f'host_keys_dir = "{work / "host"}"\n'
+            f'[drain]\nnode = "bench"\nkey_host = "{{key}}.pages.example"\n'
+            f'[[drain.nginx]]\ncache_path = "{env.cache_path}"\nkey = "$scheme$host$request_uri"\n'
+            f'[drain.cloudflare]\nzone_id = "zone"\napi_token = "test-token"\n'
+            f'api_base = "{cloudflare.api_base}"\nplan = "enterprise"\n'
+            f"batch_window = {batch_window}\n"
+        )
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "drainbus", "--log-json", "serve", "--config", str(config),
+             "--data-dir", str(work / "data")],
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, "DRAINBUS_REDIS_URL": ""},
+        )  # fmt: skip
+        try:
+            assert serve.stderr is not None
+            port = 0
+            for raw in serve.stderr:
+                event = json.loads(raw)
+                if event.get("event") == "serving":
+                    port = int(event["port"])
+                    break
+            ssh = ["ssh", "-F", "/dev/null", "-T", "-p", str(port), "-i", str(key),
+                   "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                   "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                   "root@127.0.0.1", "pub", "cache-drain"]  # fmt: skip
+            to_file: list[float] = []
+            to_cloudflare: list[float] = []
+            for n in range(count):
+                path = f"/page/{n}"
+                env.prime(path, HOST)
+                cache_file = _cache_file(env.cache_path, f"http{HOST}{path}")
+                assert cache_file.exists(), cache_file
+                url = f"http://{HOST}{path}"
+                subprocess.run(ssh, input=f"url:{url}\n".encode(), check=True)
+                returned = time.monotonic()
+                while cache_file.exists():
+                    time.sleep(0.0002)
+                to_file.append((time.monotonic() - returned) * 1000)
+                calls = cloudflare.wait_for(n + 1, timeout=10)
+                arrived = next(c.at for c in calls if url in c.items)
+                to_cloudflare.append((arrived - returned) * 1000)
+        finally:
+            serve.terminate()
+            serve.wait(20)
+    return {
+        "purges": count,
+        "batch_window_ms": batch_window * 1000,
+        "nginx_file_gone_ms": {
+            "p50": _quantile(to_file, 0.5),
+            "p99": _quantile(to_file, 0.99),
+            "mean": statistics.fmean(to_file),
+        },  # fmt: skip
+        "cloudflare_call_ms": {
+            "p50": _quantile(to_cloudflare, 0.5),
+            "p99": _quantile(to_cloudflare, 0.99),
+        },  # fmt: skip
+    }
+
+
+if __name__ == "__main__":
+    figures = measure(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+    print(json.dumps(figures, indent=2))
