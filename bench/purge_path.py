@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ def measure(count: int = 100, batch_window: float = 0.5) -> dict[str, Any]:
                 if event.get("event") == "serving":
                     port = int(event["port"])
                     break
+            # Keep reading its log so serve never blocks on a full stderr pipe.
+            threading.Thread(target=serve.stderr.read, daemon=True).start()
             ssh = ["ssh", "-F", "/dev/null", "-T", "-p", str(port), "-i", str(key),
                    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                    "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
