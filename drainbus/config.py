@@ -96,7 +96,7 @@ class ServerSettings(_Section):
     admins: tuple[str, ...] = ()
     max_connections: int = Field(1000, ge=1)
     max_sessions_per_user: int = Field(64, ge=1)
-    login_timeout: Duration = 10.0
+    login_timeout: Duration = 5.0
     keepalive_interval: Duration = 15.0
     keepalive_count_max: int = Field(3, ge=1)
     max_message_bytes: int = Field(65536, ge=1, le=64 * 1024 * 1024)
