@@ -25,11 +25,13 @@ bootstrap() {
     fi
 }
 
-# Debian packages the tests drive for real: the OpenSSH client and nginx.
+# Debian packages the tests drive for real: the OpenSSH client, nginx, and systemd's offline
+# tools (systemd-analyze, -sysusers, -tmpfiles) that check the units in systemd/.
 need_debian_packages() {
     local missing=()
     command -v ssh >/dev/null || missing+=(openssh-client)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+    command -v systemd-analyze >/dev/null || missing+=(systemd)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "==> apt-get install ${missing[*]}" >&2

@@ -129,8 +129,11 @@ class EmbeddedRedis:
             "--pidfile", str(self.data_dir / "redis.pid"),
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
+        # systemd's notify socket is drainbus's to use, not the server's.
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         self._process = subprocess.Popen(
             args,
+            env=env,
             stdin=subprocess.DEVNULL,
             # Only ever called from the main thread, where preexec_fn is safe, and needed:
             # PDEATHSIG must be set in the child itself.
