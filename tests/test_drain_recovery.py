@@ -10,11 +10,16 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 
 from drainbus.bus.streams import Keys
+from drainbus.config import DrainSettings
+from drainbus.drain.daemon import Drain
 from drainbus.drain.dead_letters import list_dead_letters
+from drainbus.drain.purges import Purge
+from drainbus.drain.retry import DONE, Outcome
 from drainbus.node import Node
 from tests.conftest import User
 from tests.nginx_env import NginxEnv, run_nginx_env
@@ -148,3 +153,55 @@ async def test_dlq_cli_lists_and_replays(
     again = await list_dead_letters(redis, keys, TOPIC)
     assert [d.data for d in again] == ["tag:bad tag"]  # still invalid: dead-lettered again
     assert again[0].id != letter["id"]
+
+
+class _GatedTarget:
+    """A local target that holds its first batch until the test opens the gate."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.purged: list[str] = []
+        self.flushes = 0
+
+    async def apply(self, purges: list[Purge]) -> list[Outcome]:
+        self.entered.set()
+        await self.gate.wait()
+        self.purged += [sorted(p.keys)[0] for p in purges]
+        return [DONE] * len(purges)
+
+    async def flush_all(self) -> int:
+        self.flushes += 1
+        return 0
+
+    def snapshot(self) -> dict[str, object]:
+        return {}
+
+
+async def test_running_drain_that_falls_behind_the_trimming_flushes(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """Purges trimmed while the daemon was busy are not skipped silently: it flushes."""
+    keys = Keys(namespace)
+    target = _GatedTarget()
+    drain = Drain(
+        DrainSettings(node="web1", retry_after=5.0), redis=redis, redis_url=redis_url,
+        keys=keys, admins=frozenset({"root"}), local_targets=[target],
+    )  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        await add_entry(redis, keys, "site-0")
+        await target.entered.wait()  # the daemon is busy with site-0
+        for n in range(1, 50):
+            await add_entry(redis, keys, f"site-{n}")
+        await redis.xtrim(keys.stream(TOPIC), maxlen=5, approximate=False)
+        target.gate.set()
+        async with asyncio.timeout(10):
+            while "site-49" not in target.purged:
+                await asyncio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert target.flushes == 1
+    assert target.purged == ["site-0", *(f"site-{n}" for n in range(45, 50))]

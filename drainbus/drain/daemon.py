@@ -59,6 +59,9 @@ class Role:
     targets: Sequence[Target]
     batch_window: float = 0.0
     flush_if_missed: bool = False
+    # Set once a gap of missed purges was acted on; cleared by the next read, which jumps
+    # the gap (until then every check would see the same gap again).
+    gap_handled: bool = False
 
 
 @dataclass
@@ -133,9 +136,26 @@ class Drain:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        if role.flush_if_missed and await self._missed_purges(role):
-            await self._flush_local(role)
+        await self._check_missed(role)
         await self._process_own_pending(role)
+
+    async def _check_missed(self, role: Role) -> None:
+        """Act on purges this group can no longer read: flush local caches, or alert."""
+        if not role.gap_handled and await self._missed_purges(role):
+            await self._missed(role)
+            role.gap_handled = True
+
+    async def _missed(self, role: Role) -> None:
+        if role.flush_if_missed:
+            await self._flush_local(role)
+            return
+        self.stats.last_error = "purges were trimmed from the stream before this group read them"
+        log.error(
+            "drain_purges_missed",
+            group=role.group,
+            reason="purges were trimmed before this group read them (down or behind longer "
+            "than the retention); purge the CDN by hand if stale pages matter",
+        )
 
     async def _missed_purges(self, role: Role) -> bool:
         """True if entries this group never read were trimmed away (node down too long)."""
@@ -158,7 +178,7 @@ class Drain:
             "drain_missed_purges_flushing",
             group=role.group,
             reason="purges this node had not read were trimmed from the stream "
-            "(down longer than the retention); flushing the local caches instead of "
+            "(down or behind longer than the retention); flushing the local caches instead of "
             "serving stale pages",
         )
         for target in self._local_targets:
@@ -167,18 +187,29 @@ class Drain:
         self.stats.flushes += 1
 
     async def _process_own_pending(self, role: Role) -> None:
-        """After a crash: entries delivered to this consumer but never acknowledged."""
+        """After a crash: entries delivered to this consumer but never acknowledged.
+
+        They pass the delivery limit first, so an entry that crashes the process is
+        dead-lettered after ``max_deliveries`` restarts instead of crashing it forever.
+        """
         position = "0"
         while True:
-            reply = await self._redis.xreadgroup(
+            reply: Any = await self._redis.xreadgroup(
                 role.group, self.consumer, {self._stream: position}, count=_READ_COUNT
             )
-            rows = _rows(reply)
-            if not rows:
+            entries = cast(
+                list[tuple[bytes, dict[bytes, bytes] | None]], reply[0][1] if reply else []
+            )
+            if not entries:
                 return
-            log.info("drain_resuming_pending", group=role.group, entries=len(rows))
-            await self._handle(role, rows)
-            position = rows[-1][0].decode()
+            # Entries trimmed since come back with no fields: skip them, keep paging.
+            position = _text(entries[-1][0])
+            rows: list[_Row] = [(i, f) for i, f in entries if f is not None]
+            if len(rows) < len(entries):
+                await self._missed(role)
+            if rows:
+                log.info("drain_resuming_pending", group=role.group, entries=len(rows))
+                await self._handle(role, await self._dead_letter_exhausted(role, rows))
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -193,6 +224,9 @@ class Drain:
                         await self._reclaim(role)
                         await self._publish_status()
                         next_claim = time.monotonic() + self.settings.retry_after / 2
+                    # Before every read: once XREADGROUP jumps a trimmed gap, Redis counts the
+                    # gap as read and the loss can no longer be seen.
+                    await self._check_missed(role)
                     wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
                     rows = _rows(
                         await client.xreadgroup(
@@ -203,6 +237,8 @@ class Drain:
                             block=wait_ms,
                         )
                     )
+                    if rows:
+                        role.gap_handled = False
                     if rows and role.batch_window > 0:
                         rows += await self._gather(client, role)
                     failures = 0
@@ -260,6 +296,7 @@ class Drain:
                     count=len(reply[2]),
                     reason="pending entries were trimmed from the stream before success",
                 )
+                await self._missed(role)
             if rows:
                 self.stats.retries += len(rows)
                 await self._handle(role, await self._dead_letter_exhausted(role, rows))
@@ -268,10 +305,13 @@ class Drain:
 
     async def _dead_letter_exhausted(self, role: Role, rows: list[_Row]) -> list[_Row]:
         """Move entries delivered more than ``max_deliveries`` times; return the rest."""
-        pending = await self._redis.xpending_range(
-            self._stream, role.group, min=rows[0][0], max=rows[-1][0], count=len(rows) * 4
-        )
-        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        # One XPENDING per id: in a shared group other consumers' entries lie between ours,
+        # so a range query could stop short of some of them.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.xpending_range(self._stream, role.group, min=row[0], max=row[0], count=1)
+            replies = await pipe.execute()
+        deliveries = {p["message_id"]: int(p["times_delivered"]) for r in replies for p in r}
         keep = []
         for row in rows:
             count = deliveries.get(row[0], 0)
