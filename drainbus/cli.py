@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from drainbus.config import Settings, load_settings
 from drainbus.errors import ConfigError, DrainbusError, UsageError
+from drainbus.hooks.commands import hook, pub
 from drainbus.identity import (
     UserKeys,
     parse_authorized_keys,
@@ -476,6 +477,10 @@ def keys_rm(ctx: click.Context, config: str | None, name: str, fingerprint: str 
         click.echo(f"{name}: removed {fingerprint}")
     except DrainbusError as exc:
         _fail(exc)
+
+
+cli.add_command(pub)
+cli.add_command(hook)
 
 
 def main() -> None:

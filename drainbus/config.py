@@ -37,6 +37,7 @@ from drainbus.drain.http_purge import HttpPurgeConfig
 from drainbus.drain.nginx import NginxCacheConfig
 from drainbus.drain.purges import ScopeRule
 from drainbus.errors import ConfigError
+from drainbus.hooks.settings import HooksSettings
 
 __all__ = [
     "AclRule",
@@ -203,6 +204,7 @@ class Settings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     acl: tuple[AclRule, ...] = ()
     drain: DrainSettings = DrainSettings()
+    hooks: HooksSettings = HooksSettings()
     metrics_listen: str | None = None  # HOST:PORT for Prometheus; off when unset
 
     @field_validator("metrics_listen")

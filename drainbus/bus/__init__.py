@@ -79,6 +79,7 @@ class Bus:
                     self.url,
                     self.keys,
                     inbox_bytes=self.settings.server.subscriber_buffer_bytes,
+                    max_message_bytes=self.settings.server.max_message_bytes,
                     on_change=self._presence_changed,
                 )
             )

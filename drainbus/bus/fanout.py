@@ -52,6 +52,11 @@ _READ_COUNT = 1024  # entries per XREAD / XRANGE page
 _RECENT_IDS = 4096  # message ids remembered per topic to drop repeats of a retried XADD
 
 
+def _page_entries(budget_bytes: int, entry_bytes: int) -> int:
+    """How many entries of ``entry_bytes`` fit in ``budget_bytes`` (1 to _READ_COUNT)."""
+    return max(1, min(_READ_COUNT, budget_bytes // max(1, entry_bytes)))
+
+
 class Batch:
     """Entries read together; renders them once for every subscriber that wants them."""
 
@@ -188,12 +193,14 @@ class Fanout:
         keys: Keys,
         *,
         inbox_bytes: int,
+        max_message_bytes: int = 65536,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._redis = redis
         self._redis_url = redis_url
         self._keys = keys
         self._inbox_bytes = inbox_bytes
+        self._max_message_bytes = max_message_bytes
         self._readers: dict[str, _TopicReader] = {}
         self._subscribers: dict[str, int] = {}
         self._on_change = on_change
@@ -284,7 +291,7 @@ class Fanout:
     ) -> AsyncGenerator[Batch | TrimNotice, None]:
         """Yield ``topic``'s messages after ``after`` (None: only new ones), forever.
 
-        Yields a TrimNotice first if history after ``after`` was trimmed. Raises
+        Yields a TrimNotice whenever history it had not yet read was trimmed. Raises
         BackendUnavailable if Redis cannot be reached when starting; later outages are
         retried, and the subscriber resumes from its last id with no gap or repeat.
         """
@@ -292,23 +299,31 @@ class Fanout:
         position = after
         started = False
         failures = 0
+        # Catch-up pages are sized in bytes like inboxes: start from the largest message
+        # allowed, then follow the sizes actually seen.
+        page = _page_entries(self._inbox_bytes, self._max_message_bytes)
         while True:
             try:
                 async with self._attached(topic) as inbox:
                     if position is None:
                         info = await stream_info(self._redis, key)
                         position = info.last_id if info else ZERO_ID
-                    elif not started:
+                    else:
+                        # Each time it catches up (at start, after lagging, after an outage)
+                        # a subscriber is told if what it had not read yet was trimmed.
                         notice = await self._trim_notice(key, position)
                         if notice:
                             yield notice
                     started = True
                     while True:  # catch up from the stream
-                        entries = await read_after(self._redis, key, position, _READ_COUNT)
+                        asked = page
+                        entries = await read_after(self._redis, key, position, asked)
                         if entries:
-                            yield Batch(topic, entries)
+                            batch = Batch(topic, entries)
+                            yield batch
                             position = entries[-1].id
-                        if len(entries) < _READ_COUNT:
+                            page = _page_entries(self._inbox_bytes, batch.nbytes // len(entries))
+                        if len(entries) < asked:  # a short page: caught up
                             break
                     failures = 0
                     while True:  # live

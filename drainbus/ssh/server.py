@@ -212,7 +212,14 @@ class FrontDoor:
                 code = ExitCode.TEMPFAIL
             else:
                 code = ExitCode(await self._run_until_closed(ctx))
-        except Exception:
+        except* (
+            BrokenPipeError,
+            ConnectionError,
+            asyncssh.ChannelOpenError,
+            asyncssh.DisconnectError,
+        ):
+            code = ExitCode.OK  # the client went away mid-write: an ordinary end for sub
+        except* Exception:
             log.exception("session_failed")
             ctx.stderr("drainbus: internal error; the server log has details")
             code = ExitCode.SOFTWARE
