@@ -51,12 +51,15 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        self._door._connections.add(conn)
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         self._door.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._door.connections -= 1
+        if self._conn is not None:
+            self._door._connections.discard(self._conn)
 
     def begin_auth(self, username: str) -> bool:
         limit = self._door.settings.server.max_connections
@@ -117,6 +120,7 @@ class FrontDoor:
         self._line_checks = line_checks or {}
         self._sessions_by_user: dict[str, int] = {}
         self._processes: set[asyncssh.SSHServerProcess[bytes]] = set()
+        self._connections: set[asyncssh.SSHServerConnection] = set()
         self._server: asyncssh.SSHAcceptor | None = None
         self._idle = anyio.Event()
         self._idle.set()
@@ -164,9 +168,10 @@ class FrontDoor:
         """Stop accepting, give sessions ``shutdown_grace`` seconds to end, then close them."""
         if self._server is None:
             return
-        self._server.close()
-        await self._server.wait_closed()
-        self._server = None
+        server, self._server = self._server, None
+        # Stop listening only: since Python 3.12.1 wait_closed() also waits for every open
+        # connection, so it comes last, after the sessions and connections are ended.
+        server.close()
         for process in tuple(self._processes):
             if process.command and process.command.split()[0] == "sub":
                 process.stderr.write(b"drainbus: server shutting down\n")
@@ -176,6 +181,10 @@ class FrontDoor:
         for process in tuple(self._processes):
             process.stderr.write(b"drainbus: server shutting down\n")
             process.exit(int(ExitCode.TEMPFAIL))
+        for conn in tuple(self._connections):
+            conn.close()
+        with anyio.move_on_after(self.settings.server.shutdown_grace):
+            await server.wait_closed()
 
     async def _handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         conn = process.get_extra_info("connection")
