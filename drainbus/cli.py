@@ -41,7 +41,10 @@ def _fail(exc: DrainbusError) -> None:
     sys.exit(int(exc.exit_code))
 
 
-def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+def _settings(ctx: click.Context, config: str | None = None, **overrides: Any) -> Settings:
+    """Load settings; a subcommand's ``--config`` beats the group's."""
+    if config:
+        ctx.obj["config"] = config
     config = ctx.obj.get("config")
     try:
         return load_settings(Path(config) if config else None, overrides)
@@ -112,10 +115,9 @@ def serve(
     metrics_listen: str | None,
 ) -> None:
     """Run the SSH bus in the foreground until SIGINT or SIGTERM (SIGHUP reloads users)."""
-    if config:
-        ctx.obj["config"] = config
     settings = _settings(
         ctx,
+        config,
         redis_url=redis_url,
         data_dir=data_dir,
         metrics_listen=metrics_listen,
@@ -130,9 +132,7 @@ def serve(
 def check_config(ctx: click.Context, path: str | None) -> None:
     """Validate a config file (and the environment) without starting anything."""
     configure_logging("warning")  # the answer is one line; progress logs would bury it
-    if path:
-        ctx.obj["config"] = path
-    settings = _settings(ctx)
+    settings = _settings(ctx, path)
     try:
         users = UserKeys(settings.server.users_dir, settings.server.admins)
         users.load()
@@ -210,9 +210,9 @@ def drain(
     metrics_listen: str | None,
 ) -> None:
     """Run the drain daemon alone (for web nodes without the SSH front door)."""
-    if config:
-        ctx.obj["config"] = config
-    settings = _settings(ctx, redis_url=redis_url, data_dir=data_dir, metrics_listen=metrics_listen)
+    settings = _settings(
+        ctx, config, redis_url=redis_url, data_dir=data_dir, metrics_listen=metrics_listen
+    )
     if not settings.drain.enabled:
         _fail(
             ConfigError(
@@ -290,9 +290,7 @@ def dlq() -> None:
 @click.pass_context
 def dlq_ls(ctx: click.Context, config: str | None, redis_url: str | None, as_json: bool) -> None:
     """List dead letters: id, failed group, publisher, error, purge line."""
-    if config:
-        ctx.obj["config"] = config
-    settings = _settings(ctx, redis_url=redis_url)
+    settings = _settings(ctx, config, redis_url=redis_url)
 
     async def run() -> None:
         from drainbus.bus.streams import Keys
@@ -327,11 +325,9 @@ def dlq_replay(
     ids: tuple[str, ...],
 ) -> None:
     """Publish dead letters (by ID, or --all) to the topic again."""
-    if config:
-        ctx.obj["config"] = config
     if bool(ids) == replay_all:
         _fail(UsageError("dlq replay: give dead-letter IDs or --all (not both)"))
-    settings = _settings(ctx, redis_url=redis_url)
+    settings = _settings(ctx, config, redis_url=redis_url)
 
     async def run() -> None:
         from drainbus.bus.streams import Keys
@@ -382,9 +378,7 @@ def keys() -> None:
 @click.pass_context
 def keys_add(ctx: click.Context, config: str | None, name: str, pubkey_file: Any) -> None:
     """Give user NAME the key(s) in PUBKEY_FILE ('-' for stdin)."""
-    if config:
-        ctx.obj["config"] = config
-    settings = _settings(ctx)
+    settings = _settings(ctx, config)
     try:
         if not valid_user_name(name):
             raise UsageError(
@@ -434,9 +428,7 @@ def _key_lines(text: str) -> list[str]:
 @click.pass_context
 def keys_ls(ctx: click.Context, config: str | None) -> None:
     """List users, their key fingerprints, and who is admin."""
-    if config:
-        ctx.obj["config"] = config
-    settings = _settings(ctx)
+    settings = _settings(ctx, config)
     users = UserKeys(settings.server.users_dir, settings.server.admins)
     users.reload()
     for name, user_keys in sorted(users.users.items()):
@@ -453,9 +445,7 @@ def keys_ls(ctx: click.Context, config: str | None) -> None:
 @click.pass_context
 def keys_rm(ctx: click.Context, config: str | None, name: str, fingerprint: str | None) -> None:
     """Remove user NAME, or only their key with FINGERPRINT (SHA256:…)."""
-    if config:
-        ctx.obj["config"] = config
-    settings = _settings(ctx)
+    settings = _settings(ctx, config)
     path = settings.server.users_dir / f"{name}.pub"
     try:
         if not valid_user_name(name) or not path.exists():

@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -163,14 +164,14 @@ class DrainSettings(_Section):
         # [drain.cloudflare] (one zone) and [[drain.cloudflare]] (several) both work.
         return [value] if isinstance(value, dict) else value
 
-    @field_validator("key_host")
-    @classmethod
-    def _check_key_host(cls, value: str | None) -> str | None:
-        if value is not None and value.count("{key}") != 1:
-            raise ValueError(
-                f"{value!r} must contain {{key}} exactly once, e.g. {{key}}.pages.example"
-            )
-        return value
+    @model_validator(mode="after")
+    def _check_scope_rule(self) -> DrainSettings:
+        # ScopeRule owns the rules for key_host and owner_separator: ask it, once.
+        try:
+            ScopeRule(key_host=self.key_host, owner_separator=self.owner_separator)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @property
     def scope_rule(self) -> ScopeRule:

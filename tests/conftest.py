@@ -27,8 +27,10 @@ from drainbus.bus import Bus
 from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.config import Settings, load_settings
 from drainbus.node import Node, open_node
+from tests.nginx_env import nginx_env, origin  # real nginx, shared by every module
 
 RunningBus = Node  # what the tests call a started node
+__all__ = ["nginx_env", "origin"]  # fixtures re-exported for pytest
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,9 @@ from drainbus.drain.dead_letters import list_dead_letters, replay_dead_letters
 from drainbus.node import Node
 from tests.conftest import User, run_ssh, serve_process
 from tests.fakes.cloudflare_api import FakeCloudflare
-from tests.nginx_env import NginxEnv, origin, run_nginx_env
+from tests.nginx_env import NginxEnv, run_nginx_env
 
 StartNode = Callable[..., Awaitable[Node]]
-_ = origin  # the origin fixture, used by nginx_env
 
 PAGES = [
     ("acme-blog.pages.example", "/"),
@@ -33,12 +32,6 @@ PAGES = [
     ("acme-blog2.pages.example", "/"),
     ("other.pages.example", "/x"),
 ]
-
-
-@pytest.fixture
-def nginx_env(tmp_path: Path) -> Iterator[NginxEnv]:
-    with run_nginx_env(tmp_path / "nginx") as env:
-        yield env
 
 
 @pytest.fixture

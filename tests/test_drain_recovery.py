@@ -7,8 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -22,17 +21,11 @@ from drainbus.drain.purges import Purge
 from drainbus.drain.retry import DONE, Outcome
 from drainbus.node import Node
 from tests.conftest import User
-from tests.nginx_env import NginxEnv, run_nginx_env
+from tests.nginx_env import NginxEnv
 from tests.test_drain import cache_states, drain_config, prime, wait_drained
 
 StartNode = Callable[..., Awaitable[Node]]
 TOPIC = "cache-drain"
-
-
-@pytest.fixture
-def nginx_env(tmp_path: Path) -> Iterator[NginxEnv]:
-    with run_nginx_env(tmp_path / "nginx") as env:
-        yield env
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -15,15 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from drainbus.node import Node
 from tests.conftest import User, run_ssh
-from tests.nginx_env import NginxEnv, run_nginx_env
+from tests.nginx_env import NginxEnv
 
 StartNode = Callable[..., Awaitable[Node]]
-
-
-@pytest.fixture
-def nginx_env(tmp_path: Path) -> Iterator[NginxEnv]:
-    with run_nginx_env(tmp_path / "nginx") as env:
-        yield env
 
 
 def drain_settings(env: NginxEnv) -> dict[str, object]:

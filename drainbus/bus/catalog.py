@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from drainbus.bus.streams import Keys, format_id, rfc3339, stream_info
+from drainbus.bus.streams import Keys, format_id, rfc3339, stream_info, text
 
 __all__ = ["GroupSummary", "TopicSummary", "describe_topics", "known_topics"]
 
@@ -52,7 +52,7 @@ async def describe_topics(
             continue
         groups = [
             GroupSummary(
-                name=_text(g["name"]),
+                name=text(g["name"]),
                 lag=None if g.get("lag") is None else int(g["lag"]),
                 pending=int(g["pending"]),
                 consumers=int(g["consumers"]),
@@ -72,7 +72,3 @@ async def describe_topics(
             )
         )
     return summaries
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -43,6 +43,11 @@ def parse_id(raw: bytes | str) -> StreamId:
     return int(ms), int(seq or 0)
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply value as str (replies are bytes: the clients don't decode)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def format_id(stream_id: StreamId) -> str:
     """``(ms, seq)`` -> ``"ms-seq"``."""
     return f"{stream_id[0]}-{stream_id[1]}"

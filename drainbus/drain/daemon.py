@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from drainbus.bus.connection import BLOCK_MS, reader_client
-from drainbus.bus.streams import Keys, parse_id, stream_info
+from drainbus.bus.streams import Keys, parse_id, stream_info, text
 from drainbus.config import DrainSettings
 from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.retry import Outcome, merge_outcomes
@@ -161,7 +161,7 @@ class Drain:
         """True if entries this group never read were trimmed away (node down too long)."""
         info = await stream_info(self._redis, self._stream)
         groups = await self._redis.xinfo_groups(self._stream)
-        mine = next((g for g in groups if _text(g["name"]) == role.group), None)
+        mine = next((g for g in groups if text(g["name"]) == role.group), None)
         if info is None or mine is None or not info.was_trimmed:
             return False
         entries_read = mine.get("entries-read")
@@ -203,7 +203,7 @@ class Drain:
             if not entries:
                 return
             # Entries trimmed since come back with no fields: skip them, keep paging.
-            position = _text(entries[-1][0])
+            position = text(entries[-1][0])
             rows: list[_Row] = [(i, f) for i, f in entries if f is not None]
             if len(rows) < len(entries):
                 await self._missed(role)
@@ -287,7 +287,7 @@ class Drain:
                 start_id=cursor,
                 count=_READ_COUNT,
             )
-            cursor = _text(reply[0])
+            cursor = text(reply[0])
             rows = cast(list[_Row], [r for r in reply[1] if r and r[1] is not None])
             if len(reply) > 2 and reply[2]:
                 log.error(
@@ -436,7 +436,7 @@ class Drain:
         """Refresh group lag/pending and share this node's status for ``ssh bus stats``."""
         groups = await self._redis.xinfo_groups(self._stream)
         self.stats.groups = {
-            _text(g["name"]): (None if g.get("lag") is None else int(g["lag"]), int(g["pending"]))
+            text(g["name"]): (None if g.get("lag") is None else int(g["lag"]), int(g["pending"]))
             for g in groups
         }
         status = {
@@ -470,7 +470,3 @@ def _rows(reply: Any) -> list[_Row]:
     for _key, entries in reply or ():
         rows += [(i, f) for i, f in entries if f is not None]
     return rows
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from drainbus.bus.streams import Keys, rfc3339, stream_info
+from drainbus.bus.streams import Keys, rfc3339, stream_info, text
 
 __all__ = ["drain_health"]
 
@@ -23,7 +23,7 @@ async def drain_health(redis: Redis, keys: Keys, topic: str) -> dict[str, Any]:
             lag = group.get("lag")
             groups.append(
                 {
-                    "group": _text(group["name"]),
+                    "group": text(group["name"]),
                     "lag": None if lag is None else int(lag),
                     "pending": int(group["pending"]),
                     "consumers": int(group["consumers"]),
@@ -33,7 +33,7 @@ async def drain_health(redis: Redis, keys: Keys, topic: str) -> dict[str, Any]:
     nodes = []
     names = cast(list[bytes], await redis.zrangebyscore(keys.drain_nodes, now_ms - 120_000, "+inf"))
     for name in names:
-        raw = await redis.get(keys.drain_status(_text(name)))
+        raw = await redis.get(keys.drain_status(text(name)))
         if raw is None:
             continue
         status = json.loads(raw)
@@ -48,7 +48,3 @@ async def drain_health(redis: Redis, keys: Keys, topic: str) -> dict[str, Any]:
         "groups": groups,
         "nodes": nodes,
     }
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
