@@ -278,8 +278,12 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
         hint = f"; known keys here: {', '.join(allowed)}" if allowed else ""
         return f"{location}: unknown setting{hint}"
     message = str(error["msg"]).removeprefix("Value error, ")
-    shown = repr(error.get("input"))
-    return f"{location}: {message}" + ("" if shown in message else f" (got {shown})")
+    value = error.get("input")
+    shown = repr(value)
+    # A whole section as input (a check across its keys) would bury the line: leave it out.
+    if shown in message or isinstance(value, dict):
+        return f"{location}: {message}"
+    return f"{location}: {message} (got {shown})"
 
 
 def _allowed_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
