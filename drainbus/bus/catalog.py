@@ -26,7 +26,7 @@ class TopicSummary:
     """One ``ls`` row."""
 
     topic: str
-    messages: int
+    entries: int  # stored stream entries: a burst from one pub is one packed entry
     last_id: str | None
     last_time: str | None
     subscribers: int
@@ -63,7 +63,7 @@ async def describe_topics(
         summaries.append(
             TopicSummary(
                 topic=topic,
-                messages=info.length,
+                entries=info.length,
                 last_id=format_id(info.last_id) if has_last else None,
                 last_time=rfc3339(info.last_id[0]) if has_last else None,
                 subscribers=subscribers.get(topic, 0),

@@ -60,12 +60,13 @@ def _page_entries(budget_bytes: int, entry_bytes: int) -> int:
 class Batch:
     """Entries read together; renders them once for every subscriber that wants them."""
 
-    __slots__ = ("_json", "_plain", "entries", "nbytes", "topic")
+    __slots__ = ("_json", "_plain", "entries", "messages", "nbytes", "topic")
 
     def __init__(self, topic: str, entries: list[Entry]) -> None:
         self.topic = topic
         self.entries = entries
         self.nbytes = sum(len(e.data) + 1 for e in entries)
+        self.messages = sum(e.count for e in entries)
         self._plain: bytes | None = None
         self._json: bytes | None = None
 
@@ -81,6 +82,29 @@ class Batch:
         fresh = [e for e in self.entries if e.id > position]
         return Batch(self.topic, fresh) if fresh else None
 
+    def first_messages(self, n: int) -> Batch:
+        """This batch cut after its first ``n`` messages (``sub --count``)."""
+        if n >= self.messages:
+            return self
+        kept: list[Entry] = []
+        for entry in self.entries:
+            if n <= 0:
+                break
+            kept.append(entry.first(n))
+            n -= entry.count
+        return Batch(self.topic, kept)
+
+    def skip_into(self, entry_id: StreamId, n: int) -> Batch | None:
+        """Without the first ``n`` messages of entry ``entry_id`` if this batch starts with it.
+
+        How ``sub --since ENTRY:INDEX`` resumes inside a packed entry.
+        """
+        if not self.entries or self.entries[0].id != entry_id:
+            return self
+        rest = self.entries[0].without_first(n)
+        kept = ([rest] if rest else []) + self.entries[1:]
+        return Batch(self.topic, kept) if kept else None
+
     def plain(self) -> bytes:
         """Each message followed by a newline; ``--raw`` chunks exactly as they came."""
         if self._plain is None:
@@ -88,22 +112,23 @@ class Batch:
         return self._plain
 
     def json_lines(self) -> bytes:
-        """One JSON object per line: id, time, topic, user, data (base64 if not UTF-8)."""
+        """One JSON object per message: id, time, topic, user, data (base64 if not UTF-8)."""
         if self._json is None:
             lines = []
             for e in self.entries:
-                record: dict[str, str] = {
-                    "id": format_id(e.id),
-                    "time": rfc3339(e.received_ms),
-                    "topic": self.topic,
-                    "user": e.user,
-                }
-                try:
-                    record["data"] = e.data.decode("utf-8")
-                except UnicodeDecodeError:
-                    record["data"] = base64.b64encode(e.data).decode("ascii")
-                    record["encoding"] = "base64"
-                lines.append(json.dumps(record, ensure_ascii=False))
+                for message_id, message in zip(e.message_ids(), e.messages(), strict=True):
+                    record: dict[str, str] = {
+                        "id": message_id,
+                        "time": rfc3339(e.received_ms),
+                        "topic": self.topic,
+                        "user": e.user,
+                    }
+                    try:
+                        record["data"] = message.decode("utf-8")
+                    except UnicodeDecodeError:
+                        record["data"] = base64.b64encode(message).decode("ascii")
+                        record["encoding"] = "base64"
+                    lines.append(json.dumps(record, ensure_ascii=False))
             self._json = ("\n".join(lines) + "\n").encode("utf-8")
         return self._json
 

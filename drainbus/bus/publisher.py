@@ -1,7 +1,8 @@
 """Appending messages to a topic's stream.
 
-A batch of messages is one MULTI/EXEC of XADDs: it is stored whole or not at all, so after a
-failure the publisher can say exactly how many messages were stored. Each XADD trims the
+A batch of messages is stored whole or not at all (one XADD, or a MULTI/EXEC of several), so
+after a failure the publisher can say exactly how many messages were stored. With ``pack``,
+lines share entries of up to ``ENTRY_BYTES`` (see :mod:`drainbus.bus.streams`). Each XADD trims the
 stream approximately to ``max_len``; time retention (``XTRIM MINID``) runs at most once per
 ``_RETENTION_EVERY`` seconds per topic, which is plenty for a retention measured in hours.
 """
@@ -24,6 +25,24 @@ __all__ = ["Publisher"]
 log = structlog.get_logger(__name__)
 
 _RETENTION_EVERY = 30.0
+ENTRY_BYTES = 64 * 1024
+"""How much a packed entry holds (a single longer message gets an entry of its own)."""
+
+
+def pack_messages(messages: Sequence[bytes]) -> list[list[bytes]]:
+    """Group lines into runs of at most ENTRY_BYTES, newline separators included."""
+    entries: list[list[bytes]] = []
+    current: list[bytes] = []
+    size = 0
+    for message in messages:
+        if current and size + len(message) + 1 > ENTRY_BYTES:
+            entries.append(current)
+            current, size = [], 0
+        current.append(message)
+        size += len(message) + 1
+    if current:
+        entries.append(current)
+    return entries
 
 
 class Publisher:
@@ -38,22 +57,44 @@ class Publisher:
         self._last_retention_trim: dict[str, float] = {}
 
     async def publish(
-        self, topic: str, messages: Sequence[bytes], *, user: str, raw: bool = False
+        self,
+        topic: str,
+        messages: Sequence[bytes],
+        *,
+        user: str,
+        raw: bool = False,
+        pack: bool = False,
     ) -> list[StreamId]:
-        """Store ``messages`` on ``topic`` as one atomic batch; return their stream ids.
+        """Store ``messages`` on ``topic`` as one atomic batch; return the entries' ids.
 
+        With ``pack`` (lines without ``\\n``, not raw), several messages share an entry.
         Returns only once Redis acknowledged every XADD. Raises BackendUnavailable if Redis
         cannot be reached; then none of this batch was stored.
         """
         if not messages:
             return []
         key = self._keys.stream(topic)
+        groups = pack_messages(messages) if pack and not raw else [[m] for m in messages]
+        entries = [
+            entry_fields(
+                b"\n".join(group),
+                user=user,
+                message_id=secrets.token_hex(8),
+                raw=raw,
+                count=len(group),
+            )
+            for group in groups
+        ]
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for data in messages:
-                    fields = entry_fields(data, user=user, message_id=secrets.token_hex(8), raw=raw)
-                    pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)  # type: ignore[arg-type]
-                ids = await pipe.execute()
+            if len(entries) == 1:  # one XADD is atomic by itself
+                ids = [
+                    await self._redis.xadd(key, entries[0], maxlen=self._max_len, approximate=True)
+                ]
+            else:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    for fields in entries:
+                        pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)
+                    ids = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise backend_error(exc, f"publishing to '{topic}'") from exc
         await self._housekeeping(topic, key)

@@ -4,22 +4,31 @@ Every key of one topic carries the topic in a hash tag (``drainbus:{TOPIC}:strea
 all of them land in one Redis Cluster slot. Each stream entry holds:
 
 ====  =====================================================================
-d     the message bytes
+d     the message bytes; for a packed entry, its messages joined by ``\n``
+n     how many messages a packed entry holds (absent: one)
 u     the authenticated publisher
-m     a message id (hex), the same across retries: consumers drop repeats
+m     an entry id (hex), the same across retries: consumers drop repeats
 t     the time the bus received it, in ms since the epoch
 r     ``1`` for a ``pub --raw`` chunk (written to subscribers as-is)
 ====  =====================================================================
+
+A burst of lines read from one ``pub`` is *packed* into one entry rather than one entry per
+line: a subscriber writes the entry out unchanged, so the per-message cost on both sides is a
+slice of one bytes object instead of a Redis command and a reply. A message inside a packed
+entry is addressed as ``ENTRY-ID:INDEX`` (``sub --json`` shows it; ``sub --since`` takes it).
+Topics whose lines are checked one by one (``cache-drain``) are never packed, so the drain
+acknowledges, retries and dead-letters each purge on its own.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TypeAlias, cast
+from typing import TypeAlias, cast
 
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 __all__ = [
     "MAX_SEQ",
@@ -94,7 +103,11 @@ class Keys:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stream entry, decoded."""
+    """One stream entry, decoded: one message, or ``count`` packed ones.
+
+    A packed entry cut short (``sub --count``, ``--since ID:INDEX``) remembers where its first
+    message sat in the stored entry (``offset``), so every message keeps its ``ID:INDEX``.
+    """
 
     id: StreamId
     data: bytes
@@ -102,11 +115,40 @@ class Entry:
     message_id: str
     received_ms: int
     raw: bool
+    count: int = 1
+    packed: bool = False
+    offset: int = 0
+
+    def messages(self) -> list[bytes]:
+        """The messages this entry holds, in order."""
+        return self.data.split(b"\n") if self.count > 1 else [self.data]
+
+    def message_ids(self) -> list[str]:
+        """What ``sub --json`` calls each message: the entry id, ``:INDEX`` if packed."""
+        if not self.packed:
+            return [format_id(self.id)]
+        return [f"{format_id(self.id)}:{i}" for i in range(self.offset, self.offset + self.count)]
+
+    def first(self, n: int) -> Entry:
+        """This entry with only its first ``n`` messages."""
+        return self if n >= self.count else self._with(self.messages()[:n], self.offset)
+
+    def without_first(self, n: int) -> Entry | None:
+        """This entry without its first ``n`` messages; None if nothing is left."""
+        if n <= 0:
+            return self
+        if n >= self.count:
+            return None
+        return self._with(self.messages()[n:], self.offset + n)
+
+    def _with(self, messages: list[bytes], offset: int) -> Entry:
+        return replace(self, data=b"\n".join(messages), count=len(messages), offset=offset)
 
     @classmethod
     def from_redis(cls, raw_id: bytes, fields: dict[bytes, bytes]) -> Entry:
         """Decode an entry as redis-py returns it (bytes id, bytes field map)."""
         stream_id = parse_id(raw_id)
+        count = int(fields.get(b"n", 1))
         return cls(
             id=stream_id,
             data=fields.get(b"d", b""),
@@ -114,12 +156,23 @@ class Entry:
             message_id=fields.get(b"m", b"").decode("ascii", "replace"),
             received_ms=int(fields.get(b"t", stream_id[0])),
             raw=fields.get(b"r") == b"1",
+            count=count,
+            packed=count > 1,
         )
 
 
-def entry_fields(data: bytes, *, user: str, message_id: str, raw: bool) -> dict[str, Any]:
-    """The field map XADD stores for one message."""
-    fields: dict[str, Any] = {"d": data, "u": user, "m": message_id, "t": int(time.time() * 1000)}
+def entry_fields(
+    data: bytes, *, user: str, message_id: str, raw: bool, count: int = 1
+) -> dict[FieldT, EncodableT]:
+    """The field map XADD stores for one entry (``count`` packed messages in ``data``)."""
+    fields: dict[FieldT, EncodableT] = {
+        "d": data,
+        "u": user,
+        "m": message_id,
+        "t": int(time.time() * 1000),
+    }
+    if count > 1:
+        fields["n"] = count
     if raw:
         fields["r"] = "1"
     return fields
