@@ -14,12 +14,11 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
 import structlog
-from redis.asyncio import Redis
 
 from drainbus.config import Settings, load_settings
 from drainbus.errors import ConfigError, DrainbusError, UsageError
@@ -30,6 +29,9 @@ from drainbus.identity import (
     valid_user_name,
 )
 from drainbus.log import configure_logging
+
+if TYPE_CHECKING:
+    from drainbus.bus.connection import RedisClient
 
 __all__ = ["main"]
 
@@ -248,7 +250,7 @@ async def _drain(settings: Settings) -> None:
 
 
 @asynccontextmanager
-async def _tool_redis(settings: Settings) -> AsyncIterator[tuple[Redis, str]]:
+async def _tool_redis(settings: Settings) -> AsyncIterator[tuple[RedisClient, str]]:
     """The bus's Redis for commands that only use it: the URL, or a local serve's socket."""
     from redis.exceptions import RedisError
 

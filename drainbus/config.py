@@ -220,9 +220,13 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        schemes = ("redis://", "rediss://", "unix://")
-        if not value.startswith(schemes):
-            raise ValueError(f"{value!r} is not a Redis URL: use redis://, rediss:// or unix://")
+        # Imported here because drainbus.bus imports this module.
+        from drainbus.bus.connection import parse_url  # noqa: PLC0415
+
+        try:
+            parse_url(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
         return value
 
     @classmethod

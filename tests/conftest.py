@@ -28,9 +28,10 @@ from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.config import Settings, load_settings
 from drainbus.node import Node, open_node
 from tests.nginx_env import nginx_env, origin  # real nginx, shared by every module
+from tests.redis_topology import redis_cluster, redis_sentinel  # started only when asked for
 
 RunningBus = Node  # what the tests call a started node
-__all__ = ["nginx_env", "origin"]  # fixtures re-exported for pytest
+__all__ = ["nginx_env", "origin", "redis_cluster", "redis_sentinel"]  # fixtures for pytest
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 
@@ -204,6 +205,18 @@ async def run_ssh(
     out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
     assert proc.returncode is not None
     return Result(proc.returncode, out, err.decode(errors="replace"))
+
+
+async def publish_retrying(
+    port: int, key: Path, topic: str, data: bytes, timeout: float = 30
+) -> Result:
+    """``pub`` the way a person does while Redis fails over: again after each exit 69."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = await run_ssh(port, key, "pub", topic, stdin=data)
+            if result.code != 69:
+                return result
+            await asyncio.sleep(0.1)  # the pause before trying again, not a wait for a state
 
 
 class Subscriber:

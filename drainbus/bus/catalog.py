@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
-
+from drainbus.bus.connection import RedisClient
 from drainbus.bus.streams import Keys, format_id, rfc3339, stream_info, text
 
 __all__ = ["GroupSummary", "TopicSummary", "describe_topics", "known_topics"]
@@ -34,14 +33,14 @@ class TopicSummary:
     groups: list[GroupSummary] = field(default_factory=list)
 
 
-async def known_topics(redis: Redis, keys: Keys) -> list[str]:
+async def known_topics(redis: RedisClient, keys: Keys) -> list[str]:
     """Every topic ever published to on this bus, sorted."""
     names = await redis.smembers(keys.topics)
     return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
 async def describe_topics(
-    redis: Redis, keys: Keys, topics: list[str], subscribers: dict[str, int]
+    redis: RedisClient, keys: Keys, topics: list[str], subscribers: dict[str, int]
 ) -> list[TopicSummary]:
     """Summaries for ``topics`` (skipping ones whose stream no longer exists)."""
     summaries = []

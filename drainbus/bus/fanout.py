@@ -28,10 +28,9 @@ from typing import cast
 import anyio
 import structlog
 from anyio.abc import TaskGroup
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from drainbus.bus.connection import BLOCK_MS, backend_error, reader_client
+from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader_client
 from drainbus.bus.streams import (
     ZERO_ID,
     Entry,
@@ -213,7 +212,7 @@ class Fanout:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         redis_url: str,
         keys: Keys,
         *,

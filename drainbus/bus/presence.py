@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import anyio
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from drainbus.bus.connection import RedisClient
 from drainbus.bus.streams import Keys
 
 __all__ = ["Presence"]
@@ -29,7 +29,7 @@ class Presence:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         node: str,
         counts: Callable[[], dict[str, int]],

@@ -27,8 +27,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TypeAlias, cast
 
-from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
+
+from drainbus.bus.connection import RedisClient
 
 __all__ = [
     "MAX_SEQ",
@@ -193,7 +194,7 @@ class StreamInfo:
         return self.entries_added > self.length
 
 
-async def stream_info(redis: Redis, key: str) -> StreamInfo | None:
+async def stream_info(redis: RedisClient, key: str) -> StreamInfo | None:
     """``XINFO STREAM`` for ``key``, or None if the stream does not exist."""
     if not await redis.exists(key):
         return None
@@ -212,13 +213,13 @@ Row: TypeAlias = tuple[bytes, dict[bytes, bytes]]
 
 
 async def read_rows(
-    redis: Redis, key: str, *, min: str = "-", max: str = "+", count: int | None = None
+    redis: RedisClient, key: str, *, min: str = "-", max: str = "+", count: int | None = None
 ) -> list[Row]:
     """``XRANGE key min max [COUNT count]``, typed."""
     return cast(list[Row], await redis.xrange(key, min=min, max=max, count=count))
 
 
-async def read_after(redis: Redis, key: str, after: StreamId, count: int) -> list[Entry]:
+async def read_after(redis: RedisClient, key: str, after: StreamId, count: int) -> list[Entry]:
     """Up to ``count`` entries with ids strictly greater than ``after``, oldest first."""
     start = "(" + format_id(after) if after != ZERO_ID else "-"
     rows = await read_rows(redis, key, min=start, count=count)

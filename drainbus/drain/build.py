@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from redis.asyncio import Redis
-
+from drainbus.bus.connection import RedisClient
 from drainbus.bus.streams import Keys
 from drainbus.config import Settings
 from drainbus.drain.cloudflare import CloudflareForwarder
@@ -25,7 +24,9 @@ __all__ = ["Drain", "open_drain"]
 
 
 @asynccontextmanager
-async def open_drain(settings: Settings, *, redis: Redis, redis_url: str) -> AsyncIterator[Drain]:
+async def open_drain(
+    settings: Settings, *, redis: RedisClient, redis_url: str
+) -> AsyncIterator[Drain]:
     """Open every target in ``settings.drain`` and yield the daemon (not yet running)."""
     drain = settings.drain
     rule = drain.scope_rule

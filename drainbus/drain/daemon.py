@@ -29,10 +29,9 @@ from typing import Any, cast
 
 import anyio
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from drainbus.bus.connection import BLOCK_MS, reader_client
+from drainbus.bus.connection import BLOCK_MS, RedisClient, reader_client
 from drainbus.bus.streams import Keys, parse_id, stream_info, text
 from drainbus.config import DrainSettings
 from drainbus.drain.purges import Purge, check_scope, parse_purge
@@ -86,7 +85,7 @@ class Drain:
         self,
         settings: DrainSettings,
         *,
-        redis: Redis,
+        redis: RedisClient,
         redis_url: str,
         keys: Keys,
         admins: frozenset[str],
@@ -259,7 +258,7 @@ class Drain:
                 with anyio.CancelScope(shield=True):
                     await client.aclose()
 
-    async def _gather(self, client: Redis, role: Role) -> list[_Row]:
+    async def _gather(self, client: RedisClient, role: Role) -> list[_Row]:
         """More entries for ``role.batch_window`` seconds: one API call can carry them all."""
         gathered: list[_Row] = []
         deadline = time.monotonic() + role.batch_window

@@ -13,8 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
+from drainbus.bus.connection import RedisClient
 from drainbus.bus.streams import Keys, format_id, parse_id, read_rows, rfc3339
 
 __all__ = ["DeadLetter", "list_dead_letters", "replay_dead_letters"]
@@ -49,14 +48,14 @@ def _decode(raw_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
     )
 
 
-async def list_dead_letters(redis: Redis, keys: Keys, topic: str) -> list[DeadLetter]:
+async def list_dead_letters(redis: RedisClient, keys: Keys, topic: str) -> list[DeadLetter]:
     """Every dead letter of ``topic``, oldest first."""
     rows = await read_rows(redis, keys.dead_letters(topic))
     return [_decode(raw_id, fields) for raw_id, fields in rows]
 
 
 async def replay_dead_letters(
-    redis: Redis, keys: Keys, topic: str, ids: list[str] | None
+    redis: RedisClient, keys: Keys, topic: str, ids: list[str] | None
 ) -> list[str]:
     """Publish dead letters again (``ids``, or all when None); return the ids replayed.
 

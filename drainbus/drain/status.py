@@ -6,14 +6,13 @@ import json
 import time
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
+from drainbus.bus.connection import RedisClient
 from drainbus.bus.streams import Keys, rfc3339, stream_info, text
 
 __all__ = ["drain_health"]
 
 
-async def drain_health(redis: Redis, keys: Keys, topic: str) -> dict[str, Any]:
+async def drain_health(redis: RedisClient, keys: Keys, topic: str) -> dict[str, Any]:
     """The drain topic's groups (lag, pending), dead letters, and each live node's status."""
     key = keys.stream(topic)
     info = await stream_info(redis, key)
