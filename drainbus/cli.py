@@ -32,6 +32,7 @@ from drainbus.log import configure_logging
 
 if TYPE_CHECKING:
     from drainbus.bus.connection import RedisClient
+    from drainbus.supervisor import WorkerLink
 
 __all__ = ["main"]
 
@@ -89,7 +90,8 @@ def cli(ctx: click.Context, config: str | None, log_level: str, log_json: bool |
 _metrics_option = click.option(
     "--metrics-listen",
     metavar="HOST:PORT",
-    help="Serve Prometheus metrics at http://HOST:PORT/metrics (env DRAINBUS_METRICS_LISTEN).",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (env DRAINBUS_METRICS_LISTEN); "
+    "with serve --workers N, worker K serves on PORT+K (port 0: each picks a free port).",
 )
 
 
@@ -106,7 +108,18 @@ _metrics_option = click.option(
     type=click.Path(file_okay=False),
     help="Where the embedded server keeps its files (default ./data).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Processes sharing the SSH port (SO_REUSEPORT), each a node of the bus, under a "
+    "supervisor that restarts any that dies; 0: one per CPU (the default); 1: one process, "
+    "no supervisor (env DRAINBUS_SERVER__WORKERS).",
+)
 @_metrics_option
+# Set by the supervisor on the processes it starts (see drainbus.supervisor).
+@click.option("--worker", type=click.IntRange(min=0), hidden=True)
+@click.option("--ready-fd", type=click.IntRange(min=0), hidden=True)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -114,7 +127,10 @@ def serve(
     listen: str | None,
     redis_url: str | None,
     data_dir: str | None,
+    workers: int | None,
     metrics_listen: str | None,
+    worker: int | None,
+    ready_fd: int | None,
 ) -> None:
     """Run the SSH bus in the foreground until SIGINT or SIGTERM (SIGHUP reloads users)."""
     settings = _settings(
@@ -123,9 +139,33 @@ def serve(
         redis_url=redis_url,
         data_dir=data_dir,
         metrics_listen=metrics_listen,
-        server={"listen": listen},
+        server={"listen": listen, "workers": workers},
     )
-    _run(lambda: _serve(settings))
+    if worker is not None and ready_fd is not None:
+        from drainbus.supervisor import WorkerLink
+
+        structlog.contextvars.bind_contextvars(worker=worker)
+        link = WorkerLink(worker, ready_fd)
+        _run(lambda: _serve(settings, link))
+    elif settings.server.worker_count == 1:
+        _run(lambda: _serve(settings))
+    else:
+        from drainbus.supervisor import supervise
+
+        command = _worker_command(ctx)
+        _run(lambda: supervise(settings, command, notify=_notify_systemd))
+
+
+def _worker_command(ctx: click.Context) -> list[str]:
+    """``drainbus … serve`` as this process was started: its log options and config file."""
+    root = ctx.find_root().params
+    command = [sys.executable, "-m", "drainbus", "--log-level", root["log_level"]]
+    if root["log_json"] is not None:
+        command.append("--log-json" if root["log_json"] else "--log-console")
+    command.append("serve")
+    if ctx.obj.get("config"):
+        command += ["--config", ctx.obj["config"]]
+    return command
 
 
 @cli.command("check-config")
@@ -169,20 +209,40 @@ def _first_leaf(group: BaseExceptionGroup[DrainbusError]) -> DrainbusError:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, worker: WorkerLink | None = None) -> None:
+    """One node in this process; ``worker``: it is one of a supervisor's workers."""
     # Imported here so `drainbus keys …` starts without loading the server stack.
     from drainbus.node import open_node
 
-    async with open_node(settings) as node:
-        _notify_systemd("READY=1")
-        log.info("serving", port=node.port, pid=os.getpid(), drain=node.drain is not None)
-        await _wait_for_stop(node.users)
+    try:
+        async with open_node(settings, worker=worker.index if worker else None) as node:
+
+            def ready() -> None:
+                log.info("serving", port=node.port, pid=os.getpid(), drain=node.drain is not None)
+                if worker is None:
+                    _notify_systemd("READY=1")
+                else:
+                    worker.ready()
+
+            await _wait_for_stop(node.users, ready=ready)
+    except* DrainbusError as group:
+        if worker is not None:  # the supervisor ends with this worker's message and code
+            worker.failed(_first_leaf(group))
+        raise
     log.info("stopped")
 
 
-async def _wait_for_stop(users: UserKeys | None = None) -> None:
-    """Return on SIGINT or SIGTERM; reload the users folder on SIGHUP."""
+async def _wait_for_stop(
+    users: UserKeys | None = None, *, ready: Callable[[], None] | None = None
+) -> None:
+    """Return on SIGINT or SIGTERM; reload the users folder on SIGHUP.
+
+    ``ready`` is called once the signals are ours: a SIGTERM or SIGHUP sent in answer to
+    READY must not meet the default action, which ends the process.
+    """
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        if ready is not None:
+            ready()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 log.info("reload", reason="SIGHUP")

@@ -11,6 +11,7 @@ Relative paths are taken from the working directory drainbus starts in.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tomllib
@@ -90,9 +91,16 @@ class _Section(BaseModel):
 
 
 class ServerSettings(_Section):
-    """The SSH front door: where it listens, who may log in, and its limits."""
+    """The SSH front door: where it listens, who may log in, and its limits.
+
+    With ``workers`` above 1 every worker process enforces the limits on its own, so
+    ``max_connections`` and ``max_sessions_per_user`` apply per worker.
+    """
 
     listen: str = "0.0.0.0:2222"
+    # Processes sharing the port (SO_REUSEPORT), each a node of the bus, under one supervisor;
+    # 0: one per CPU this process may run on; 1: one process and no supervisor.
+    workers: int = Field(0, ge=0)
     host_keys_dir: Path = Path("keys/host")
     users_dir: Path = Path("keys/users")
     admins: tuple[str, ...] = ()
@@ -116,6 +124,11 @@ class ServerSettings(_Section):
     def listen_address(self) -> tuple[str, int]:
         """``listen`` split into (host, port)."""
         return parse_listen(self.listen)
+
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes to run: ``workers``, or the usable CPUs when it is 0."""
+        return self.workers or len(os.sched_getaffinity(0))
 
 
 class TopicSettings(_Section):
@@ -206,7 +219,9 @@ class Settings(BaseSettings):
     acl: tuple[AclRule, ...] = ()
     drain: DrainSettings = DrainSettings()
     hooks: HooksSettings = HooksSettings()
-    metrics_listen: str | None = None  # HOST:PORT for Prometheus; off when unset
+    # HOST:PORT for Prometheus; off when unset. Under a supervisor (server.workers > 1) worker
+    # K serves on PORT+K (port 0 stays 0: each worker picks a free port).
+    metrics_listen: str | None = None
 
     @field_validator("metrics_listen")
     @classmethod

@@ -43,8 +43,12 @@ class Node:
 
 
 @asynccontextmanager
-async def open_node(settings: Settings) -> AsyncIterator[Node]:
+async def open_node(settings: Settings, *, worker: int | None = None) -> AsyncIterator[Node]:
     """Start a node; stop it (stop accepting, end sessions, stop Redis) on exit.
+
+    ``worker``: this node's index when it is one of the worker processes of ``drainbus serve
+    --workers N`` (see :mod:`drainbus.supervisor`): it then shares the SSH port with the others
+    (SO_REUSEPORT), and only worker 0 runs the drain, so purges are carried out once.
 
     Raises ConfigError (bad key files), StartupError (port, embedded server) or
     BackendUnavailable (Redis) before anything is served.
@@ -59,12 +63,14 @@ async def open_node(settings: Settings) -> AsyncIterator[Node]:
     async with AsyncExitStack() as stack:
         bus = await stack.enter_async_context(Bus(settings))
         door = await stack.enter_async_context(
-            FrontDoor(settings, bus, users, host_key, line_checks=checks)
+            FrontDoor(
+                settings, bus, users, host_key, line_checks=checks, reuse_port=worker is not None
+            )
         )
         task_group = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(task_group.cancel_scope.cancel)
         drain = None
-        if settings.drain.enabled:
+        if settings.drain.enabled and worker in (None, 0):
             drain = await stack.enter_async_context(
                 open_drain(settings, redis=bus.redis, redis_url=bus.url)
             )

@@ -278,7 +278,14 @@ async def wait_subscribed(bus: Bus, topic: str, count: int = 1, timeout: float =
 async def serve_process(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> AsyncIterator[ServeProcess]:
-    """Run ``drainbus serve`` as a real process; wait for it to listen; stop it after."""
+    """Run ``drainbus serve`` as a real process; wait for it to listen; stop it after.
+
+    One process (``--workers 1``) unless ``args`` say otherwise: a test that signals or kills
+    "the server" means the process that holds the sessions and the drain. The supervisor of
+    ``--workers N`` has tests of its own (test_workers.py).
+    """
+    if "--workers" not in args:
+        args = ("--workers", "1", *args)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "drainbus", "--log-json", "serve", *args,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -322,13 +329,21 @@ class ServeProcess:
             self.log.append({"event": "(exited)"})
             self._changed.notify_all()
 
-    async def wait_for_event(self, name: str, timeout: float = 20) -> dict[str, Any]:
-        """The first logged event called ``name``, waiting for it if needed."""
+    async def wait_for_event(self, name: str, timeout: float = 20, **fields: Any) -> dict[str, Any]:
+        """The first logged event called ``name`` (with ``fields``), waiting for it if needed."""
+        return (await self.wait_for_events(name, 1, timeout, **fields))[0]
+
+    async def wait_for_events(
+        self, name: str, count: int, timeout: float = 20, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """The first ``count`` logged events called ``name`` whose ``fields`` match, in order."""
         async with asyncio.timeout(timeout), self._changed:
             while True:
-                for event in self.log:
-                    if event.get("event") == name:
-                        return event
+                found = [
+                    e for e in self.log if e.get("event") == name and fields.items() <= e.items()
+                ]
+                if len(found) >= count:
+                    return found[:count]
                 if self.log and self.log[-1]["event"] == "(exited)":
                     raise AssertionError(f"serve exited without logging {name}: {self.log}")
                 await self._changed.wait()

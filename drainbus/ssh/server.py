@@ -99,7 +99,11 @@ class _Connection(asyncssh.SSHServer):
 
 
 class FrontDoor:
-    """The SSH listener of one bus node. An async context manager; ``port`` once entered."""
+    """The SSH listener of one bus node. An async context manager; ``port`` once entered.
+
+    ``reuse_port``: bind with SO_REUSEPORT, so other processes of the same user can listen on
+    the same port and the kernel balances new connections across them.
+    """
 
     def __init__(
         self,
@@ -109,6 +113,7 @@ class FrontDoor:
         host_key: asyncssh.SSHKey,
         *,
         line_checks: dict[str, LineCheck] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
         self.bus = bus
@@ -118,6 +123,7 @@ class FrontDoor:
         self.port = 0
         self._host_key = host_key
         self._line_checks = line_checks or {}
+        self._reuse_port = reuse_port
         self._sessions_by_user: dict[str, int] = {}
         self._processes: set[asyncssh.SSHServerProcess[bytes]] = set()
         self._connections: set[asyncssh.SSHServerConnection] = set()
@@ -145,6 +151,8 @@ class FrontDoor:
                 keepalive_interval=server.keepalive_interval,
                 keepalive_count_max=server.keepalive_count_max,
                 reuse_address=True,
+                # Several worker processes listening on one port; the kernel spreads connections.
+                reuse_port=self._reuse_port,
                 encryption_algs=_CIPHERS,
             )
         except OSError as exc:
