@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import shutil
 import tempfile
@@ -305,6 +306,53 @@ async def test_host_agnostic_keys_match_every_host(cache_dir: Path) -> None:
         assert index.paths_for_host("any.example") == {str(docs), str(other)}
         assert index.paths_for_prefix("https://any.example/docs") == {str(docs)}
         assert index.paths_for_url("https://any.example/docs2") == {str(other)}
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_large_scan_indexes_every_file_and_closes_every_descriptor(cache_dir: Path) -> None:
+    """A scan of many files (read ahead of parsing) indexes them all and skips the bad ones."""
+    good = [
+        write_cache_file(cache_dir, f"httpsacme.example/p/{n}", headers=[f"Cache-Tag: t{n % 7}"])
+        for n in range(300)
+    ]
+    garbage = cache_file_path(cache_dir, CACHE_LEVELS, "garbage")
+    garbage.parent.mkdir(parents=True, exist_ok=True)
+    garbage.write_bytes(b"\x00" * 100)
+    link = cache_file_path(cache_dir, CACHE_LEVELS, "link")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(good[0])
+    before = open_descriptors()
+    async with open_index(cache_dir) as index:
+        assert len(index) == len(good)
+        assert index.skipped_invalid == 2
+        assert index.paths_for_tag("t3") == {str(p) for n, p in enumerate(good) if n % 7 == 3}
+        entry = index.get(good[5])
+        assert entry is not None
+        assert entry.readings == (
+            KeyParts("acme.example", "/p/5", None),
+            KeyParts("sacme.example", "/p/5", None),
+        )
+    assert open_descriptors() == before
+
+
+async def test_index_is_invisible_to_the_garbage_collector(cache_dir: Path) -> None:
+    """Indexed files add no objects the garbage collector tracks, so collections stay quick."""
+    files = 2000
+    for n in range(files):
+        # levels=1: 16 folders, so what the folders' watches take stays small.
+        headers = [f"Cache-Tag: a, t{n}"]
+        write_cache_file(cache_dir, f"httpacme.example/{n}", headers=headers, levels="1")
+    gc.collect()
+    before = len(gc.get_objects())
+    async with open_index(cache_dir) as index:
+        for _ in range(3):  # each collection stops tracking one more level of nested tuples
+            gc.collect()
+        tracked = len(gc.get_objects()) - before
+        assert len(index) == files
+    assert tracked < files / 10, tracked
 
 
 # --- purges on real nginx -------------------------------------------------------------------
