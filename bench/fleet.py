@@ -40,10 +40,14 @@ class FleetOptions:
     subs: int
     messages: int
     gap: float
-    server_pid: int
+    server_pids: tuple[int, ...]  # serve, or its workers: their RSS is summed
     other_pids: tuple[int, ...] = ()  # e.g. the embedded Redis: its memory is reported apart
     settle: float = 1.0  # seconds before reading memory once all are attached, as the floor
     user: str = "bench"
+
+
+def _rss_total(pids: tuple[int, ...]) -> int:
+    return sum(rss_kib(pid) or 0 for pid in pids)
 
 
 async def _connect(options: FleetOptions, key: asyncssh.SSHKey) -> asyncssh.SSHClientConnection:
@@ -62,7 +66,7 @@ async def _connect(options: FleetOptions, key: asyncssh.SSHKey) -> asyncssh.SSHC
 async def run_fleet(options: FleetOptions) -> dict[str, Any]:
     """Connect, check, measure; return the figures (see the module docstring)."""
     key = asyncssh.read_private_key(options.key)
-    base = rss_kib(options.server_pid) or 0
+    base = _rss_total(options.server_pids)
     others_base = {pid: rss_kib(pid) or 0 for pid in options.other_pids}
     subs: list[asyncssh.SSHClientProcess[bytes]] = []
     conns: list[asyncssh.SSHClientConnection] = []
@@ -100,7 +104,7 @@ async def run_fleet(options: FleetOptions) -> dict[str, Any]:
     readers = [r for r, attached in zip(readers, ready, strict=True) if attached.is_set()]
     pub.stdin.write(b"go\n")
     await asyncio.sleep(options.settle)
-    after = rss_kib(options.server_pid) or 0
+    after = _rss_total(options.server_pids)
     others_after = {pid: rss_kib(pid) or 0 for pid in options.other_pids}
 
     for _ in range(options.messages):
@@ -146,6 +150,7 @@ def main() -> None:
     """``python -m bench.fleet '<json>'``: run once, print the figures as JSON."""
     raw = json.loads(sys.argv[1])
     raw["other_pids"] = tuple(raw.get("other_pids", ()))
+    raw["server_pids"] = tuple(raw["server_pids"])
     figures = asyncio.run(run_fleet(FleetOptions(**raw)))
     print(json.dumps(figures), flush=True)
 

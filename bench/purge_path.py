@@ -2,16 +2,23 @@
 being gone, and to the Cloudflare call arriving (at a local stand-in for its API).
 
 A real `drainbus serve` (bus + drain) runs against a real nginx whose cache is primed page by
-page; each purge is a fresh OpenSSH `pub`, as a deploy hook would send it.
+page; each purge is a fresh OpenSSH `pub`, as a deploy hook would send it. `bench.run` runs it
+as workload 6.
 
-    .venv/bin/python -m bench.purge_path [N]
+    .venv/bin/python -m bench.purge_path [N] [--batch-window S] [--redis-url URL]
+
+Prints the figures as JSON on stdout.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.server import forget_namespace  # noqa: E402
 from tests.fakes.cloudflare_api import FakeCloudflare  # noqa: E402
 from tests.nginx_env import run_nginx_env  # noqa: E402
 
@@ -40,9 +48,39 @@ def _cache_file(cache: Path, key: str) -> Path:
     return cache / digest[-1] / digest[-3:-1] / digest
 
 
-def measure(count: int = 100, batch_window: float = 0.5) -> dict[str, Any]:
-    """Run ``count`` purges; return p50/p99 of both delays in milliseconds."""
+def measure(
+    count: int = 100, batch_window: float = 0.5, redis_url: str | None = None
+) -> dict[str, Any]:
+    """Run ``count`` purges; return p50/p99 of both delays in milliseconds.
+
+    The server uses its embedded Redis, or ``redis_url`` with a namespace of its own that is
+    deleted afterwards.
+    """
     work = Path(tempfile.mkdtemp(prefix="dbp-"))
+    try:
+        to_file, to_cloudflare = _purges(work, count, batch_window, redis_url)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "purges": count,
+        "batch_window_ms": batch_window * 1000,
+        "nginx_file_gone_ms": {
+            "p50": _quantile(to_file, 0.5),
+            "p99": _quantile(to_file, 0.99),
+            "mean": statistics.fmean(to_file),
+        },
+        "cloudflare_call_ms": {
+            "p50": _quantile(to_cloudflare, 0.5),
+            "p99": _quantile(to_cloudflare, 0.99),
+        },
+    }
+
+
+def _purges(
+    work: Path, count: int, batch_window: float, redis_url: str | None
+) -> tuple[list[float], list[float]]:
+    """Milliseconds from each ``pub`` returning to the file gone, and to the Cloudflare call."""
+    namespace = f"bench-{secrets.token_hex(3)}"
     key = work / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     users = work / "users"
@@ -51,6 +89,7 @@ def measure(count: int = 100, batch_window: float = 0.5) -> dict[str, Any]:
     with run_nginx_env(work / "nginx") as env, FakeCloudflare(plan="enterprise") as cloudflare:
         config = work / "drainbus.toml"
         config.write_text(
+            f'namespace = "{namespace}"\n'
             f'[server]\nlisten = "127.0.0.1:0"\nadmins = ["root"]\nusers_dir = "{users}"\n'
             f'host_keys_dir = "{work / "host"}"\n'
             f'[drain]\nnode = "bench"\nkey_host = "{{key}}.pages.example"\n'
@@ -61,9 +100,9 @@ def measure(count: int = 100, batch_window: float = 0.5) -> dict[str, Any]:
         )
         serve = subprocess.Popen(
             [sys.executable, "-m", "drainbus", "--log-json", "serve", "--config", str(config),
-             "--data-dir", str(work / "data")],
+             "--data-dir", str(work / "data"), "--workers", "1"],
             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            env={**os.environ, "DRAINBUS_REDIS_URL": ""},
+            env={**os.environ, "DRAINBUS_REDIS_URL": redis_url or ""},
         )  # fmt: skip
         try:
             assert serve.stderr is not None
@@ -73,6 +112,8 @@ def measure(count: int = 100, batch_window: float = 0.5) -> dict[str, Any]:
                 if event.get("event") == "serving":
                     port = int(event["port"])
                     break
+            if not port:
+                raise RuntimeError(f"drainbus serve exited {serve.wait(20)} before serving")
             # Keep reading its log so serve never blocks on a full stderr pipe.
             threading.Thread(target=serve.stderr.read, daemon=True).start()
             ssh = ["ssh", "-F", "/dev/null", "-T", "-p", str(port), "-i", str(key),
@@ -98,21 +139,23 @@ def measure(count: int = 100, batch_window: float = 0.5) -> dict[str, Any]:
         finally:
             serve.terminate()
             serve.wait(20)
-    return {
-        "purges": count,
-        "batch_window_ms": batch_window * 1000,
-        "nginx_file_gone_ms": {
-            "p50": _quantile(to_file, 0.5),
-            "p99": _quantile(to_file, 0.99),
-            "mean": statistics.fmean(to_file),
-        },
-        "cloudflare_call_ms": {
-            "p50": _quantile(to_cloudflare, 0.5),
-            "p99": _quantile(to_cloudflare, 0.99),
-        },
-    }
+            if redis_url:
+                asyncio.run(forget_namespace(redis_url, namespace))
+    return to_file, to_cloudflare
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure; print the figures as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench.purge_path", description=__doc__)
+    parser.add_argument("count", nargs="?", type=int, default=100, help="purges to time")
+    parser.add_argument(
+        "--batch-window", type=float, default=0.5, help="drain.cloudflare.batch_window, seconds"
+    )
+    parser.add_argument("--redis-url", help="use this Redis (default: the embedded server)")
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.count, args.batch_window, args.redis_url), indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    figures = measure(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
-    print(json.dumps(figures, indent=2))
+    sys.exit(main())

@@ -80,11 +80,16 @@ class Row:
 
 @dataclass
 class WorkloadResult:
-    """A workload's outcome: measured rows, or why there are none."""
+    """A workload's outcome: measured rows, or why there are none.
+
+    ``has_floor`` is False for a workload without a floor program: its rows are judged
+    against their targets only, and the table says "none" where the floor would be.
+    """
 
     name: str
     title: str
     status: Literal["measured", "failed", "not measured yet", "skipped"] = "measured"
+    has_floor: bool = True
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
@@ -125,7 +130,7 @@ def print_table(results: Sequence[WorkloadResult]) -> None:
                 (
                     f"{row.figure} ({row.unit})",
                     _number(row.drainbus, row.unit),
-                    _number(row.floor, row.unit),
+                    _number(row.floor, row.unit) if result.has_floor else "none",
                     "-" if ratio is None else f"{ratio:.2f}x",
                     row.target.text(row.unit) if row.target else "",
                     {True: "yes", False: "NO", None: ""}[met],

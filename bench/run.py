@@ -1,6 +1,7 @@
 """Benchmark drainbus against its floors, in one run, and print the figures.
 
     .venv/bin/python -m bench.run [--quick] [--json PATH] [--redis-url URL] [--only NAME,...]
+                                  [--workers N]
 
 Each workload starts a real ``drainbus serve`` (on the embedded Redis-compatible server
 unless ``--redis-url`` is given), measures it, then runs the matching floor program from
@@ -61,6 +62,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-floor", action="store_true", help="measure drainbus only (empty floor column)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run drainbus serve --workers N (default 1, a single process like each floor; "
+        "0: one per CPU)",
     )
     args = parser.parse_args(argv)
     names = [n.strip() for n in (args.only or "").split(",") if n.strip()] or list(WORKLOADS)
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_url=args.redis_url,
             profile_dir=args.profile,
             floors=floors,
+            workers=args.workers,
         )
         started = datetime.now(UTC)
         results = asyncio.run(_run(bench, args.names))
@@ -141,6 +151,7 @@ def _meta(args: argparse.Namespace, started: datetime, floors: bool) -> dict[str
         "started": started.isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
         "redis": "external" if args.redis_url else "embedded",
+        "workers": args.workers,
         "floors": str(floor_programs.FLOOR_DIR) if floors else None,
         "python": platform.python_version(),
         "machine": platform.machine(),

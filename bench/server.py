@@ -22,7 +22,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-__all__ = ["BENCH_USER", "DrainbusServer", "make_key", "rss_kib", "start_drainbus"]
+__all__ = [
+    "BENCH_USER",
+    "DrainbusServer",
+    "forget_namespace",
+    "make_key",
+    "rss_kib",
+    "start_drainbus",
+]
 
 BENCH_USER = "bench"
 _START_TIMEOUT = 60.0
@@ -64,8 +71,14 @@ class DrainbusServer:
 
     @property
     def pid(self) -> int:
-        """The serve process's id."""
+        """The serve process's id (with several workers, their supervisor's)."""
         return self.proc.pid
+
+    @property
+    def serving_pids(self) -> list[int]:
+        """The processes holding the sessions: serve itself, or each of its workers."""
+        workers = {e["worker"]: int(e["pid"]) for e in self.events("worker_started")}
+        return list(workers.values()) or [self.pid]
 
     def events(self, name: str) -> list[dict[str, Any]]:
         """Every logged event called ``name``."""
@@ -111,12 +124,14 @@ async def start_drainbus(
     *,
     redis_url: str | None = None,
     profile: Path | None = None,
+    workers: int = 1,
 ) -> AsyncIterator[DrainbusServer]:
-    """Run ``drainbus serve`` with a config in ``root``; stop it (SIGTERM) on exit.
+    """Run ``drainbus serve --workers N`` with a config in ``root``; stop it (SIGTERM) on exit.
 
     ``client_key``'s public half is registered as user ``bench``. ``root`` must be short:
     the embedded server's unix socket lives in it. With ``profile``, the server runs under
-    cProfile and writes its statistics there when it stops.
+    cProfile and writes its statistics there when it stops (one worker only: the profile
+    covers the supervisor otherwise).
     """
     namespace = f"bench-{secrets.token_hex(3)}"
     config = _prepare(root, client_key, namespace)
@@ -124,7 +139,7 @@ async def start_drainbus(
     if profile is not None:
         argv += ["-m", "cProfile", "-o", str(profile)]
     argv += ["-m", "drainbus", "--log-json", "serve", "--config", str(config)]
-    argv += ["--data-dir", str(root / "data")]
+    argv += ["--data-dir", str(root / "data"), "--workers", str(workers)]
     if redis_url:
         argv += ["--redis-url", redis_url]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRAINBUS_")}
@@ -157,10 +172,10 @@ async def start_drainbus(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(reader, 5)
         if redis_url:
-            await _forget_namespace(redis_url, namespace)
+            await forget_namespace(redis_url, namespace)
 
 
-async def _forget_namespace(redis_url: str, namespace: str) -> None:
+async def forget_namespace(redis_url: str, namespace: str) -> None:
     """Delete this run's keys from a Redis that outlives it (the embedded one goes anyway)."""
     client = Redis.from_url(redis_url)
     try:
@@ -184,7 +199,7 @@ async def _read_log(server: DrainbusServer, serving: asyncio.Event) -> None:
         if name == "embedded_redis_started":
             server.redis_url = f"unix://{event['socket']}"
             server.redis_pid = int(event["pid"])
-        elif name == "serving":
+        elif name == "serving" and "worker" not in event:  # the supervisor's: all serve
             server.port = int(event["port"])
             serving.set()
 

@@ -46,6 +46,9 @@ class Sizes:
     one_shots: int
     capacity_subs: int
     floor_timeout: float
+    purges: int  # workload 6: pub -> file gone / Cloudflare call, one purge at a time
+    index_files: int  # workload 7: nginx cache files indexed
+    index_repeat: int  # workload 7: cold builds, warm builds and tag purges of each
 
 
 FULL = Sizes(
@@ -55,6 +58,9 @@ FULL = Sizes(
     one_shots=20,
     capacity_subs=2000,
     floor_timeout=300.0,
+    purges=100,
+    index_files=100_000,
+    index_repeat=3,
 )
 QUICK = Sizes(
     n_lat=50,
@@ -63,6 +69,9 @@ QUICK = Sizes(
     one_shots=3,
     capacity_subs=100,
     floor_timeout=60.0,
+    purges=5,
+    index_files=2000,
+    index_repeat=1,
 )
 
 
@@ -76,6 +85,7 @@ class Bench:
     redis_url: str | None = None
     profile_dir: Path | None = None
     floors: bool = True
+    workers: int = 1  # drainbus serve --workers: 1 matches the floors, single processes
     _pubsub: tuple[PubSubFigures, PubSubFloor | None, list[str]] | None = field(
         default=None, repr=False
     )
@@ -85,7 +95,11 @@ class Bench:
         """A fresh ``drainbus serve`` for one workload."""
         profile = self.profile_dir / f"{label}.prof" if self.profile_dir else None
         async with start_drainbus(
-            self.workdir / label, self.key, redis_url=self.redis_url, profile=profile
+            self.workdir / label,
+            self.key,
+            redis_url=self.redis_url,
+            profile=profile,
+            workers=self.workers,
         ) as server:
             yield server
 
@@ -161,6 +175,36 @@ async def throughput(bench: Bench, result: WorkloadResult) -> None:
     )
 
 
+async def _run_module(module: str, args: list[str], time_limit: float) -> str:
+    """Run ``python -m module *args`` in a process of its own; return its stdout.
+
+    Raises RuntimeError, with the end of its stderr, if it fails or outlives ``time_limit``
+    (seconds).
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), time_limit)
+    except TimeoutError:
+        raise RuntimeError(f"{module} did not finish within {time_limit:g} s") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+        raise RuntimeError(f"{module} exited {proc.returncode}: {tail}")
+    return out.decode()
+
+
 async def _fleet(
     bench: Bench,
     server: DrainbusServer,
@@ -183,30 +227,12 @@ async def _fleet(
         "subs": subs,
         "messages": messages,
         "gap": gap,
-        "server_pid": server.pid,
+        "server_pids": server.serving_pids,
         "other_pids": [server.redis_pid] if server.redis_pid else [],
         "settle": settle,
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.fleet",
-        json.dumps(options),
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), bench.sizes.floor_timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
-        raise RuntimeError(f"bench.fleet exited {proc.returncode}: {tail}")
-    figures: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    out = await _run_module("bench.fleet", [json.dumps(options)], bench.sizes.floor_timeout)
+    figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     if require_all and figures["held"] < subs:
         raise RuntimeError(f"only {figures['held']} of {subs} subscribers were attached")
     return figures
@@ -320,9 +346,74 @@ async def capacity(bench: Bench, result: WorkloadResult) -> None:
     )
 
 
-async def not_measured(bench: Bench, result: WorkloadResult) -> None:
-    """A hook for a workload of the issue that has no measurement yet."""
-    result.status = "not measured yet"
+PURGE_BATCH_WINDOW_S = 0.5  # drain.cloudflare.batch_window in workload 6
+NO_FLOOR = "no floor program: the figures are judged against the issue's targets only"
+
+
+async def purge_path(bench: Bench, result: WorkloadResult) -> None:
+    """6. ``pub cache-drain`` returning -> nginx cache file gone; -> Cloudflare call sent.
+
+    bench.purge_path runs its own ``drainbus serve`` (bus and drain daemon) against a real
+    nginx and a local stand-in for Cloudflare's API.
+    """
+    result.has_floor = False
+    result.notes.append(NO_FLOOR)
+    args = [str(bench.sizes.purges), "--batch-window", str(PURGE_BATCH_WINDOW_S)]
+    if bench.redis_url:
+        args += ["--redis-url", bench.redis_url]
+    figures = json.loads(await _run_module("bench.purge_path", args, bench.sizes.floor_timeout))
+    gone, call = figures["nginx_file_gone_ms"], figures["cloudflare_call_ms"]
+    window_ms = PURGE_BATCH_WINDOW_S * 1000
+    n = bench.sizes.purges
+    result.rows += [
+        Row(f"pub returns -> nginx file gone, p50 of {n}", "ms", gone["p50"]),
+        Row(f"pub returns -> nginx file gone, p99 of {n}", "ms", gone["p99"], None,
+            Target("value<=", 50)),
+        Row(f"pub returns -> Cloudflare call ({window_ms:g} ms window), p50", "ms", call["p50"]),
+        Row(f"pub returns -> Cloudflare call ({window_ms:g} ms window), p99", "ms", call["p99"],
+            None, Target("value<=", window_ms + 50)),
+    ]  # fmt: skip
+
+
+def _spread(values: list[float], unit: str) -> str:
+    """The range of repeated figures, for a row's note."""
+    if len(values) < 2:
+        return ""
+    return f"{len(values)} runs, median shown; range {min(values):.3g}-{max(values):.3g} {unit}"
+
+
+async def nginx_index(bench: Bench, result: WorkloadResult) -> None:
+    """7. nginx cache index: build time (cold and warm) and a tag purge over many files.
+
+    bench.nginx_index writes the files in nginx's on-disk format and runs the drain's
+    nginx target (``NginxCache``) on them in a process of its own.
+    """
+    result.has_floor = False
+    result.notes.append(NO_FLOOR)
+    sizes = bench.sizes
+    args = ["--files", str(sizes.index_files), "--repeat", str(sizes.index_repeat)]
+    args += ["--workdir", str(bench.workdir)]
+    # Writing the files takes longer than any floor program, so allow it three times as long.
+    out = await _run_module("bench.nginx_index", args, 3 * sizes.floor_timeout)
+    figures: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    files = f"{figures['files']:,} files"
+    evicted = {
+        "fadvise": "file pages evicted with posix_fadvise(DONTNEED); inodes stay cached",
+        "drop_caches": "all caches dropped",
+    }[figures["evicted_by"]]
+    cold, warm = figures["build_cold_s"], figures["build_warm_s"]
+    lookup, purge = figures["tag_lookup_ms"], figures["tag_purge_ms"]
+    tagged = f"{figures['tag_files'][0]:,} files"
+    result.rows += [
+        Row(f"index build, cold, {files}", "s", median(cold), None, Target("value<=", 10),
+            note="; ".join(filter(None, [evicted, _spread(cold, "s")]))),
+        Row(f"index build, warm, {files}", "s", median(warm), None, Target("value<=", 10),
+            note=_spread(warm, "s")),
+        Row(f"tag lookup in the index, {tagged}", "ms", median(lookup), note=_spread(lookup, "ms")),
+        Row(f"tag purge until deleted, {tagged}", "ms", median(purge), None,
+            Target("value<=", 100), note=_spread(purge, "ms")),
+        Row("index memory (RSS growth)", "MiB", figures["index_rss_kib"] / 1024),
+    ]  # fmt: skip
 
 
 WORKLOADS: dict[str, tuple[str, Workload]] = {
@@ -331,7 +422,6 @@ WORKLOADS: dict[str, tuple[str, Workload]] = {
     "fanout": ("3. fan-out, asyncssh subscribers", fanout),
     "oneshot": ("4. one-shot publish", one_shot),
     "capacity": ("5. capacity, idle subscribers", capacity),
-    # Hooks: give each a function like the ones above when it gets measured.
-    "workload6": ("6. (issue workload 6)", not_measured),
-    "workload7": ("7. (issue workload 7)", not_measured),
+    "purge": ("6. purge path, pub -> nginx / Cloudflare", purge_path),
+    "nginx_index": ("7. nginx index, build and tag purge", nginx_index),
 }

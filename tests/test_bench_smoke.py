@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MEASURED = ("latency", "throughput", "fanout", "oneshot", "capacity")
+MEASURED = ("latency", "throughput", "fanout", "oneshot", "capacity", "purge", "nginx_index")
+# Workloads without a floor program, and figures each must report (the start of their names).
+FLOORLESS = {
+    "purge": ("pub returns -> nginx file gone", "pub returns -> Cloudflare call"),
+    "nginx_index": ("index build, cold", "index build, warm", "tag lookup", "tag purge"),
+}
 
 
 def test_quick_bench_reports_every_workload(tmp_path: Path) -> None:
@@ -36,4 +41,10 @@ def test_quick_bench_reports_every_workload(tmp_path: Path) -> None:
         for figure, value in figures.items():
             assert isinstance(value, int | float), (name, figure, value)
             assert math.isfinite(value), (name, figure, value)
-    assert {"workload6", "workload7"} <= workloads.keys()
+            assert value >= 0, (name, figure, value)
+    for name, expected in FLOORLESS.items():
+        workload = workloads[name]
+        assert workload["has_floor"] is False, workload
+        assert all(row["floor"] is None for row in workload["rows"]), workload
+        for start in expected:
+            assert any(row["figure"].startswith(start) for row in workload["rows"]), (name, start)
