@@ -198,3 +198,48 @@ async def test_running_drain_that_falls_behind_the_trimming_flushes(
         tg.cancel_scope.cancel()
     assert target.flushes == 1
     assert target.purged == ["site-0", *(f"site-{n}" for n in range(45, 50))]
+
+
+class _RecordingTarget(_GatedTarget):
+    """A local target that carries purges out at once and signals each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate.set()
+        self.flushed = asyncio.Event()
+
+    async def flush_all(self) -> int:
+        self.flushed.set()
+        return await super().flush_all()
+
+
+@pytest.mark.parametrize("loss", ["group destroyed", "stream deleted"])
+async def test_drain_whose_group_vanished_recreates_it_and_flushes(
+    redis: Redis, redis_url: str, namespace: str, loss: str
+) -> None:
+    """A failover that lost the group (or the stream): flush the local caches, read on."""
+    keys = Keys(namespace)
+    stream = keys.stream(TOPIC)
+    target = _RecordingTarget()
+    drain = Drain(
+        DrainSettings(node="web1", retry_after=5.0), redis=redis, redis_url=redis_url,
+        keys=keys, admins=frozenset({"root"}), local_targets=[target],
+    )  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        if loss == "group destroyed":
+            await redis.xgroup_destroy(stream, "node-web1")
+        else:
+            await redis.delete(stream)
+        await add_entry(redis, keys, "site-lost")  # may land before the group is back
+        async with asyncio.timeout(10):
+            await target.flushed.wait()
+        await add_entry(redis, keys, "site-after")
+        async with asyncio.timeout(10):
+            while "site-after" not in target.purged:
+                await asyncio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert target.flushes == 1
+    groups = await redis.xinfo_groups(stream)
+    assert [g["name"] for g in groups] == [b"node-web1"]

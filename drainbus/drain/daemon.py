@@ -246,6 +246,9 @@ class Drain:
                     if rows:
                         await self._handle(role, rows)
             except (RedisError, OSError) as exc:
+                if "NOGROUP" in str(exc) and await self._recreate_group(role):
+                    failures = 0
+                    continue
                 failures += 1
                 delay = min(5.0, 0.1 * 2**failures)
                 log.warning(
@@ -259,6 +262,29 @@ class Drain:
             finally:
                 with anyio.CancelScope(shield=True):
                     await client.aclose()
+
+    async def _recreate_group(self, role: Role) -> bool:
+        """The group is gone: make it again, and handle what it may have missed as missed.
+
+        A Redis failover loses the writes the replica had not copied yet (a group created
+        just before, or the whole stream), and a Redis restarted without persistence loses
+        everything. Which purges went unread cannot be known, so this node does what it does
+        for purges trimmed unread: flush its local caches, or say so for the CDN. Returns
+        False if Redis failed meanwhile (the caller retries).
+        """
+        log.error(
+            "drain_group_lost",
+            group=role.group,
+            reason="the consumer group vanished from Redis (a failover lost writes not yet "
+            "replicated, Redis restarted empty, or the stream was deleted); recreating it",
+        )
+        try:
+            await self._prepare(role)
+            await self._missed(role)
+        except (RedisError, OSError) as exc:
+            log.warning("drain_group_recreate_failed", group=role.group, error=str(exc))
+            return False
+        return True
 
     async def _gather(self, client: RedisClient, role: Role) -> list[_Row]:
         """The entries that arrive within ``role.batch_window`` seconds: one API call can
