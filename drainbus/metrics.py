@@ -13,6 +13,7 @@ segment and stops adding new labels after ``_MAX_TOPIC_LABELS``.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ from drainbus.config import parse_listen
 from drainbus.errors import StartupError
 
 if TYPE_CHECKING:
-    from drainbus.bus.fanout import Fanout
+    from drainbus.bus.fanout import Batch, Fanout
     from drainbus.drain.daemon import Drain
     from drainbus.ssh.server import FrontDoor
 
@@ -86,6 +87,16 @@ def topic_label(topic: str) -> str:
             return "other"
         _topic_labels.add(label)
         return label
+
+
+def record_deliveries(batch: Batch, sessions: int, messages: int) -> None:
+    """``batch`` was written to ``sessions`` sub sessions, ``messages`` in all.
+
+    Its delay (first entry's receipt to now) is observed once for those sessions: they were
+    written in one go, and observing per session cost a tenth of the fan-out's time.
+    """
+    MESSAGES_DELIVERED.labels(topic_label(batch.topic)).inc(messages)
+    DELIVERY_SECONDS.observe(max(0.0, time.time() - batch.entries[0].received_ms / 1000))
 
 
 class NodeCollector(Collector):

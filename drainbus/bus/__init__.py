@@ -25,6 +25,7 @@ from drainbus.bus.presence import Presence
 from drainbus.bus.publisher import Publisher
 from drainbus.bus.streams import Keys
 from drainbus.config import Settings
+from drainbus.metrics import record_deliveries
 
 __all__ = ["Bus"]
 
@@ -84,6 +85,7 @@ class Bus:
                     inbox_bytes=self.settings.server.subscriber_buffer_bytes,
                     max_message_bytes=self.settings.server.max_message_bytes,
                     on_change=self._presence_changed,
+                    on_express=record_deliveries,
                 )
             )
             self.presence = Presence(

@@ -11,6 +11,14 @@ stream directly, at its own pace, from the last id it wrote, and rejoins the fan
 has caught up. Nothing is skipped and nobody else is slowed; the only messages a slow
 subscriber can miss are ones the stream itself trimmed away before it got to them, and then
 it is told so.
+
+The express path. Waking a subscriber's task for every batch is most of what fan-out costs
+per subscriber (a callback, a task step, an async generator, a write). So a subscriber
+parked waiting for its next batch, with nothing queued, may give ``follow`` an ``express``
+function: the reader calls it with the batch right away, and it writes it synchronously.
+It declines (returns False) when it cannot take the batch now, for instance while its SSH
+channel is backed up; the batch is then queued and the task woken as usual. Order holds:
+express is only tried while the task is parked and its queue is empty.
 """
 
 from __future__ import annotations
@@ -150,21 +158,49 @@ class TrimNotice:
         )
 
 
+Express = Callable[["Batch"], bool]
+"""Writes a batch at once and returns True, or returns False to have it queued."""
+
+
 class _Inbox:
-    """A subscriber's bounded queue of live batches (see the module docstring)."""
+    """A subscriber's bounded queue of live batches (see the module docstring).
 
-    __slots__ = ("_batches", "_bytes", "_limit", "_ready", "overflowed")
+    ``position`` is the id of the last entry handed to the subscriber, by ``take`` or by
+    ``express``; batches are trimmed to what lies after it.
+    """
 
-    def __init__(self, limit_bytes: int) -> None:
+    __slots__ = (
+        "_batches",
+        "_bytes",
+        "_limit",
+        "_parked",
+        "_ready",
+        "express",
+        "overflowed",
+        "position",
+    )
+
+    def __init__(self, limit_bytes: int, express: Express | None = None) -> None:
         self._batches: deque[Batch] = deque()
         self._bytes = 0
         self._limit = limit_bytes
         self._ready = asyncio.Event()
+        self._parked = False  # the subscriber waits in take(): all it took is written
+        self.express = express
         self.overflowed = False
+        self.position = ZERO_ID
 
-    def offer(self, batch: Batch) -> None:
+    def offer(self, batch: Batch) -> int:
+        """Queue ``batch``, or hand it to ``express``: then return how many messages it took."""
         if self.overflowed:
-            return
+            return 0
+        if self._parked and self.express is not None and not self._batches:
+            fresh = batch.after(self.position)
+            if fresh is None:
+                return 0
+            if self._express(fresh):
+                self.position = fresh.last_id
+                return fresh.messages
         if self._batches and self._bytes + batch.nbytes > self._limit:
             self._batches.clear()
             self._bytes = 0
@@ -173,13 +209,35 @@ class _Inbox:
             self._batches.append(batch)
             self._bytes += batch.nbytes
         self._ready.set()
+        return 0
+
+    def _express(self, batch: Batch) -> bool:
+        assert self.express is not None
+        try:
+            return self.express(batch)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the reader must go on
+            # This runs in the topic's reader: one subscriber's failure must not end it. The
+            # batch goes the slow way, where the subscriber's own task meets the error.
+            log.warning("subscriber_express_failed", error=f"{type(exc).__name__}: {exc}")
+            self.express = None
+            return False
 
     async def take(self) -> list[Batch]:
-        await self._ready.wait()
+        """The batches queued since the last call (waiting for one), each after ``position``."""
+        self._parked = True
+        try:
+            await self._ready.wait()
+        finally:
+            self._parked = False
         self._ready.clear()
         if self.overflowed:
             raise Overflow
-        batches = list(self._batches)
+        batches = []
+        for batch in self._batches:
+            fresh = batch.after(self.position)
+            if fresh is not None:
+                batches.append(fresh)
+                self.position = fresh.last_id
         self._batches.clear()
         self._bytes = 0
         return batches
@@ -219,7 +277,11 @@ class Fanout:
         inbox_bytes: int,
         max_message_bytes: int = 65536,
         on_change: Callable[[], None] = lambda: None,
+        on_express: Callable[[Batch, int, int], None] = lambda batch, sessions, messages: None,
     ) -> None:
+        """``on_change``: the local subscriber count changed. ``on_express(batch, sessions,
+        messages)``: the reader wrote ``batch`` to that many sessions by their express path
+        (``messages`` in all), once per batch so the writes need not each be counted."""
         self._redis = redis
         self._redis_url = redis_url
         self._keys = keys
@@ -228,6 +290,7 @@ class Fanout:
         self._readers: dict[str, _TopicReader] = {}
         self._subscribers: dict[str, int] = {}
         self._on_change = on_change
+        self._on_express = on_express
         self._task_group: TaskGroup | None = None
         self.lagged = 0  # times a subscriber overflowed its inbox and had to catch up
 
@@ -251,7 +314,7 @@ class Fanout:
         return dict(self._subscribers)
 
     @asynccontextmanager
-    async def _attached(self, topic: str) -> AsyncIterator[_Inbox]:
+    async def _attached(self, topic: str, express: Express | None) -> AsyncIterator[_Inbox]:
         """Register an inbox with ``topic``'s reader, starting the reader if needed."""
         reader = self._readers.get(topic)
         if reader is None:
@@ -262,7 +325,7 @@ class Fanout:
                 self._readers[topic] = reader
                 assert self._task_group is not None
                 self._task_group.start_soon(self._read_loop, reader)
-        inbox = _Inbox(self._inbox_bytes)
+        inbox = _Inbox(self._inbox_bytes, express)
         reader.inboxes.add(inbox)
         try:
             yield inbox
@@ -290,9 +353,7 @@ class Fanout:
                             reader.position = entries[-1].id
                             fresh = [e for e in entries if not reader.is_repeat(e.message_id)]
                             if fresh:
-                                batch = Batch(reader.topic, fresh)
-                                for inbox in tuple(reader.inboxes):
-                                    inbox.offer(batch)
+                                self._offer(reader, Batch(reader.topic, fresh))
                 except (RedisError, OSError) as exc:
                     failures += 1
                     delay = min(2.0, 0.05 * 2**failures)
@@ -310,14 +371,24 @@ class Fanout:
                     with anyio.CancelScope(shield=True):
                         await client.aclose()
 
+    def _offer(self, reader: _TopicReader, batch: Batch) -> None:
+        sessions = messages = 0
+        for inbox in tuple(reader.inboxes):
+            if taken := inbox.offer(batch):
+                sessions += 1
+                messages += taken
+        if sessions:
+            self._on_express(batch, sessions, messages)
+
     async def follow(
-        self, topic: str, after: StreamId | None
+        self, topic: str, after: StreamId | None, *, express: Express | None = None
     ) -> AsyncGenerator[Batch | TrimNotice, None]:
         """Yield ``topic``'s messages after ``after`` (None: only new ones), forever.
 
         Yields a TrimNotice whenever history it had not yet read was trimmed. Raises
         BackendUnavailable if Redis cannot be reached when starting; later outages are
         retried, and the subscriber resumes from its last id with no gap or repeat.
+        ``express``: see the module docstring; live batches it accepts are not yielded.
         """
         key = self._keys.stream(topic)
         position = after
@@ -328,7 +399,7 @@ class Fanout:
         page = _page_entries(self._inbox_bytes, self._max_message_bytes)
         while True:
             try:
-                async with self._attached(topic) as inbox:
+                async with self._attached(topic, express) as inbox:
                     if position is None:
                         info = await stream_info(self._redis, key)
                         position = info.last_id if info else ZERO_ID
@@ -350,12 +421,13 @@ class Fanout:
                         if len(entries) < asked:  # a short page: caught up
                             break
                     failures = 0
-                    while True:  # live
-                        for batch in await inbox.take():
-                            fresh = batch.after(position)
-                            if fresh is not None:
-                                yield fresh
-                                position = fresh.last_id
+                    inbox.position = position
+                    try:
+                        while True:  # live
+                            for batch in await inbox.take():
+                                yield batch
+                    finally:
+                        position = inbox.position
             except Overflow:
                 self.lagged += 1
                 log.info("subscriber_lagging", topic=topic, position=format_id(position or ZERO_ID))

@@ -37,10 +37,9 @@ from drainbus.errors import (
 )
 from drainbus.identity import Identity
 from drainbus.metrics import (
-    DELIVERY_SECONDS,
-    MESSAGES_DELIVERED,
     MESSAGES_PUBLISHED,
     PUBLISH_SECONDS,
+    record_deliveries,
     topic_label,
 )
 
@@ -328,11 +327,31 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
         raise UsageError("sub: --count must be a positive number")
     after, resume_inside = parse_since(args.since) if args.since else (None, None)
     remaining = args.count
-    label = topic_label(topic)
+    # Looked up once: write() runs for every batch and every subscriber (see express).
+    channel = ctx.process.stdout.channel
+    send = channel.write
+    render = Batch.json_lines if args.json else Batch.plain
+
+    def write(batch: Batch) -> None:
+        data = render(batch)
+        send(data)
+        ctx.bytes_out += len(data)
+
+    def express(batch: Batch) -> bool:
+        # Straight from the topic's reader (see drainbus.bus.fanout), which also counts it:
+        # only a plain live batch, and only while the channel has nothing waiting, so
+        # backpressure still applies.
+        if remaining is not None or resume_inside is not None:
+            return False
+        if channel.is_closing() or channel.get_write_buffer_size():
+            return False
+        write(batch)
+        return True
+
     fanout = ctx.bus.fanout
     fanout.count(topic, +1)
     try:
-        stream = fanout.follow(topic, after)
+        stream = fanout.follow(topic, after, express=express)
         try:
             async for item in stream:
                 if isinstance(item, TrimNotice):
@@ -346,11 +365,9 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
                     continue
                 if remaining is not None:
                     batch = batch.first_messages(remaining)
-                await ctx.stdout(batch.json_lines() if args.json else batch.plain())
-                MESSAGES_DELIVERED.labels(label).inc(batch.messages)
-                DELIVERY_SECONDS.observe(
-                    max(0.0, time.time() - batch.entries[0].received_ms / 1000)
-                )
+                write(batch)
+                record_deliveries(batch, sessions=1, messages=batch.messages)
+                await ctx.process.stdout.drain()
                 if remaining is not None:
                     remaining -= batch.messages
                     if remaining == 0:

@@ -143,6 +143,8 @@ class FrontDoor:
                 process_factory=self._handle,
                 encoding=None,
                 allow_pty=False,
+                # No pty, so no line editing: without this every write passes the editor.
+                line_editor=False,
                 agent_forwarding=False,
                 x11_forwarding=False,
                 sftp_factory=None,
