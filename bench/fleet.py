@@ -103,7 +103,9 @@ async def run_fleet(options: FleetOptions) -> dict[str, Any]:
             reader.cancel()
     readers = [r for r, attached in zip(readers, ready, strict=True) if attached.is_set()]
     pub.stdin.write(b"go\n")
-    await asyncio.sleep(options.settle)
+    # "go" goes to every subscriber too: the first timed message keeps the rate's spacing
+    # from it, or it would be timed queueing behind the benchmark's own message.
+    await asyncio.sleep(max(options.settle, options.gap))
     after = _rss_total(options.server_pids)
     others_after = {pid: rss_kib(pid) or 0 for pid in options.other_pids}
 
