@@ -98,8 +98,8 @@ listen = "127.0.0.1:0"
 host_keys_dir = "{host}"
 users_dir = "{users}"
 admins = ["{BENCH_USER}"]
-max_connections = 10000
-max_sessions_per_user = 10000
+max_connections = 20000
+max_sessions_per_user = 20000
 
 [[acl]]
 topics = ["bench/**"]

@@ -56,7 +56,7 @@ FULL = Sizes(
     n_tput=50_000,
     fanout=((100, 20.0, 200), (1000, 5.0, 50)),
     one_shots=20,
-    capacity_subs=2000,
+    capacity_subs=10_000,
     floor_timeout=300.0,
     purges=100,
     index_files=100_000,
@@ -315,7 +315,13 @@ async def capacity(bench: Bench, result: WorkloadResult) -> None:
             result, run_fanout_floor(server.redis_url, subs, 1, 0.05, bench.sizes.floor_timeout)
         )
     result.rows += [
-        Row("idle subscribers held", "subs", float(ours["held"])),
+        Row(
+            "idle subscribers held",
+            "subs",
+            float(ours["held"]),
+            # The target is 10,000; --quick holds a hundred and is not judged.
+            target=Target("value>=", 10_000) if subs >= 10_000 else None,
+        ),
         Row(
             "memory per idle subscriber (serve RSS)",
             "KiB",
