@@ -7,6 +7,7 @@ tracebacks are for bugs only.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import json
 import os
@@ -228,6 +229,10 @@ async def _serve(settings: Settings, worker: WorkerLink | None = None) -> None:
         async with open_node(settings, worker=worker.index if worker else None) as node:
 
             def ready() -> None:
+                # What start-up made (modules, settings, the nginx index) lives as long as the
+                # process: frozen, the garbage collector stops walking it, which took 18 ms of
+                # every full collection, a pause for every session.
+                gc.freeze()
                 log.info("serving", port=node.port, pid=os.getpid(), drain=node.drain is not None)
                 if worker is None:
                     _notify_systemd("READY=1")
