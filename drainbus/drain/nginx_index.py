@@ -26,6 +26,7 @@ import errno
 import hashlib
 import os
 import re
+import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -236,7 +237,8 @@ class KeyTemplate:
             if match is None:
                 continue
             groups = match.groupdict()
-            host = groups["host"].lower() if "host" in groups else None
+            # Interned, like tags: a host is shared by every file of its site.
+            host = sys.intern(groups["host"].lower()) if "host" in groups else None
             if "request_uri" in groups:
                 path, _, query = groups["request_uri"].partition("?")
                 parts: _Reading = (host, unquote(path), query or None)
@@ -282,7 +284,8 @@ def parse_cache_head(data: bytes) -> CacheHead | None:
         name, colon, value = line.partition(b":")
         if colon and name.strip().lower() in _TAG_HEADERS:
             tags.update(value.decode("utf-8", "replace").replace(",", " ").split())
-    return CacheHead(key, tuple(sorted(tags)))
+    # Interned: thousands of files carry the same few tags, and the index keeps them all.
+    return CacheHead(key, tuple(sorted(map(sys.intern, tags))))
 
 
 def _open(path: str) -> int:
