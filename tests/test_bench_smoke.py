@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,20 @@ def test_quick_bench_reports_every_workload(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "bench.run", "--quick", "--json", str(report)]
     if os.environ.get("DRAINBUS_TEST_REDIS_URL"):
         argv += ["--redis-url", os.environ["DRAINBUS_TEST_REDIS_URL"]]
-    result = subprocess.run(
-        argv, check=False, cwd=REPO, capture_output=True, text=True, timeout=100
-    )
+    # A session of its own: if it hangs, the whole tree (bench.run, the servers and helper
+    # processes it started) is killed, not just bench.run, leaving orphans serving on.
+    bench = subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = bench.communicate(timeout=100)
+    finally:
+        if bench.returncode is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.communicate()
 
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert bench.returncode == 0, out + err
     workloads = json.loads(report.read_text())["workloads"]
     for name in MEASURED:
         assert workloads[name]["status"] == "measured", workloads[name]
