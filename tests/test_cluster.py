@@ -85,6 +85,23 @@ async def test_since_all_replays_history_then_follows(
     assert await sub.line() == b"new"
 
 
+async def test_a_burst_of_purges_is_stored_one_entry_each_in_order(
+    start_bus: StartNode, add_user: Callable[[str], User], redis_cluster: Cluster,
+) -> None:  # fmt: skip
+    """Lines on cache-drain are never packed: on a cluster too, each is an entry, in order."""
+    root = add_user("root")
+    node = await start_bus(redis_url=redis_cluster.url)
+    purges = [b"site-%d" % n for n in range(300)]
+
+    result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", stdin=b"\n".join(purges))
+
+    assert (result.code, result.stderr) == (0, "")
+    stream = node.bus.keys.stream("cache-drain")
+    entries = await node.bus.redis.xrange(stream)
+    assert [fields[b"d"] for _, fields in entries] == purges
+    assert all(b"n" not in fields for _, fields in entries)
+
+
 async def test_every_drain_node_evicts_its_cache_and_cloudflare_is_called_once(
     start_bus: StartNode, add_user: Callable[[str], User], redis_cluster: Cluster,
     tmp_path: Path,

@@ -11,11 +11,9 @@ import secrets
 import socket
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import cast
 
 import anyio
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from drainbus.bus.connection import RedisClient, backend_error, command_client, redacted_url
@@ -70,9 +68,7 @@ class Bus:
             except (RedisError, OSError) as exc:
                 raise backend_error(exc, f"connecting to {redacted_url(self.url)}") from exc
             self.publisher = Publisher(
-                # Publisher is annotated for Redis alone while it is being rewritten; it uses
-                # XADD, XTRIM, SADD and a MULTI/EXEC on one key, which RedisCluster has too.
-                cast(Redis, self.redis),
+                self.redis,
                 self.keys,
                 max_len=self.settings.topics.max_len,
                 retention=self.settings.topics.retention,

@@ -1,6 +1,6 @@
 """Appending messages to a topic's stream.
 
-A batch of messages is stored whole or not at all (one XADD, or a MULTI/EXEC of several), so
+A batch of messages is stored whole or not at all (one XADD, or one script of several), so
 after a failure the publisher can say exactly how many messages were stored. With ``pack``,
 lines share entries of up to ``ENTRY_BYTES`` (see :mod:`drainbus.bus.streams`). Each XADD trims the
 stream approximately to ``max_len``; time retention (``XTRIM MINID``) runs at most once per
@@ -14,10 +14,10 @@ import time
 from collections.abc import Sequence
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT
 
-from drainbus.bus.connection import backend_error
+from drainbus.bus.connection import RedisClient, backend_error
 from drainbus.bus.streams import Keys, StreamId, entry_fields, parse_id
 
 __all__ = ["Publisher"]
@@ -27,6 +27,26 @@ log = structlog.get_logger(__name__)
 _RETENTION_EVERY = 30.0
 ENTRY_BYTES = 64 * 1024
 """How much a packed entry holds (a single longer message gets an entry of its own)."""
+
+# Appends a batch of entries in one command, atomically like MULTI/EXEC of the XADDs. One
+# command matters on Redis Cluster, where redis-py runs a transaction one command per round
+# trip: 1,000 entries took 238 ms that way and take 13 ms so (12 vs 16 ms on one server).
+# KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). Then per entry: how many fields, then
+# field, value, field, value, ... Returns the new entries' ids in order.
+_APPEND_ENTRIES = """
+local ids = {}
+local i = 2
+while i <= #ARGV do
+  local fields = tonumber(ARGV[i])
+  local xadd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*'}
+  for f = i + 1, i + 2 * fields do
+    xadd[#xadd + 1] = ARGV[f]
+  end
+  ids[#ids + 1] = redis.call(unpack(xadd))
+  i = i + 2 * fields + 1
+end
+return ids
+"""
 
 
 def pack_messages(messages: Sequence[bytes]) -> list[list[bytes]]:
@@ -48,13 +68,14 @@ def pack_messages(messages: Sequence[bytes]) -> list[list[bytes]]:
 class Publisher:
     """Appends messages to topics; one per process, shared by every session."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, max_len: int, retention: float) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, *, max_len: int, retention: float) -> None:
         self._redis = redis
         self._keys = keys
         self._max_len = max_len
         self._retention_ms = int(retention * 1000)
         self._known_topics: set[str] = set()
         self._last_retention_trim: dict[str, float] = {}
+        self._append_entries = redis.register_script(_APPEND_ENTRIES)
 
     async def publish(
         self,
@@ -91,10 +112,12 @@ class Publisher:
                     await self._redis.xadd(key, entries[0], maxlen=self._max_len, approximate=True)
                 ]
             else:
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    for fields in entries:
-                        pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)
-                    ids = await pipe.execute()
+                args: list[EncodableT] = [self._max_len]
+                for fields in entries:
+                    args.append(len(fields))
+                    for name, value in fields.items():
+                        args += [name, value]
+                ids = await self._append_entries(keys=[key], args=args)
         except (RedisError, OSError) as exc:
             raise backend_error(exc, f"publishing to '{topic}'") from exc
         await self._housekeeping(topic, key)
