@@ -72,10 +72,14 @@ class SessionContext:
         """Write one line to the client's stderr."""
         self.process.stderr.write((text.rstrip("\n") + "\n").encode("utf-8", "replace"))
 
-    async def stdout(self, data: bytes) -> None:
-        """Write to the client's stdout and wait until the channel can take more."""
+    def write(self, data: bytes) -> None:
+        """Write to the client's stdout without waiting (the channel buffers what it must)."""
         self.process.stdout.write(data)
         self.bytes_out += len(data)
+
+    async def stdout(self, data: bytes) -> None:
+        """Write to the client's stdout and wait until the channel can take more."""
+        self.write(data)
         await self.process.stdout.drain()
 
 
@@ -327,15 +331,8 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
         raise UsageError("sub: --count must be a positive number")
     after, resume_inside = parse_since(args.since) if args.since else (None, None)
     remaining = args.count
-    # Looked up once: write() runs for every batch and every subscriber (see express).
     channel = ctx.process.stdout.channel
-    send = channel.write
     render = Batch.json_lines if args.json else Batch.plain
-
-    def write(batch: Batch) -> None:
-        data = render(batch)
-        send(data)
-        ctx.bytes_out += len(data)
 
     def express(batch: Batch) -> bool:
         # Straight from the topic's reader (see drainbus.bus.fanout), which also counts it:
@@ -345,7 +342,7 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
             return False
         if channel.is_closing() or channel.get_write_buffer_size():
             return False
-        write(batch)
+        ctx.write(render(batch))
         return True
 
     fanout = ctx.bus.fanout
@@ -365,9 +362,8 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
                     continue
                 if remaining is not None:
                     batch = batch.first_messages(remaining)
-                write(batch)
+                await ctx.stdout(render(batch))
                 record_deliveries(batch, sessions=1, messages=batch.messages)
-                await ctx.process.stdout.drain()
                 if remaining is not None:
                     remaining -= batch.messages
                     if remaining == 0:
