@@ -38,7 +38,7 @@ from typing import Any
 
 from bench.server import rss_kib
 from drainbus.drain.nginx import NginxCache, NginxCacheConfig
-from drainbus.drain.nginx_index import cache_file_path, is_cache_file_name
+from drainbus.drain.nginx_index import cache_file_path, cache_files
 from drainbus.drain.purges import Purge
 from drainbus.log import configure_logging
 
@@ -135,18 +135,6 @@ def write_cache(root: Path, files: int, seed: int = 7) -> CacheSpec:
     return CacheSpec(root, files, total, tuple(f"component-{n:02d}" for n in range(COMPONENTS)))
 
 
-def _cache_files(root: Path) -> list[str]:
-    found, stack = [], [str(root)]
-    while stack:
-        with os.scandir(stack.pop()) as listing:
-            for item in listing:
-                if item.is_dir(follow_symlinks=False):
-                    stack.append(item.path)
-                elif is_cache_file_name(item.name):
-                    found.append(item.path)
-    return found
-
-
 def evict(root: Path, *, drop_caches: bool = False) -> str:
     """Push the cache folder's files out of the page cache; return how (for the report).
 
@@ -158,7 +146,7 @@ def evict(root: Path, *, drop_caches: bool = False) -> str:
     if drop_caches:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         return "drop_caches"
-    for path in _cache_files(root):
+    for path in cache_files(root):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

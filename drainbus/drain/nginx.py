@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from drainbus.drain.nginx_index import (
     CacheIndex,
     KeyTemplate,
-    is_cache_file_name,
+    cache_files,
     parse_levels,
     template_variables,
 )
@@ -142,24 +142,8 @@ async def _unlink_in_threads(paths: Iterable[str]) -> tuple[int, list[tuple[str,
     return sum(r for r, _ in results), [failure for _, failed in results for failure in failed]
 
 
-def _tree_files(root: Path) -> list[str]:
-    files, stack = [], [str(root)]
-    while stack:
-        try:
-            listing = os.scandir(stack.pop())
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with listing:
-            for item in listing:
-                if item.is_dir(follow_symlinks=False):
-                    stack.append(item.path)
-                elif is_cache_file_name(item.name):
-                    files.append(item.path)
-    return files
-
-
 def _unlink_tree(root: Path) -> tuple[int, list[tuple[str, OSError]]]:
-    return _unlink(_tree_files(root))
+    return _unlink(cache_files(root))
 
 
 class NginxCache:

@@ -49,6 +49,7 @@ __all__ = [
     "KeyParts",
     "KeyTemplate",
     "cache_file_path",
+    "cache_files",
     "is_cache_file_name",
     "parse_cache_head",
     "parse_levels",
@@ -114,6 +115,23 @@ def cache_file_path(root: Path, levels: Iterable[int], key: str) -> Path:
 def is_cache_file_name(name: str) -> bool:
     """True for nginx cache file names (32 hex digits); temp files carry a ``.N`` suffix."""
     return len(name) == 32 and _HEX.issuperset(name)
+
+
+def cache_files(root: Path) -> list[str]:
+    """The path of every cache file under ``root`` (none if it is missing)."""
+    files, stack = [], [str(root)]
+    while stack:
+        try:
+            listing = os.scandir(stack.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with listing:
+            for item in listing:
+                if item.is_dir(follow_symlinks=False):
+                    stack.append(item.path)
+                elif is_cache_file_name(item.name):
+                    files.append(item.path)
+    return files
 
 
 def template_variables(template: str) -> tuple[str, ...]:
