@@ -173,16 +173,28 @@ class _GatedTarget:
         return {}
 
 
+def local_drain(redis: Redis, redis_url: str, keys: Keys, target: _GatedTarget) -> Drain:
+    """A drain of node web1 whose only target is ``target``."""
+    return Drain(
+        DrainSettings(node="web1", retry_after=5.0), redis=redis, redis_url=redis_url,
+        keys=keys, admins=frozenset({"root"}), local_targets=[target],
+    )  # fmt: skip
+
+
+async def purged(target: _GatedTarget, key: str, timeout: float = 10) -> None:
+    """Wait until ``target`` has carried out the purge of ``key``."""
+    async with asyncio.timeout(timeout):
+        while key not in target.purged:
+            await asyncio.sleep(0.01)  # the target records; polling it is the wait
+
+
 async def test_running_drain_that_falls_behind_the_trimming_flushes(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
     """Purges trimmed while the daemon was busy are not skipped silently: it flushes."""
     keys = Keys(namespace)
     target = _GatedTarget()
-    drain = Drain(
-        DrainSettings(node="web1", retry_after=5.0), redis=redis, redis_url=redis_url,
-        keys=keys, admins=frozenset({"root"}), local_targets=[target],
-    )  # fmt: skip
+    drain = local_drain(redis, redis_url, keys, target)
     async with anyio.create_task_group() as tg:
         tg.start_soon(drain.run)
         await drain.ready.wait()
@@ -192,9 +204,7 @@ async def test_running_drain_that_falls_behind_the_trimming_flushes(
             await add_entry(redis, keys, f"site-{n}")
         await redis.xtrim(keys.stream(TOPIC), maxlen=5, approximate=False)
         target.gate.set()
-        async with asyncio.timeout(10):
-            while "site-49" not in target.purged:
-                await asyncio.sleep(0.01)
+        await purged(target, "site-49")
         tg.cancel_scope.cancel()
     assert target.flushes == 1
     assert target.purged == ["site-0", *(f"site-{n}" for n in range(45, 50))]
@@ -221,10 +231,7 @@ async def test_drain_whose_group_vanished_recreates_it_and_flushes(
     keys = Keys(namespace)
     stream = keys.stream(TOPIC)
     target = _RecordingTarget()
-    drain = Drain(
-        DrainSettings(node="web1", retry_after=5.0), redis=redis, redis_url=redis_url,
-        keys=keys, admins=frozenset({"root"}), local_targets=[target],
-    )  # fmt: skip
+    drain = local_drain(redis, redis_url, keys, target)
     async with anyio.create_task_group() as tg:
         tg.start_soon(drain.run)
         await drain.ready.wait()
@@ -236,9 +243,7 @@ async def test_drain_whose_group_vanished_recreates_it_and_flushes(
         async with asyncio.timeout(10):
             await target.flushed.wait()
         await add_entry(redis, keys, "site-after")
-        async with asyncio.timeout(10):
-            while "site-after" not in target.purged:
-                await asyncio.sleep(0.01)
+        await purged(target, "site-after")
         tg.cancel_scope.cancel()
     assert target.flushes == 1
     groups = await redis.xinfo_groups(stream)

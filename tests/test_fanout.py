@@ -25,7 +25,7 @@ class Subscriber:
     def __init__(self, fanout: Fanout, express: Callable[[Batch], bool] | None) -> None:
         self.yielded: list[bytes] = []
         self.expressed: list[bytes] = []
-        self.arrived = asyncio.Condition()
+        self._arrived = asyncio.Event()  # set whenever a message arrives
         self._express = express
         self._task = asyncio.create_task(self._consume(fanout))
 
@@ -33,15 +33,8 @@ class Subscriber:
         if self._express is not None and not self._express(batch):
             return False
         self.expressed += [m for e in batch.entries for m in e.messages()]
-        self._notify()
+        self._arrived.set()
         return True
-
-    def _notify(self) -> None:
-        async def notify() -> None:
-            async with self.arrived:
-                self.arrived.notify_all()
-
-        asyncio.get_running_loop().create_task(notify())
 
     @property
     def received(self) -> list[bytes]:
@@ -51,11 +44,13 @@ class Subscriber:
         async for item in fanout.follow(TOPIC, None, express=self.express):
             assert not isinstance(item, TrimNotice)
             self.yielded += [m for e in item.entries for m in e.messages()]
-            self._notify()
+            self._arrived.set()
 
     async def wait_for(self, message: bytes, timeout: float = 10) -> None:
-        async with asyncio.timeout(timeout), self.arrived:
-            await self.arrived.wait_for(lambda: message in self.received)
+        async with asyncio.timeout(timeout):
+            while message not in self.received:
+                self._arrived.clear()
+                await self._arrived.wait()
 
     async def stop(self) -> None:
         self._task.cancel()
