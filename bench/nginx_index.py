@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.server import rss_kib
+from drainbus.drain.cache_file import cache_file_path, cache_files
 from drainbus.drain.nginx import NginxCache, NginxCacheConfig
-from drainbus.drain.nginx_index import cache_file_path, cache_files
 from drainbus.drain.purges import Purge
 from drainbus.log import configure_logging
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from drainbus.drain.cache_file import parse_cache_head
+from drainbus.drain.key_template import KeyParts, KeyTemplate
 from drainbus.drain.nginx import (
     CacheIndex,
     NginxCache,
@@ -21,7 +23,6 @@ from drainbus.drain.nginx import (
     cache_file_path,
     render_key,
 )
-from drainbus.drain.nginx_index import KeyParts, KeyTemplate, parse_cache_head
 from drainbus.drain.purges import Purge
 from tests.nginx_env import (
     CACHE_KEY,

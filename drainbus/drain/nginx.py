@@ -3,7 +3,8 @@
 Open-source nginx has no purge command, but deleting a cache file evicts the object: the
 next request is a MISS and refetches. URL purges need no index (the file name is the MD5 of
 the key the template renders); host, prefix and tag purges use a :class:`CacheIndex` that
-follows the folder with inotify (see :mod:`drainbus.drain.nginx_index`).
+follows the folder with inotify (see :mod:`drainbus.drain.nginx_index`); keys are rendered
+and read back by :mod:`drainbus.drain.key_template`.
 
 Usage::
 
@@ -27,14 +28,10 @@ from typing import Self
 import structlog
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from drainbus.drain.nginx_index import (
-    CacheIndex,
-    KeyTemplate,
-    cache_files,
-    parse_levels,
-    template_variables,
-)
-from drainbus.drain.nginx_index import cache_file_path as _cache_file_path
+from drainbus.drain.cache_file import cache_file_path as _cache_file_path
+from drainbus.drain.cache_file import cache_files, parse_levels
+from drainbus.drain.key_template import KeyTemplate, template_variables
+from drainbus.drain.nginx_index import CacheIndex
 from drainbus.drain.purges import Purge
 from drainbus.errors import BackendError, ConfigError, DataError
 

@@ -1,9 +1,4 @@
-"""What is in one nginx ``proxy_cache`` folder: key templates, cache-file heads, and an index.
-
-nginx stores each cached response in a file named by the MD5 of its cache key, in folders
-taken from the end of the hash (``levels=1:2`` -> ``c/29/b7f5…029c``). A file starts with a
-binary header whose size depends on the nginx version, then ``\\nKEY: <key>\\n``, then the
-upstream status line and response headers up to a blank line, then the body.
+"""An index of one nginx ``proxy_cache`` folder: which file holds which key, host, path and tag.
 
 :class:`CacheIndex` reads those heads once at start (a scan of the tree) and then follows
 inotify, so host, prefix and tag purges never need a scan. nginx (``use_temp_path=off``)
@@ -23,10 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import os
-import re
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -34,50 +26,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, Self
-from urllib.parse import unquote, urlsplit
 
 import structlog
 from asyncinotify import Event, Inotify, Mask
 
+from drainbus.drain.cache_file import (
+    HEAD_FIRST_READ,
+    is_cache_file_name,
+    open_cache_file,
+    parse_cache_head,
+    read_head,
+)
+from drainbus.drain.key_template import KeyParts, KeyTemplate, Reading, url_parts
 from drainbus.errors import BackendError, DrainbusError, StartupError
 
-__all__ = [
-    "SUPPORTED_VARIABLES",
-    "CacheEntry",
-    "CacheHead",
-    "CacheIndex",
-    "KeyParts",
-    "KeyTemplate",
-    "cache_file_path",
-    "cache_files",
-    "is_cache_file_name",
-    "parse_cache_head",
-    "parse_levels",
-    "read_cache_head",
-    "template_variables",
-    "url_parts",
-]
+__all__ = ["CacheEntry", "CacheIndex"]
 
 log = structlog.get_logger("drainbus.drain.nginx")
 
-#: The variables a key template may use.
-SUPPORTED_VARIABLES = ("scheme", "host", "proxy_host", "request_uri", "uri", "is_args", "args")
-
-_VARIABLE = re.compile(r"\$(?:\{([A-Za-z0-9_]*)\}|([A-Za-z0-9_]*))")
-_CAPTURE = {
-    "host": r"[^/?\s]*",
-    "request_uri": r"/\S*",
-    "uri": r"/[^?]*",
-    "is_args": r"\??",
-    "args": r".*?",
-}
-_HEX = frozenset("0123456789abcdef")
-_HEAD_FIRST_READ = 4096
-_HEAD_MAX = 16384
 # Files opened and asked for ahead of the one being read (see _read_ahead): enough to keep
 # a disk busy, few enough that the daemon's file descriptors never run short.
 _READ_AHEAD_FILES = 32
-_TAG_HEADERS = frozenset({b"cache-tag", b"surrogate-key", b"xkey"})
 _WATCH_MASK = (
     Mask.CLOSE_WRITE
     | Mask.MOVED_TO
@@ -88,242 +57,6 @@ _WATCH_MASK = (
     | Mask.DONT_FOLLOW
 )
 _EVENT_BATCH = 1024
-
-
-def parse_levels(levels: str) -> tuple[int, ...]:
-    """``"1:2"`` -> ``(1, 2)``; raises ``ValueError`` unless 1-3 levels of 1 or 2 characters."""
-    parts = levels.split(":")
-    if not 1 <= len(parts) <= 3 or any(part not in {"1", "2"} for part in parts):
-        raise ValueError(
-            f"levels {levels!r} is invalid: use 1 to 3 colon-separated numbers, each 1 or 2, "
-            "as in nginx's proxy_cache_path (e.g. '1:2')"
-        )
-    return tuple(int(part) for part in parts)
-
-
-def cache_file_path(root: Path, levels: Iterable[int], key: str) -> Path:
-    """Where nginx stores the object for ``key``: folders from the end of its MD5."""
-    digest = hashlib.md5(key.encode("utf-8", "surrogateescape"), usedforsecurity=False)
-    name = digest.hexdigest()
-    path, end = root, len(name)
-    for width in levels:
-        path = path / name[end - width : end]
-        end -= width
-    return path / name
-
-
-def is_cache_file_name(name: str) -> bool:
-    """True for nginx cache file names (32 hex digits); temp files carry a ``.N`` suffix."""
-    return len(name) == 32 and _HEX.issuperset(name)
-
-
-def cache_files(root: Path) -> list[str]:
-    """The path of every cache file under ``root`` (none if it is missing)."""
-    files, stack = [], [str(root)]
-    while stack:
-        try:
-            listing = os.scandir(stack.pop())
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with listing:
-            for item in listing:
-                if item.is_dir(follow_symlinks=False):
-                    stack.append(item.path)
-                elif is_cache_file_name(item.name):
-                    files.append(item.path)
-    return files
-
-
-def template_variables(template: str) -> tuple[str, ...]:
-    """The variables ``template`` uses, in order; ``ValueError`` names any unsupported one."""
-    names = [braced or bare for braced, bare in _VARIABLE.findall(template)]
-    unknown = sorted({name for name in names if name not in SUPPORTED_VARIABLES})
-    if unknown:
-        shown = ", ".join(f"${name}" if name else "a bare '$'" for name in unknown)
-        supported = ", ".join(f"${name}" for name in SUPPORTED_VARIABLES)
-        raise ValueError(
-            f"key template {template!r} uses unsupported variables {shown}: use only {supported}"
-        )
-    return tuple(names)
-
-
-class KeyParts(NamedTuple):
-    """What a cache key (or a URL) says about its object.
-
-    ``host`` is lower-case, or None when the key does not carry the host; ``path`` is
-    percent-decoded without the query, or None when the key does not carry it; ``query`` is
-    the raw query string, None when absent or empty.
-    """
-
-    host: str | None
-    path: str | None
-    query: str | None
-
-
-def _nginx_host(netloc: str) -> str:
-    # nginx's $host: the Host name lower-cased, without port or trailing dot.
-    hostport = netloc.rpartition("@")[2]
-    if hostport.startswith("["):
-        host = hostport[: hostport.find("]") + 1]
-    else:
-        host = hostport.partition(":")[0]
-    return host.lower().rstrip(".")
-
-
-def _url_variables(url: str) -> dict[str, str]:
-    split = urlsplit(url)
-    path = split.path or "/"
-    has_query = "?" in url.partition("#")[0]
-    return {
-        "scheme": split.scheme.lower(),
-        "host": _nginx_host(split.netloc),
-        "request_uri": f"{path}?{split.query}" if has_query else path,
-        "uri": unquote(path),
-        "args": split.query,
-        "is_args": "?" if split.query else "",
-    }
-
-
-def url_parts(url: str) -> KeyParts:
-    """Host, decoded path and query of an absolute URL, normalised as index entries are."""
-    values = _url_variables(url)
-    return KeyParts(values["host"], values["uri"], values["args"] or None)
-
-
-# A KeyParts as a plain tuple: (host, path, query).
-_Reading = tuple[str | None, str | None, str | None]
-
-
-class KeyTemplate:
-    """An nginx ``proxy_cache_key`` template: renders keys for URLs and reads keys back.
-
-    Raises ``ValueError`` for unsupported variables, or for ``$proxy_host`` without a
-    ``proxy_host`` value.
-    """
-
-    def __init__(self, template: str, proxy_host: str | None = None) -> None:
-        names = template_variables(template)
-        if "proxy_host" in names and proxy_host is None:
-            raise ValueError(
-                f"key template {template!r} uses $proxy_host: set proxy_host to the host[:port] "
-                "written in proxy_pass (e.g. 'origin:8080')"
-            )
-        self.template = template
-        self.proxy_host = proxy_host
-        self.variables = frozenset(names)
-        #: Whether the key tells objects of different hosts / queries apart.
-        self.has_host = "host" in self.variables
-        self.has_query = bool(self.variables & {"request_uri", "args"})
-        self._patterns = tuple(self._pattern(scheme) for scheme in ("https", "http"))
-
-    def __repr__(self) -> str:
-        return f"KeyTemplate({self.template!r}, proxy_host={self.proxy_host!r})"
-
-    def render(self, url: str) -> str:
-        """The cache key nginx computes for a request of ``url`` (an absolute URL)."""
-        values = _url_variables(url)
-        values["proxy_host"] = self.proxy_host or ""
-        return _VARIABLE.sub(lambda m: values[m[1] or m[2]], self.template)
-
-    def _pattern(self, scheme: str) -> re.Pattern[str]:
-        pattern, seen, last = [], set(), 0
-        for match in _VARIABLE.finditer(self.template):
-            pattern.append(re.escape(self.template[last : match.start()]))
-            last = match.end()
-            name = match[1] or match[2]
-            if name == "scheme":
-                pattern.append(scheme)
-            elif name == "proxy_host":
-                pattern.append(re.escape(self.proxy_host or ""))
-            elif name in seen:
-                pattern.append(f"(?P={name})")
-            else:
-                seen.add(name)
-                pattern.append(f"(?P<{name}>{_CAPTURE[name]})")
-        pattern.append(re.escape(self.template[last:]))
-        return re.compile("".join(pattern), re.DOTALL)
-
-    def invert(self, key: str) -> tuple[KeyParts, ...]:
-        """Every (host, path, query) reading of ``key``; empty if the template cannot match."""
-        return tuple(KeyParts(*reading) for reading in self._readings(key))
-
-    def _readings(self, key: str) -> tuple[_Reading, ...]:
-        # invert() as plain tuples, the form the index keeps (see _Tables).
-        readings: list[_Reading] = []
-        for pattern in self._patterns:
-            match = pattern.fullmatch(key)
-            if match is None:
-                continue
-            groups = match.groupdict()
-            # Interned, like tags: a host is shared by every file of its site.
-            host = sys.intern(groups["host"].lower()) if "host" in groups else None
-            if "request_uri" in groups:
-                path, _, query = groups["request_uri"].partition("?")
-                parts: _Reading = (host, unquote(path), query or None)
-            elif "uri" in groups:
-                parts = (host, groups["uri"], groups.get("args") or None)
-            else:
-                parts = (host, None, None)
-            if parts not in readings:
-                readings.append(parts)
-        return tuple(readings)
-
-
-class CacheHead(NamedTuple):
-    """The parts of a cache file's head the index needs: its key and its tags."""
-
-    key: str
-    tags: tuple[str, ...]
-
-
-def parse_cache_head(data: bytes) -> CacheHead | None:
-    """Key and tags from the first bytes of a cache file, or None if they are not all there.
-
-    Tags come from every ``Cache-Tag``, ``Surrogate-Key`` and ``xkey`` header line (names
-    case-insensitive), split on commas and white space. ``data`` shorter than 16 KiB must
-    hold the whole header block; at 16 KiB the complete lines read so far are used.
-    """
-    start = data.find(b"\nKEY: ")
-    if start < 0:
-        return None
-    key_end = data.find(b"\n", start + 6)
-    if key_end < 0:
-        return None
-    key = data[start + 6 : key_end].decode("utf-8", "surrogateescape")
-    head_end = data.find(b"\r\n\r\n", key_end)
-    if head_end >= 0:
-        lines = data[key_end + 1 : head_end].split(b"\r\n")
-    elif len(data) >= _HEAD_MAX:
-        lines = data[key_end + 1 :].split(b"\r\n")[:-1]
-    else:
-        return None  # truncated or still being written
-    tags: set[str] = set()
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() in _TAG_HEADERS:
-            tags.update(value.decode("utf-8", "replace").replace(",", " ").split())
-    # Interned: thousands of files carry the same few tags, and the index keeps them all.
-    return CacheHead(key, tuple(sorted(map(sys.intern, tags))))
-
-
-def _open(path: str) -> int:
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-
-
-def _read_head(fd: int) -> bytes:
-    # Enough of the open file at fd for its head; closes fd.
-    try:
-        data = os.read(fd, _HEAD_FIRST_READ)
-        if len(data) == _HEAD_FIRST_READ and b"\r\n\r\n" not in data:
-            data += os.read(fd, _HEAD_MAX - _HEAD_FIRST_READ)
-    finally:
-        os.close(fd)
-    return data
-
-
-def read_cache_head(path: str) -> CacheHead | None:
-    """Read and parse the head of the cache file at ``path``; raises ``OSError`` as open does."""
-    return parse_cache_head(_read_head(_open(path)))
 
 
 class CacheEntry(NamedTuple):
@@ -350,7 +83,7 @@ def _path_under(path: str, prefix: str) -> bool:
 # 600,000 tracked objects, which every full collection walked (0.2 s each, a quarter of the
 # scan's time, then pauses of the event loop for as long as the daemon runs).
 #: A file's (key, tags, readings): a CacheEntry whose readings are plain tuples.
-_Entry = tuple[str, tuple[str, ...], tuple[_Reading, ...]]
+_Entry = tuple[str, tuple[str, ...], tuple[Reading, ...]]
 #: A set of file paths, as the keys of a dict (values None).
 _Paths = dict[str, None]
 
@@ -359,7 +92,7 @@ def _key_of(entry: _Entry) -> str:
     return entry[0]
 
 
-def _readings_of(entry: _Entry) -> tuple[_Reading, ...]:
+def _readings_of(entry: _Entry) -> tuple[Reading, ...]:
     return entry[2]
 
 
@@ -417,7 +150,7 @@ class _Tables:
 
 def _load(tables: _Tables, template: KeyTemplate, path: str) -> None:
     try:
-        data = _read_head(_open(path))
+        data = read_head(open_cache_file(path))
     except OSError as exc:
         _skip(tables, path, exc)
     else:
@@ -430,7 +163,7 @@ def _add(tables: _Tables, template: KeyTemplate, path: str, data: bytes) -> None
         tables.invalid += 1
         tables.remove(path)
         return
-    tables.add(path, (head.key, head.tags, template._readings(head.key)))
+    tables.add(path, (head.key, head.tags, template.readings(head.key)))
 
 
 def _skip(tables: _Tables, path: str, exc: OSError) -> None:
@@ -508,13 +241,13 @@ def _read_ahead(paths: Iterable[str]) -> Iterator[tuple[str, bytes | OSError]]:
 
 def _open_ahead(path: str) -> int | OSError | None:
     try:
-        fd = _open(path)
+        fd = open_cache_file(path)
     except OSError as exc:
         # Out of descriptors (the bus holds one per connection): None opens the file at its
         # turn instead, once those ahead of it are closed, rather than skip it.
         return None if exc.errno in (errno.EMFILE, errno.ENFILE) else exc
     with contextlib.suppress(OSError):  # only a hint
-        os.posix_fadvise(fd, 0, _HEAD_FIRST_READ, os.POSIX_FADV_WILLNEED)
+        os.posix_fadvise(fd, 0, HEAD_FIRST_READ, os.POSIX_FADV_WILLNEED)
     return fd
 
 
@@ -522,7 +255,7 @@ def _finish_read(path: str, fd: int | OSError | None) -> tuple[str, bytes | OSEr
     if isinstance(fd, OSError):
         return path, fd
     try:
-        return path, _read_head(_open(path) if fd is None else fd)
+        return path, read_head(open_cache_file(path) if fd is None else fd)
     except OSError as exc:
         return path, exc
 

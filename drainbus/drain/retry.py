@@ -67,10 +67,17 @@ class Outcome:
     it and would refuse it again (``error`` says why; the daemon dead-letters it).
     ``retry_later``: a transient failure outlasted the retry budget (``error`` says which; the
     daemon leaves the entry unacked for redelivery).
+
+    What a ``done`` outcome can tell beyond "carried out", for the purge's receipt:
+    ``evicted`` is how many cached objects the target removed (or expired, for a soft purge),
+    None when the target cannot know (an HTTP cache or a CDN answers only "received");
+    ``reference`` is the target's own id for the request (Cloudflare's purge id).
     """
 
     status: OutcomeStatus
     error: str | None = None
+    evicted: int | None = None
+    reference: str | None = None
 
 
 DONE: Final = Outcome("done")
@@ -83,17 +90,26 @@ def merge_outcomes(outcomes: Iterable[Outcome]) -> Outcome:
 
     ``permanent`` beats ``retry_later`` beats ``done`` (a purge with a part that can never
     succeed gains nothing from redelivery); the errors of the worst parts are joined with
-    ``"; "``. No parts means ``done``.
+    ``"; "``. No parts means ``done``. A ``done`` result adds up the parts' ``evicted``
+    (None if no part knew) and joins their distinct ``reference`` values with ``","``.
     """
     worst: OutcomeStatus = "done"
     errors: list[str] = []
+    evicted: int | None = None
+    references: list[str] = []
     for outcome in outcomes:
         if _SEVERITY[outcome.status] > _SEVERITY[worst]:
             worst, errors = outcome.status, []
         if outcome.status == worst and outcome.error and outcome.error not in errors:
             errors.append(outcome.error)
+        if outcome.evicted is not None:
+            evicted = (evicted or 0) + outcome.evicted
+        if outcome.reference and outcome.reference not in references:
+            references.append(outcome.reference)
     if worst == "done":
-        return DONE
+        if evicted is None and not references:
+            return DONE
+        return Outcome("done", evicted=evicted, reference=",".join(references) or None)
     return Outcome(worst, "; ".join(errors) or None)
 
 

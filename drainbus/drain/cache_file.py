@@ -1,0 +1,136 @@
+"""nginx cache files: where nginx puts one, and what its head says.
+
+nginx stores each cached response in a file named by the MD5 of its cache key, in folders
+taken from the end of the hash (``levels=1:2`` -> ``c/29/b7f5…029c``). A file starts with a
+binary header whose size depends on the nginx version, then ``\\nKEY: <key>\\n``, then the
+upstream status line and response headers up to a blank line, then the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+__all__ = [
+    "CacheHead",
+    "cache_file_path",
+    "cache_files",
+    "is_cache_file_name",
+    "open_cache_file",
+    "parse_cache_head",
+    "parse_levels",
+    "read_cache_head",
+    "read_head",
+]
+
+_HEX = frozenset("0123456789abcdef")
+HEAD_FIRST_READ = 4096
+"""Bytes read first from a cache file: its head, in all but unusual cases."""
+_HEAD_MAX = 16384
+_TAG_HEADERS = frozenset({b"cache-tag", b"surrogate-key", b"xkey"})
+
+
+def parse_levels(levels: str) -> tuple[int, ...]:
+    """``"1:2"`` -> ``(1, 2)``; raises ``ValueError`` unless 1-3 levels of 1 or 2 characters."""
+    parts = levels.split(":")
+    if not 1 <= len(parts) <= 3 or any(part not in {"1", "2"} for part in parts):
+        raise ValueError(
+            f"levels {levels!r} is invalid: use 1 to 3 colon-separated numbers, each 1 or 2, "
+            "as in nginx's proxy_cache_path (e.g. '1:2')"
+        )
+    return tuple(int(part) for part in parts)
+
+
+def cache_file_path(root: Path, levels: Iterable[int], key: str) -> Path:
+    """Where nginx stores the object for ``key``: folders from the end of its MD5."""
+    digest = hashlib.md5(key.encode("utf-8", "surrogateescape"), usedforsecurity=False)
+    name = digest.hexdigest()
+    path, end = root, len(name)
+    for width in levels:
+        path = path / name[end - width : end]
+        end -= width
+    return path / name
+
+
+def is_cache_file_name(name: str) -> bool:
+    """True for nginx cache file names (32 hex digits); temp files carry a ``.N`` suffix."""
+    return len(name) == 32 and _HEX.issuperset(name)
+
+
+def cache_files(root: Path) -> list[str]:
+    """The path of every cache file under ``root`` (none if it is missing)."""
+    files, stack = [], [str(root)]
+    while stack:
+        try:
+            listing = os.scandir(stack.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with listing:
+            for item in listing:
+                if item.is_dir(follow_symlinks=False):
+                    stack.append(item.path)
+                elif is_cache_file_name(item.name):
+                    files.append(item.path)
+    return files
+
+
+class CacheHead(NamedTuple):
+    """The parts of a cache file's head the index needs: its key and its tags."""
+
+    key: str
+    tags: tuple[str, ...]
+
+
+def parse_cache_head(data: bytes) -> CacheHead | None:
+    """Key and tags from the first bytes of a cache file, or None if they are not all there.
+
+    Tags come from every ``Cache-Tag``, ``Surrogate-Key`` and ``xkey`` header line (names
+    case-insensitive), split on commas and white space. ``data`` shorter than 16 KiB must
+    hold the whole header block; at 16 KiB the complete lines read so far are used.
+    """
+    start = data.find(b"\nKEY: ")
+    if start < 0:
+        return None
+    key_end = data.find(b"\n", start + 6)
+    if key_end < 0:
+        return None
+    key = data[start + 6 : key_end].decode("utf-8", "surrogateescape")
+    head_end = data.find(b"\r\n\r\n", key_end)
+    if head_end >= 0:
+        lines = data[key_end + 1 : head_end].split(b"\r\n")
+    elif len(data) >= _HEAD_MAX:
+        lines = data[key_end + 1 :].split(b"\r\n")[:-1]
+    else:
+        return None  # truncated or still being written
+    tags: set[str] = set()
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() in _TAG_HEADERS:
+            tags.update(value.decode("utf-8", "replace").replace(",", " ").split())
+    # Interned: thousands of files carry the same few tags, and the index keeps them all.
+    return CacheHead(key, tuple(sorted(map(sys.intern, tags))))
+
+
+def open_cache_file(path: str) -> int:
+    """Open a cache file for reading, never following a symlink; raises ``OSError``."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+
+def read_head(fd: int) -> bytes:
+    """Enough of the open file at ``fd`` for its head; closes ``fd``."""
+    try:
+        data = os.read(fd, HEAD_FIRST_READ)
+        if len(data) == HEAD_FIRST_READ and b"\r\n\r\n" not in data:
+            data += os.read(fd, _HEAD_MAX - HEAD_FIRST_READ)
+    finally:
+        os.close(fd)
+    return data
+
+
+def read_cache_head(path: str) -> CacheHead | None:
+    """Read and parse the head of the cache file at ``path``; raises ``OSError`` as open does."""
+    return parse_cache_head(read_head(open_cache_file(path)))
