@@ -54,4 +54,5 @@ async def open_drain(
             local_targets=local,
             cdn_targets=cdn,
             cdn_batch_window=window,
+            receipts_max_len=settings.topics.max_len,
         )

@@ -17,11 +17,16 @@ rate limit) is not mistaken for a dead consumer.
 
 Duplicates within a batch are coalesced; every action is idempotent, because at-least-once
 means a purge can arrive twice.
+
+Before an entry is acknowledged (or dead-lettered), its receipt (what each target did with
+it: see :mod:`drainbus.drain.receipts`) is appended to the topic's receipt stream, so a crash
+cannot lose the receipt of an acknowledged purge.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,9 +37,10 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from drainbus.bus.connection import BLOCK_MS, RedisClient, reader_client
-from drainbus.bus.streams import Keys, parse_id, stream_info, text
+from drainbus.bus.streams import Keys, entry_fields, parse_id, stream_info, text
 from drainbus.config import DrainSettings
 from drainbus.drain.purges import Purge, check_scope, parse_purge
+from drainbus.drain.receipts import receipt, receipts_topic, target_receipt
 from drainbus.drain.retry import Outcome, merge_outcomes
 from drainbus.drain.targets import LocalCacheTarget, Target
 from drainbus.errors import DataError, PermissionDenied
@@ -94,7 +100,9 @@ class Drain:
         local_targets: Sequence[LocalCacheTarget] = (),
         cdn_targets: Sequence[Target] = (),
         cdn_batch_window: float = 0.0,
+        receipts_max_len: int = 100_000,
     ) -> None:
+        """``receipts_max_len``: how many receipts the receipt stream keeps (about)."""
         self.settings = settings
         self.consumer = settings.node
         self.stats = DrainStats()
@@ -105,6 +113,8 @@ class Drain:
         self._rule = settings.scope_rule
         self._stream = keys.stream(settings.topic)
         self._dead = keys.dead_letters(settings.topic)
+        self._receipts = keys.stream(receipts_topic(settings.topic))
+        self._receipts_max_len = receipts_max_len
         self._last_error: dict[bytes, str] = {}
         self._local_targets = local_targets
         self.all_targets: list[Target] = [*local_targets, *cdn_targets]
@@ -126,6 +136,9 @@ class Drain:
                 started += 1
                 tg.start_soon(self._consume, role)
             if started == len(self.roles):
+                # Publishers waiting for receipts count the nodes whose status is fresh:
+                # say this one is live before saying it is ready.
+                await self._publish_status()
                 self.ready.set()
 
     # --- start-up ----------------------------------------------------------------------
@@ -369,8 +382,11 @@ class Drain:
         started = time.monotonic()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_claimed, role, [r[0] for r in rows])
-            outcomes = await self._apply(role, purges)
+            outcomes, parts = await self._apply(role, purges)
             tg.cancel_scope.cancel()
+        await self._write_receipts(
+            role, [(row, parts[i]) for i, purge in enumerate(purges) for row in batch[purge]]
+        )
         acked = []
         for purge, outcome in zip(purges, outcomes, strict=True):
             entries = batch[purge]
@@ -379,7 +395,9 @@ class Drain:
                 self._count(purge)
             elif outcome.status == "permanent":
                 for row in entries:
-                    await self._dead_letter(role, row, outcome.error or "refused by the target")
+                    await self._dead_letter(
+                        role, row, outcome.error or "refused by the target", receipt_written=True
+                    )
             else:
                 self.stats.last_error = outcome.error
                 for row in entries:
@@ -414,15 +432,61 @@ class Drain:
             seconds=round(time.monotonic() - started, 4),
         )
 
-    async def _apply(self, role: Role, purges: list[Purge]) -> list[Outcome]:
+    async def _apply(
+        self, role: Role, purges: list[Purge]
+    ) -> tuple[list[Outcome], list[list[dict[str, Any]]]]:
+        """Run ``purges`` on every target of ``role``.
+
+        Returns each purge's merged outcome, and for each purge the receipt part of every
+        target (what it did, and how long the target took for the whole batch).
+        """
         per_target = []
+        parts: list[list[dict[str, Any]]] = [[] for _ in purges]
         for target in role.targets:
+            started = time.monotonic()
             try:
-                per_target.append(await target.apply(purges))
+                column = await target.apply(purges)
             except Exception as exc:  # a target bug must not kill the consumer: retry later
                 log.exception("drain_target_failed", target=target.name)
-                per_target.append([Outcome("retry_later", f"{target.name}: {exc}")] * len(purges))
-        return [merge_outcomes(column) for column in zip(*per_target, strict=True)]
+                column = [Outcome("retry_later", f"{target.name}: {exc}")] * len(purges)
+            ms = (time.monotonic() - started) * 1000
+            per_target.append(column)
+            for i, outcome in enumerate(column):
+                parts[i].append(target_receipt(target.name, outcome, ms))
+        merged = [merge_outcomes(column) for column in zip(*per_target, strict=True)]
+        return merged, parts
+
+    async def _write_receipts(
+        self, role: Role, receipts: Sequence[tuple[_Row, Sequence[dict[str, Any]]]]
+    ) -> None:
+        """Append the receipts of these entries (entry, target parts) before any is acked.
+
+        A failure raises (RedisError): the batch is then not acknowledged and is delivered
+        again, so no acknowledged purge lacks its receipt.
+        """
+        if not receipts:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for (entry_id, fields), targets in receipts:
+                record = receipt(
+                    entry_id=entry_id,
+                    fields=fields,
+                    node=self.consumer,
+                    role=role.name,
+                    targets=targets,
+                )
+                pipe.xadd(
+                    self._receipts,
+                    entry_fields(
+                        json.dumps(record).encode(),
+                        user=record["user"],
+                        message_id=secrets.token_hex(8),
+                        raw=False,
+                    ),
+                    maxlen=self._receipts_max_len,
+                    approximate=True,
+                )
+            await pipe.execute()
 
     async def _parse(self, role: Role, row: _Row) -> Purge | None:
         """The entry's purge, checked again against its publisher's scope; None if invalid."""
@@ -447,8 +511,14 @@ class Drain:
             except (RedisError, OSError) as exc:
                 log.warning("drain_heartbeat_failed", group=role.group, error=str(exc))
 
-    async def _dead_letter(self, role: Role, row: _Row, error: str) -> None:
+    async def _dead_letter(
+        self, role: Role, row: _Row, error: str, *, receipt_written: bool = False
+    ) -> None:
         entry_id, fields = row
+        if not receipt_written:
+            part = {"target": "(drain)", "result": "dead-lettered", "count": None, "ms": None,
+                    "error": error[:2000], "reference": None}  # fmt: skip
+            await self._write_receipts(role, [(row, [part])])
         record: dict[Any, Any] = {
             **fields,
             "origin_id": entry_id,
@@ -475,6 +545,8 @@ class Drain:
         status = {
             "node": self.consumer,
             "roles": [r.name for r in self.roles],
+            "local_targets": [t.name for t in self._local_targets],
+            "cdn_targets": [t.name for r in self.roles if r.name == "cdn" for t in r.targets],
             "last_purge_ms": self.stats.last_purge_ms,
             "purges_done": self.stats.purges_done,
             "dead_lettered": self.stats.dead_lettered,

@@ -16,7 +16,7 @@ from drainbus.drain.cloudflare import CloudflareForwarder
 from drainbus.drain.http_purge import HttpPurger
 from drainbus.drain.nginx import NginxCache
 from drainbus.drain.purges import Purge, ScopeRule, key_host_for
-from drainbus.drain.retry import DONE, Outcome
+from drainbus.drain.retry import Outcome
 from drainbus.errors import DrainbusError
 
 __all__ = ["CloudflareTarget", "HttpPurgeTarget", "LocalCacheTarget", "NginxTarget", "Target"]
@@ -67,7 +67,7 @@ class NginxTarget:
                 continue
             self.evicted += removed
             log.info("nginx_purged", target=self.name, removed=removed)
-            outcomes.append(DONE)
+            outcomes.append(Outcome("done", evicted=removed))
         return outcomes
 
     async def flush_all(self) -> int:

@@ -15,17 +15,21 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import NoReturn, TypeAlias
+from typing import NoReturn, TypeAlias, cast
 
+import anyio
 import asyncssh
 import structlog
+from redis.exceptions import RedisError
 
 from drainbus.acl import Access, check_topic_name
 from drainbus.bus import Bus
 from drainbus.bus.catalog import describe_topics, known_topics
+from drainbus.bus.connection import backend_error
 from drainbus.bus.fanout import Batch, TrimNotice
-from drainbus.bus.streams import MAX_SEQ, ZERO_ID, StreamId, parse_id
+from drainbus.bus.streams import MAX_SEQ, ZERO_ID, StreamId, parse_id, rfc3339
 from drainbus.config import Settings, parse_duration
+from drainbus.drain.receipts import ReceiptWait, live_drain_nodes, receipts_topic, render_line
 from drainbus.drain.status import drain_health
 from drainbus.errors import (
     BackendError,
@@ -52,6 +56,7 @@ LineCheck = Callable[[Identity, bytes], None]
 """Validates one message for a topic; raises DataError or PermissionDenied to reject it."""
 
 _BATCH_LINES = 2048  # messages per stored batch when a publisher sends a lot at once
+_RECEIPT_SLACK_MS = 5000  # pub --wait reads receipts from this long before its first purge
 
 
 @dataclass
@@ -132,7 +137,8 @@ async def _pub(ctx: SessionContext, args: argparse.Namespace) -> int:
     ctx.access.require(ctx.identity, "publish", topic)
     if args.raw and topic in ctx.line_checks:
         raise UsageError(f"pub --raw is not allowed on '{topic}': it takes one checked line each")
-    publisher = _LinePublisher(ctx, topic)
+    wait = _wait_seconds(ctx, topic, args)
+    publisher = _LinePublisher(ctx, topic, keep_ids=wait is not None)
     reader = ctx.process.stdin
     limit = ctx.settings.server.max_message_bytes
     while True:
@@ -148,14 +154,88 @@ async def _pub(ctx: SessionContext, args: argparse.Namespace) -> int:
         await publisher.flush()
     publisher.finish()
     await publisher.flush()
-    return publisher.report()
+    code = publisher.report()
+    if wait is None or not publisher.stored:
+        return code
+    waited = await _wait_for_receipts(ctx, topic, publisher.stored, wait, as_json=args.json)
+    return code or waited
+
+
+def _wait_seconds(ctx: SessionContext, topic: str, args: argparse.Namespace) -> float | None:
+    """``pub --wait[=DURATION]`` in seconds; None without it. Only the drain topic has receipts."""
+    if args.wait is None:
+        if args.json:
+            raise UsageError("pub --json describes receipts: use it with --wait")
+        return None
+    if topic != ctx.settings.drain.topic:
+        raise UsageError(
+            f"pub --wait waits for purge receipts, which only '{ctx.settings.drain.topic}' has"
+        )
+    try:
+        seconds = parse_duration(args.wait)
+    except ValueError:
+        raise UsageError(f"--wait={args.wait!r} is not a duration like 10s, 500ms or 1m") from None
+    if seconds <= 0:
+        raise UsageError("--wait must be a positive duration, like 10s")
+    return seconds
+
+
+async def _wait_for_receipts(
+    ctx: SessionContext,
+    topic: str,
+    stored: list[tuple[StreamId, str]],
+    seconds: float,
+    *,
+    as_json: bool,
+) -> int:
+    """Wait until every live drain node reported on every stored purge; print what each did.
+
+    Returns 0 when all were carried out, 75 when one was dead-lettered or a node did not
+    answer within ``timeout``, 69 when no drain node is live (nothing will carry them out).
+    The purges stay stored whatever this returns: waiting changes what the publisher
+    learns, never what the bus does.
+    """
+    bus = ctx.bus
+    try:
+        nodes = await live_drain_nodes(bus.redis, bus.keys)
+    except (RedisError, OSError) as exc:
+        raise backend_error(exc, "looking for live drain nodes") from exc
+    if not nodes:
+        ctx.stderr(
+            f"drainbus: {len(stored)} purge(s) stored, but no drain node is live (none has "
+            f"reported its status recently), so nothing is carrying them out; they will be "
+            "carried out once a drain node starts"
+        )
+        return int(ExitCode.UNAVAILABLE)
+    wait = ReceiptWait.for_purges(stored, nodes)
+    # Receipts are appended after the purge, in the same Redis: start a little before the
+    # first purge's id so clock steps between the two streams cannot hide one.
+    after = (max(0, stored[0][0][0] - _RECEIPT_SLACK_MS), 0)
+    with anyio.move_on_after(seconds):
+        receipts = bus.fanout.follow(receipts_topic(topic), after)
+        try:
+            async for item in receipts:
+                if isinstance(item, TrimNotice):
+                    continue
+                for entry in item.entries:
+                    for message in entry.messages():
+                        wait.add(json.loads(message))
+                if wait.complete:
+                    break
+        finally:
+            await receipts.aclose()
+    lines = wait.report(as_json=as_json, waited=seconds)
+    await ctx.stdout("".join(line + "\n" for line in lines).encode())
+    return 0 if wait.ok else int(ExitCode.TEMPFAIL)
 
 
 class _LinePublisher:
     """Splits stdin into lines, checks each, and stores valid ones in batches."""
 
-    def __init__(self, ctx: SessionContext, topic: str) -> None:
+    def __init__(self, ctx: SessionContext, topic: str, *, keep_ids: bool = False) -> None:
         self.ctx = ctx
+        self.keep_ids = keep_ids
+        self.stored: list[tuple[StreamId, str]] = []  # with keep_ids: (id, line) of each
         self.topic = topic
         self.check = ctx.line_checks.get(topic)
         self.limit = ctx.settings.server.max_message_bytes
@@ -245,7 +325,7 @@ class _LinePublisher:
             batch, self.pending = self.pending[:_BATCH_LINES], self.pending[_BATCH_LINES:]
             started = time.perf_counter()
             try:
-                await self.ctx.bus.publisher.publish(
+                ids = await self.ctx.bus.publisher.publish(
                     self.topic,
                     batch,
                     user=self.ctx.identity.user,
@@ -259,6 +339,8 @@ class _LinePublisher:
                 )
                 raise
             self.published += len(batch)
+            if self.keep_ids:  # checked lines are never packed: one entry id per line
+                self.stored += zip(ids, (m.decode("utf-8", "replace") for m in batch), strict=True)
             PUBLISH_SECONDS.observe(time.perf_counter() - started)
             MESSAGES_PUBLISHED.labels(topic_label(self.topic)).inc(len(batch))
 
@@ -330,6 +412,8 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         raise UsageError("sub: --count must be a positive number")
     after, resume_inside = parse_since(args.since) if args.since else (None, None)
+    if args.receipts:
+        return await _sub_receipts(ctx, topic, after, args)
     remaining = args.count
     channel = ctx.process.stdout.channel
     render = Batch.json_lines if args.json else Batch.plain
@@ -373,6 +457,58 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
     finally:
         fanout.count(topic, -1)
     return 0
+
+
+async def _sub_receipts(
+    ctx: SessionContext, topic: str, after: StreamId | None, args: argparse.Namespace
+) -> int:
+    """``sub cache-drain --receipts``: what each drain node did with each purge, as it happens.
+
+    One line per purge, node and target (``--json``: one object each, as ``pub --wait
+    --json`` prints them, plus ``user`` and ``time``). ``--count`` counts those lines.
+    """
+    if topic != ctx.settings.drain.topic:
+        raise UsageError(f"sub --receipts: only the drain topic '{ctx.settings.drain.topic}' "
+                         "has receipts")  # fmt: skip
+    remaining = args.count
+    fanout = ctx.bus.fanout
+    fanout.count(receipts_topic(topic), +1)
+    stream = fanout.follow(receipts_topic(topic), after)
+    try:
+        async for item in stream:
+            if isinstance(item, TrimNotice):
+                ctx.stderr(item.message(topic + " receipts"))
+                continue
+            lines = []
+            for entry in item.entries:
+                for message in entry.messages():
+                    lines += _receipt_lines(json.loads(message), entry.received_ms, args.json)
+            if remaining is not None:
+                lines = lines[:remaining]
+                remaining -= len(lines)
+            await ctx.stdout("".join(line + "\n" for line in lines).encode())
+            if remaining == 0:
+                return 0
+    finally:
+        await stream.aclose()
+        fanout.count(receipts_topic(topic), -1)
+    return 0
+
+
+def _receipt_lines(record: dict[str, object], received_ms: int, as_json: bool) -> list[str]:
+    parts = cast(list[dict[str, object]], record.get("targets") or [])
+    if as_json:
+        node = "cdn" if record.get("role") == "cdn" else record.get("node")
+        common = {"id": record.get("id"), "purge": record.get("purge"), "user": record.get("user"),
+                  "node": node, "time": rfc3339(received_ms)}  # fmt: skip
+        return [
+            json.dumps({**common, **{k: part.get(k) for k in _RECEIPT_FIELDS}}) for part in parts
+        ]
+    head = f"{record.get('id')} {record.get('purge')} by {record.get('user')}"
+    return [f"{head}: {render_line(record, part)}" for part in parts]
+
+
+_RECEIPT_FIELDS = ("target", "result", "count", "ms", "error")
 
 
 # --- ls, whoami, help --------------------------------------------------------------------
@@ -498,6 +634,18 @@ def _build_commands() -> dict[str, Command]:
         action="store_true",
         help="send stdin in chunks as-is (binary-safe), not line by line",
     )
+    pub.parser.add_argument(
+        "--wait",
+        nargs="?",
+        const="10s",
+        metavar="DURATION",
+        help="cache-drain: then wait (default 10s) until every live drain node carried out "
+        "each purge, print what each target did, exit 0 (all done), 75 (dead-lettered or no "
+        "answer in time) or 69 (no drain node is live)",
+    )
+    pub.parser.add_argument(
+        "--json", action="store_true", help="with --wait: one JSON object per node and target"
+    )
 
     sub = _command(
         "sub",
@@ -515,6 +663,12 @@ def _build_commands() -> dict[str, Command]:
     sub.parser.add_argument("--count", type=int, metavar="N", help="stop after N messages")
     sub.parser.add_argument(
         "--json", action="store_true", help="one JSON object per line: id, time, topic, user, data"
+    )
+    sub.parser.add_argument(
+        "--receipts",
+        action="store_true",
+        help="cache-drain: follow the purge receipts instead (what each drain node did with "
+        "each purge), one line per purge, node and target",
     )
 
     ls = _command(
