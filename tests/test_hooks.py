@@ -7,6 +7,7 @@ inotify on a temp tree, git pushing to a bare repository with a post-receive hoo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -28,6 +29,9 @@ from drainbus.hooks.settings import HooksSettings
 from drainbus.hooks.spool import Spool
 from drainbus.hooks.watch import Attempt, Debouncer, Watcher
 from tests.conftest import Result, RunningBus, ServeProcess, Subscriber, User, run_ssh
+from tests.nginx_env import NginxEnv
+from tests.test_drain import drain_config, prime
+from tests.test_receipts import named
 
 StartBus = Callable[..., Awaitable[RunningBus]]
 Subscribe = Callable[..., Awaitable[Subscriber]]
@@ -520,3 +524,37 @@ async def test_git_hook_exit_codes(start_bus: StartBus, add_user: AddUser, tmp_p
     assert (ignored.code, ignored.stderr) == (0, "")
     assert refused.code == 77
     assert "beta-blog" in refused.stderr
+
+
+async def test_pub_and_git_hook_wait_for_receipts(
+    start_bus: StartBus, add_user: AddUser, tmp_path: Path, nginx_env: NginxEnv
+) -> None:
+    """`drainbus pub --wait` and a git hook with `wait` print what each drain node did."""
+    acme = add_user("acme")
+    node = await start_bus(drain=named(drain_config(nginx_env)))
+    prime(nginx_env)
+    env = clean_env(DRAINBUS_HOOKS__KNOWN_HOSTS=str(known_hosts_for(node, tmp_path)))
+    args = bus_args(node.port, acme.key_file)
+
+    waited = await drainbus("pub", *args, "cache-drain", "acme-blog", "--wait", env=env)
+    assert (waited.code, waited.stderr) == (0, "")
+    assert waited.stdout.decode().startswith("web1 pages: 5 objects evicted in ")
+    assert nginx_env.get("/", "acme-blog.pages.example").cache == "MISS"
+
+    as_json = await drainbus("pub", *args, "--wait=5s", "--json", "cache-drain",
+                             stdin=b"acme-blog2\n", env=env)  # fmt: skip
+    assert as_json.code == 0
+    assert json.loads(as_json.stdout)["result"] == "evicted"
+
+    pushed_main = f"{SHA_A} {SHA_B} refs/heads/main\n".encode()
+    env["DRAINBUS_HOOKS__WAIT"] = "5s"
+    hooked = await drainbus("hook", "git", *args, "--branch", "main=acme-blog",
+                            stdin=pushed_main, env=env)  # fmt: skip
+    # The MISS checked above cached "/" again: the push's purge evicts that one object.
+    assert hooked.code == 0
+    assert hooked.stdout.startswith(b"web1 pages: 1 object evicted in ")
+
+    del env["DRAINBUS_HOOKS__WAIT"]
+    lonely = await drainbus("pub", *args, "--json", "cache-drain", "acme-x", env=env)
+    assert lonely.code == 64
+    assert "use it with --wait" in lonely.stderr

@@ -184,11 +184,20 @@ class BusSession:
         self._conn = conn
 
     async def publish(
-        self, topic: str, lines: Sequence[str], *, stderr: BinaryIO | None = None
+        self,
+        topic: str,
+        lines: Sequence[str],
+        *,
+        stderr: BinaryIO | None = None,
+        stdout: BinaryIO | None = None,
+        wait: float | None = None,
+        json_receipts: bool = False,
     ) -> PublishResult:
         """Publish each of ``lines`` as one message; return how the server's ``pub`` ended.
 
         The server's stderr is kept in the result and also copied to ``stderr`` if given.
+        ``wait``: seconds to wait for the purge receipts (``pub --wait``), which the server
+        writes to its stdout, copied to ``stdout`` if given.
         Raises :class:`UsageError` for a line containing a newline (it would become two
         messages) and :class:`BusUnreachable` if the connection fails.
         """
@@ -199,23 +208,45 @@ class BusSession:
                     topic=topic,
                 )
         data = "".join(f"{line}\n" for line in lines).encode()
-        return await self._run(topic, data, stdout=None, stderr=stderr)
+        return await self._run(
+            topic, data, stdout=stdout, stderr=stderr, wait=wait, json_receipts=json_receipts
+        )
 
     async def publish_from(
-        self, topic: str, fd: int | None, *, stdout: BinaryIO, stderr: BinaryIO
+        self,
+        topic: str,
+        fd: int | None,
+        *,
+        stdout: BinaryIO,
+        stderr: BinaryIO,
+        wait: float | None = None,
+        json_receipts: bool = False,
     ) -> PublishResult:
         """Stream everything readable from file descriptor ``fd`` (stdin; None when closed)
         to ``pub TOPIC`` as it comes, so ``tail -f log | drainbus pub topic`` works as with
-        ssh. The server's output is copied to ``stdout`` and ``stderr``. Raises
-        :class:`BusUnreachable`."""
-        return await self._run(topic, b"" if fd is None else fd, stdout=stdout, stderr=stderr)
+        ssh. The server's output is copied to ``stdout`` and ``stderr``. ``wait`` and
+        ``json_receipts``: ``pub --wait=SECONDS [--json]``. Raises :class:`BusUnreachable`."""
+        source = b"" if fd is None else fd
+        return await self._run(
+            topic, source, stdout=stdout, stderr=stderr, wait=wait, json_receipts=json_receipts
+        )
 
     async def _run(
-        self, topic: str, source: bytes | int, *, stdout: BinaryIO | None, stderr: BinaryIO | None
+        self,
+        topic: str,
+        source: bytes | int,
+        *,
+        stdout: BinaryIO | None,
+        stderr: BinaryIO | None,
+        wait: float | None = None,
+        json_receipts: bool = False,
     ) -> PublishResult:
         # The server splits its command line like a shell: quoted, the topic stays one
         # argument, so a bad one is refused by name (64) rather than as extra arguments.
-        process = await self._conn.create_process(f"pub {shlex.quote(topic)}", encoding=None)
+        command = f"pub {shlex.quote(topic)}"
+        if wait is not None:
+            command += f" --wait={wait:g}s" + (" --json" if json_receipts else "")
+        process = await self._conn.create_process(command, encoding=None)
         kept = bytearray()
         try:
             async with anyio.create_task_group() as task_group:

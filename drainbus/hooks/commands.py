@@ -130,6 +130,16 @@ def _first_leaf(group: BaseExceptionGroup[DrainbusError]) -> DrainbusError:
 
 @click.command(cls=_SysexitsCommand)
 @_connection_options
+@click.option(
+    "--wait",
+    is_flag=False,
+    flag_value="10s",
+    default=None,
+    metavar="DURATION",
+    help="Then wait (default 10s; hooks.wait) for every drain node to carry the purges out, "
+    "print what each did; exit 75 if one did not, 69 if no drain node is live.",
+)
+@click.option("--json", "json_receipts", is_flag=True, help="With --wait: receipts as JSON lines.")
 @click.argument("topic")
 @click.argument("messages", nargs=-1, metavar="[MSG]...")
 @click.pass_context
@@ -140,6 +150,8 @@ def pub(
     host: str | None,
     port: int | None,
     key: Path | None,
+    wait: str | None,
+    json_receipts: bool,
     topic: str,
     messages: tuple[str, ...],
 ) -> None:
@@ -150,7 +162,9 @@ def pub(
     69 with one line when the bus cannot be reached (connection, host key or key refused).
     The bus, key and known_hosts come from the config's [hooks] section.
     """
-    settings = _load(ctx, config, host=host, port=port, key=key)
+    settings = _load(ctx, config, host=host, port=port, key=key, wait=wait)
+    if json_receipts and settings.wait is None:
+        _fail(UsageError("--json describes purge receipts: use it with --wait"))
     for number, message in enumerate(messages, start=1):
         if "\n" in message or "\r" in message:
             _fail(UsageError(f"MSG {number} contains a line break; give one line per MSG"))
@@ -158,12 +172,24 @@ def pub(
     async def main() -> int:
         async with BusClient(settings).connect() as session:
             if messages:
-                result = await session.publish(topic, messages, stderr=sys.stderr.buffer)
+                result = await session.publish(
+                    topic,
+                    messages,
+                    stderr=sys.stderr.buffer,
+                    stdout=sys.stdout.buffer,
+                    wait=settings.wait,
+                    json_receipts=json_receipts,
+                )
             else:
                 # Python leaves sys.stdin None when started with fd 0 closed (<&-).
                 stdin = None if sys.stdin is None else sys.stdin.fileno()
                 result = await session.publish_from(
-                    topic, stdin, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer
+                    topic,
+                    stdin,
+                    stdout=sys.stdout.buffer,
+                    stderr=sys.stderr.buffer,
+                    wait=settings.wait,
+                    json_receipts=json_receipts,
                 )
         return result.exit_code
 
@@ -298,7 +324,9 @@ def git(
     text = sys.stdin.read()
 
     async def main() -> int:
-        result = await publish_pushed(settings, text, stderr=sys.stderr.buffer)
+        result = await publish_pushed(
+            settings, text, stderr=sys.stderr.buffer, stdout=sys.stdout.buffer
+        )
         return 0 if result is None else result.exit_code
 
     _run(main)

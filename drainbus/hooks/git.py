@@ -65,12 +65,17 @@ def purges_for(updates: Iterable[RefUpdate], branches: Mapping[str, Sequence[str
 
 
 async def publish_pushed(
-    settings: HooksSettings, text: str, *, stderr: BinaryIO | None = None
+    settings: HooksSettings,
+    text: str,
+    *,
+    stderr: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
 ) -> PublishResult | None:
     """Publish the purges for the post-receive input ``text`` to ``settings.topic``.
 
     Returns None when no configured branch was pushed (nothing is sent), else how the
-    server's ``pub`` ended (its stderr also copied to ``stderr``). Raises DataError for
+    server's ``pub`` ended (its stderr also copied to ``stderr``; with ``settings.wait``, the
+    purge receipts to ``stdout``, which git shows the pusher). Raises DataError for
     malformed input, ConfigError for an unusable key file and
     :class:`~drainbus.hooks.client.BusUnreachable`.
     """
@@ -78,4 +83,6 @@ async def publish_pushed(
     if not lines:
         return None
     async with BusClient(settings).connect() as session:
-        return await session.publish(settings.topic, lines, stderr=stderr)
+        return await session.publish(
+            settings.topic, lines, stderr=stderr, stdout=stdout, wait=settings.wait
+        )

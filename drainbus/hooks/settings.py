@@ -78,7 +78,8 @@ class HooksSettings(BaseModel):
     ``known_hosts`` the OpenSSH known_hosts file checked against the bus's host key (``~``
     expanded when it is read), None (``"none"`` in the file) to accept any host key, which
     lets anyone on the path pose as the bus. ``connect_timeout``, ``debounce`` and
-    ``max_wait`` are seconds; ``spool`` None means
+    ``max_wait`` are seconds; ``wait`` (seconds, None: off) makes ``drainbus pub`` and
+    ``hook git`` wait that long for the purge receipts (``pub --wait``); ``spool`` None means
     :func:`default_spool_path`. ``branches`` maps a ref (``main`` is short for
     ``refs/heads/main``) to the purge lines published when it is pushed.
     """
@@ -95,6 +96,7 @@ class HooksSettings(BaseModel):
     key_from: str = "{0}-{1}"
     debounce: _Duration = 2.0
     max_wait: _Duration = 60.0
+    wait: _Duration | None = None
     spool: Path | None = None
     branches: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
