@@ -108,12 +108,12 @@ subscribe = ["*"]
 """
 
 
-def _prepare(root: Path, client_key: Path, namespace: str) -> Path:
+def _prepare(root: Path, client_key: Path, namespace: str, extra_config: str = "") -> Path:
     """Write the users folder and the config file; return the config's path."""
     (root / "users").mkdir(parents=True, exist_ok=True)
     (root / "users" / f"{BENCH_USER}.pub").write_text(client_key.with_suffix(".pub").read_text())
     config = root / "drainbus.toml"
-    config.write_text(_config(root, namespace))
+    config.write_text(_config(root, namespace) + extra_config)
     return config
 
 
@@ -125,16 +125,19 @@ async def start_drainbus(
     redis_url: str | None = None,
     profile: Path | None = None,
     workers: int = 1,
+    namespace: str | None = None,
+    extra_config: str = "",
 ) -> AsyncIterator[DrainbusServer]:
     """Run ``drainbus serve --workers N`` with a config in ``root``; stop it (SIGTERM) on exit.
 
     ``client_key``'s public half is registered as user ``bench``. ``root`` must be short:
     the embedded server's unix socket lives in it. With ``profile``, the server runs under
     cProfile and writes its statistics there when it stops (one worker only: the profile
-    covers the supervisor otherwise).
+    covers the supervisor otherwise). ``namespace`` joins another server's bus (with its
+    ``redis_url``); ``extra_config`` is TOML appended to the config (a ``[drain]`` section).
     """
-    namespace = f"bench-{secrets.token_hex(3)}"
-    config = _prepare(root, client_key, namespace)
+    namespace = namespace or f"bench-{secrets.token_hex(3)}"
+    config = _prepare(root, client_key, namespace, extra_config)
     argv = [sys.executable]
     if profile is not None:
         argv += ["-m", "cProfile", "-o", str(profile)]

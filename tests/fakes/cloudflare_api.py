@@ -142,6 +142,7 @@ class FakeCloudflare:
         bad_tags: Iterable[str] = (),
         ratelimit_headers: bool = True,
         hang_seconds: float = 5.0,
+        answer_delay: float = 0.0,
     ) -> None:
         calls_bucket, calls_rate, urls_rate, files_per_call = PLANS[plan]
         self.tokens = dict(tokens or {"test-token": "test-account"})
@@ -152,6 +153,7 @@ class FakeCloudflare:
         self.bad_tags = frozenset(bad_tags)
         self.ratelimit_headers = ratelimit_headers
         self.hang_seconds = hang_seconds
+        self.answer_delay = answer_delay  # seconds each answer takes, like the real API's latency
         self._state = _State()
         self._cond = threading.Condition()
         self._release = threading.Event()
@@ -385,6 +387,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
+        if self.owner.answer_delay:
+            time.sleep(self.owner.answer_delay)
         status, payload, headers = self.owner.handle(
             self.path, self.headers.get("Authorization"), raw
         )
