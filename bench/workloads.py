@@ -49,6 +49,8 @@ class Sizes:
     purges: int  # workload 6: pub -> file gone / Cloudflare call, one purge at a time
     index_files: int  # workload 7: nginx cache files indexed
     index_repeat: int  # workload 7: cold builds, warm builds and tag purges of each
+    receipt_purges: int  # workload 8: pub --wait, one purge at a time
+    receipt_waiters: int  # workload 8: pub --wait sessions waiting at once
 
 
 FULL = Sizes(
@@ -61,6 +63,8 @@ FULL = Sizes(
     purges=100,
     index_files=100_000,
     index_repeat=3,
+    receipt_purges=100,
+    receipt_waiters=200,
 )
 QUICK = Sizes(
     n_lat=50,
@@ -72,6 +76,8 @@ QUICK = Sizes(
     purges=5,
     index_files=2000,
     index_repeat=1,
+    receipt_purges=3,
+    receipt_waiters=20,
 )
 
 
@@ -422,6 +428,27 @@ async def nginx_index(bench: Bench, result: WorkloadResult) -> None:
     ]  # fmt: skip
 
 
+async def receipts(bench: Bench, result: WorkloadResult) -> None:
+    """8. ``pub --wait``: two drain nodes (nginx each) plus Cloudflare, and what waiting costs.
+
+    bench.receipts runs two ``drainbus serve`` on one bus, each with its own real nginx, and a
+    Cloudflare stand-in that answers in 50 ms.
+    """
+    result.has_floor = False
+    result.notes.append(NO_FLOOR)
+    sizes = bench.sizes
+    args = [str(sizes.receipt_purges), "--waiters", str(sizes.receipt_waiters)]
+    figures = json.loads(await _run_module("bench.receipts", args, sizes.floor_timeout))
+    wait, n = figures["pub_wait_ms"], sizes.receipt_purges
+    result.rows += [
+        Row(f"pub --wait, 2 nginx nodes + Cloudflare (50 ms), p50 of {n}", "ms", wait["p50"]),
+        Row(f"pub --wait, 2 nginx nodes + Cloudflare (50 ms), p99 of {n}", "ms", wait["p99"],
+            None, Target("value<=", 150)),
+        Row(f"Redis CPU while {figures['waiters']} pub --wait sessions wait", "% of a core",
+            100 * figures["redis_cpu_share_while_waiting"], None, Target("value<=", 1)),
+    ]  # fmt: skip
+
+
 WORKLOADS: dict[str, tuple[str, Workload]] = {
     "latency": ("1. latency, OpenSSH pub -> sub", latency),
     "throughput": ("2. throughput, OpenSSH pub -> sub", throughput),
@@ -430,4 +457,5 @@ WORKLOADS: dict[str, tuple[str, Workload]] = {
     "capacity": ("5. capacity, idle subscribers", capacity),
     "purge": ("6. purge path, pub -> nginx / Cloudflare", purge_path),
     "nginx_index": ("7. nginx index, build and tag purge", nginx_index),
+    "receipts": ("8. receipts, pub --wait", receipts),
 }
