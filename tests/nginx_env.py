@@ -383,11 +383,18 @@ class NginxEnv:
         """nginx's ``proxy_cache_path`` folder."""
         return self.nginx.cache_path
 
-    def get(self, path: str, host: str) -> Response:
-        """GET ``path`` through nginx with ``Host: host``."""
-        response = self.client.get(
-            f"http://127.0.0.1:{self.nginx.port}{path}", headers={"Host": host}
-        )
+    def get(self, path: str, host: str, *, new_connection: bool = False) -> Response:
+        """GET ``path`` through nginx with ``Host: host``.
+
+        ``new_connection`` sends it on a connection of its own: nginx reads the next request
+        on a kept-alive connection only once a background cache update started on it is done.
+        """
+        url, headers = f"http://127.0.0.1:{self.nginx.port}{path}", {"Host": host}
+        if new_connection:
+            with httpx.Client(timeout=self.client.timeout) as client:
+                response = client.get(url, headers=headers)
+        else:
+            response = self.client.get(url, headers=headers)
         return Response(
             response.status_code, response.headers.get("X-Cache-Status", ""), response.text
         )
