@@ -27,11 +27,11 @@ from drainbus.bus import Bus
 from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.config import Settings, load_settings
 from drainbus.node import Node, open_node
-from tests.nginx_env import nginx_env, origin  # real nginx, shared by every module
+from tests.nginx_env import nginx_directives, nginx_env, origin  # real nginx, for every module
 from tests.redis_topology import redis_cluster, redis_sentinel  # started only when asked for
 
 RunningBus = Node  # what the tests call a started node
-__all__ = ["nginx_env", "origin", "redis_cluster", "redis_sentinel"]  # fixtures for pytest
+__all__ = ["nginx_directives", "nginx_env", "origin", "redis_cluster", "redis_sentinel"]  # fixtures
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 

@@ -14,12 +14,18 @@ The origin (:class:`Origin`) answers every GET with ``Cache-Control: max-age=360
 ``Cache-Tag`` header and a body that ends in a request counter, so a test can tell a cached
 copy from a fresh one. Tags default to the first label of the Host (``acme-blog.pages.example``
 -> ``acme-blog``) plus any tags a test registers for a path prefix in ``Origin.path_tags``.
+With ``Origin.etag`` set it also sends that ETag and answers a matching ``If-None-Match``
+with 304; ``Origin.requests`` records what each request asked, and clearing ``Origin.gate``
+holds answers until the test sets it again.
 
 nginx (:class:`Nginx`) is the real binary, run in the foreground with every path inside a
 temporary folder and the cache configured as the drainbus docs assume::
 
     proxy_cache_path <tmp>/cache levels=1:2 keys_zone=z:10m use_temp_path=off;
     proxy_cache_key  $scheme$host$request_uri;
+
+A test adds directives to the cached location by parametrising the ``nginx_directives``
+fixture, e.g. with :data:`SOFT_PURGE_DIRECTIVES`.
 
 It is never skipped: when nginx is missing the fixture fails and says how to install it.
 """
@@ -43,17 +49,22 @@ from typing import NamedTuple
 
 import httpx
 import pytest
+from asyncinotify import Inotify, Mask
 
 from drainbus.drain.nginx import cache_file_path
 
 __all__ = [
     "CACHE_KEY",
     "CACHE_LEVELS",
+    "SOFT_PURGE_DIRECTIVES",
     "Nginx",
     "NginxEnv",
     "Origin",
+    "OriginRequest",
     "Response",
+    "cache_file_written",
     "find_nginx",
+    "nginx_directives",
     "nginx_env",
     "origin",
     "run_nginx",
@@ -65,6 +76,15 @@ __all__ = [
 #: The proxy_cache_key and levels the test nginx uses.
 CACHE_KEY = "$scheme$host$request_uri"
 CACHE_LEVELS = "1:2"
+
+#: What makes a soft purge pay off: serve the expired copy at once, revalidate it in the
+#: background with a conditional request.
+SOFT_PURGE_DIRECTIVES = """
+    proxy_cache_use_stale updating;
+    proxy_cache_background_update on;
+    proxy_cache_revalidate on;
+"""
+_GATE_DEADLINE_S = 10.0
 
 _START_DEADLINE_S = 10.0
 _STOP_DEADLINE_S = 10.0
@@ -92,21 +112,38 @@ def _host_label_tags(host: str, path: str) -> list[str]:
     return [host.split(":", 1)[0].split(".", 1)[0]]
 
 
+class OriginRequest(NamedTuple):
+    """One request that reached the origin: its path, ``If-None-Match`` and answer status."""
+
+    path: str
+    if_none_match: str | None
+    status: int
+
+
 @dataclass
 class Origin:
     """A threaded HTTP origin on 127.0.0.1 whose responses nginx may cache for an hour.
 
     ``tags_for(host, path)`` gives each response's ``Cache-Tag`` list; ``path_tags`` adds
     tags for every path starting with a given prefix. ``hits`` counts the requests that
-    reached the origin, and every body ends with that count.
+    reached the origin, and every body ends with that count. With ``etag`` (a quoted
+    string) set, responses carry it, bodies name it, and a request whose ``If-None-Match``
+    is ``etag`` gets a 304. ``requests`` lists every request answered, in order; while
+    ``gate`` is clear, answers wait for it (at most 10 s).
     """
 
     tags_for: Callable[[str, str], Sequence[str]] = _host_label_tags
     path_tags: dict[str, list[str]] = field(default_factory=dict)
     tag_header: str = "Cache-Tag"
+    etag: str | None = None
     hits: int = 0
     port: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    requests: list[OriginRequest] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
 
     def tags(self, host: str, path: str) -> list[str]:
         """Every tag the response for ``host`` and ``path`` carries."""
@@ -122,24 +159,50 @@ class Origin:
             self.hits += 1
             return self.hits
 
+    def answered(self, request: OriginRequest) -> None:
+        """Record ``request`` as answered and wake :meth:`wait_for_requests`."""
+        with self._lock:
+            self.requests.append(request)
+            self._lock.notify_all()
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[OriginRequest]:
+        """Wait until ``count`` requests were answered; returns them all, or fails the test."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: len(self.requests) >= count, timeout):
+                pytest.fail(f"origin answered {len(self.requests)} requests, not {count}")
+            return list(self.requests)
+
 
 def _handler_for(origin: Origin) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
+            origin.gate.wait(_GATE_DEADLINE_S)
             host = self.headers.get("Host", "")
             n = origin.count()
-            body = f"{host}{self.path} #{n}\n".encode()
+            etag, if_none_match = origin.etag, self.headers.get("If-None-Match")
+            if etag is not None and if_none_match == etag:
+                self.send_response(304)
+                self.send_header("ETag", etag)
+                self.send_header("Cache-Control", "max-age=3600")
+                self.end_headers()
+                origin.answered(OriginRequest(self.path, if_none_match, 304))
+                return
+            version = f" {etag}" if etag is not None else ""
+            body = f"{host}{self.path}{version} #{n}\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "max-age=3600")
+            if etag is not None:
+                self.send_header("ETag", etag)
             tags = origin.tags(host, self.path)
             if tags:
                 self.send_header(origin.tag_header, ",".join(tags))
             self.end_headers()
             self.wfile.write(body)
+            origin.answered(OriginRequest(self.path, if_none_match, 200))
 
         def log_message(self, format: str, *args: object) -> None:
             del format, args  # keep test output clean
@@ -193,7 +256,7 @@ class Nginx:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _config(root: Path, port: int, origin_port: int) -> str:
+def _config(root: Path, port: int, origin_port: int, directives: str = "") -> str:
     temp = {
         name: root / "temp" / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     }
@@ -229,6 +292,7 @@ http {{
             proxy_cache_key {CACHE_KEY};
             proxy_cache_valid 200 1h;
             add_header X-Cache-Status $upstream_cache_status always;
+            {directives}
         }}
     }}
 }}
@@ -248,25 +312,27 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def run_nginx(root: Path, origin_port: int) -> Iterator[Nginx]:
+def run_nginx(root: Path, origin_port: int, directives: str = "") -> Iterator[Nginx]:
     """Run nginx with its config, cache and temp folders under ``root`` until the block ends.
 
-    Returns once nginx answers on its port; fails the test with nginx's log if it does not
-    within the start deadline.
+    ``directives`` go into the cached location. Returns once nginx answers on its port; fails
+    the test with nginx's log if it does not within the start deadline.
     """
-    nginx = _start(find_nginx(), root, origin_port)
+    nginx = _start(find_nginx(), root, origin_port, directives)
     try:
         yield nginx
     finally:
         _stop(nginx.process)
 
 
-def _start(binary: str, root: Path, origin_port: int, attempts: int = 3) -> Nginx:
+def _start(
+    binary: str, root: Path, origin_port: int, directives: str = "", attempts: int = 3
+) -> Nginx:
     root.mkdir(parents=True, exist_ok=True)
     conf = root / "nginx.conf"
     for attempt in range(1, attempts + 1):
         port = _free_port()
-        conf.write_text(_config(root, port, origin_port))
+        conf.write_text(_config(root, port, origin_port, directives))
         process = subprocess.Popen(
             [binary, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
             stdin=subprocess.DEVNULL,
@@ -317,11 +383,18 @@ class NginxEnv:
         """nginx's ``proxy_cache_path`` folder."""
         return self.nginx.cache_path
 
-    def get(self, path: str, host: str) -> Response:
-        """GET ``path`` through nginx with ``Host: host``."""
-        response = self.client.get(
-            f"http://127.0.0.1:{self.nginx.port}{path}", headers={"Host": host}
-        )
+    def get(self, path: str, host: str, *, new_connection: bool = False) -> Response:
+        """GET ``path`` through nginx with ``Host: host``.
+
+        ``new_connection`` sends it on a connection of its own: nginx reads the next request
+        on a kept-alive connection only once a background cache update started on it is done.
+        """
+        url, headers = f"http://127.0.0.1:{self.nginx.port}{path}", {"Host": host}
+        if new_connection:
+            with httpx.Client(timeout=self.client.timeout) as client:
+                response = client.get(url, headers=headers)
+        else:
+            response = self.client.get(url, headers=headers)
         return Response(
             response.status_code, response.headers.get("X-Cache-Status", ""), response.text
         )
@@ -336,14 +409,34 @@ class NginxEnv:
 
 
 @contextlib.contextmanager
-def run_nginx_env(root: Path, origin: Origin | None = None) -> Iterator[NginxEnv]:
-    """An origin and nginx in front of it, both stopped when the block ends."""
+def run_nginx_env(
+    root: Path, origin: Origin | None = None, directives: str = ""
+) -> Iterator[NginxEnv]:
+    """An origin and nginx in front of it (``directives`` added to its cached location), both
+    stopped when the block ends."""
     with (
         run_origin(origin) as running_origin,
-        run_nginx(root, running_origin.port) as nginx,
+        run_nginx(root, running_origin.port, directives) as nginx,
         httpx.Client(timeout=5.0) as client,
     ):
         yield NginxEnv(running_origin, nginx, client)
+
+
+@contextlib.contextmanager
+def cache_file_written(path: Path, timeout: float = 10.0) -> Iterator[Callable[[], None]]:
+    """Watch the cache file ``path`` from now on; the yielded function returns once nginx has
+    rewritten its header in place (after a 304) or replaced it (after a 200), or fails the
+    test after ``timeout`` seconds."""
+    with Inotify(sync_timeout=timeout) as inotify:
+        inotify.add_watch(path.parent, Mask.CLOSE_WRITE | Mask.MOVED_TO)
+
+        def wait() -> None:
+            while (event := inotify.sync_get()) is not None:
+                if event.name == Path(path.name):
+                    return
+            pytest.fail(f"nginx did not write {path} within {timeout} s")
+
+        yield wait
 
 
 # What nginx 1.22 writes before the KEY line: a version-dependent binary struct. Newlines and
@@ -385,7 +478,13 @@ def origin() -> Origin:
 
 
 @pytest.fixture
-def nginx_env(tmp_path: Path, origin: Origin) -> Iterator[NginxEnv]:
+def nginx_directives() -> str:
+    """Extra directives for nginx's cached location; parametrise to set them per test."""
+    return ""
+
+
+@pytest.fixture
+def nginx_env(tmp_path: Path, origin: Origin, nginx_directives: str) -> Iterator[NginxEnv]:
     """A fresh nginx with an empty cache in front of ``origin``, stopped after the test."""
-    with run_nginx_env(tmp_path / "nginx", origin) as env:
+    with run_nginx_env(tmp_path / "nginx", origin, nginx_directives) as env:
         yield env

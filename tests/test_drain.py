@@ -19,7 +19,7 @@ from drainbus.drain.dead_letters import list_dead_letters, replay_dead_letters
 from drainbus.node import Node
 from tests.conftest import User, run_ssh, serve_process
 from tests.fakes.cloudflare_api import FakeCloudflare
-from tests.nginx_env import NginxEnv, run_nginx_env
+from tests.nginx_env import SOFT_PURGE_DIRECTIVES, NginxEnv, run_nginx_env
 
 StartNode = Callable[..., Awaitable[Node]]
 
@@ -114,6 +114,23 @@ async def test_purge_evicts_exactly_the_purged_objects(
     await wait_drained(node)
     expected = {page: "MISS" if page in evicted else "HIT" for page in PAGES}
     assert cache_states(nginx_env) == expected
+
+
+@pytest.mark.parametrize("nginx_directives", [SOFT_PURGE_DIRECTIVES], ids=["stale"])
+async def test_soft_purge_line_leaves_pages_served_stale(
+    start_bus: StartNode, add_user: Callable[[str], User], nginx_env: NginxEnv
+) -> None:
+    """`soft:acme-blog` through the bus expires the site's pages: STALE, not MISS; others HIT."""
+    root = add_user("root")
+    node = await start_bus(drain=drain_config(nginx_env))
+    prime(nginx_env)
+    result = await run_ssh(
+        node.port, root.key_file, "pub", "cache-drain", stdin=b"soft:acme-blog\n"
+    )
+    assert (result.code, result.stderr) == (0, "")
+    await wait_drained(node)
+    site = {page for page in PAGES if page[0] == "acme-blog.pages.example"}
+    assert cache_states(nginx_env) == {page: "STALE" if page in site else "HIT" for page in PAGES}
 
 
 async def test_site_owner_purges_own_site_but_not_others(

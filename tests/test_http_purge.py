@@ -180,6 +180,65 @@ async def test_hosts_prefixes_and_everything_use_the_ban_templates(
     assert "x-ban-url" not in seen["/ban-all", None].headers
 
 
+VARNISH_XKEY = {"headers": {"xkey-purge": "{tags}"}, "soft_headers": {"xkey-softpurge": "{tags}"}}
+SOUIN = {"headers": {"Surrogate-Key": "{tags}"}}
+SOUIN_SOFT = {"soft_headers": {"Surrogate-Key": "{tags}", "Souin-Purge-Mode": "soft"}}
+
+
+async def test_soft_tag_purges_use_the_soft_headers(
+    cache: RecordingCache, purger: MakePurger
+) -> None:
+    """With soft_headers (Varnish xkey), soft tags go in xkey-softpurge and hard in xkey-purge."""
+    purges = [Purge(tags=frozenset({"a", "b"}), soft=True), Purge(keys=frozenset({"c"}))]
+    settings = {"url": cache.base + "{path}", "tags_url": cache.base + "/", **VARNISH_XKEY}
+    async with purger(**settings) as target:
+        outcomes = await target.forward(purges)
+
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert len(cache.seen) == 2
+    soft = [s.headers for s in cache.seen if "xkey-softpurge" in s.headers]
+    hard = [s.headers for s in cache.seen if "xkey-purge" in s.headers]
+    assert [h["xkey-softpurge"] for h in soft] == ["a b"]
+    assert [h["xkey-purge"] for h in hard] == ["c"]
+    assert all("xkey-purge" not in h for h in soft)
+    assert all("xkey-softpurge" not in h for h in hard)
+
+
+@pytest.mark.parametrize("configured", [True, False], ids=["soft-headers", "no-soft-headers"])
+async def test_soft_url_purges_carry_the_soft_mode_only_when_configured(
+    cache: RecordingCache, purger: MakePurger, configured: bool
+) -> None:
+    """Souin's soft form is a header; without soft_headers a soft purge is sent hard."""
+    settings = {**SOUIN, **(SOUIN_SOFT if configured else {})}
+    async with purger(url=cache.base + "{path}", **settings) as target:
+        outcomes = await target.forward([Purge(urls=frozenset({"https://s.example/x"}), soft=True)])
+
+    assert [o.status for o in outcomes] == ["done"]
+    assert [(s.method, s.path, s.headers.get("souin-purge-mode")) for s in cache.seen] == [
+        ("PURGE", "/x", "soft" if configured else None)
+    ]
+
+
+async def test_a_hard_purge_absorbs_the_same_soft_one(
+    cache: RecordingCache, purger: MakePurger
+) -> None:
+    """The same item purged soft and hard in one batch is sent once, hard; both are done."""
+    purges = [
+        Purge(tags=frozenset({"a"}), hosts=frozenset({"h.example"}), soft=True),
+        Purge(tags=frozenset({"a"}), hosts=frozenset({"h.example"})),
+    ]
+    settings = {"url": cache.base + "{path}", "tags_url": cache.base + "/", **VARNISH_XKEY}
+    async with purger(ban_url=cache.base + "/ban", **settings) as target:
+        outcomes = await target.forward(purges)
+
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert sorted((s.method, s.path, s.headers.get("xkey-purge")) for s in cache.seen) == [
+        ("BAN", "/ban", None),
+        ("PURGE", "/", "a"),
+    ]
+    assert not any("xkey-softpurge" in s.headers for s in cache.seen)
+
+
 @pytest.mark.parametrize(
     ("on_unsupported", "status"), [("skip", "done"), ("permanent", "permanent")]
 )
@@ -273,6 +332,8 @@ async def test_an_unreachable_cache_is_retry_later(purger: MakePurger) -> None:
         {"url": "http://cache{path}", "headers": {"X-Ban": "{regex}"}},
         {"url": "cache{path}"},
         {"url": "http://cache{path}", "method": "purge"},
+        {"url": "http://cache{path}", "soft_headers": {"X-Ban": "{regex}"}},
+        {"url": "http://cache{path}", "soft_headers": {"X Soft": "1"}},
     ],
     ids=[
         "unknown-placeholder",
@@ -280,6 +341,8 @@ async def test_an_unreachable_cache_is_retry_later(purger: MakePurger) -> None:
         "header-placeholder",
         "no-scheme",
         "method",
+        "soft-header-placeholder",
+        "soft-header-name",
     ],
 )
 def test_bad_templates_are_rejected_at_load(settings: dict[str, Any]) -> None:

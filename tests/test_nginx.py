@@ -14,9 +14,15 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from drainbus.drain.cache_file import parse_cache_head
+from drainbus.drain.cache_file import (
+    NGINX_CACHE_VERSION,
+    expire_cache_file,
+    parse_cache_head,
+    read_cache_header,
+)
 from drainbus.drain.key_template import KeyParts, KeyTemplate
 from drainbus.drain.nginx import (
+    CacheEvictionFailed,
     CacheIndex,
     NginxCache,
     NginxCacheConfig,
@@ -27,14 +33,18 @@ from drainbus.drain.purges import Purge
 from tests.nginx_env import (
     CACHE_KEY,
     CACHE_LEVELS,
+    SOFT_PURGE_DIRECTIVES,
     NginxEnv,
     Origin,
+    OriginRequest,
+    cache_file_written,
+    nginx_directives,
     nginx_env,
     origin,
     write_cache_file,
 )
 
-__all__ = ["nginx_env", "origin"]  # fixtures, imported for pytest
+__all__ = ["nginx_directives", "nginx_env", "origin"]  # fixtures, imported for pytest
 
 HOST_TEMPLATE = KeyTemplate("$scheme$host$request_uri")
 
@@ -61,6 +71,14 @@ def test_config_requires_proxy_host_for_proxy_host_keys() -> None:
         NginxCacheConfig(cache_path=Path("/c"))
     config = NginxCacheConfig(cache_path=Path("/c"), proxy_host="origin:8080")
     assert config.key == "$scheme$proxy_host$request_uri"
+
+
+def test_config_mode_is_hard_or_soft() -> None:
+    """mode defaults to hard; soft is accepted and anything else is rejected."""
+    assert NginxCacheConfig(cache_path=Path("/c"), key=CACHE_KEY).mode == "hard"
+    assert NginxCacheConfig(cache_path=Path("/c"), key=CACHE_KEY, mode="soft").mode == "soft"
+    with pytest.raises(pydantic.ValidationError, match="mode"):
+        NginxCacheConfig(cache_path=Path("/c"), key=CACHE_KEY, mode="stale")  # type: ignore[arg-type]
 
 
 def test_config_is_frozen_and_strict() -> None:
@@ -411,6 +429,9 @@ def nginx_config(env: NginxEnv) -> NginxCacheConfig:
         ),
         (Purge(prefixes=frozenset({f"http://{BLOG2}/"})), (), ALL_BLOG2),
         (Purge(everything=True), (), set(PAGES)),
+        (Purge(urls=frozenset({f"http://{BLOG}/posts/1"}), soft=True), (), {(BLOG, "/posts/1")}),
+        (Purge(hosts=frozenset({BLOG2}), soft=True), (), ALL_BLOG2),
+        (Purge(everything=True, soft=True), (), set(PAGES)),
     ],
     ids=[
         "url",
@@ -425,6 +446,9 @@ def nginx_config(env: NginxEnv) -> NginxCacheConfig:
         "prefix-boundary",
         "prefix-root",
         "everything",
+        "url-soft",
+        "host-soft",
+        "everything-soft",
     ],
 )
 async def test_purge_evicts_exactly_the_named_objects(
@@ -434,7 +458,10 @@ async def test_purge_evicts_exactly_the_named_objects(
     key_hosts: tuple[str, ...],
     purged: set[tuple[str, str]],
 ) -> None:
-    """After a purge nginx misses exactly the purged pages and still hits every other one."""
+    """After a purge nginx misses exactly the purged pages and still hits every other one.
+
+    A soft purge expires instead: without stale directives nginx refetches them (EXPIRED).
+    """
     async with NginxCache(nginx_config(nginx_env)) as cache:
         for host, path in PAGES:
             assert nginx_env.get(path, host).cache == "MISS"
@@ -442,7 +469,8 @@ async def test_purge_evicts_exactly_the_named_objects(
         # No await since priming: the purge itself must pick up nginx's fresh files.
         assert await cache.purge(purge, key_hosts=key_hosts) == len(purged)
     statuses = {(host, path): nginx_env.get(path, host).cache for host, path in PAGES}
-    assert {page for page, status in statuses.items() if status == "MISS"} == purged
+    gone = "EXPIRED" if purge.soft else "MISS"
+    assert {page for page, status in statuses.items() if status == gone} == purged
     assert {page for page, status in statuses.items() if status == "HIT"} == set(PAGES) - purged
 
 
@@ -494,3 +522,129 @@ async def test_missing_cache_folder_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope"):
         async with NginxCache(config):
             pass
+
+
+# --- soft purges --------------------------------------------------------------------------
+
+SOFT = pytest.mark.parametrize("nginx_directives", [SOFT_PURGE_DIRECTIVES], ids=["stale"])
+
+
+@pytest.fixture
+def etag_origin(origin: Origin) -> Origin:
+    origin.etag = '"v1"'
+    return origin
+
+
+@SOFT
+@pytest.mark.parametrize(
+    ("soft", "mode", "changed"),
+    [(True, "hard", False), (True, "hard", True), (False, "soft", False), (False, "soft", True)],
+    ids=["purge-soft-304", "purge-soft-200", "mode-soft-304", "mode-soft-200"],
+)
+async def test_soft_purge_serves_stale_and_revalidates(
+    etag_origin: Origin, nginx_env: NginxEnv, soft: bool, mode: str, changed: bool
+) -> None:
+    """After a soft purge nginx answers at once from cache and asks the origin conditionally.
+
+    The origin holds its answer until the stale copy has been served (STALE, then UPDATING
+    while the update waits); then the next request is a HIT with the old body (origin
+    answered 304) or with the new one (origin changed).
+    """
+    old = nginx_env.prime("/posts/1", BLOG)
+    path = cache_file_path(nginx_env.cache_path, CACHE_LEVELS, f"http{BLOG}/posts/1")
+    config = nginx_config(nginx_env).model_copy(update={"mode": mode})
+    async with NginxCache(config) as cache:
+        purge = Purge(urls=frozenset({f"http://{BLOG}/posts/1"}), soft=soft)
+        assert await cache.purge(purge) == 1
+    assert path.exists()
+    if changed:
+        etag_origin.etag = '"v2"'
+    etag_origin.gate.clear()
+    with cache_file_written(path) as nginx_wrote:
+        served = nginx_env.get("/posts/1", BLOG)
+        meanwhile = nginx_env.get("/posts/1", BLOG, new_connection=True)
+        etag_origin.gate.set()
+        assert (served.cache, served.body) == ("STALE", old.body)
+        assert (meanwhile.cache, meanwhile.body) == ("UPDATING", old.body)
+        requests = etag_origin.wait_for_requests(2)
+        nginx_wrote()
+    status = 200 if changed else 304
+    assert requests == [
+        OriginRequest("/posts/1", None, 200),
+        OriginRequest("/posts/1", '"v1"', status),
+    ]
+    after = nginx_env.get("/posts/1", BLOG)
+    assert after.cache == "HIT"
+    if changed:
+        assert after.body == f'{BLOG}/posts/1 "v2" #2\n'
+    else:
+        assert after.body == old.body
+
+
+@SOFT
+async def test_hard_purge_still_deletes(etag_origin: Origin, nginx_env: NginxEnv) -> None:
+    """With the stale directives in place a hard purge still evicts: a MISS, no If-None-Match."""
+    nginx_env.prime("/posts/1", BLOG)
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(Purge(urls=frozenset({f"http://{BLOG}/posts/1"}))) == 1
+    assert nginx_env.get("/posts/1", BLOG).cache == "MISS"
+    assert etag_origin.wait_for_requests(2)[1] == OriginRequest("/posts/1", None, 200)
+
+
+async def test_soft_purge_is_idempotent(nginx_env: NginxEnv) -> None:
+    """Expiring again, or expiring what is not cached, succeeds and counts nothing."""
+    nginx_env.prime("/", BLOG)
+    path = cache_file_path(nginx_env.cache_path, CACHE_LEVELS, f"http{BLOG}/")
+    purge = Purge(urls=frozenset({f"http://{BLOG}/", f"http://{BLOG}/never-cached"}), soft=True)
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(purge) == 1
+        expired = read_cache_header(str(path))
+        assert await cache.purge(purge) == 0
+        assert read_cache_header(str(path)) == expired
+    assert nginx_env.get("/", BLOG).cache == "EXPIRED"
+
+
+async def test_expire_moves_only_valid_sec_into_the_past(nginx_env: NginxEnv) -> None:
+    """Of a real nginx file only valid_sec changes, to a second before now (or stays earlier)."""
+    nginx_env.prime("/", BLOG)
+    path = str(cache_file_path(nginx_env.cache_path, CACHE_LEVELS, f"http{BLOG}/"))
+    before = Path(path).read_bytes()
+    header = read_cache_header(path)
+    assert header is not None
+    assert header.version == NGINX_CACHE_VERSION
+    assert header.date <= header.valid_sec - 3600 + 1  # proxy_cache_valid / max-age: 1 h
+    assert expire_cache_file(path, now=header.date + 10)
+    after = read_cache_header(path)
+    assert after == header._replace(valid_sec=header.date + 9)
+    assert not expire_cache_file(path, now=header.date + 20)
+    assert read_cache_header(path) == after
+    data = Path(path).read_bytes()
+    assert data[:8] + data[16:] == before[:8] + before[16:]
+
+
+async def test_unknown_header_version_is_refused_untouched(nginx_env: NginxEnv) -> None:
+    """A soft purge leaves a file of an unknown header version byte for byte as it was."""
+    nginx_env.prime("/", BLOG)
+    path = cache_file_path(nginx_env.cache_path, CACHE_LEVELS, f"http{BLOG}/")
+    data = bytearray(path.read_bytes())
+    data[0] = NGINX_CACHE_VERSION + 1
+    path.write_bytes(data)
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        with pytest.raises(CacheEvictionFailed, match="header version 6") as failed:
+            await cache.purge(Purge(urls=frozenset({f"http://{BLOG}/"}), soft=True))
+    assert failed.value.paths == (str(path),)
+    assert path.read_bytes() == data
+
+
+async def test_soft_purge_does_not_follow_symlinks(nginx_env: NginxEnv, tmp_path: Path) -> None:
+    """A symlink where a cache file belongs is reported, and what it points at is untouched."""
+    nginx_env.prime("/", BLOG)
+    path = cache_file_path(nginx_env.cache_path, CACHE_LEVELS, f"http{BLOG}/")
+    target = tmp_path / "elsewhere"
+    path.rename(target)
+    path.symlink_to(target)
+    data = target.read_bytes()
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        with pytest.raises(CacheEvictionFailed, match="could not expire 1 file"):
+            await cache.purge(Purge(urls=frozenset({f"http://{BLOG}/"}), soft=True))
+    assert target.read_bytes() == data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -84,6 +85,42 @@ NO_HOSTS = ScopeRule()
 def test_line_forms_parse(line: str, expected: Purge) -> None:
     """Each one-line form parses to the Purge the grammar table promises."""
     assert parse_purge(line) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        pytest.param("soft:acme-blog", Purge(keys=frozenset({"acme-blog"})), id="bare-key"),
+        pytest.param("soft:tag:a:b/c", Purge(tags=frozenset({"a:b/c"})), id="tag"),
+        pytest.param(
+            "soft:url:https://H.example/x?y=1",
+            Purge(urls=frozenset({"https://h.example/x?y=1"})),
+            id="url",
+        ),
+        pytest.param(
+            "soft:HTTPS://h.example/x",
+            Purge(urls=frozenset({"https://h.example/x"})),
+            id="bare-url",
+        ),
+        pytest.param(
+            "soft:prefix:https://h.example/docs",
+            Purge(prefixes=frozenset({"https://h.example/docs"})),
+            id="prefix",
+        ),
+        pytest.param("soft:host:H.example", Purge(hosts=frozenset({"h.example"})), id="host"),
+        pytest.param("soft:*", Purge(everything=True), id="everything"),
+        pytest.param("  soft:acme \r\n", Purge(keys=frozenset({"acme"})), id="stripped"),
+    ],
+)
+def test_soft_prefix_marks_any_line_form_soft(line: str, expected: Purge) -> None:
+    """soft:FORM parses as FORM would, with soft set; the form without it is not soft."""
+    assert parse_purge(line) == replace(expected, soft=True)
+    assert parse_purge(line.strip().removeprefix("soft:")) == expected
+
+
+def test_soft_alone_is_still_a_bare_key() -> None:
+    """'soft' without a colon is a site key like any other, not a soft purge."""
+    assert parse_purge("soft") == Purge(keys=frozenset({"soft"}))
 
 
 def test_json_form_carries_every_field() -> None:
@@ -220,6 +257,14 @@ def test_purges_are_hashable_values() -> None:
         pytest.param("host:192.0.2.999", "is not a DNS name", id="host-bad-ipv4"),
         pytest.param("host:[192.0.2.7]", "is not a DNS name", id="host-bracketed-ipv4"),
         pytest.param("host:https://h.example/", "is not a DNS name", id="host-url"),
+        # soft:
+        pytest.param("soft:", "'soft:' names nothing to purge", id="soft-empty"),
+        pytest.param("soft:soft:acme", "'soft:' is given twice", id="soft-twice"),
+        pytest.param('soft:{"tags": ["a"]}', 'says soft with "soft": true', id="soft-json"),
+        pytest.param("soft: acme", "key ' acme' contains whitespace", id="soft-space"),
+        pytest.param("soft:tag:", "tag is empty", id="soft-tag-empty"),
+        pytest.param("soft:foo:bar", "unknown purge form 'foo:'", id="soft-unknown-form"),
+        pytest.param("Soft:acme", "unknown purge form 'Soft:'", id="soft-case"),
     ],
 )
 def test_line_rules_are_enforced(line: str, message: str) -> None:
@@ -501,6 +546,23 @@ def test_only_admins_may_purge_everything(rule: ScopeRule) -> None:
     """'*' is refused for non-admins whatever the rule."""
     with pytest.raises(PermissionDenied, match="only admins may purge everything"):
         check_scope(parse_purge("*"), user="acme", is_admin=False, rule=rule)
+
+
+@pytest.mark.parametrize(
+    ("line", "refused"),
+    [
+        pytest.param("soft:*", "only admins may purge everything", id="everything"),
+        pytest.param("soft:bob", "purge of key 'bob' refused", id="other-key"),
+        pytest.param("soft:tag:bob-blog", "purge of tag 'bob-blog' refused", id="other-tag"),
+        pytest.param("soft:https://bob.pages.example/", "purge of URL", id="other-url"),
+    ],
+)
+def test_soft_purges_follow_the_same_scope_rules(line: str, refused: str) -> None:
+    """A soft purge is refused wherever the hard one is; what the user owns still passes."""
+    with pytest.raises(PermissionDenied, match=refused):
+        check_scope(parse_purge(line), user="acme", is_admin=False, rule=PAGES)
+    for owned in ("soft:acme-blog", "soft:tag:acme", "soft:https://acme-blog.pages.example/x"):
+        check_scope(parse_purge(owned), user="acme", is_admin=False, rule=PAGES)
 
 
 @pytest.mark.parametrize(

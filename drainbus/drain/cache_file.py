@@ -4,26 +4,49 @@ nginx stores each cached response in a file named by the MD5 of its cache key, i
 taken from the end of the hash (``levels=1:2`` -> ``c/29/b7f5…029c``). A file starts with a
 binary header whose size depends on the nginx version, then ``\\nKEY: <key>\\n``, then the
 upstream status line and response headers up to a blank line, then the body.
+
+The binary header is nginx's ``ngx_http_file_cache_header_t``. Its first fields, on 64-bit
+Linux and for header version 5 (``NGX_HTTP_CACHE_VERSION`` from nginx 1.11.10 through at
+least 1.31), are::
+
+    offset  0  ngx_uint_t version       8 bytes
+    offset  8  time_t     valid_sec     fresh until (Unix seconds)
+    offset 16  time_t     updating_sec  stale-while-revalidate window
+    offset 24  time_t     error_sec     stale-if-error window
+    offset 32  time_t     last_modified
+    offset 40  time_t     date
+    offset 48  uint32_t   crc32         of the key; then etag, vary, ...
+
+nginx reads ``valid_sec`` from the file each time it opens it, so :func:`expire_cache_file`
+rewriting it to the past makes the next request see the object as stale (a soft purge).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 __all__ = [
+    "NGINX_CACHE_VERSION",
     "CacheHead",
+    "CacheHeader",
+    "UnknownCacheVersion",
     "cache_file_path",
     "cache_files",
+    "expire_cache_file",
     "is_cache_file_name",
     "open_cache_file",
     "parse_cache_head",
+    "parse_cache_header",
     "parse_levels",
     "read_cache_head",
+    "read_cache_header",
     "read_head",
 ]
 
@@ -134,3 +157,88 @@ def read_head(fd: int) -> bytes:
 def read_cache_head(path: str) -> CacheHead | None:
     """Read and parse the head of the cache file at ``path``; raises ``OSError`` as open does."""
     return parse_cache_head(read_head(open_cache_file(path)))
+
+
+NGINX_CACHE_VERSION = 5
+"""The only cache-file header version drainbus reads or writes (nginx's
+``NGX_HTTP_CACHE_VERSION``; 5 from nginx 1.11.10 through at least 1.31)."""
+
+# version (ngx_uint_t), then valid_sec, updating_sec, error_sec, last_modified, date
+# (time_t), in the byte order of the machine nginx runs on: this one.
+_HEADER = struct.Struct("=Q5q")
+_VERSION = struct.Struct("=Q")
+_VALID_SEC = struct.Struct("=q")
+_VALID_SEC_OFFSET = _VERSION.size
+
+
+class CacheHeader(NamedTuple):
+    """The leading fields of a cache file's binary header; times are Unix seconds."""
+
+    version: int
+    valid_sec: int
+    updating_sec: int
+    error_sec: int
+    last_modified: int
+    date: int
+
+
+class UnknownCacheVersion(ValueError):
+    """A cache file's header has a version drainbus does not know; it was left untouched."""
+
+    def __init__(self, path: str, version: int) -> None:
+        super().__init__(
+            f"cache file {path!r} has header version {version}; drainbus knows only version "
+            f"{NGINX_CACHE_VERSION} (nginx 1.11.10 and later, 64-bit), so it left the file alone"
+        )
+        self.path = path
+        self.version = version
+
+
+def parse_cache_header(data: bytes) -> CacheHeader | None:
+    """The header fields at the start of ``data``, or None if it is too short to hold them.
+
+    Any version is returned as read: check ``version`` before trusting the other fields.
+    """
+    if len(data) < _HEADER.size:
+        return None
+    return CacheHeader(*_HEADER.unpack_from(data))
+
+
+def read_cache_header(path: str) -> CacheHeader | None:
+    """Read the header fields of the cache file at ``path``; raises ``OSError`` as open does."""
+    fd = open_cache_file(path)
+    try:
+        return parse_cache_header(os.pread(fd, _HEADER.size, 0))
+    finally:
+        os.close(fd)
+
+
+def expire_cache_file(path: str, *, now: float | None = None) -> bool:
+    """Mark the cache file at ``path`` stale in place: ``valid_sec`` becomes at most ``now - 1``.
+
+    The file keeps its inode, size and everything else, so nginx serves it as STALE (or
+    revalidates it) on the next request. Returns True if this call expired the object, False
+    if it was already stale or the file is gone or too short to be a cache file (nothing to
+    expire). ``now`` is Unix seconds (default: the clock). Raises :class:`UnknownCacheVersion`
+    without writing when the header version is not :data:`NGINX_CACHE_VERSION`, and
+    ``OSError`` when the file cannot be opened or written. Never follows a symlink.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        data = os.pread(fd, _VALID_SEC_OFFSET + _VALID_SEC.size, 0)
+        if len(data) < _VALID_SEC_OFFSET + _VALID_SEC.size:
+            return False  # nginx is not done writing it, or it is not a cache file
+        (version,) = _VERSION.unpack_from(data)
+        if version != NGINX_CACHE_VERSION:
+            raise UnknownCacheVersion(path, version)
+        (valid_sec,) = _VALID_SEC.unpack_from(data, _VALID_SEC_OFFSET)
+        stale = int(time.time() if now is None else now) - 1
+        if valid_sec <= stale:
+            return False
+        os.pwrite(fd, _VALID_SEC.pack(stale), _VALID_SEC_OFFSET)
+    finally:
+        os.close(fd)
+    return True

@@ -23,11 +23,18 @@ What each template expresses
 left out, so one mapping serves every kind: ``{"Host": "{host}", "xkey": "{tags}"}``.
 Placeholders are checked when the config is loaded; ``{`` and ``}`` mean nothing else.
 
+``soft_headers``, when set, replace ``headers`` (same placeholders) on the requests of soft
+purges, for caches with a soft form: Varnish's xkey vmod as usually wired in VCL takes
+``xkey-softpurge`` where ``xkey-purge`` means hard; Souin marks entries stale instead of
+deleting them when a purge carries ``Souin-Purge-Mode: soft``. Without ``soft_headers`` a soft
+purge is sent like a hard one. A soft and a hard purge of the same item in one batch are
+sent once, hard.
+
 A purge kind no template expresses is skipped by default (``on_unsupported="skip"``): that
 part counts as done, is logged as ``http_purge_unsupported`` and counted in
 ``stats().skipped``. Failing it instead would dead-letter every such purge, forever, for a
 limit of the configuration rather than of the purge; ``on_unsupported="permanent"`` chooses
-that anyway. Soft purges are sent like hard ones: there is no common HTTP convention for them.
+that anyway.
 
 A request succeeds when its status is in ``expect_status``. 408, 425, 429 (with its
 ``Retry-After``), 5xx, timeouts and connection errors are retried with the shared policy of
@@ -44,7 +51,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -69,6 +76,7 @@ __all__ = ["HttpPurgeConfig", "HttpPurgeStats", "HttpPurger", "Outcome"]
 
 _log = structlog.get_logger(__name__)
 
+_K = TypeVar("_K")
 _PLACEHOLDER: Final = re.compile(r"\{([^{}]*)\}")
 _METHOD: Final = re.compile(r"[A-Z][A-Z0-9_-]*")
 _ALLOWED: Final[Mapping[str, frozenset[str]]] = {
@@ -77,6 +85,7 @@ _ALLOWED: Final[Mapping[str, frozenset[str]]] = {
     "ban_url": frozenset({"host", "path", "path_regex"}),
     "everything_url": frozenset(),
     "headers": frozenset({"url", "scheme", "host", "path", "path_regex", "tags"}),
+    "soft_headers": frozenset({"url", "scheme", "host", "path", "path_regex", "tags"}),
 }
 
 
@@ -113,6 +122,7 @@ class HttpPurgeConfig(BaseModel):
     method: str = "PURGE"
     url: str
     headers: dict[str, str] = Field(default_factory=dict)
+    soft_headers: dict[str, str] | None = None
     expect_status: list[int] = Field(default_factory=lambda: [200, 204])
     timeout: float = Field(default=5.0, gt=0)
     tags_url: str | None = None
@@ -146,10 +156,11 @@ class HttpPurgeConfig(BaseModel):
             _check_template(field, template)
             if not _PLACEHOLDER.sub("x", template).startswith(("http://", "https://")):
                 raise ValueError(f"{field} {template!r} must be an http(s) URL template")
-        for header, template in self.headers.items():
-            _check_template("headers", template)
-            if not header or any(c in header for c in " :\r\n"):
-                raise ValueError(f"header name {header!r} is invalid")
+        for field, headers in (("headers", self.headers), ("soft_headers", self.soft_headers)):
+            for header, template in (headers or {}).items():
+                _check_template(field, template)
+                if not header or any(c in header for c in " :\r\n"):
+                    raise ValueError(f"header name {header!r} in {field} is invalid")
         return self
 
     @property
@@ -175,6 +186,14 @@ class _Request:
     url: str
     headers: dict[str, str]
     what: str
+
+
+def _hard_absorbs_soft(items: dict[tuple[bool, _K], set[int]]) -> None:
+    """Fold each soft item that is also purged hard into the hard one: one request does."""
+    for soft, item in [key for key in items if key[0]]:
+        hard = items.get((False, item))
+        if hard is not None:
+            hard |= items.pop((soft, item))
 
 
 class HttpPurger:
@@ -255,26 +274,32 @@ class HttpPurger:
         cfg = self.config
         parts: dict[int, list[Outcome]] = {i: [] for i in range(len(purges))}
         unsupported: dict[str, set[int]] = {}
-        urls: dict[str, set[int]] = {}
-        tags: dict[str, set[int]] = {}
-        bans: dict[tuple[str, str], set[int]] = {}  # (host, path)
-        everything: set[int] = set()
+        # Keyed by (soft, item); soft only when the config has a soft form to send.
+        urls: dict[tuple[bool, str], set[int]] = {}
+        tags: dict[tuple[bool, str], set[int]] = {}
+        bans: dict[tuple[bool, tuple[str, str]], set[int]] = {}  # (host, path)
+        everything: dict[tuple[bool, None], set[int]] = {}
 
         for i, purge in enumerate(purges):
+            soft = purge.soft and cfg.soft_headers is not None
             for url in purge.urls:
-                urls.setdefault(url, set()).add(i)
+                urls.setdefault((soft, url), set()).add(i)
             for tag in purge.keys | purge.tags:
-                tags.setdefault(tag, set()).add(i)
+                tags.setdefault((soft, tag), set()).add(i)
             for host in purge.hosts:
-                bans.setdefault((host.lower(), "/"), set()).add(i)
+                bans.setdefault((soft, (host.lower(), "/")), set()).add(i)
             for prefix in purge.prefixes:
                 split = urlsplit(prefix)
-                bans.setdefault((split.netloc.lower(), split.path or "/"), set()).add(i)
+                bans.setdefault((soft, (split.netloc.lower(), split.path or "/")), set()).add(i)
             if purge.everything:
-                everything.add(i)
+                everything.setdefault((soft, None), set()).add(i)
+        _hard_absorbs_soft(urls)
+        _hard_absorbs_soft(tags)
+        _hard_absorbs_soft(bans)
+        _hard_absorbs_soft(everything)
 
         requests: list[tuple[_Request, set[int]]] = []
-        for url, owners in urls.items():
+        for (soft, url), owners in urls.items():
             split = urlsplit(url)
             path = split.path or "/"
             values = {
@@ -283,32 +308,38 @@ class HttpPurger:
                 "host": split.netloc,
                 "path": f"{path}?{split.query}" if split.query else path,
             }
-            requests.append((self._request(cfg.method, cfg.url, values, f"URL {url}"), owners))
+            request = self._request(cfg.method, cfg.url, values, f"URL {url}", soft=soft)
+            requests.append((request, owners))
 
         if tags and cfg.tags_url is None:
             unsupported["tags"] = set().union(*tags.values())
         elif tags:
-            ordered = sorted(tags)
-            for start in range(0, len(ordered), cfg.tags_per_request):
-                chunk = ordered[start : start + cfg.tags_per_request]
-                values = {"tags": " ".join(chunk)}
-                what = f"{len(chunk)} tags"
-                request = self._request(cfg.method, cfg.tags_url, values, what)
-                requests.append((request, set().union(*(tags[t] for t in chunk))))
+            for soft in (False, True):
+                ordered = sorted(tag for tag_soft, tag in tags if tag_soft == soft)
+                for start in range(0, len(ordered), cfg.tags_per_request):
+                    chunk = ordered[start : start + cfg.tags_per_request]
+                    values = {"tags": " ".join(chunk)}
+                    what = f"{len(chunk)} tags"
+                    request = self._request(cfg.method, cfg.tags_url, values, what, soft=soft)
+                    requests.append((request, set().union(*(tags[soft, t] for t in chunk))))
 
         if bans and cfg.ban_url is None:
             unsupported["hosts/prefixes"] = set().union(*bans.values())
         elif bans:
-            for (host, path), owners in bans.items():
+            for (soft, (host, path)), owners in bans.items():
                 values = {"host": host, "path": path, "path_regex": _path_regex(path)}
                 what = f"prefix {host}{path}" if path != "/" else f"host {host}"
-                requests.append((self._request(cfg.ban_method, cfg.ban_url, values, what), owners))
+                request = self._request(cfg.ban_method, cfg.ban_url, values, what, soft=soft)
+                requests.append((request, owners))
 
         if everything and cfg.everything_url is None:
-            unsupported["everything"] = everything
+            unsupported["everything"] = set().union(*everything.values())
         elif everything:
-            request = self._request(cfg.ban_method, cfg.everything_url, {}, "everything")
-            requests.append((request, everything))
+            for (soft, _), owners in everything.items():
+                request = self._request(
+                    cfg.ban_method, cfg.everything_url, {}, "everything", soft=soft
+                )
+                requests.append((request, owners))
 
         for kind, owners in unsupported.items():
             self._skipped += len(owners)
@@ -324,15 +355,24 @@ class HttpPurger:
         return requests, parts
 
     def _request(
-        self, method: str, template: str | None, values: Mapping[str, str], what: str
+        self,
+        method: str,
+        template: str | None,
+        values: Mapping[str, str],
+        what: str,
+        *,
+        soft: bool = False,
     ) -> _Request:
         assert template is not None
+        templates = self.config.soft_headers if soft else self.config.headers
         headers = {}
-        for name, header_template in self.config.headers.items():
+        for name, header_template in (templates or {}).items():
             value = _render(header_template, values)
             if value:
                 headers[name] = value
-        return _Request(method, _render(template, values), headers, what)
+        return _Request(
+            method, _render(template, values), headers, f"soft {what}" if soft else what
+        )
 
     async def _send(self, request: _Request) -> Outcome:
         client = self._client

@@ -14,22 +14,29 @@ Usage::
         removed = await cache.purge(purge, key_hosts=["acme-blog.pages.example"])
 
 Every purge is idempotent: a file already gone counts as evicted (but not as removed).
+
+A soft purge (``Purge.soft``, or every purge with ``mode = "soft"``) expires the matched
+files in place instead of deleting them (:func:`~drainbus.drain.cache_file.expire_cache_file`):
+with ``proxy_cache_use_stale updating``, ``proxy_cache_background_update on`` and
+``proxy_cache_revalidate on`` nginx then serves the old copy at once and revalidates it with a
+conditional request, which the origin can answer with a 304. Expiring a file already stale or
+gone is not an error either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 import structlog
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from drainbus.drain.cache_file import cache_file_path as _cache_file_path
-from drainbus.drain.cache_file import cache_files, parse_levels
+from drainbus.drain.cache_file import cache_files, expire_cache_file, parse_levels
 from drainbus.drain.key_template import KeyTemplate, template_variables
 from drainbus.drain.nginx_index import CacheIndex
 from drainbus.drain.purges import Purge
@@ -52,7 +59,9 @@ class NginxCacheConfig(BaseModel):
 
     ``levels`` and ``key`` must be what nginx is configured with, or URL purges compute the
     wrong file. ``proxy_host`` is the value of ``$proxy_host`` (the host[:port] in
-    ``proxy_pass``), required when the key uses it. ``name`` labels log lines.
+    ``proxy_pass``), required when the key uses it. ``name`` labels log lines. ``mode``
+    ``"soft"`` makes every purge of this cache soft (expire, not delete; see the module
+    docstring); with ``"hard"`` only purges marked soft are.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -62,6 +71,7 @@ class NginxCacheConfig(BaseModel):
     key: str = "$scheme$proxy_host$request_uri"
     proxy_host: str | None = None
     name: str | None = None
+    mode: Literal["hard", "soft"] = "hard"
 
     @field_validator("levels")
     @classmethod
@@ -143,8 +153,25 @@ def _unlink_tree(root: Path) -> tuple[int, list[tuple[str, OSError]]]:
     return _unlink(cache_files(root))
 
 
+def _expire(paths: Iterable[str]) -> tuple[int, list[tuple[str, Exception]]]:
+    # Stale or gone already is done; a header of an unknown version is left alone and
+    # reported, as is a file that cannot be written.
+    expired, failed = 0, list[tuple[str, Exception]]()
+    for path in paths:
+        try:
+            expired += expire_cache_file(path)
+        except (OSError, ValueError) as exc:
+            failed.append((path, exc))
+    return expired, failed
+
+
+def _reason(exc: Exception) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
 class NginxCache:
-    """The nginx cache target: purges delete cache files; an async context manager.
+    """The nginx cache target: purges delete (soft ones expire) cache files; an async context
+    manager.
 
     Entering checks the cache folder and builds the index; leaving stops following it.
     """
@@ -185,17 +212,23 @@ class NginxCache:
         return _cache_file_path(self.config.cache_path, self._levels, self._template.render(url))
 
     async def purge(self, purge: Purge, *, key_hosts: Iterable[str] = ()) -> int:
-        """Delete every cached object ``purge`` names; returns how many files were removed.
+        """Delete every cached object ``purge`` names, or expire it if the purge is soft.
+
+        Returns how many files this call removed or expired (none already gone or stale).
 
         ``urls``: the file of the URL's key plus every indexed object with the same host, path
         and query (other schemes, Vary variants). ``tags`` and ``keys``: objects carrying the
         tag exactly. ``hosts`` and ``key_hosts`` (hosts the caller derived from ``keys``):
         every object of the host. ``prefixes``: objects of the host at or below the path.
-        ``everything``: every file in the folder. ``soft`` is ignored: nginx cannot revalidate
-        on demand, so objects are deleted. Raises :class:`CacheEvictionFailed` (retryable)
-        when a file could not be deleted, after trying all of them.
+        ``everything``: every file in the folder. ``soft`` (or ``mode = "soft"``): files are
+        expired in place, not deleted. Raises :class:`CacheEvictionFailed` (retryable) when a
+        file could not be deleted or expired (a header version drainbus does not know is left
+        untouched), after trying all of them.
         """
+        soft = purge.soft or self.config.mode == "soft"
         await self.index.sync()
+        if purge.everything and soft:
+            return await self._expire_all()
         if purge.everything:
             return await self.flush_all()
         index = self.index
@@ -213,9 +246,21 @@ class NginxCache:
             paths |= index.paths_for_tag(tag)
         for host in {*purge.hosts, *key_hosts}:
             paths |= index.paths_for_host(host)
+        if soft:
+            expired = self._check(await asyncio.to_thread(_expire, paths), verb="expire")
+            log.debug("nginx_cache_expired", cache=self.name, matched=len(paths), expired=expired)
+            return expired
         removed = self._check(await _unlink_in_threads(paths))
         log.debug("nginx_cache_purged", cache=self.name, matched=len(paths), removed=removed)
         return removed
+
+    async def _expire_all(self) -> int:
+        root = self.config.cache_path
+        expired = self._check(
+            await asyncio.to_thread(lambda: _expire(cache_files(root))), verb="expire"
+        )
+        log.debug("nginx_cache_expired_all", cache=self.name, expired=expired)
+        return expired
 
     async def flush_all(self) -> int:
         """Delete every cache file under the folder (walked, not taken from the index)."""
@@ -223,13 +268,15 @@ class NginxCache:
         log.debug("nginx_cache_flushed", cache=self.name, removed=removed)
         return removed
 
-    def _check(self, outcome: tuple[int, list[tuple[str, OSError]]]) -> int:
+    def _check(
+        self, outcome: tuple[int, Sequence[tuple[str, Exception]]], *, verb: str = "delete"
+    ) -> int:
         removed, failed = outcome
         if failed:
             path, exc = failed[0]
             raise CacheEvictionFailed(
-                f"nginx cache {self.name!r}: could not delete {len(failed)} file(s), "
-                f"first {path!r}: {exc.strerror}; the purge will be retried",
+                f"nginx cache {self.name!r}: could not {verb} {len(failed)} file(s), "
+                f"first {path!r}: {_reason(exc)}; the purge will be retried",
                 paths=tuple(p for p, _ in failed),
             )
         return removed

@@ -8,7 +8,12 @@ One line is one purge::
     prefix:URL                 every URL at or under a path   Purge(prefixes={URL})
     host:NAME                  every object of a host         Purge(hosts={"name"})
     *                          the whole cache (admins only)  Purge(everything=True)
+    soft:FORM                  any form above, soft           Purge(..., soft=True)
+                               (soft:acme-blog, soft:tag:KEY, soft:https://..., soft:*, ...)
     {"tags": [...], ...}       the same as JSON, plus "soft"
+
+A soft purge marks objects stale instead of deleting them where a target can (nginx expires
+the file, Cloudflare invalidates, some HTTP caches soft-purge); the scope rules are the same.
 
 :func:`parse_purge` turns a line into a :class:`Purge` or raises :class:`DataError`;
 :func:`check_scope` decides whether a user may publish it or raises :class:`PermissionDenied`.
@@ -22,7 +27,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,7 +53,11 @@ MAX_JSON_ITEMS = 1000
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TAG = re.compile(r"[A-Za-z0-9._:/-]+")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_FORMS = "a bare key, tag:KEY, url:URL, prefix:URL, host:NAME, an http(s):// URL, '*' or JSON"
+_FORMS = (
+    "a bare key, tag:KEY, url:URL, prefix:URL, host:NAME, an http(s):// URL, '*' "
+    "(any of these after soft: for a soft purge) or JSON"
+)
+_SOFT = "soft:"
 _JSON_FIELDS = ("tags", "urls", "prefixes", "hosts", "keys", "everything", "soft")
 
 
@@ -84,6 +93,26 @@ def parse_purge(line: str) -> Purge:
     text = line.strip()
     if not text:
         raise DataError(f"purge line is empty; give {_FORMS}")
+    if text.startswith(_SOFT):
+        return replace(_parse_soft(text[len(_SOFT) :]), soft=True)
+    return _parse_form(text)
+
+
+def _parse_soft(text: str) -> Purge:
+    """The purge after a ``soft:`` prefix: any line form but JSON, and only one prefix."""
+    if not text:
+        raise DataError(
+            "'soft:' names nothing to purge; follow it with a line form, as in soft:acme-blog, "
+            "soft:tag:KEY, soft:https://... or soft:*"
+        )
+    if text.startswith("{"):
+        raise DataError('a JSON purge says soft with "soft": true, not with a soft: prefix')
+    if text.startswith(_SOFT):
+        raise DataError("'soft:' is given twice; once is enough")
+    return _parse_form(text)
+
+
+def _parse_form(text: str) -> Purge:
     if text == "*":
         return Purge(everything=True)
     if text.startswith("{"):
