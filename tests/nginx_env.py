@@ -21,6 +21,9 @@ temporary folder and the cache configured as the drainbus docs assume::
     proxy_cache_path <tmp>/cache levels=1:2 keys_zone=z:10m use_temp_path=off;
     proxy_cache_key  $scheme$host$request_uri;
 
+``run_nginx_env(root, cache_key=None)`` leaves ``proxy_cache_key`` out, so nginx uses its
+default key (``http://127.0.0.1:<origin port><request URI>``).
+
 It is never skipped: when nginx is missing the fixture fails and says how to install it.
 """
 
@@ -193,7 +196,7 @@ class Nginx:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _config(root: Path, port: int, origin_port: int) -> str:
+def _config(root: Path, port: int, origin_port: int, cache_key: str | None) -> str:
     temp = {
         name: root / "temp" / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     }
@@ -202,6 +205,7 @@ def _config(root: Path, port: int, origin_port: int) -> str:
     # Workers drop to the compiled-in user when the master is root; that user cannot reach
     # a private tmp folder, so stay root then.
     user = "user root;" if os.geteuid() == 0 else ""
+    key = "" if cache_key is None else f"proxy_cache_key {cache_key};"
     return f"""
 daemon off;
 master_process on;
@@ -226,7 +230,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Host $host;
             proxy_cache z;
-            proxy_cache_key {CACHE_KEY};
+            {key}
             proxy_cache_valid 200 1h;
             add_header X-Cache-Status $upstream_cache_status always;
         }}
@@ -248,25 +252,28 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def run_nginx(root: Path, origin_port: int) -> Iterator[Nginx]:
+def run_nginx(root: Path, origin_port: int, cache_key: str | None = CACHE_KEY) -> Iterator[Nginx]:
     """Run nginx with its config, cache and temp folders under ``root`` until the block ends.
 
-    Returns once nginx answers on its port; fails the test with nginx's log if it does not
-    within the start deadline.
+    ``cache_key`` is the ``proxy_cache_key`` (None: not set, nginx's default key). Returns
+    once nginx answers on its port; fails the test with nginx's log if it does not within the
+    start deadline.
     """
-    nginx = _start(find_nginx(), root, origin_port)
+    nginx = _start(find_nginx(), root, origin_port, cache_key)
     try:
         yield nginx
     finally:
         _stop(nginx.process)
 
 
-def _start(binary: str, root: Path, origin_port: int, attempts: int = 3) -> Nginx:
+def _start(
+    binary: str, root: Path, origin_port: int, cache_key: str | None, attempts: int = 3
+) -> Nginx:
     root.mkdir(parents=True, exist_ok=True)
     conf = root / "nginx.conf"
     for attempt in range(1, attempts + 1):
         port = _free_port()
-        conf.write_text(_config(root, port, origin_port))
+        conf.write_text(_config(root, port, origin_port, cache_key))
         process = subprocess.Popen(
             [binary, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
             stdin=subprocess.DEVNULL,
@@ -317,6 +324,11 @@ class NginxEnv:
         """nginx's ``proxy_cache_path`` folder."""
         return self.nginx.cache_path
 
+    @property
+    def proxy_pass(self) -> str:
+        """The URL nginx's ``proxy_pass`` names: the origin."""
+        return f"http://127.0.0.1:{self.origin.port}"
+
     def get(self, path: str, host: str) -> Response:
         """GET ``path`` through nginx with ``Host: host``."""
         response = self.client.get(
@@ -336,11 +348,16 @@ class NginxEnv:
 
 
 @contextlib.contextmanager
-def run_nginx_env(root: Path, origin: Origin | None = None) -> Iterator[NginxEnv]:
-    """An origin and nginx in front of it, both stopped when the block ends."""
+def run_nginx_env(
+    root: Path, origin: Origin | None = None, *, cache_key: str | None = CACHE_KEY
+) -> Iterator[NginxEnv]:
+    """An origin and nginx in front of it, both stopped when the block ends.
+
+    ``cache_key`` as for :func:`run_nginx`.
+    """
     with (
         run_origin(origin) as running_origin,
-        run_nginx(root, running_origin.port) as nginx,
+        run_nginx(root, running_origin.port, cache_key) as nginx,
         httpx.Client(timeout=5.0) as client,
     ):
         yield NginxEnv(running_origin, nginx, client)

@@ -31,6 +31,7 @@ from tests.nginx_env import (
     Origin,
     nginx_env,
     origin,
+    run_nginx_env,
     write_cache_file,
 )
 
@@ -56,11 +57,71 @@ def test_config_names_every_unsupported_variable() -> None:
 
 
 def test_config_requires_proxy_host_for_proxy_host_keys() -> None:
-    """The default key uses $proxy_host, so proxy_host must be set."""
+    """A key that uses $proxy_host needs proxy_host (or proxy_pass) to render it."""
+    key = "$scheme$proxy_host$request_uri"
     with pytest.raises(pydantic.ValidationError, match="proxy_host"):
-        NginxCacheConfig(cache_path=Path("/c"))
-    config = NginxCacheConfig(cache_path=Path("/c"), proxy_host="origin:8080")
-    assert config.key == "$scheme$proxy_host$request_uri"
+        NginxCacheConfig(cache_path=Path("/c"), key=key)
+    config = NginxCacheConfig(cache_path=Path("/c"), key=key, proxy_host="origin:8080")
+    assert config.key_template().render("https://a.example/p") == "httpsorigin:8080/p"
+    passed = NginxCacheConfig(cache_path=Path("/c"), key=key, proxy_pass="http://origin:8080")
+    assert passed.key_template().render("https://a.example/p") == "httpsorigin:8080/p"
+
+
+def test_default_key_is_the_key_nginx_writes_without_proxy_cache_key() -> None:
+    """No key means nginx's real default key: read back for any upstream, exact with proxy_pass."""
+    config = NginxCacheConfig(cache_path=Path("/c"))
+    assert config.key is None
+    template = config.key_template()
+    assert not template.renders
+    with pytest.raises(ValueError, match="proxy_pass"):
+        template.render("http://acme.example/")
+    assert template.invert("http://127.0.0.1:8080/docs/a%20b?q=1") == (
+        KeyParts(None, "/docs/a b", "q=1"),
+    )
+    assert template.invert("https://backend/p") == (KeyParts(None, "/p", None),)
+    assert template.invert("httpacme.example/p") == ()
+    exact = NginxCacheConfig(cache_path=Path("/c"), proxy_pass="http://127.0.0.1:8080")
+    assert exact.key_template().render("https://Acme.example/docs/x?q=1") == (
+        "http://127.0.0.1:8080/docs/x?q=1"
+    )
+    assert exact.key_template().invert("http://10.0.0.1:8080/docs/x") == ()
+
+
+@pytest.mark.parametrize(
+    ("proxy_pass", "key"),
+    [
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080/p?q"),
+        ("http://127.0.0.1:80", "http://127.0.0.1/p?q"),
+        ("https://localhost:443", "https://localhost/p?q"),
+        ("https://localhost:80", "https://localhost:80/p?q"),
+        ("HTTP://named_upstream", "http://named_upstream/p?q"),
+        ("http://[::1]:8080", "http://[::1]:8080/p?q"),
+    ],
+    ids=["port", "http-default-port", "https-default-port", "other-port", "upstream", "ipv6"],
+)
+def test_proxy_pass_gives_the_key_nginx_writes(proxy_pass: str, key: str) -> None:
+    """$proxy_host is the host as written, with its port unless the scheme's default (1.22)."""
+    config = NginxCacheConfig(cache_path=Path("/c"), proxy_pass=proxy_pass)
+    assert config.key_template().render("https://www.example/p?q") == key
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"proxy_pass": "http://127.0.0.1:8080/"}, "URI part"),
+        ({"proxy_pass": "http://127.0.0.1:8080/app"}, "URI part"),
+        ({"proxy_pass": "127.0.0.1:8080"}, "not an http"),
+        ({"proxy_pass": "http://$upstream"}, "not an http"),
+        ({"proxy_pass": "http://u@h"}, "host"),
+        ({"proxy_pass": "http://a", "proxy_host": "b"}, "disagrees"),
+        ({"proxy_host": "b"}, "set proxy_pass"),
+    ],
+    ids=["slash", "path", "no-scheme", "variable", "userinfo", "disagree", "host-without-key"],
+)
+def test_config_rejects_a_proxy_pass_it_cannot_key(settings: dict[str, str], fragment: str) -> None:
+    """A proxy_pass whose keys no template describes, or that contradicts proxy_host, fails."""
+    with pytest.raises(pydantic.ValidationError, match=fragment):
+        NginxCacheConfig(cache_path=Path("/c"), **settings)  # type: ignore[arg-type]
 
 
 def test_config_is_frozen_and_strict() -> None:
@@ -120,8 +181,10 @@ def test_cache_file_path_takes_levels_from_the_end_of_the_md5(levels: str, relat
         ("${scheme}://$host$uri$is_args$args", "http://h/a?x", [("h", "/a", "x")]),
         ("$scheme$proxy_host$request_uri", "httporigin:8080/p", [(None, "/p", None)]),
         (CACHE_KEY, "not a key", []),
+        (CACHE_KEY, "http://origin:8080/p", []),
+        ("$scheme://$host$request_uri", "http://[::1]/p", [("[::1]", "/p", None)]),
     ],
-    ids=["host", "scheme-ambiguity", "uri-args", "no-host", "no-match"],
+    ids=["host", "scheme-ambiguity", "uri-args", "no-host", "no-match", "port-not-host", "ipv6"],
 )
 def test_keys_are_read_back_through_the_template(
     template: str, key: str, readings: list[tuple[str | None, str, str | None]]
@@ -494,3 +557,73 @@ async def test_missing_cache_folder_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope"):
         async with NginxCache(config):
             pass
+
+
+# --- nginx's default key (no proxy_cache_key), on real nginx ---------------------------------
+
+
+@pytest.fixture
+def default_key_env(tmp_path: Path, origin: Origin) -> Iterator[NginxEnv]:
+    """nginx with no proxy_cache_key: it keys objects with its default key."""
+    with run_nginx_env(tmp_path / "nginx", origin, cache_key=None) as env:
+        yield env
+
+
+def nginx_keys(cache_path: Path) -> dict[Path, str]:
+    """Every cache file nginx wrote and the key on its KEY: line."""
+    keys = {}
+    for path in cache_path.rglob("*"):
+        if path.is_file():
+            head = parse_cache_head(path.read_bytes())
+            assert head is not None, path
+            keys[path] = head.key
+    return keys
+
+
+async def test_nginx_default_key_is_the_proxy_pass_url_then_the_request_uri(
+    default_key_env: NginxEnv,
+) -> None:
+    """nginx writes KEY: http://127.0.0.1:<port>/docs/x?q=1, whatever the client's Host."""
+    env = default_key_env
+    env.prime("/docs/x?q=1", BLOG)
+    assert env.get("/docs/x?q=1", OTHER).cache == "HIT"  # the Host is not in the key
+    key = f"{env.proxy_pass}/docs/x?q=1"
+    config = NginxCacheConfig(cache_path=env.cache_path, proxy_pass=env.proxy_pass)
+    rendered = config.key_template().render(f"https://{BLOG}/docs/x?q=1")
+    assert rendered == key
+    assert nginx_keys(env.cache_path) == {cache_file_path(env.cache_path, "1:2", key): key}
+
+
+DEFAULT_KEY_PAGES = ["/docs/a", "/docs/a?x=1", "/docs/b", "/docs2", "/other"]
+
+
+@pytest.mark.parametrize("with_proxy_pass", [False, True], ids=["defaults", "proxy-pass"])
+@pytest.mark.parametrize(
+    ("purge", "purged"),
+    [
+        (Purge(urls=frozenset({f"https://{BLOG}/docs/a"})), {"/docs/a"}),
+        (Purge(urls=frozenset({f"http://{OTHER}/docs/a?x=1"})), {"/docs/a?x=1"}),
+        (
+            Purge(prefixes=frozenset({f"https://{BLOG}/docs"})),
+            {"/docs/a", "/docs/a?x=1", "/docs/b"},
+        ),
+        (Purge(hosts=frozenset({BLOG})), set(DEFAULT_KEY_PAGES)),
+    ],
+    ids=["url", "url-query", "prefix", "host"],
+)
+async def test_purges_evict_with_nginx_default_key(
+    default_key_env: NginxEnv, with_proxy_pass: bool, purge: Purge, purged: set[str]
+) -> None:
+    """With no proxy_cache_key and drainbus's defaults, purges evict what they name."""
+    env = default_key_env
+    proxy_pass = env.proxy_pass if with_proxy_pass else None
+    config = NginxCacheConfig(cache_path=env.cache_path, proxy_pass=proxy_pass, name="test")
+    for path in DEFAULT_KEY_PAGES:
+        env.prime(path, BLOG)
+    async with NginxCache(config) as cache:
+        assert await cache.purge(purge) == len(purged)
+    statuses = {path: env.get(path, BLOG).cache for path in DEFAULT_KEY_PAGES}
+    assert {path for path, status in statuses.items() if status == "MISS"} == purged
+    assert {path for path, status in statuses.items() if status == "HIT"} == (
+        set(DEFAULT_KEY_PAGES) - purged
+    )

@@ -8,9 +8,9 @@ shows up as ``IN_MOVED_TO``; an in-place header update as ``IN_CLOSE_WRITE``.
 Host and path come from the key by running the key template backwards. ``$scheme$host`` is
 ambiguous (``httpshop.example`` is ``http`` + ``shop.example`` or ``https`` + ``hop.example``),
 so an entry keeps every reading the template allows and matches any of them: a rare
-over-purge, never a missed one. A template without ``$host`` (nginx's default
-``$scheme$proxy_host$request_uri``) makes one object serve every host, so such entries match
-any host.
+over-purge, never a missed one. A template without ``$host`` (such as nginx's default key,
+``http://127.0.0.1:8080/docs/x?q=1``) makes one object serve every host, so such entries
+match any host.
 """
 
 from __future__ import annotations
