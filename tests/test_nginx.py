@@ -23,7 +23,9 @@ from drainbus.drain.nginx import (
     cache_file_path,
     render_key,
 )
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import Purge, ScopeRule
+from drainbus.drain.targets import NginxTarget
+from drainbus.errors import ConfigError, ExitCode
 from tests.nginx_env import (
     CACHE_KEY,
     CACHE_LEVELS,
@@ -372,6 +374,27 @@ async def test_host_agnostic_keys_match_every_host(cache_dir: Path) -> None:
         assert index.paths_for_url("https://any.example/docs2") == {str(other)}
 
 
+async def test_keys_the_template_cannot_read_are_counted_as_files_come_and_go(
+    cache_dir: Path,
+) -> None:
+    """unmatched_keys counts indexed files whose key the template cannot read, kept current."""
+    write_cache_file(cache_dir, "httpacme.example/a")
+    odd = write_cache_file(cache_dir, "http://127.0.0.1:8080/a", headers=["Cache-Tag: t"])
+    async with open_index(cache_dir) as index:
+        assert index.unmatched_keys == 1
+        later = write_cache_file(cache_dir, "http://127.0.0.1:8080/b")
+        write_cache_file(cache_dir, "httpacme.example/b")
+        await index.sync()
+        assert index.unmatched_keys == 2
+        later.write_bytes(later.read_bytes())  # rewritten in place: still one file
+        odd.unlink()
+        await index.sync()
+        assert index.unmatched_keys == 1
+        later.unlink()
+        await index.sync()
+        assert (index.unmatched_keys, len(index)) == (0, 2)
+
+
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -551,8 +574,6 @@ async def test_flush_all_walks_the_tree_not_the_index(nginx_env: NginxEnv) -> No
 
 async def test_missing_cache_folder_is_a_config_error(tmp_path: Path) -> None:
     """Starting on a folder that does not exist fails with a message naming it."""
-    from drainbus.errors import ConfigError
-
     config = NginxCacheConfig(cache_path=tmp_path / "nope", key=CACHE_KEY)
     with pytest.raises(ConfigError, match="nope"):
         async with NginxCache(config):
@@ -627,3 +648,69 @@ async def test_purges_evict_with_nginx_default_key(
     assert {path for path, status in statuses.items() if status == "HIT"} == (
         set(DEFAULT_KEY_PAGES) - purged
     )
+
+
+@pytest.mark.parametrize(
+    ("nginx_key", "settings", "shown", "suggested"),
+    [
+        (
+            None,
+            {"key": CACHE_KEY},
+            "key template '$scheme$host$request_uri'",
+            'leave key unset (nginx\'s default key) and set proxy_pass = "{proxy_pass}"',
+        ),
+        (
+            CACHE_KEY,
+            {},
+            "nginx's default key (no proxy_cache_key; proxy_pass not set)",
+            'set key = "$scheme$host$request_uri"',
+        ),
+        (
+            "$scheme://$host$request_uri",
+            {"proxy_pass": "http://127.0.0.1:1"},
+            "nginx's default key (no proxy_cache_key) for proxy_pass 'http://127.0.0.1:1'",
+            'set key = "$scheme://$host$request_uri"',
+        ),
+    ],
+    ids=["host-template-on-default-keys", "defaults-on-host-keys", "proxy-pass-on-url-keys"],
+)
+async def test_start_refuses_a_key_template_that_cannot_read_the_cache(
+    tmp_path: Path,
+    nginx_key: str | None,
+    settings: dict[str, str],
+    shown: str,
+    suggested: str,
+) -> None:
+    """One line: the template, a real KEY: line it cannot read, and a setting that reads it."""
+    with run_nginx_env(tmp_path / "nginx", cache_key=nginx_key) as env:
+        for host in (BLOG, BLOG2):
+            env.prime("/docs/a?x=1", host)
+        keys = set(nginx_keys(env.cache_path).values())
+        config = NginxCacheConfig(cache_path=env.cache_path, name="web", **settings)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError) as caught:
+            async with NginxCache(config):
+                pass
+    message = str(caught.value)
+    assert caught.value.exit_code == ExitCode.CONFIG
+    assert "\n" not in message
+    assert shown in message
+    assert any(f"'KEY: {key}'" in message for key in keys), (message, keys)
+    assert suggested.format(proxy_pass=env.proxy_pass) in message
+
+
+async def test_start_accepts_a_cache_it_can_read_and_counts_the_keys_it_cannot(
+    default_key_env: NginxEnv,
+) -> None:
+    """A readable cache starts; a later file with a foreign key shows in the target's stats."""
+    env = default_key_env
+    env.prime("/docs/a", BLOG)
+    config = NginxCacheConfig(cache_path=env.cache_path, proxy_pass=env.proxy_pass)
+    async with NginxCache(config) as cache:
+        target = NginxTarget(cache, ScopeRule(), "nginx-1")
+        assert target.snapshot() == {"evicted": 0, "indexed": 1, "unmatched_keys": 0}
+        foreign = write_cache_file(env.cache_path, f"http{BLOG}/docs/a")
+        await cache.index.sync()
+        assert target.snapshot()["unmatched_keys"] == 1
+        foreign.unlink()
+        await cache.index.sync()
+        assert target.snapshot()["unmatched_keys"] == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,6 +20,7 @@ __all__ = [
     "cache_file_path",
     "cache_files",
     "is_cache_file_name",
+    "iter_cache_files",
     "open_cache_file",
     "parse_cache_head",
     "parse_levels",
@@ -63,7 +64,12 @@ def is_cache_file_name(name: str) -> bool:
 
 def cache_files(root: Path) -> list[str]:
     """The path of every cache file under ``root`` (none if it is missing)."""
-    files, stack = [], [str(root)]
+    return list(iter_cache_files(root))
+
+
+def iter_cache_files(root: Path) -> Iterator[str]:
+    """:func:`cache_files` one at a time, so a caller that needs a few stops the walk early."""
+    stack = [str(root)]
     while stack:
         try:
             listing = os.scandir(stack.pop())
@@ -74,8 +80,7 @@ def cache_files(root: Path) -> list[str]:
                 if item.is_dir(follow_symlinks=False):
                     stack.append(item.path)
                 elif is_cache_file_name(item.name):
-                    files.append(item.path)
-    return files
+                    yield item.path
 
 
 class CacheHead(NamedTuple):

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from drainbus.drain.cache_file import cache_file_path as _cache_file_path
 from drainbus.drain.cache_file import cache_files, parse_levels
+from drainbus.drain.key_check import SAMPLE_SIZE, check_keys
 from drainbus.drain.key_template import KeyTemplate, proxy_host_of, template_variables
 from drainbus.drain.nginx_index import CacheIndex
 from drainbus.drain.purges import Purge
@@ -184,7 +185,9 @@ def _unlink_tree(root: Path) -> tuple[int, list[tuple[str, OSError]]]:
 class NginxCache:
     """The nginx cache target: purges delete cache files; an async context manager.
 
-    Entering checks the cache folder and builds the index; leaving stops following it.
+    Entering checks the cache folder, builds the index and checks that the key template
+    reads the keys nginx wrote (:class:`ConfigError` if most are unreadable); leaving stops
+    following the folder.
     """
 
     def __init__(self, config: NginxCacheConfig) -> None:
@@ -216,6 +219,11 @@ class NginxCache:
                 effect="URL purges find files through the index only; set proxy_pass",
             )
         await self.index.__aenter__()
+        try:
+            check_keys(template, self.index.sample_keys(SAMPLE_SIZE), cache=self.name)
+        except BaseException:
+            await self.index.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(
