@@ -115,10 +115,20 @@ def test_proxy_pass_gives_the_key_nginx_writes(proxy_pass: str, key: str) -> Non
         ({"proxy_pass": "127.0.0.1:8080"}, "not an http"),
         ({"proxy_pass": "http://$upstream"}, "not an http"),
         ({"proxy_pass": "http://u@h"}, "host"),
+        ({"proxy_pass": "http://a b"}, "host"),
         ({"proxy_pass": "http://a", "proxy_host": "b"}, "disagrees"),
         ({"proxy_host": "b"}, "set proxy_pass"),
     ],
-    ids=["slash", "path", "no-scheme", "variable", "userinfo", "disagree", "host-without-key"],
+    ids=[
+        "slash",
+        "path",
+        "no-scheme",
+        "variable",
+        "userinfo",
+        "space",
+        "disagree",
+        "host-without-key",
+    ],
 )
 def test_config_rejects_a_proxy_pass_it_cannot_key(settings: dict[str, str], fragment: str) -> None:
     """A proxy_pass whose keys no template describes, or that contradicts proxy_host, fails."""

@@ -46,7 +46,7 @@ _CAPTURE = {
 # An unknown $proxy_host: any host[:port], up to the first '/'.
 _ANY_PROXY_HOST = r"[^/\s]+"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]+)(?::([0-9]+))?")
+_HOST_PORT = re.compile(r"(\[[^\]\s]*\]|[^:\[\]\s]+)(?::([0-9]+))?")
 
 
 def template_variables(template: str) -> tuple[str, ...]:
