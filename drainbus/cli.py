@@ -34,6 +34,7 @@ from drainbus.log import configure_logging
 
 if TYPE_CHECKING:
     from drainbus.bus.connection import RedisClient
+    from drainbus.drain.nginx import NginxCacheConfig
     from drainbus.supervisor import WorkerLink
 
 __all__ = ["main"]
@@ -182,6 +183,8 @@ def check_config(ctx: click.Context, path: str | None) -> None:
         users.load()
         for zone in settings.drain.cloudflare:
             zone.resolve_token()
+        for number, cache in enumerate(settings.drain.nginx, start=1):
+            _check_nginx_keys(cache, cache.name or f"nginx-{number}")
     except DrainbusError as exc:
         _fail(exc)
     drain = settings.drain
@@ -193,6 +196,18 @@ def check_config(ctx: click.Context, path: str | None) -> None:
         f"ok: {source}: listen {settings.server.listen}, redis {redis}, "
         f"{len(users.users)} user(s), {len(settings.acl)} acl rule(s), drain {drain_text}"
     )
+
+
+def _check_nginx_keys(cache: NginxCacheConfig, name: str) -> None:
+    """Raise ConfigError if the key template cannot read the keys nginx wrote in the cache.
+
+    A folder that does not exist yet or cannot be read here is left to the drain's start.
+    """
+    from drainbus.drain.key_check import check_keys, sample_keys
+
+    folder = cache.cache_path
+    if folder.is_dir() and os.access(folder, os.R_OK | os.X_OK):
+        check_keys(cache.key_template(), sample_keys(folder), cache=name)
 
 
 def _event_loop_options() -> dict[str, Any]:

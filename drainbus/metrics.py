@@ -2,8 +2,9 @@
 
 Event counts and latency histograms are module-level instruments that the code paths update
 as things happen. Gauges that describe current state (connections, subscribers, group lag,
-rate-limit tokens, nginx index size) are read from the running node at scrape time by a
-:class:`NodeCollector`, so nothing has to remember to keep them current.
+rate-limit tokens, nginx index size and keys the key template cannot read) are read from the
+running node at scrape time by a :class:`NodeCollector`, so nothing has to remember to keep
+them current.
 
 Label cardinality is bounded: no per-message, per-user or per-URL labels; topics are
 labelled by :func:`topic_label`, which folds per-user topics (``alice/…``) into their first
@@ -174,6 +175,11 @@ def _drain_metrics(drain: Drain, name: str) -> Iterator[Metric]:
                                   labels=["node", "target"])  # fmt: skip
     index = GaugeMetricFamily("drainbus_nginx_index_objects", "Objects in the nginx cache index",
                               labels=["node", "target"])  # fmt: skip
+    unmatched = GaugeMetricFamily(
+        "drainbus_nginx_unmatched_keys",
+        "Indexed nginx cache files whose key the key template cannot read",
+        labels=["node", "target"],
+    )
     calls = CounterMetricFamily("drainbus_cloudflare_calls", "Cloudflare API calls by outcome",
                                 labels=["node", "outcome"])  # fmt: skip
     tokens = GaugeMetricFamily("drainbus_cloudflare_tokens", "Rate-limit tokens left locally",
@@ -183,6 +189,7 @@ def _drain_metrics(drain: Drain, name: str) -> Iterator[Metric]:
         if "evicted" in target_stats:
             evicted.add_metric([name, target.name], target_stats["evicted"])
             index.add_metric([name, target.name], target_stats["indexed"])
+            unmatched.add_metric([name, target.name], target_stats["unmatched_keys"])
         if "calls" in target_stats:
             for outcome, count in target_stats["calls"].items():
                 calls.add_metric([name, outcome], count)
@@ -192,7 +199,7 @@ def _drain_metrics(drain: Drain, name: str) -> Iterator[Metric]:
                            target_stats["rate_limited"])  # fmt: skip
             yield _counter("drainbus_cloudflare_retries", "Cloudflare calls retried", name,
                            target_stats["retries"])  # fmt: skip
-    yield from (evicted, index, calls, tokens)
+    yield from (evicted, index, unmatched, calls, tokens)
 
 
 def _gauge(metric: str, documentation: str, node: str, value: float) -> Metric:

@@ -25,7 +25,9 @@ temporary folder and the cache configured as the drainbus docs assume::
     proxy_cache_key  $scheme$host$request_uri;
 
 A test adds directives to the cached location by parametrising the ``nginx_directives``
-fixture, e.g. with :data:`SOFT_PURGE_DIRECTIVES`.
+fixture, e.g. with :data:`SOFT_PURGE_DIRECTIVES`. ``run_nginx_env(root, cache_key=None)``
+leaves ``proxy_cache_key`` out, so nginx uses its default key
+(``http://127.0.0.1:<origin port><request URI>``).
 
 It is never skipped: when nginx is missing the fixture fails and says how to install it.
 """
@@ -256,7 +258,9 @@ class Nginx:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _config(root: Path, port: int, origin_port: int, directives: str = "") -> str:
+def _config(
+    root: Path, port: int, origin_port: int, cache_key: str | None, directives: str = ""
+) -> str:
     temp = {
         name: root / "temp" / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     }
@@ -265,6 +269,7 @@ def _config(root: Path, port: int, origin_port: int, directives: str = "") -> st
     # Workers drop to the compiled-in user when the master is root; that user cannot reach
     # a private tmp folder, so stay root then.
     user = "user root;" if os.geteuid() == 0 else ""
+    key = "" if cache_key is None else f"proxy_cache_key {cache_key};"
     return f"""
 daemon off;
 master_process on;
@@ -289,7 +294,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Host $host;
             proxy_cache z;
-            proxy_cache_key {CACHE_KEY};
+            {key}
             proxy_cache_valid 200 1h;
             add_header X-Cache-Status $upstream_cache_status always;
             {directives}
@@ -312,13 +317,16 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def run_nginx(root: Path, origin_port: int, directives: str = "") -> Iterator[Nginx]:
+def run_nginx(
+    root: Path, origin_port: int, cache_key: str | None = CACHE_KEY, directives: str = ""
+) -> Iterator[Nginx]:
     """Run nginx with its config, cache and temp folders under ``root`` until the block ends.
 
+    ``cache_key`` is the ``proxy_cache_key`` (None: not set, nginx's default key);
     ``directives`` go into the cached location. Returns once nginx answers on its port; fails
     the test with nginx's log if it does not within the start deadline.
     """
-    nginx = _start(find_nginx(), root, origin_port, directives)
+    nginx = _start(find_nginx(), root, origin_port, cache_key, directives)
     try:
         yield nginx
     finally:
@@ -326,13 +334,18 @@ def run_nginx(root: Path, origin_port: int, directives: str = "") -> Iterator[Ng
 
 
 def _start(
-    binary: str, root: Path, origin_port: int, directives: str = "", attempts: int = 3
+    binary: str,
+    root: Path,
+    origin_port: int,
+    cache_key: str | None,
+    directives: str = "",
+    attempts: int = 3,
 ) -> Nginx:
     root.mkdir(parents=True, exist_ok=True)
     conf = root / "nginx.conf"
     for attempt in range(1, attempts + 1):
         port = _free_port()
-        conf.write_text(_config(root, port, origin_port, directives))
+        conf.write_text(_config(root, port, origin_port, cache_key, directives))
         process = subprocess.Popen(
             [binary, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
             stdin=subprocess.DEVNULL,
@@ -383,6 +396,11 @@ class NginxEnv:
         """nginx's ``proxy_cache_path`` folder."""
         return self.nginx.cache_path
 
+    @property
+    def proxy_pass(self) -> str:
+        """The URL nginx's ``proxy_pass`` names: the origin."""
+        return f"http://127.0.0.1:{self.origin.port}"
+
     def get(self, path: str, host: str, *, new_connection: bool = False) -> Response:
         """GET ``path`` through nginx with ``Host: host``.
 
@@ -410,13 +428,17 @@ class NginxEnv:
 
 @contextlib.contextmanager
 def run_nginx_env(
-    root: Path, origin: Origin | None = None, directives: str = ""
+    root: Path,
+    origin: Origin | None = None,
+    directives: str = "",
+    *,
+    cache_key: str | None = CACHE_KEY,
 ) -> Iterator[NginxEnv]:
     """An origin and nginx in front of it (``directives`` added to its cached location), both
-    stopped when the block ends."""
+    stopped when the block ends. ``cache_key`` as for :func:`run_nginx`."""
     with (
         run_origin(origin) as running_origin,
-        run_nginx(root, running_origin.port, directives) as nginx,
+        run_nginx(root, running_origin.port, cache_key, directives) as nginx,
         httpx.Client(timeout=5.0) as client,
     ):
         yield NginxEnv(running_origin, nginx, client)

@@ -29,7 +29,9 @@ from drainbus.drain.nginx import (
     cache_file_path,
     render_key,
 )
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import Purge, ScopeRule
+from drainbus.drain.targets import NginxTarget
+from drainbus.errors import ConfigError, ExitCode
 from tests.nginx_env import (
     CACHE_KEY,
     CACHE_LEVELS,
@@ -41,6 +43,7 @@ from tests.nginx_env import (
     nginx_directives,
     nginx_env,
     origin,
+    run_nginx_env,
     write_cache_file,
 )
 
@@ -66,11 +69,81 @@ def test_config_names_every_unsupported_variable() -> None:
 
 
 def test_config_requires_proxy_host_for_proxy_host_keys() -> None:
-    """The default key uses $proxy_host, so proxy_host must be set."""
+    """A key that uses $proxy_host needs proxy_host (or proxy_pass) to render it."""
+    key = "$scheme$proxy_host$request_uri"
     with pytest.raises(pydantic.ValidationError, match="proxy_host"):
-        NginxCacheConfig(cache_path=Path("/c"))
-    config = NginxCacheConfig(cache_path=Path("/c"), proxy_host="origin:8080")
-    assert config.key == "$scheme$proxy_host$request_uri"
+        NginxCacheConfig(cache_path=Path("/c"), key=key)
+    config = NginxCacheConfig(cache_path=Path("/c"), key=key, proxy_host="origin:8080")
+    assert config.key_template().render("https://a.example/p") == "httpsorigin:8080/p"
+    passed = NginxCacheConfig(cache_path=Path("/c"), key=key, proxy_pass="http://origin:8080")
+    assert passed.key_template().render("https://a.example/p") == "httpsorigin:8080/p"
+
+
+def test_default_key_is_the_key_nginx_writes_without_proxy_cache_key() -> None:
+    """No key means nginx's real default key: read back for any upstream, exact with proxy_pass."""
+    config = NginxCacheConfig(cache_path=Path("/c"))
+    assert config.key is None
+    template = config.key_template()
+    assert not template.renders
+    with pytest.raises(ValueError, match="proxy_pass"):
+        template.render("http://acme.example/")
+    assert template.invert("http://127.0.0.1:8080/docs/a%20b?q=1") == (
+        KeyParts(None, "/docs/a b", "q=1"),
+    )
+    assert template.invert("https://backend/p") == (KeyParts(None, "/p", None),)
+    assert template.invert("httpacme.example/p") == ()
+    exact = NginxCacheConfig(cache_path=Path("/c"), proxy_pass="http://127.0.0.1:8080")
+    assert exact.key_template().render("https://Acme.example/docs/x?q=1") == (
+        "http://127.0.0.1:8080/docs/x?q=1"
+    )
+    assert exact.key_template().invert("http://10.0.0.1:8080/docs/x") == ()
+
+
+@pytest.mark.parametrize(
+    ("proxy_pass", "key"),
+    [
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080/p?q"),
+        ("http://127.0.0.1:80", "http://127.0.0.1/p?q"),
+        ("https://localhost:443", "https://localhost/p?q"),
+        ("https://localhost:80", "https://localhost:80/p?q"),
+        ("HTTP://named_upstream", "http://named_upstream/p?q"),
+        ("http://[::1]:8080", "http://[::1]:8080/p?q"),
+    ],
+    ids=["port", "http-default-port", "https-default-port", "other-port", "upstream", "ipv6"],
+)
+def test_proxy_pass_gives_the_key_nginx_writes(proxy_pass: str, key: str) -> None:
+    """$proxy_host is the host as written, with its port unless the scheme's default (1.22)."""
+    config = NginxCacheConfig(cache_path=Path("/c"), proxy_pass=proxy_pass)
+    assert config.key_template().render("https://www.example/p?q") == key
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"proxy_pass": "http://127.0.0.1:8080/"}, "URI part"),
+        ({"proxy_pass": "http://127.0.0.1:8080/app"}, "URI part"),
+        ({"proxy_pass": "127.0.0.1:8080"}, "not an http"),
+        ({"proxy_pass": "http://$upstream"}, "not an http"),
+        ({"proxy_pass": "http://u@h"}, "host"),
+        ({"proxy_pass": "http://a b"}, "host"),
+        ({"proxy_pass": "http://a", "proxy_host": "b"}, "disagrees"),
+        ({"proxy_host": "b"}, "set proxy_pass"),
+    ],
+    ids=[
+        "slash",
+        "path",
+        "no-scheme",
+        "variable",
+        "userinfo",
+        "space",
+        "disagree",
+        "host-without-key",
+    ],
+)
+def test_config_rejects_a_proxy_pass_it_cannot_key(settings: dict[str, str], fragment: str) -> None:
+    """A proxy_pass whose keys no template describes, or that contradicts proxy_host, fails."""
+    with pytest.raises(pydantic.ValidationError, match=fragment):
+        NginxCacheConfig(cache_path=Path("/c"), **settings)  # type: ignore[arg-type]
 
 
 def test_config_mode_is_hard_or_soft() -> None:
@@ -138,8 +211,10 @@ def test_cache_file_path_takes_levels_from_the_end_of_the_md5(levels: str, relat
         ("${scheme}://$host$uri$is_args$args", "http://h/a?x", [("h", "/a", "x")]),
         ("$scheme$proxy_host$request_uri", "httporigin:8080/p", [(None, "/p", None)]),
         (CACHE_KEY, "not a key", []),
+        (CACHE_KEY, "http://origin:8080/p", []),
+        ("$scheme://$host$request_uri", "http://[::1]/p", [("[::1]", "/p", None)]),
     ],
-    ids=["host", "scheme-ambiguity", "uri-args", "no-host", "no-match"],
+    ids=["host", "scheme-ambiguity", "uri-args", "no-host", "no-match", "port-not-host", "ipv6"],
 )
 def test_keys_are_read_back_through_the_template(
     template: str, key: str, readings: list[tuple[str | None, str, str | None]]
@@ -325,6 +400,27 @@ async def test_host_agnostic_keys_match_every_host(cache_dir: Path) -> None:
         assert index.paths_for_host("any.example") == {str(docs), str(other)}
         assert index.paths_for_prefix("https://any.example/docs") == {str(docs)}
         assert index.paths_for_url("https://any.example/docs2") == {str(other)}
+
+
+async def test_keys_the_template_cannot_read_are_counted_as_files_come_and_go(
+    cache_dir: Path,
+) -> None:
+    """unmatched_keys counts indexed files whose key the template cannot read, kept current."""
+    write_cache_file(cache_dir, "httpacme.example/a")
+    odd = write_cache_file(cache_dir, "http://127.0.0.1:8080/a", headers=["Cache-Tag: t"])
+    async with open_index(cache_dir) as index:
+        assert index.unmatched_keys == 1
+        later = write_cache_file(cache_dir, "http://127.0.0.1:8080/b")
+        write_cache_file(cache_dir, "httpacme.example/b")
+        await index.sync()
+        assert index.unmatched_keys == 2
+        later.write_bytes(later.read_bytes())  # rewritten in place: still one file
+        odd.unlink()
+        await index.sync()
+        assert index.unmatched_keys == 1
+        later.unlink()
+        await index.sync()
+        assert (index.unmatched_keys, len(index)) == (0, 2)
 
 
 def open_descriptors() -> int:
@@ -516,8 +612,6 @@ async def test_flush_all_walks_the_tree_not_the_index(nginx_env: NginxEnv) -> No
 
 async def test_missing_cache_folder_is_a_config_error(tmp_path: Path) -> None:
     """Starting on a folder that does not exist fails with a message naming it."""
-    from drainbus.errors import ConfigError
-
     config = NginxCacheConfig(cache_path=tmp_path / "nope", key=CACHE_KEY)
     with pytest.raises(ConfigError, match="nope"):
         async with NginxCache(config):
@@ -648,3 +742,139 @@ async def test_soft_purge_does_not_follow_symlinks(nginx_env: NginxEnv, tmp_path
         with pytest.raises(CacheEvictionFailed, match="could not expire 1 file"):
             await cache.purge(Purge(urls=frozenset({f"http://{BLOG}/"}), soft=True))
     assert target.read_bytes() == data
+
+
+# --- nginx's default key (no proxy_cache_key), on real nginx ---------------------------------
+
+
+@pytest.fixture
+def default_key_env(tmp_path: Path, origin: Origin) -> Iterator[NginxEnv]:
+    """nginx with no proxy_cache_key: it keys objects with its default key."""
+    with run_nginx_env(tmp_path / "nginx", origin, cache_key=None) as env:
+        yield env
+
+
+def nginx_keys(cache_path: Path) -> dict[Path, str]:
+    """Every cache file nginx wrote and the key on its KEY: line."""
+    keys = {}
+    for path in cache_path.rglob("*"):
+        if path.is_file():
+            head = parse_cache_head(path.read_bytes())
+            assert head is not None, path
+            keys[path] = head.key
+    return keys
+
+
+async def test_nginx_default_key_is_the_proxy_pass_url_then_the_request_uri(
+    default_key_env: NginxEnv,
+) -> None:
+    """nginx writes KEY: http://127.0.0.1:<port>/docs/x?q=1, whatever the client's Host."""
+    env = default_key_env
+    env.prime("/docs/x?q=1", BLOG)
+    assert env.get("/docs/x?q=1", OTHER).cache == "HIT"  # the Host is not in the key
+    key = f"{env.proxy_pass}/docs/x?q=1"
+    config = NginxCacheConfig(cache_path=env.cache_path, proxy_pass=env.proxy_pass)
+    rendered = config.key_template().render(f"https://{BLOG}/docs/x?q=1")
+    assert rendered == key
+    assert nginx_keys(env.cache_path) == {cache_file_path(env.cache_path, "1:2", key): key}
+
+
+DEFAULT_KEY_PAGES = ["/docs/a", "/docs/a?x=1", "/docs/b", "/docs2", "/other"]
+
+
+@pytest.mark.parametrize("with_proxy_pass", [False, True], ids=["defaults", "proxy-pass"])
+@pytest.mark.parametrize(
+    ("purge", "purged"),
+    [
+        (Purge(urls=frozenset({f"https://{BLOG}/docs/a"})), {"/docs/a"}),
+        (Purge(urls=frozenset({f"http://{OTHER}/docs/a?x=1"})), {"/docs/a?x=1"}),
+        (
+            Purge(prefixes=frozenset({f"https://{BLOG}/docs"})),
+            {"/docs/a", "/docs/a?x=1", "/docs/b"},
+        ),
+        (Purge(hosts=frozenset({BLOG})), set(DEFAULT_KEY_PAGES)),
+    ],
+    ids=["url", "url-query", "prefix", "host"],
+)
+async def test_purges_evict_with_nginx_default_key(
+    default_key_env: NginxEnv, with_proxy_pass: bool, purge: Purge, purged: set[str]
+) -> None:
+    """With no proxy_cache_key and drainbus's defaults, purges evict what they name."""
+    env = default_key_env
+    proxy_pass = env.proxy_pass if with_proxy_pass else None
+    config = NginxCacheConfig(cache_path=env.cache_path, proxy_pass=proxy_pass, name="test")
+    for path in DEFAULT_KEY_PAGES:
+        env.prime(path, BLOG)
+    async with NginxCache(config) as cache:
+        assert await cache.purge(purge) == len(purged)
+    statuses = {path: env.get(path, BLOG).cache for path in DEFAULT_KEY_PAGES}
+    assert {path for path, status in statuses.items() if status == "MISS"} == purged
+    assert {path for path, status in statuses.items() if status == "HIT"} == (
+        set(DEFAULT_KEY_PAGES) - purged
+    )
+
+
+@pytest.mark.parametrize(
+    ("nginx_key", "settings", "shown", "suggested"),
+    [
+        (
+            None,
+            {"key": CACHE_KEY},
+            "key template '$scheme$host$request_uri'",
+            'leave key unset (nginx\'s default key) and set proxy_pass = "{proxy_pass}"',
+        ),
+        (
+            CACHE_KEY,
+            {},
+            "nginx's default key (no proxy_cache_key; proxy_pass not set)",
+            'set key = "$scheme$host$request_uri"',
+        ),
+        (
+            "$scheme://$host$request_uri",
+            {"proxy_pass": "http://127.0.0.1:1"},
+            "nginx's default key (no proxy_cache_key) for proxy_pass 'http://127.0.0.1:1'",
+            'set key = "$scheme://$host$request_uri"',
+        ),
+    ],
+    ids=["host-template-on-default-keys", "defaults-on-host-keys", "proxy-pass-on-url-keys"],
+)
+async def test_start_refuses_a_key_template_that_cannot_read_the_cache(
+    tmp_path: Path,
+    nginx_key: str | None,
+    settings: dict[str, str],
+    shown: str,
+    suggested: str,
+) -> None:
+    """One line: the template, a real KEY: line it cannot read, and a setting that reads it."""
+    with run_nginx_env(tmp_path / "nginx", cache_key=nginx_key) as env:
+        for host in (BLOG, BLOG2):
+            env.prime("/docs/a?x=1", host)
+        keys = set(nginx_keys(env.cache_path).values())
+        config = NginxCacheConfig(cache_path=env.cache_path, name="web", **settings)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError) as caught:
+            async with NginxCache(config):
+                pass
+    message = str(caught.value)
+    assert caught.value.exit_code == ExitCode.CONFIG
+    assert "\n" not in message
+    assert shown in message
+    assert any(f"'KEY: {key}'" in message for key in keys), (message, keys)
+    assert suggested.format(proxy_pass=env.proxy_pass) in message
+
+
+async def test_start_accepts_a_cache_it_can_read_and_counts_the_keys_it_cannot(
+    default_key_env: NginxEnv,
+) -> None:
+    """A readable cache starts; a later file with a foreign key shows in the target's stats."""
+    env = default_key_env
+    env.prime("/docs/a", BLOG)
+    config = NginxCacheConfig(cache_path=env.cache_path, proxy_pass=env.proxy_pass)
+    async with NginxCache(config) as cache:
+        target = NginxTarget(cache, ScopeRule(), "nginx-1")
+        assert target.snapshot() == {"evicted": 0, "indexed": 1, "unmatched_keys": 0}
+        foreign = write_cache_file(env.cache_path, f"http{BLOG}/docs/a")
+        await cache.index.sync()
+        assert target.snapshot()["unmatched_keys"] == 1
+        foreign.unlink()
+        await cache.index.sync()
+        assert target.snapshot()["unmatched_keys"] == 0

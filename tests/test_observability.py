@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from drainbus.node import Node
 from tests.conftest import User, run_ssh
-from tests.nginx_env import NginxEnv
+from tests.nginx_env import CACHE_KEY, NginxEnv, run_nginx_env
 
 StartNode = Callable[..., Awaitable[Node]]
 
@@ -64,6 +64,7 @@ async def test_metrics_endpoint_reports_sessions_messages_purges_and_index(
     evicted = metrics["drainbus_objects_evicted_total"]
     assert evicted[(("node", "web1"), ("target", "nginx-1"))] >= 1
     assert (("node", "web1"), ("target", "nginx-1")) in metrics["drainbus_nginx_index_objects"]
+    assert metrics["drainbus_nginx_unmatched_keys"][(("node", "web1"), ("target", "nginx-1"))] == 0
     assert metrics["drainbus_connections"]
     for name in metrics:  # bounded cardinality: no label carries a URL or message
         for labels in metrics[name]:
@@ -129,3 +130,51 @@ def test_check_config_rejects_a_bad_config(tmp_path: Path, text: str, fragment: 
     assert result.returncode == 78
     assert fragment in result.stderr
     assert result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "code", "fragments"),
+    [
+        pytest.param(
+            'key = "$scheme$host$request_uri"',
+            78,
+            [
+                "key template '$scheme$host$request_uri'",
+                "'KEY: {proxy_pass}/docs/a?x=1'",
+                'set proxy_pass = "{proxy_pass}"',
+            ],
+            id="wrong-template",
+        ),
+        pytest.param('proxy_pass = "{proxy_pass}"', 0, ["ok: "], id="default-key"),
+    ],
+)
+def test_check_config_reads_the_nginx_cache_keys(
+    tmp_path: Path, settings: str, code: int, fragments: list[str]
+) -> None:
+    """check-config refuses a key template that cannot read the keys nginx wrote, in one line."""
+    with run_nginx_env(tmp_path / "nginx", cache_key=None) as env:
+        env.prime("/docs/a?x=1", "acme-blog.pages.example")
+        config = tmp_path / "drainbus.toml"
+        config.write_text(
+            f'[server]\nusers_dir = "{tmp_path}"\n[[drain.nginx]]\n'
+            f'cache_path = "{env.cache_path}"\n{settings.format(proxy_pass=env.proxy_pass)}\n'
+        )
+        result = run_cli("check-config", str(config))
+    assert result.returncode == code, result.stderr
+    output = result.stderr if code else result.stdout
+    assert output.strip().count("\n") == 0
+    for fragment in fragments:
+        assert fragment.format(proxy_pass=env.proxy_pass) in output
+
+
+def test_check_config_passes_an_empty_or_missing_cache_folder(tmp_path: Path) -> None:
+    """With nothing to read yet, any key template passes check-config."""
+    (tmp_path / "empty").mkdir()
+    config = tmp_path / "drainbus.toml"
+    caches = "".join(
+        f'[[drain.nginx]]\ncache_path = "{tmp_path / name}"\nkey = "{CACHE_KEY}"\n'
+        for name in ("empty", "missing")
+    )
+    config.write_text(f'[server]\nusers_dir = "{tmp_path}"\n{caches}')
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 0, result.stderr

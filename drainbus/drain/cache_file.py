@@ -28,7 +28,7 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +41,7 @@ __all__ = [
     "cache_files",
     "expire_cache_file",
     "is_cache_file_name",
+    "iter_cache_files",
     "open_cache_file",
     "parse_cache_head",
     "parse_cache_header",
@@ -86,7 +87,12 @@ def is_cache_file_name(name: str) -> bool:
 
 def cache_files(root: Path) -> list[str]:
     """The path of every cache file under ``root`` (none if it is missing)."""
-    files, stack = [], [str(root)]
+    return list(iter_cache_files(root))
+
+
+def iter_cache_files(root: Path) -> Iterator[str]:
+    """:func:`cache_files` one at a time, so a caller that needs a few stops the walk early."""
+    stack = [str(root)]
     while stack:
         try:
             listing = os.scandir(stack.pop())
@@ -97,8 +103,7 @@ def cache_files(root: Path) -> list[str]:
                 if item.is_dir(follow_symlinks=False):
                     stack.append(item.path)
                 elif is_cache_file_name(item.name):
-                    files.append(item.path)
-    return files
+                    yield item.path
 
 
 class CacheHead(NamedTuple):

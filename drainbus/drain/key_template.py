@@ -6,6 +6,11 @@ name, the MD5 of the key). Running it backwards over a key gives every (host, pa
 the key may stand for: ``$scheme$host`` is ambiguous (``httpshop.example`` is ``http`` +
 ``shop.example`` or ``https`` + ``hop.example``), so a key can have several readings. A
 template without ``$host`` (nginx's default key) makes one object serve every host.
+
+nginx's default key (no ``proxy_cache_key``) is not the ``$scheme$proxy_host$request_uri``
+its documentation prints: nginx 1.22 writes ``http://127.0.0.1:8080/docs/x?q=1``, the
+``proxy_pass`` URL's scheme, ``://``, ``$proxy_host``, then the request URI; the client's
+scheme and Host do not enter it. :meth:`KeyTemplate.nginx_default` is that key.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ __all__ = [
     "KeyParts",
     "KeyTemplate",
     "Reading",
+    "proxy_host_of",
     "template_variables",
     "url_parts",
 ]
@@ -29,12 +35,18 @@ SUPPORTED_VARIABLES = ("scheme", "host", "proxy_host", "request_uri", "uri", "is
 
 _VARIABLE = re.compile(r"\$(?:\{([A-Za-z0-9_]*)\}|([A-Za-z0-9_]*))")
 _CAPTURE = {
-    "host": r"[^/?\s]*",
+    # nginx's $host never carries a port: a ':' outside [IPv6] brackets is not part of it
+    # (else $scheme$host would read "http://backend:8080/p" as host ":").
+    "host": r"(?:\[[^\]/\s]*\]|[^/?:\s\[\]]*)",
     "request_uri": r"/\S*",
     "uri": r"/[^?]*",
     "is_args": r"\??",
     "args": r".*?",
 }
+# An unknown $proxy_host: any host[:port], up to the first '/'.
+_ANY_PROXY_HOST = r"[^/\s]+"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_PORT = re.compile(r"(\[[^\]\s]*\]|[^:\[\]\s]+)(?::([0-9]+))?")
 
 
 def template_variables(template: str) -> tuple[str, ...]:
@@ -87,6 +99,34 @@ def _url_variables(url: str) -> dict[str, str]:
     }
 
 
+def proxy_host_of(proxy_pass: str) -> tuple[str, str]:
+    """The upstream scheme and ``$proxy_host`` of a ``proxy_pass`` URL without a URI part.
+
+    ``$proxy_host`` is the host as written, with the port unless it is the scheme's default
+    (nginx 1.22 keys ``proxy_pass http://127.0.0.1:80`` as ``http://127.0.0.1/…``).
+    Raises ``ValueError`` naming what is wrong: not http(s), variables, or a URI part (nginx
+    then keys the rewritten upstream URI, which no template here describes).
+    """
+    scheme, sep, rest = proxy_pass.partition("://")
+    scheme = scheme.lower()
+    hostport, slash, _ = rest.partition("/")
+    expected = "expected the URL written in nginx's proxy_pass, e.g. 'http://127.0.0.1:8080'"
+    if not sep or scheme not in _DEFAULT_PORTS or "$" in proxy_pass:
+        raise ValueError(f"proxy_pass {proxy_pass!r} is not an http(s) URL: {expected}")
+    if slash or "?" in hostport or "#" in hostport:
+        raise ValueError(
+            f"proxy_pass {proxy_pass!r} has a URI part: nginx then keys the rewritten upstream "
+            "URI; set proxy_cache_key in nginx (e.g. $scheme://$host$request_uri) and key here"
+        )
+    match = _HOST_PORT.fullmatch(hostport)
+    if match is None or "@" in hostport:
+        raise ValueError(f"proxy_pass {proxy_pass!r} has no valid host[:port]: {expected}")
+    host, port = match[1], match[2]
+    if port is None or int(port) == _DEFAULT_PORTS[scheme]:
+        return scheme, host
+    return scheme, f"{host}:{port}"
+
+
 def url_parts(url: str) -> KeyParts:
     """Host, decoded path and query of an absolute URL, normalised as index entries are."""
     values = _url_variables(url)
@@ -100,30 +140,63 @@ Reading = tuple[str | None, str | None, str | None]
 class KeyTemplate:
     """An nginx ``proxy_cache_key`` template: renders keys for URLs and reads keys back.
 
-    Raises ``ValueError`` for unsupported variables, or for ``$proxy_host`` without a
-    ``proxy_host`` value.
+    ``proxy_host`` is the value of ``$proxy_host``; None (unknown) reads any host[:port] in
+    its place, and then :meth:`render` cannot compute keys (see :attr:`renders`).
+    ``description`` names the template in messages. Raises ``ValueError`` for unsupported
+    variables.
     """
 
-    def __init__(self, template: str, proxy_host: str | None = None) -> None:
+    def __init__(
+        self, template: str, proxy_host: str | None = None, *, description: str | None = None
+    ) -> None:
         names = template_variables(template)
-        if "proxy_host" in names and proxy_host is None:
-            raise ValueError(
-                f"key template {template!r} uses $proxy_host: set proxy_host to the host[:port] "
-                "written in proxy_pass (e.g. 'origin:8080')"
-            )
         self.template = template
         self.proxy_host = proxy_host
         self.variables = frozenset(names)
+        self.description = description or f"key template {template!r}"
+        #: Whether :meth:`render` can compute keys: not with an unknown ``$proxy_host``.
+        self.renders = "proxy_host" not in self.variables or proxy_host is not None
         #: Whether the key tells objects of different hosts / queries apart.
         self.has_host = "host" in self.variables
         self.has_query = bool(self.variables & {"request_uri", "args"})
         self._patterns = tuple(self._pattern(scheme) for scheme in ("https", "http"))
 
+    @classmethod
+    def nginx_default(cls, proxy_pass: str | None = None) -> KeyTemplate:
+        """nginx's key when no ``proxy_cache_key`` is set, for ``proxy_pass`` (no URI part).
+
+        With ``proxy_pass = "http://127.0.0.1:8080"`` that is ``http://$proxy_host$request_uri``
+        with ``$proxy_host`` ``127.0.0.1:8080``. Without it the upstream is unknown: keys of
+        any http or https upstream are read back, and nothing is rendered. Raises
+        ``ValueError`` for a ``proxy_pass`` :func:`proxy_host_of` rejects.
+        """
+        if proxy_pass is None:
+            # $scheme only reads back here (http or https): it never renders, as
+            # $proxy_host is unknown, so the client's scheme cannot slip into a key.
+            return cls(
+                "$scheme://$proxy_host$request_uri",
+                description="nginx's default key (no proxy_cache_key; proxy_pass not set)",
+            )
+        scheme, proxy_host = proxy_host_of(proxy_pass)
+        return cls(
+            f"{scheme}://$proxy_host$request_uri",
+            proxy_host,
+            description=f"nginx's default key (no proxy_cache_key) for proxy_pass {proxy_pass!r}",
+        )
+
     def __repr__(self) -> str:
         return f"KeyTemplate({self.template!r}, proxy_host={self.proxy_host!r})"
 
     def render(self, url: str) -> str:
-        """The cache key nginx computes for a request of ``url`` (an absolute URL)."""
+        """The cache key nginx computes for a request of ``url`` (an absolute URL).
+
+        Raises ``ValueError`` when the template cannot render (:attr:`renders` is false).
+        """
+        if not self.renders:
+            raise ValueError(
+                f"{self.description} cannot compute keys: the $proxy_host value (proxy_pass) "
+                "is not known"
+            )
         values = _url_variables(url)
         values["proxy_host"] = self.proxy_host or ""
         return _VARIABLE.sub(lambda m: values[m[1] or m[2]], self.template)
@@ -137,7 +210,8 @@ class KeyTemplate:
             if name == "scheme":
                 pattern.append(scheme)
             elif name == "proxy_host":
-                pattern.append(re.escape(self.proxy_host or ""))
+                known = self.proxy_host
+                pattern.append(_ANY_PROXY_HOST if known is None else re.escape(known))
             elif name in seen:
                 pattern.append(f"(?P={name})")
             else:

@@ -9,7 +9,7 @@ and read back by :mod:`drainbus.drain.key_template`.
 Usage::
 
     config = NginxCacheConfig(cache_path=Path("/var/cache/nginx/pages"),
-                              key="$scheme$host$request_uri")
+                              key="$scheme://$host$request_uri")
     async with NginxCache(config) as cache:
         removed = await cache.purge(purge, key_hosts=["acme-blog.pages.example"])
 
@@ -37,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from drainbus.drain.cache_file import cache_file_path as _cache_file_path
 from drainbus.drain.cache_file import cache_files, expire_cache_file, parse_levels
-from drainbus.drain.key_template import KeyTemplate, template_variables
+from drainbus.drain.key_check import SAMPLE_SIZE, check_keys
+from drainbus.drain.key_template import KeyTemplate, proxy_host_of, template_variables
 from drainbus.drain.nginx_index import CacheIndex
 from drainbus.drain.purges import Purge
 from drainbus.errors import BackendError, ConfigError, DataError
@@ -58,17 +59,23 @@ class NginxCacheConfig(BaseModel):
     """One nginx ``proxy_cache_path`` and the ``proxy_cache_key`` used with it.
 
     ``levels`` and ``key`` must be what nginx is configured with, or URL purges compute the
-    wrong file. ``proxy_host`` is the value of ``$proxy_host`` (the host[:port] in
-    ``proxy_pass``), required when the key uses it. ``name`` labels log lines. ``mode``
-    ``"soft"`` makes every purge of this cache soft (expire, not delete; see the module
-    docstring); with ``"hard"`` only purges marked soft are.
+    wrong file. ``key`` None means no ``proxy_cache_key`` is set: nginx's default key, which
+    is ``http://127.0.0.1:8080/docs/x?q=1`` for ``proxy_pass http://127.0.0.1:8080`` (not the
+    ``$scheme$proxy_host$request_uri`` nginx's documentation prints). ``proxy_pass`` is that
+    URL as written in nginx, without a URI part; without it keys are still read back (any
+    upstream), but URL purges find files through the index only. ``proxy_host`` is the value
+    of ``$proxy_host`` for a ``key`` that uses it (taken from ``proxy_pass`` when unset).
+    ``name`` labels log lines. ``mode`` ``"soft"`` makes every purge of this cache soft
+    (expire, not delete; see the module docstring); with ``"hard"`` only purges marked soft
+    are.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     cache_path: Path
     levels: str = "1:2"
-    key: str = "$scheme$proxy_host$request_uri"
+    key: str | None = None
+    proxy_pass: str | None = None
     proxy_host: str | None = None
     name: str | None = None
     mode: Literal["hard", "soft"] = "hard"
@@ -81,14 +88,45 @@ class NginxCacheConfig(BaseModel):
 
     @field_validator("key")
     @classmethod
-    def _check_key(cls, key: str) -> str:
-        template_variables(key)
+    def _check_key(cls, key: str | None) -> str | None:
+        if key is not None:
+            template_variables(key)
         return key
+
+    @field_validator("proxy_pass")
+    @classmethod
+    def _check_proxy_pass(cls, proxy_pass: str | None) -> str | None:
+        if proxy_pass is not None:
+            proxy_host_of(proxy_pass)
+        return proxy_pass
 
     @model_validator(mode="after")
     def _check_proxy_host(self) -> Self:
-        KeyTemplate(self.key, self.proxy_host)
+        self.key_template()
         return self
+
+    def key_template(self) -> KeyTemplate:
+        """The template of the keys nginx writes in this cache; ``ValueError`` if unclear."""
+        passed = proxy_host_of(self.proxy_pass)[1] if self.proxy_pass else None
+        if self.proxy_host is not None and passed is not None and self.proxy_host != passed:
+            raise ValueError(
+                f"proxy_host {self.proxy_host!r} disagrees with proxy_pass {self.proxy_pass!r} "
+                f"(whose $proxy_host is {passed!r}): set only proxy_pass"
+            )
+        if self.key is None:
+            if self.proxy_host is not None and passed is None:
+                raise ValueError(
+                    "proxy_host is set but key is not: for nginx's default key set proxy_pass "
+                    "to the URL written in nginx's proxy_pass (e.g. 'http://127.0.0.1:8080')"
+                )
+            return KeyTemplate.nginx_default(self.proxy_pass)
+        proxy_host = self.proxy_host or passed
+        if "proxy_host" in template_variables(self.key) and proxy_host is None:
+            raise ValueError(
+                f"key template {self.key!r} uses $proxy_host: set proxy_host to the host[:port] "
+                "written in proxy_pass (e.g. 'origin:8080'), or proxy_pass"
+            )
+        return KeyTemplate(self.key, proxy_host)
 
 
 def render_key(template: str, url: str, proxy_host: str | None = None) -> str:
@@ -96,7 +134,8 @@ def render_key(template: str, url: str, proxy_host: str | None = None) -> str:
 
     ``$host`` is the URL's host lower-cased without port; ``$request_uri`` the path and
     query as sent; ``$uri`` the percent-decoded path; ``$args`` the query; ``$is_args`` ``?``
-    when there is a query. Raises ``ValueError`` for an unsupported template.
+    when there is a query. Raises ``ValueError`` for an unsupported template, or one using
+    ``$proxy_host`` without ``proxy_host``.
     """
     return KeyTemplate(template, proxy_host).render(url)
 
@@ -173,14 +212,16 @@ class NginxCache:
     """The nginx cache target: purges delete (soft ones expire) cache files; an async context
     manager.
 
-    Entering checks the cache folder and builds the index; leaving stops following it.
+    Entering checks the cache folder, builds the index and checks that the key template
+    reads the keys nginx wrote (:class:`ConfigError` if most are unreadable); leaving stops
+    following the folder.
     """
 
     def __init__(self, config: NginxCacheConfig) -> None:
         self.config = config
         self.name = config.name or str(config.cache_path)
         self._levels = parse_levels(config.levels)
-        self._template = KeyTemplate(config.key, config.proxy_host)
+        self._template = config.key_template()
         self.index = CacheIndex(config.cache_path, self._template, name=self.name)
 
     async def __aenter__(self) -> Self:
@@ -189,14 +230,27 @@ class NginxCache:
                 f"nginx cache folder {str(self.config.cache_path)!r} does not exist: "
                 "expected the path of a proxy_cache_path that nginx has created"
             )
-        if not self._template.has_host:
+        template = self._template
+        if not template.has_host:
             log.info(
                 "nginx_cache_key_without_host",
                 cache=self.name,
-                key=self.config.key,
+                key=template.description,
                 effect="one object serves every host: host and prefix purges match all hosts",
             )
+        if not template.renders:
+            log.info(
+                "nginx_cache_key_not_rendered",
+                cache=self.name,
+                key=template.description,
+                effect="URL purges find files through the index only; set proxy_pass",
+            )
         await self.index.__aenter__()
+        try:
+            check_keys(template, self.index.sample_keys(SAMPLE_SIZE), cache=self.name)
+        except BaseException:
+            await self.index.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(
@@ -208,7 +262,10 @@ class NginxCache:
         await self.index.__aexit__(exc_type, exc, tb)
 
     def path_for_url(self, url: str) -> Path:
-        """The cache file nginx uses for ``url`` (computed; it may not exist)."""
+        """The cache file nginx uses for ``url`` (computed; it may not exist).
+
+        Raises ``ValueError`` when the key template cannot render keys (no ``proxy_pass``).
+        """
         return _cache_file_path(self.config.cache_path, self._levels, self._template.render(url))
 
     async def purge(self, purge: Purge, *, key_hosts: Iterable[str] = ()) -> int:
@@ -235,8 +292,12 @@ class NginxCache:
         paths: set[str] = set()
         try:
             for url in purge.urls:
-                paths.add(str(self.path_for_url(url)))
-                paths |= index.paths_for_key(self._template.render(url))
+                # Without proxy_pass nginx's default key cannot be computed: the index alone
+                # finds the URL's files then.
+                if self._template.renders:
+                    key = self._template.render(url)
+                    paths.add(str(_cache_file_path(self.config.cache_path, self._levels, key)))
+                    paths |= index.paths_for_key(key)
                 paths |= index.paths_for_url(url)
             for prefix in purge.prefixes:
                 paths |= index.paths_for_prefix(prefix)

@@ -8,9 +8,10 @@ shows up as ``IN_MOVED_TO``; an in-place header update as ``IN_CLOSE_WRITE``.
 Host and path come from the key by running the key template backwards. ``$scheme$host`` is
 ambiguous (``httpshop.example`` is ``http`` + ``shop.example`` or ``https`` + ``hop.example``),
 so an entry keeps every reading the template allows and matches any of them: a rare
-over-purge, never a missed one. A template without ``$host`` (nginx's default
-``$scheme$proxy_host$request_uri``) makes one object serve every host, so such entries match
-any host.
+over-purge, never a missed one. A template without ``$host`` (such as nginx's default key,
+``http://127.0.0.1:8080/docs/x?q=1``) makes one object serve every host, so such entries
+match any host. Files whose key the template cannot read at all are counted
+(:attr:`CacheIndex.unmatched_keys`): only tag purges can find them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import os
 import time
 from collections import deque
@@ -107,6 +109,8 @@ class _Tables:
     any_host: set[str] = field(default_factory=set)
     unreadable: int = 0
     invalid: int = 0
+    # Entries now indexed whose key the template could not read (no readings).
+    unmatched: int = 0
 
     def _links(self, entry: _Entry) -> Iterator[tuple[dict[str, _Paths], str]]:
         key, tags, readings = entry
@@ -134,6 +138,8 @@ class _Tables:
                 paths[path] = None
         if any(host is None and key_path is not None for host, key_path, _ in _readings_of(entry)):
             self.any_host.add(path)
+        if not _readings_of(entry):
+            self.unmatched += 1
 
     def remove(self, path: str) -> None:
         entry = self.entries.pop(path, None)
@@ -146,6 +152,8 @@ class _Tables:
                 if not paths:
                     del table[value]
         self.any_host.discard(path)
+        if not _readings_of(entry):
+            self.unmatched -= 1
 
 
 def _load(tables: _Tables, template: KeyTemplate, path: str) -> None:
@@ -331,6 +339,16 @@ class CacheIndex:
         return self._tables.unreadable
 
     @property
+    def unmatched_keys(self) -> int:
+        """Indexed files whose key the template cannot read: host and prefix purges miss
+        them (tag purges still find them)."""
+        return self._tables.unmatched
+
+    def sample_keys(self, limit: int) -> list[str]:
+        """The keys of up to ``limit`` indexed files."""
+        return [_key_of(entry) for entry in itertools.islice(self._tables.entries.values(), limit)]
+
+    @property
     def skipped_invalid(self) -> int:
         """Files skipped because they hold no complete nginx cache head (truncated, garbage)."""
         return self._tables.invalid
@@ -427,6 +445,7 @@ class CacheIndex:
             "nginx_cache_indexed",
             cache=self.name,
             files=len(tables.entries),
+            unmatched_keys=tables.unmatched,
             unreadable=tables.unreadable,
             invalid=tables.invalid,
             seconds=round(time.monotonic() - started, 3),

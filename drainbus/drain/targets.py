@@ -76,7 +76,11 @@ class NginxTarget:
         return removed
 
     def snapshot(self) -> dict[str, Any]:
-        return {"evicted": self.evicted, "indexed": len(self.cache.index)}
+        index = self.cache.index
+        # unmatched_keys: indexed files the key template cannot read, which host and prefix
+        # purges cannot find; above 0, the key setting disagrees with nginx's.
+        return {"evicted": self.evicted, "indexed": len(index),
+                "unmatched_keys": index.unmatched_keys}  # fmt: skip
 
 
 class HttpPurgeTarget:
