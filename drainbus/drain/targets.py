@@ -76,7 +76,11 @@ class NginxTarget:
         return removed
 
     def snapshot(self) -> dict[str, Any]:
-        return {"evicted": self.evicted, "indexed": len(self.cache.index)}
+        return {
+            "evicted": self.evicted,
+            "refills_evicted": self.cache.refills_evicted,
+            "indexed": len(self.cache.index),
+        }
 
 
 class HttpPurgeTarget:
