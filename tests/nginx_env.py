@@ -14,12 +14,15 @@ The origin (:class:`Origin`) answers every GET with ``Cache-Control: max-age=360
 ``Cache-Tag`` header and a body that ends in a request counter, so a test can tell a cached
 copy from a fresh one. Tags default to the first label of the Host (``acme-blog.pages.example``
 -> ``acme-blog``) plus any tags a test registers for a path prefix in ``Origin.path_tags``.
+A test can make the origin slow (``delay``) and give its content a ``version``, sent as the
+ETag; both are read when a request starts, as a real origin reads the page it will send.
 
 nginx (:class:`Nginx`) is the real binary, run in the foreground with every path inside a
 temporary folder and the cache configured as the drainbus docs assume::
 
     proxy_cache_path <tmp>/cache levels=1:2 keys_zone=z:10m use_temp_path=off;
     proxy_cache_key  $scheme$host$request_uri;
+    proxy_cache_use_stale updating;  proxy_cache_background_update on;
 
 It is never skipped: when nginx is missing the fixture fails and says how to install it.
 """
@@ -99,14 +102,25 @@ class Origin:
     ``tags_for(host, path)`` gives each response's ``Cache-Tag`` list; ``path_tags`` adds
     tags for every path starting with a given prefix. ``hits`` counts the requests that
     reached the origin, and every body ends with that count.
+
+    ``version``, when set, is in every body and is the ETag (``"<version>"``); ``delay`` is
+    how many seconds the origin waits before it answers; ``max_age`` the lifetime it sends.
+    A request reads all three when it starts: changing them affects later requests only.
     """
 
     tags_for: Callable[[str, str], Sequence[str]] = _host_label_tags
     path_tags: dict[str, list[str]] = field(default_factory=dict)
     tag_header: str = "Cache-Tag"
+    version: str | None = None
+    delay: float = 0.0
+    max_age: int = 3600
     hits: int = 0
     port: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _counted: threading.Condition = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._counted = threading.Condition(self._lock)
 
     def tags(self, host: str, path: str) -> list[str]:
         """Every tag the response for ``host`` and ``path`` carries."""
@@ -118,9 +132,20 @@ class Origin:
 
     def count(self) -> int:
         """Count one request that reached the origin and return the new total."""
+        return self.start()[0]
+
+    def start(self) -> tuple[int, str | None, float, int]:
+        """Count one request; its number and the ``version``, ``delay`` and ``max_age`` it uses."""
         with self._lock:
             self.hits += 1
-            return self.hits
+            self._counted.notify_all()
+            return self.hits, self.version, self.delay, self.max_age
+
+    def wait_for_hits(self, hits: int, timeout: float = 10.0) -> None:
+        """Block until ``hits`` requests have reached the origin; fails after ``timeout`` s."""
+        with self._lock:
+            if not self._counted.wait_for(lambda: self.hits >= hits, timeout):
+                pytest.fail(f"the origin saw {self.hits} requests, not {hits}, in {timeout} s")
 
 
 def _handler_for(origin: Origin) -> type[BaseHTTPRequestHandler]:
@@ -129,12 +154,17 @@ def _handler_for(origin: Origin) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             host = self.headers.get("Host", "")
-            n = origin.count()
-            body = f"{host}{self.path} #{n}\n".encode()
+            n, version, delay, max_age = origin.start()
+            content = f"{host}{self.path}" if version is None else f"{host}{self.path} {version}"
+            body = f"{content} #{n}\n".encode()
+            if delay:
+                time.sleep(delay)  # a slow origin: the delay is what is being simulated
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "max-age=3600")
+            self.send_header("Cache-Control", f"max-age={max_age}")
+            if version is not None:
+                self.send_header("ETag", f'"{version}"')
             tags = origin.tags(host, self.path)
             if tags:
                 self.send_header(origin.tag_header, ",".join(tags))
@@ -228,6 +258,10 @@ http {{
             proxy_cache z;
             proxy_cache_key {CACHE_KEY};
             proxy_cache_valid 200 1h;
+            # A stale copy is served while one request refetches it (what a soft purge needs,
+            # and how a refetch can be in flight when a purge runs).
+            proxy_cache_use_stale updating;
+            proxy_cache_background_update on;
             add_header X-Cache-Status $upstream_cache_status always;
         }}
     }}
