@@ -10,7 +10,8 @@ import pytest
 
 from drainbus.drain.cache_file import parse_cache_head
 from drainbus.drain.nginx import NginxCache, NginxCacheConfig, cache_file_path
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import Purge, ScopeRule
+from drainbus.drain.targets import NginxTarget
 from tests.nginx_env import (
     CACHE_KEY,
     CACHE_LEVELS,
@@ -100,6 +101,17 @@ async def test_old_validator_is_evicted_at_once_and_only_once(cache_dir: Path) -
         await cache.index.sync()
         assert again.exists()
         assert cache.refills_evicted == 1
+
+
+async def test_target_reports_refills_evicted(cache_dir: Path) -> None:
+    """The nginx target's counters include the refills its guard evicted."""
+    write_cache_file(cache_dir, _key("/p"), headers=['ETag: "v1"'])
+    async with NginxCache(_config(cache_dir), refill_window=60) as cache:
+        target = NginxTarget(cache, ScopeRule(), "pages")
+        await target.apply([Purge(urls=frozenset({_url("/p")}))])
+        write_cache_file(cache_dir, _key("/p"), headers=['ETag: "v1"'])
+        await cache.index.sync()
+        assert target.snapshot() == {"evicted": 1, "refills_evicted": 1, "indexed": 0}
 
 
 async def test_new_validator_is_kept_and_a_late_old_copy_is_not(cache_dir: Path) -> None:

@@ -43,7 +43,7 @@ from typing import Literal, Self
 import structlog
 
 from drainbus.drain.cache_file import CacheHead, read_cache_head
-from drainbus.drain.key_template import KeyParts, KeyTemplate, url_parts
+from drainbus.drain.key_template import KeyParts, KeyTemplate, Reading, url_parts
 from drainbus.drain.purges import Purge
 
 __all__ = ["DEFAULT_REFILL_WINDOW", "RefillGuard", "RefillWindow"]
@@ -85,12 +85,15 @@ class RefillWindow:
     recheck: dict[str, _Stamp] = field(default_factory=dict)
     refills_evicted: int = 0
 
-    def matches(self, head: CacheHead, template: KeyTemplate) -> bool:
-        """True when the purge would have evicted a file with ``head``."""
+    def matches(self, head: CacheHead, readings: tuple[Reading, ...], has_query: bool) -> bool:
+        """True when the purge would have evicted a file with ``head``.
+
+        ``readings`` are the key's readings by the key template; they are matched as the
+        index's lookups match them; ``has_query`` says whether the key holds the query.
+        """
         if self.everything or head.key in self.url_keys or not self.tags.isdisjoint(head.tags):
             return True
-        # The index's readings of the key, matched as its lookups match them.
-        for host, path, query in template.readings(head.key):
+        for host, path, query in readings:
             if host is not None and host in self.hosts:
                 return True
             if path is None:
@@ -101,7 +104,7 @@ class RefillWindow:
                 if (
                     host in (None, want.host)
                     and path == want.path
-                    and (not template.has_query or query == want.query)
+                    and (not has_query or query == want.query)
                 ):
                     return True
             for want in self.prefixes:
@@ -232,7 +235,11 @@ class RefillGuard:
 
     def file_added(self, path: str, head: CacheHead) -> None:
         """The index's ``on_file_added``: judge a file nginx put in place (on the loop)."""
-        windows = [w for w in self._windows if w.matches(head, self.template)]
+        if not self._windows:
+            return
+        readings = self.template.readings(head.key)
+        has_query = self.template.has_query
+        windows = [w for w in self._windows if w.matches(head, readings, has_query)]
         if not windows:
             return
         stamp = _stamp(path)
