@@ -246,3 +246,10 @@ async def test_background_refetch_with_the_old_etag_is_evicted_at_once(
             await until(lambda: _page_file(nginx_env).exists(), SLOW + 5.0, "the refetch lands")
     response = await _get(nginx_env)
     assert served in response.body, response
+
+
+async def test_an_error_inside_the_cache_passes_through_unchanged(cache_dir: Path) -> None:
+    """The guard's task group never wraps an exception raised while the cache is open."""
+    with pytest.raises(LookupError, match="boom"):
+        async with NginxCache(_config(cache_dir), refill_window=60):
+            raise LookupError("boom")

@@ -192,7 +192,8 @@ class RefillGuard:
             self._closer.cancel()
         if self._tasks is not None:
             tasks, self._tasks, self._closer = self._tasks, None, None
-            await tasks.__aexit__(exc_type, exc, tb)
+            # Not the caller's exception: a task group would re-raise it inside a group.
+            await tasks.__aexit__(None, None, None)
         self._windows.clear()
 
     def __len__(self) -> int:
