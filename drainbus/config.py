@@ -38,6 +38,7 @@ from drainbus.drain.cloudflare import CloudflareZoneConfig
 from drainbus.drain.http_purge import HttpPurgeConfig
 from drainbus.drain.nginx import NginxCacheConfig
 from drainbus.drain.purges import ScopeRule
+from drainbus.drain.refill import DEFAULT_REFILL_WINDOW
 from drainbus.errors import ConfigError
 from drainbus.hooks.settings import HooksSettings
 
@@ -167,6 +168,10 @@ class DrainSettings(_Section):
     owner_separator: str = Field("-", min_length=1, max_length=8)
     max_deliveries: int = Field(5, ge=1)
     retry_after: Duration = 10.0
+    # How long after a purge the nginx targets evict stale copies that requests in flight
+    # during the purge write back (drainbus.drain.refill); at least the origin's response
+    # timeout (proxy_read_timeout). 0 turns it off.
+    refill_window: Duration = DEFAULT_REFILL_WINDOW
     nginx: tuple[NginxCacheConfig, ...] = ()
     http_purge: tuple[HttpPurgeConfig, ...] = ()
     cloudflare: tuple[CloudflareZoneConfig, ...] = ()

@@ -173,6 +173,9 @@ def _drain_metrics(drain: Drain, name: str) -> Iterator[Metric]:
     yield pending
     evicted = CounterMetricFamily("drainbus_objects_evicted", "nginx cache objects removed",
                                   labels=["node", "target"])  # fmt: skip
+    refills = CounterMetricFamily("drainbus_nginx_refills_evicted",
+                                  "Stale copies written back after a purge, then evicted",
+                                  labels=["node", "target"])  # fmt: skip
     index = GaugeMetricFamily("drainbus_nginx_index_objects", "Objects in the nginx cache index",
                               labels=["node", "target"])  # fmt: skip
     unmatched = GaugeMetricFamily(
@@ -190,6 +193,7 @@ def _drain_metrics(drain: Drain, name: str) -> Iterator[Metric]:
             evicted.add_metric([name, target.name], target_stats["evicted"])
             index.add_metric([name, target.name], target_stats["indexed"])
             unmatched.add_metric([name, target.name], target_stats["unmatched_keys"])
+            refills.add_metric([name, target.name], target_stats["refills_evicted"])
         if "calls" in target_stats:
             for outcome, count in target_stats["calls"].items():
                 calls.add_metric([name, outcome], count)
@@ -199,7 +203,7 @@ def _drain_metrics(drain: Drain, name: str) -> Iterator[Metric]:
                            target_stats["rate_limited"])  # fmt: skip
             yield _counter("drainbus_cloudflare_retries", "Cloudflare calls retried", name,
                            target_stats["retries"])  # fmt: skip
-    yield from (evicted, index, unmatched, calls, tokens)
+    yield from (evicted, refills, index, unmatched, calls, tokens)
 
 
 def _gauge(metric: str, documentation: str, node: str, value: float) -> Metric:

@@ -16,7 +16,9 @@ copy from a fresh one. Tags default to the first label of the Host (``acme-blog.
 -> ``acme-blog``) plus any tags a test registers for a path prefix in ``Origin.path_tags``.
 With ``Origin.etag`` set it also sends that ETag and answers a matching ``If-None-Match``
 with 304; ``Origin.requests`` records what each request asked, and clearing ``Origin.gate``
-holds answers until the test sets it again.
+holds answers until the test sets it again. A test can also make the origin slow
+(``delay``) and give its content a ``version``, sent as the ETag when ``etag`` is not set;
+both are read when a request starts, as a real origin reads the page it will send.
 
 nginx (:class:`Nginx`) is the real binary, run in the foreground with every path inside a
 temporary folder and the cache configured as the drainbus docs assume::
@@ -59,6 +61,7 @@ __all__ = [
     "CACHE_KEY",
     "CACHE_LEVELS",
     "SOFT_PURGE_DIRECTIVES",
+    "STALE_WHILE_UPDATING",
     "Nginx",
     "NginxEnv",
     "Origin",
@@ -81,11 +84,18 @@ CACHE_LEVELS = "1:2"
 
 #: What makes a soft purge pay off: serve the expired copy at once, revalidate it in the
 #: background with a conditional request.
-SOFT_PURGE_DIRECTIVES = """
+#: An expired object is served as it is while nginx refetches it in the background.
+STALE_WHILE_UPDATING = """
     proxy_cache_use_stale updating;
     proxy_cache_background_update on;
+"""
+#: What makes soft purges pay off: stale while updating, and the update is conditional.
+SOFT_PURGE_DIRECTIVES = (
+    STALE_WHILE_UPDATING
+    + """
     proxy_cache_revalidate on;
 """
+)
 _GATE_DEADLINE_S = 10.0
 
 _START_DEADLINE_S = 10.0
@@ -132,20 +142,30 @@ class Origin:
     string) set, responses carry it, bodies name it, and a request whose ``If-None-Match``
     is ``etag`` gets a 304. ``requests`` lists every request answered, in order; while
     ``gate`` is clear, answers wait for it (at most 10 s).
+
+    ``version``, when set (and ``etag`` not), is in every body and is the ETag
+    (``"<version>"``); ``delay`` is how many seconds the origin waits before it answers;
+    ``max_age`` the lifetime it sends. A request reads them when it starts: changing them
+    affects later requests only.
     """
 
     tags_for: Callable[[str, str], Sequence[str]] = _host_label_tags
     path_tags: dict[str, list[str]] = field(default_factory=dict)
     tag_header: str = "Cache-Tag"
     etag: str | None = None
+    version: str | None = None
+    delay: float = 0.0
+    max_age: int = 3600
     hits: int = 0
     port: int = 0
     requests: list[OriginRequest] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event, repr=False)
-    _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _counted: threading.Condition = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.gate.set()
+        self._counted = threading.Condition(self._lock)
 
     def tags(self, host: str, path: str) -> list[str]:
         """Every tag the response for ``host`` and ``path`` carries."""
@@ -157,20 +177,37 @@ class Origin:
 
     def count(self) -> int:
         """Count one request that reached the origin and return the new total."""
+        return self.start()[0]
+
+    def start(self) -> tuple[int, str | None, str | None, float, int]:
+        """Count one request: its number, and the ETag, body label, ``delay`` and ``max_age``
+        it uses (the label is ``etag``, else ``version``; the ETag ``etag``, else
+        ``"<version>"``)."""
         with self._lock:
             self.hits += 1
-            return self.hits
+            self._counted.notify_all()
+            etag = self.etag
+            if etag is None and self.version is not None:
+                etag = f'"{self.version}"'
+            label = self.etag if self.etag is not None else self.version
+            return self.hits, etag, label, self.delay, self.max_age
+
+    def wait_for_hits(self, hits: int, timeout: float = 10.0) -> None:
+        """Block until ``hits`` requests have reached the origin; fails after ``timeout`` s."""
+        with self._lock:
+            if not self._counted.wait_for(lambda: self.hits >= hits, timeout):
+                pytest.fail(f"the origin saw {self.hits} requests, not {hits}, in {timeout} s")
 
     def answered(self, request: OriginRequest) -> None:
         """Record ``request`` as answered and wake :meth:`wait_for_requests`."""
         with self._lock:
             self.requests.append(request)
-            self._lock.notify_all()
+            self._counted.notify_all()
 
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[OriginRequest]:
         """Wait until ``count`` requests were answered; returns them all, or fails the test."""
         with self._lock:
-            if not self._lock.wait_for(lambda: len(self.requests) >= count, timeout):
+            if not self._counted.wait_for(lambda: len(self.requests) >= count, timeout):
                 pytest.fail(f"origin answered {len(self.requests)} requests, not {count}")
             return list(self.requests)
 
@@ -182,21 +219,23 @@ def _handler_for(origin: Origin) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             origin.gate.wait(_GATE_DEADLINE_S)
             host = self.headers.get("Host", "")
-            n = origin.count()
-            etag, if_none_match = origin.etag, self.headers.get("If-None-Match")
+            n, etag, label, delay, max_age = origin.start()
+            if_none_match = self.headers.get("If-None-Match")
             if etag is not None and if_none_match == etag:
                 self.send_response(304)
                 self.send_header("ETag", etag)
-                self.send_header("Cache-Control", "max-age=3600")
+                self.send_header("Cache-Control", f"max-age={max_age}")
                 self.end_headers()
                 origin.answered(OriginRequest(self.path, if_none_match, 304))
                 return
-            version = f" {etag}" if etag is not None else ""
-            body = f"{host}{self.path}{version} #{n}\n".encode()
+            named = f" {label}" if label is not None else ""
+            body = f"{host}{self.path}{named} #{n}\n".encode()
+            if delay:
+                time.sleep(delay)  # a slow origin: the delay is what is being simulated
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "max-age=3600")
+            self.send_header("Cache-Control", f"max-age={max_age}")
             if etag is not None:
                 self.send_header("ETag", etag)
             tags = origin.tags(host, self.path)
@@ -296,6 +335,8 @@ http {{
             proxy_cache z;
             {key}
             proxy_cache_valid 200 1h;
+            # A stale copy is served while one request refetches it (what a soft purge needs,
+            # and how a refetch can be in flight when a purge runs).
             add_header X-Cache-Status $upstream_cache_status always;
             {directives}
         }}

@@ -453,3 +453,14 @@ def test_redis_password_stays_out_of_repr() -> None:
 
     assert settings.redis_url == "redis://:hunter2@cache:6379/0"
     assert "hunter2" not in repr(settings)
+
+
+def test_refill_window_defaults_to_10s_and_reads_durations(
+    write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """drain.refill_window is 10 s unless set, from the file or DRAINBUS_DRAIN__REFILL_WINDOW."""
+    assert load_settings().drain.refill_window == 10.0
+    path = write_config('[drain]\nrefill_window = "1m"\n')
+    assert load_settings(path).drain.refill_window == 60.0
+    monkeypatch.setenv("DRAINBUS_DRAIN__REFILL_WINDOW", "0")
+    assert load_settings(path).drain.refill_window == 0.0

@@ -294,6 +294,25 @@ async def test_file_written_after_start_is_indexed(cache_dir: Path, folders_exis
         assert index.paths_for_tag("fresh") == {str(path)}
 
 
+@pytest.mark.parametrize("folders_exist", [True, False], ids=["old-folders", "new-folders"])
+async def test_listener_hears_of_files_put_in_place_not_of_rewrites(
+    cache_dir: Path, folders_exist: bool
+) -> None:
+    """on_file_added gets each renamed-in file with its head; an in-place rewrite is silent."""
+    key = "httpacme.example/heard"
+    if folders_exist:
+        cache_file_path(cache_dir, CACHE_LEVELS, key).parent.mkdir(parents=True)
+    heard: list[tuple[str, str, str | None]] = []
+    async with open_index(cache_dir) as index:
+        index.on_file_added = lambda path, head: heard.append((path, head.key, head.validator))
+        path = write_cache_file(cache_dir, key, headers=['ETag: "e1"'])
+        await index.sync()
+        assert heard == [(str(path), key, 'ETag: "e1"')]
+        path.write_bytes(path.read_bytes())
+        await index.sync()
+        assert len(heard) == 1
+
+
 async def test_rewritten_file_is_reindexed(cache_dir: Path) -> None:
     """A file rewritten in place (IN_CLOSE_WRITE) is indexed with its new tags."""
     path = write_cache_file(cache_dir, "httpacme.example/p", headers=["Cache-Tag: old"])
@@ -871,7 +890,12 @@ async def test_start_accepts_a_cache_it_can_read_and_counts_the_keys_it_cannot(
     config = NginxCacheConfig(cache_path=env.cache_path, proxy_pass=env.proxy_pass)
     async with NginxCache(config) as cache:
         target = NginxTarget(cache, ScopeRule(), "nginx-1")
-        assert target.snapshot() == {"evicted": 0, "indexed": 1, "unmatched_keys": 0}
+        assert target.snapshot() == {
+            "evicted": 0,
+            "refills_evicted": 0,
+            "indexed": 1,
+            "unmatched_keys": 0,
+        }
         foreign = write_cache_file(env.cache_path, f"http{BLOG}/docs/a")
         await cache.index.sync()
         assert target.snapshot()["unmatched_keys"] == 1

@@ -65,6 +65,9 @@ async def test_metrics_endpoint_reports_sessions_messages_purges_and_index(
     assert evicted[(("node", "web1"), ("target", "nginx-1"))] >= 1
     assert (("node", "web1"), ("target", "nginx-1")) in metrics["drainbus_nginx_index_objects"]
     assert metrics["drainbus_nginx_unmatched_keys"][(("node", "web1"), ("target", "nginx-1"))] == 0
+    assert (("node", "web1"), ("target", "nginx-1")) in metrics[
+        "drainbus_nginx_refills_evicted_total"
+    ]
     assert metrics["drainbus_connections"]
     for name in metrics:  # bounded cardinality: no label carries a URL or message
         for labels in metrics[name]:

@@ -33,7 +33,9 @@ async def open_drain(
     async with AsyncExitStack() as stack:
         local: list[LocalCacheTarget] = []
         for number, cache_config in enumerate(drain.nginx, start=1):
-            cache = await stack.enter_async_context(NginxCache(cache_config))
+            cache = await stack.enter_async_context(
+                NginxCache(cache_config, refill_window=drain.refill_window)
+            )
             local.append(NginxTarget(cache, rule, cache_config.name or f"nginx-{number}"))
         for number, http_config in enumerate(drain.http_purge, start=1):
             purger = await stack.enter_async_context(HttpPurger(http_config))

@@ -107,17 +107,24 @@ def iter_cache_files(root: Path) -> Iterator[str]:
 
 
 class CacheHead(NamedTuple):
-    """The parts of a cache file's head the index needs: its key and its tags."""
+    """The parts of a cache file's head drainbus needs: its key, its tags, its validator.
+
+    ``validator`` tells two copies of one object apart: ``"ETag: <value>"`` when the
+    response carried an ``ETag``, else ``"Last-Modified: <value>"``, else None. The header
+    name is kept so an ETag never equals a date.
+    """
 
     key: str
     tags: tuple[str, ...]
+    validator: str | None = None
 
 
 def parse_cache_head(data: bytes) -> CacheHead | None:
-    """Key and tags from the first bytes of a cache file, or None if they are not all there.
+    """Key, tags and validator from a cache file's first bytes, or None if not all there.
 
     Tags come from every ``Cache-Tag``, ``Surrogate-Key`` and ``xkey`` header line (names
-    case-insensitive), split on commas and white space. ``data`` shorter than 16 KiB must
+    case-insensitive), split on commas and white space; the validator from ``ETag`` or
+    ``Last-Modified`` (see :class:`CacheHead`). ``data`` shorter than 16 KiB must
     hold the whole header block; at 16 KiB the complete lines read so far are used.
     """
     start = data.find(b"\nKEY: ")
@@ -135,12 +142,26 @@ def parse_cache_head(data: bytes) -> CacheHead | None:
     else:
         return None  # truncated or still being written
     tags: set[str] = set()
+    etag: bytes | None = None
+    last_modified: bytes | None = None
     for line in lines:
         name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() in _TAG_HEADERS:
+        if not colon:
+            continue
+        name = name.strip().lower()
+        if name in _TAG_HEADERS:
             tags.update(value.decode("utf-8", "replace").replace(",", " ").split())
+        elif name == b"etag":
+            etag = value.strip()
+        elif name == b"last-modified":
+            last_modified = value.strip()
+    validator = None
+    if etag:
+        validator = "ETag: " + etag.decode("utf-8", "replace")
+    elif last_modified:
+        validator = "Last-Modified: " + last_modified.decode("utf-8", "replace")
     # Interned: thousands of files carry the same few tags, and the index keeps them all.
-    return CacheHead(key, tuple(sorted(map(sys.intern, tags))))
+    return CacheHead(key, tuple(sorted(map(sys.intern, tags))), validator)
 
 
 def open_cache_file(path: str) -> int:

@@ -41,6 +41,7 @@ from drainbus.drain.key_check import SAMPLE_SIZE, check_keys
 from drainbus.drain.key_template import KeyTemplate, proxy_host_of, template_variables
 from drainbus.drain.nginx_index import CacheIndex
 from drainbus.drain.purges import Purge
+from drainbus.drain.refill import DEFAULT_REFILL_WINDOW, RefillGuard
 from drainbus.errors import BackendError, ConfigError, DataError
 
 __all__ = [
@@ -214,15 +215,25 @@ class NginxCache:
 
     Entering checks the cache folder, builds the index and checks that the key template
     reads the keys nginx wrote (:class:`ConfigError` if most are unreadable); leaving stops
-    following the folder.
+    following the folder. For ``refill_window`` seconds after each purge, stale copies that
+    requests in flight during the purge write back are evicted (see
+    :mod:`drainbus.drain.refill`; 0: never).
     """
 
-    def __init__(self, config: NginxCacheConfig) -> None:
+    def __init__(
+        self, config: NginxCacheConfig, *, refill_window: float = DEFAULT_REFILL_WINDOW
+    ) -> None:
         self.config = config
         self.name = config.name or str(config.cache_path)
         self._levels = parse_levels(config.levels)
         self._template = config.key_template()
-        self.index = CacheIndex(config.cache_path, self._template, name=self.name)
+        self.refill_guard = RefillGuard(refill_window, self._template, name=self.name)
+        self.index = CacheIndex(
+            config.cache_path,
+            self._template,
+            name=self.name,
+            on_file_added=self.refill_guard.file_added,
+        )
 
     async def __aenter__(self) -> Self:
         if not self.config.cache_path.is_dir():
@@ -245,11 +256,16 @@ class NginxCache:
                 key=template.description,
                 effect="URL purges find files through the index only; set proxy_pass",
             )
-        await self.index.__aenter__()
+        await self.refill_guard.__aenter__()
+        try:
+            await self.index.__aenter__()
+        except BaseException as exc:
+            await self.refill_guard.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         try:
             check_keys(template, self.index.sample_keys(SAMPLE_SIZE), cache=self.name)
-        except BaseException:
-            await self.index.__aexit__(None, None, None)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
@@ -259,7 +275,15 @@ class NginxCache:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.index.__aexit__(exc_type, exc, tb)
+        try:
+            await self.index.__aexit__(exc_type, exc, tb)
+        finally:
+            await self.refill_guard.__aexit__(exc_type, exc, tb)
+
+    @property
+    def refills_evicted(self) -> int:
+        """Stale refills evicted after purges since start (see :mod:`drainbus.drain.refill`)."""
+        return self.refill_guard.refills_evicted
 
     def path_for_url(self, url: str) -> Path:
         """The cache file nginx uses for ``url`` (computed; it may not exist).
@@ -278,11 +302,13 @@ class NginxCache:
         tag exactly. ``hosts`` and ``key_hosts`` (hosts the caller derived from ``keys``):
         every object of the host. ``prefixes``: objects of the host at or below the path.
         ``everything``: every file in the folder. ``soft`` (or ``mode = "soft"``): files are
-        expired in place, not deleted. Raises :class:`CacheEvictionFailed` (retryable) when a
-        file could not be deleted or expired (a header version drainbus does not know is left
-        untouched), after trying all of them.
+        expired in place, not deleted. Stale copies written back after the purge are evicted
+        in its refill window (:attr:`refills_evicted` counts them). Raises
+        :class:`CacheEvictionFailed` (retryable) when a file could not be deleted or expired
+        (a header version drainbus does not know is left untouched), after trying all of them.
         """
         soft = purge.soft or self.config.mode == "soft"
+        key_hosts = tuple(key_hosts)
         await self.index.sync()
         if purge.everything and soft:
             return await self._expire_all()
@@ -307,6 +333,10 @@ class NginxCache:
             paths |= index.paths_for_tag(tag)
         for host in {*purge.hosts, *key_hosts}:
             paths |= index.paths_for_host(host)
+        # No await since the index lookups: every file nginx puts in place from here on is
+        # seen by the refill window.
+        window = self.refill_guard.open(purge, {*purge.hosts, *key_hosts})
+        await self.refill_guard.arm(window, paths)
         if soft:
             expired = self._check(await asyncio.to_thread(_expire, paths), verb="expire")
             log.debug("nginx_cache_expired", cache=self.name, matched=len(paths), expired=expired)
@@ -324,7 +354,13 @@ class NginxCache:
         return expired
 
     async def flush_all(self) -> int:
-        """Delete every cache file under the folder (walked, not taken from the index)."""
+        """Delete every cache file under the folder (walked, not taken from the index).
+
+        Every file nginx puts in place in the refill window after it is evicted once more
+        when the window closes: validators are not read for a whole folder.
+        """
+        window = self.refill_guard.open(Purge(everything=True), ())
+        await self.refill_guard.arm(window, ())
         removed = self._check(await asyncio.to_thread(_unlink_tree, self.config.cache_path))
         log.debug("nginx_cache_flushed", cache=self.name, removed=removed)
         return removed

@@ -23,7 +23,7 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +34,7 @@ from asyncinotify import Event, Inotify, Mask
 
 from drainbus.drain.cache_file import (
     HEAD_FIRST_READ,
+    CacheHead,
     is_cache_file_name,
     open_cache_file,
     parse_cache_head,
@@ -42,7 +43,7 @@ from drainbus.drain.cache_file import (
 from drainbus.drain.key_template import KeyParts, KeyTemplate, Reading, url_parts
 from drainbus.errors import BackendError, DrainbusError, StartupError
 
-__all__ = ["CacheEntry", "CacheIndex"]
+__all__ = ["CacheEntry", "CacheIndex", "FileAdded"]
 
 log = structlog.get_logger("drainbus.drain.nginx")
 
@@ -59,6 +60,9 @@ _WATCH_MASK = (
     | Mask.DONT_FOLLOW
 )
 _EVENT_BATCH = 1024
+
+#: Called with a file's path and head each time nginx puts a finished file in place.
+FileAdded = Callable[[str, CacheHead], None]
 
 
 class CacheEntry(NamedTuple):
@@ -156,22 +160,23 @@ class _Tables:
             self.unmatched -= 1
 
 
-def _load(tables: _Tables, template: KeyTemplate, path: str) -> None:
+def _load(tables: _Tables, template: KeyTemplate, path: str) -> CacheHead | None:
     try:
         data = read_head(open_cache_file(path))
     except OSError as exc:
         _skip(tables, path, exc)
-    else:
-        _add(tables, template, path, data)
+        return None
+    return _add(tables, template, path, data)
 
 
-def _add(tables: _Tables, template: KeyTemplate, path: str, data: bytes) -> None:
+def _add(tables: _Tables, template: KeyTemplate, path: str, data: bytes) -> CacheHead | None:
     head = parse_cache_head(data)
     if head is None:
         tables.invalid += 1
         tables.remove(path)
-        return
+        return None
     tables.add(path, (head.key, head.tags, template.readings(head.key)))
+    return head
 
 
 def _skip(tables: _Tables, path: str, exc: OSError) -> None:
@@ -188,12 +193,18 @@ def _skip(tables: _Tables, path: str, exc: OSError) -> None:
         log.debug("nginx_cache_file_unusable", path=path, error=str(exc))
 
 
-def _scan(tables: _Tables, template: KeyTemplate, top: Path, inotify: Inotify) -> None:
+def _scan(
+    tables: _Tables,
+    template: KeyTemplate,
+    top: Path,
+    inotify: Inotify,
+    added: FileAdded | None = None,
+) -> None:
     for path, data in _read_ahead(_walk(tables, top, inotify)):
         if isinstance(data, OSError):
             _skip(tables, path, data)
-        else:
-            _add(tables, template, path, data)
+        elif (head := _add(tables, template, path, data)) is not None and added is not None:
+            added(path, head)
 
 
 def _walk(tables: _Tables, top: Path, inotify: Inotify) -> Iterator[str]:
@@ -291,12 +302,26 @@ class CacheIndex:
 
     Entering raises :class:`StartupError` when the folder cannot be watched (inotify limits);
     a later rescan that fails the same way raises :class:`BackendError` from :meth:`sync`.
+
+    ``on_file_added``, when set, is called on the event loop with the path and head of each
+    file nginx puts in place while the index follows the folder (renamed in, or found in a
+    folder made since), after the file is indexed; not for files found by a full scan, nor
+    for in-place header updates (``IN_CLOSE_WRITE``), which never bring a new response.
+    Whatever it raises is logged, never passed on.
     """
 
-    def __init__(self, root: Path, template: KeyTemplate, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        template: KeyTemplate,
+        *,
+        name: str | None = None,
+        on_file_added: FileAdded | None = None,
+    ) -> None:
         self.root = root
         self.template = template
         self.name = name or str(root)
+        self.on_file_added = on_file_added
         self._tables = _Tables()
         self._inotify: Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -483,7 +508,7 @@ class CacheIndex:
         elif Mask.ISDIR in mask:
             if mask & (Mask.CREATE | Mask.MOVED_TO):
                 try:
-                    _scan(self._tables, self.template, path, inotify)
+                    _scan(self._tables, self.template, path, inotify, self._file_added)
                 except OSError:  # out of watches: the next sync rescans, or says why
                     log.exception("nginx_cache_folder_unwatched", path=str(path))
                     self._stale = True
@@ -491,6 +516,16 @@ class CacheIndex:
                 self._stale = True  # the folder's watch now names a wrong path
         elif is_cache_file_name(path.name):
             if mask & (Mask.CLOSE_WRITE | Mask.MOVED_TO):
-                _load(self._tables, self.template, str(path))
+                head = _load(self._tables, self.template, str(path))
+                if head is not None and Mask.MOVED_TO in mask:
+                    self._file_added(str(path), head)
             elif mask & (Mask.DELETE | Mask.MOVED_FROM):
                 self._tables.remove(str(path))
+
+    def _file_added(self, path: str, head: CacheHead) -> None:
+        if self.on_file_added is None:
+            return
+        try:
+            self.on_file_added(path, head)
+        except Exception:  # a listener's bug must not stop the index following nginx
+            log.exception("nginx_cache_file_listener_failed", cache=self.name, path=path)

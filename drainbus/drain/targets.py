@@ -79,8 +79,12 @@ class NginxTarget:
         index = self.cache.index
         # unmatched_keys: indexed files the key template cannot read, which host and prefix
         # purges cannot find; above 0, the key setting disagrees with nginx's.
-        return {"evicted": self.evicted, "indexed": len(index),
-                "unmatched_keys": index.unmatched_keys}  # fmt: skip
+        return {
+            "evicted": self.evicted,
+            "refills_evicted": self.cache.refills_evicted,
+            "indexed": len(index),
+            "unmatched_keys": index.unmatched_keys,
+        }
 
 
 class HttpPurgeTarget:

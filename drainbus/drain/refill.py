@@ -1,0 +1,322 @@
+"""The refill guard: no stale fill survives a purge of an nginx cache.
+
+A request already in flight to the origin when a purge deletes a cache file can write the
+old page back just after: nginx read the origin before the content changed, and the purge
+"worked" while the stale page is cached again. nginx records nothing about when a request
+began (the head's ``date`` is when the response headers arrived), so the guard judges by
+what it sees. For ``window`` seconds after each purge it watches the files nginx puts in
+place (the index's ``on_file_added``) that the purge matches:
+
+- the purge evicted a copy of the object (same cache key) and the new file carries the same
+  validator (``ETag``, else ``Last-Modified``): it is the old page coming back, so it is
+  evicted at once, once per object and purge (a page whose content really did not change
+  costs one extra miss, never a refill loop);
+- a different validator is new content: it stays;
+- nothing to compare (the object was not cached when the purge ran, or the origin sends no
+  validator): it is evicted once more when the window closes, unless nginx replaced it since
+  (a "double purge").
+
+So a purge costs at most one extra miss per object refilled in its window. The window must
+be at least the origin's response timeout (nginx's ``proxy_read_timeout``), or a response
+slower than the window lands after it and is kept. ``window`` 0 turns the guard off.
+
+Usage (what :class:`~drainbus.drain.nginx.NginxCache` does)::
+
+    async with RefillGuard(10.0, template, name="pages") as guard:
+        index.on_file_added = guard.file_added
+        window = guard.open(purge, hosts)     # after the index lookups, before any await
+        await guard.arm(window, paths)        # read the validators of what is evicted
+        ...                                   # then delete ``paths``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, Self
+
+import structlog
+
+from drainbus.drain.cache_file import CacheHead, read_cache_head
+from drainbus.drain.key_template import KeyParts, KeyTemplate, Reading, url_parts
+from drainbus.drain.purges import Purge
+
+__all__ = ["DEFAULT_REFILL_WINDOW", "RefillGuard", "RefillWindow"]
+
+log = structlog.get_logger("drainbus.drain.nginx")
+
+DEFAULT_REFILL_WINDOW = 10.0
+"""Seconds the guard watches refills after a purge unless configured otherwise."""
+
+#: A file as the guard saw it: (inode, mtime in ns), to tell whether nginx replaced it since.
+_Stamp = tuple[int, int]
+_Verdict = Literal["evict", "keep", "recheck"]
+
+
+def _path_under(path: str, prefix: str) -> bool:
+    prefix = prefix.rstrip("/")
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
+@dataclass(eq=False)
+class RefillWindow:
+    """What one purge matched, what it evicted, and the refills seen since, until ``deadline``.
+
+    ``evicted`` maps each evicted cache key to its copies' validators; it is None until
+    :meth:`RefillGuard.arm` has read them, and files landing before then wait in ``waiting``.
+    ``refills_evicted`` counts the files the guard removed for this purge.
+    """
+
+    deadline: float
+    everything: bool = False
+    url_keys: frozenset[str] = frozenset()
+    urls: tuple[KeyParts, ...] = ()
+    prefixes: tuple[KeyParts, ...] = ()
+    hosts: frozenset[str] = frozenset()
+    tags: frozenset[str] = frozenset()
+    evicted: dict[str, set[str | None]] | None = None
+    waiting: list[tuple[str, CacheHead, _Stamp]] = field(default_factory=list)
+    evicted_once: set[str] = field(default_factory=set)
+    recheck: dict[str, _Stamp] = field(default_factory=dict)
+    refills_evicted: int = 0
+
+    def matches(self, head: CacheHead, readings: tuple[Reading, ...], has_query: bool) -> bool:
+        """True when the purge would have evicted a file with ``head``.
+
+        ``readings`` are the key's readings by the key template; they are matched as the
+        index's lookups match them; ``has_query`` says whether the key holds the query.
+        """
+        if self.everything or head.key in self.url_keys or not self.tags.isdisjoint(head.tags):
+            return True
+        for host, path, query in readings:
+            if host is not None and host in self.hosts:
+                return True
+            if path is None:
+                continue
+            if host is None and self.hosts:  # a key without the host is every host's object
+                return True
+            for want in self.urls:
+                if (
+                    host in (None, want.host)
+                    and path == want.path
+                    and (not has_query or query == want.query)
+                ):
+                    return True
+            for want in self.prefixes:
+                if host in (None, want.host) and _path_under(path, want.path or "/"):
+                    return True
+        return False
+
+    def verdict(self, head: CacheHead) -> _Verdict:
+        """What to do with a matching file that landed in the window (once armed)."""
+        validators = (self.evicted or {}).get(head.key, set()) - {None}
+        if head.validator is None or not validators:
+            return "recheck"
+        if head.validator in validators and head.key not in self.evicted_once:
+            return "evict"
+        return "keep"
+
+
+def _stamp(path: str) -> _Stamp | None:
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns
+
+
+def _unlink_if_same(path: str, stamp: _Stamp) -> bool:
+    # Between the check and the unlink nginx may rename a newer file in: a window of
+    # microseconds, and its only cost is one more miss.
+    if _stamp(path) != stamp:
+        return False
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
+def _read_validators(paths: Iterable[str]) -> dict[str, set[str | None]]:
+    evicted: dict[str, set[str | None]] = {}
+    for path in paths:
+        try:
+            head = read_cache_head(path)
+        except OSError:
+            continue
+        if head is not None:
+            evicted.setdefault(head.key, set()).add(head.validator)
+    return evicted
+
+
+def _unlink_unchanged(recheck: dict[str, _Stamp]) -> int:
+    return sum(_unlink_if_same(path, stamp) for path, stamp in recheck.items())
+
+
+class RefillGuard:
+    """Evicts stale refills of one nginx cache after each purge; an async context manager.
+
+    Entering starts the task that closes windows; leaving cancels it, and windows still open
+    are dropped without their double purge. ``refills_evicted`` counts every file removed.
+    """
+
+    def __init__(self, window: float, template: KeyTemplate, *, name: str) -> None:
+        self.window = window
+        self.template = template
+        self.name = name
+        self.refills_evicted = 0
+        self._windows: deque[RefillWindow] = deque()
+        self._opened = asyncio.Event()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._closer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        if self.window > 0:
+            self._tasks = asyncio.TaskGroup()
+            await self._tasks.__aenter__()
+            self._closer = self._tasks.create_task(self._close_windows())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
+        if self._tasks is not None:
+            tasks, self._tasks, self._closer = self._tasks, None, None
+            # Not the caller's exception: a task group would re-raise it inside a group.
+            await tasks.__aexit__(None, None, None)
+        self._windows.clear()
+
+    def __len__(self) -> int:
+        """How many windows are open."""
+        return len(self._windows)
+
+    def open(self, purge: Purge, hosts: Collection[str]) -> RefillWindow | None:
+        """Start watching refills of what ``purge`` matches; None when the guard is off.
+
+        ``hosts`` are every host the purge evicts (``purge.hosts`` and any the caller derived
+        from keys). Call it after looking up the files to evict and before awaiting anything,
+        so no file nginx puts in place from then on goes unseen. Raises ``ValueError`` for a
+        malformed URL, as rendering its key does.
+        """
+        if self.window <= 0:
+            return None
+        loop = asyncio.get_running_loop()
+        window = RefillWindow(
+            deadline=loop.time() + self.window,
+            everything=purge.everything,
+            # Without proxy_pass nginx's default key cannot be rendered: URLs then match by
+            # the readings of the new file's key alone.
+            url_keys=frozenset(
+                self.template.render(url) for url in purge.urls if self.template.renders
+            ),
+            urls=tuple(url_parts(url) for url in purge.urls),
+            prefixes=tuple(url_parts(url) for url in purge.prefixes),
+            hosts=frozenset(host.lower() for host in hosts),
+            tags=frozenset(purge.tags | purge.keys),
+        )
+        self._windows.append(window)
+        self._opened.set()
+        return window
+
+    async def arm(self, window: RefillWindow | None, paths: Iterable[str]) -> None:
+        """Remember the keys and validators of the files at ``paths``, before they are deleted.
+
+        Files in place since :meth:`open` are judged now; later ones as they land.
+        """
+        if window is None or window.evicted is not None:
+            return
+        evicted = await asyncio.to_thread(_read_validators, list(paths))
+        self._arm_now(window, evicted)
+
+    def file_added(self, path: str, head: CacheHead) -> None:
+        """The index's ``on_file_added``: judge a file nginx put in place (on the loop)."""
+        if not self._windows:
+            return
+        readings = self.template.readings(head.key)
+        has_query = self.template.has_query
+        windows = [w for w in self._windows if w.matches(head, readings, has_query)]
+        if not windows:
+            return
+        stamp = _stamp(path)
+        if stamp is None:  # gone already
+            return
+        armed = []
+        for window in windows:
+            if window.evicted is None:
+                window.waiting.append((path, head, stamp))
+            else:
+                armed.append(window)
+        self._judge(armed, path, head, stamp)
+
+    def _arm_now(self, window: RefillWindow, evicted: dict[str, set[str | None]]) -> None:
+        window.evicted = evicted
+        waiting, window.waiting = window.waiting, []
+        for path, head, stamp in waiting:
+            self._judge([window], path, head, stamp)
+
+    def _judge(
+        self, windows: list[RefillWindow], path: str, head: CacheHead, stamp: _Stamp
+    ) -> None:
+        verdicts = [(window, window.verdict(head)) for window in windows]
+        evict = [window for window, verdict in verdicts if verdict == "evict"]
+        evicted = bool(evict) and _unlink_if_same(path, stamp)
+        if evicted:
+            self.refills_evicted += 1
+            evict[0].refills_evicted += 1
+            for window in evict:
+                window.evicted_once.add(head.key)
+            log.info(
+                "nginx_stale_refill_evicted",
+                cache=self.name,
+                key=head.key,
+                validator=head.validator,
+            )
+        for window, verdict in verdicts:
+            if verdict == "recheck" and not evicted:
+                window.recheck[path] = stamp
+            else:
+                window.recheck.pop(path, None)
+
+    async def _close_windows(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._windows:
+                self._opened.clear()
+                await self._opened.wait()
+                continue
+            # Windows open in deadline order (one length, one clock): the first ends first.
+            delay = self._windows[0].deadline - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # a timer: the window's end is the event
+                continue
+            window = self._windows.popleft()
+            with contextlib.suppress(Exception):  # logged by _close; the closer must go on
+                await self._close(window)
+
+    async def _close(self, window: RefillWindow) -> None:
+        if window.evicted is None:  # the purge never got to arm it (cancelled, failed)
+            self._arm_now(window, {})
+        try:
+            removed = await asyncio.to_thread(_unlink_unchanged, window.recheck)
+        except Exception:
+            log.exception("nginx_refill_window_close_failed", cache=self.name)
+            raise
+        self.refills_evicted += removed
+        window.refills_evicted += removed
+        if window.refills_evicted or window.recheck:
+            log.info(
+                "nginx_refill_window_closed",
+                cache=self.name,
+                refills_seen=len(window.recheck),
+                refills_evicted=window.refills_evicted,
+            )
