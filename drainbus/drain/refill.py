@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import os
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
@@ -73,6 +73,7 @@ class RefillWindow:
     """
 
     deadline: float
+    purge: Purge | None = None
     everything: bool = False
     url_keys: frozenset[str] = frozenset()
     urls: tuple[KeyParts, ...] = ()
@@ -162,7 +163,9 @@ class RefillGuard:
     """Evicts stale refills of one nginx cache after each purge; an async context manager.
 
     Entering starts the task that closes windows; leaving cancels it, and windows still open
-    are dropped without their double purge. ``refills_evicted`` counts every file removed.
+    are dropped without their double purge. ``refills_evicted`` counts every file removed;
+    ``on_evicted(purge, count)``, when set, is told of each removal as it happens (on the
+    event loop, so it must not block), with the purge whose window caught it.
     """
 
     def __init__(self, window: float, template: KeyTemplate, *, name: str) -> None:
@@ -170,6 +173,7 @@ class RefillGuard:
         self.template = template
         self.name = name
         self.refills_evicted = 0
+        self.on_evicted: Callable[[Purge, int], None] | None = None
         self._windows: deque[RefillWindow] = deque()
         self._opened = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None
@@ -213,6 +217,7 @@ class RefillGuard:
         loop = asyncio.get_running_loop()
         window = RefillWindow(
             deadline=loop.time() + self.window,
+            purge=purge,
             everything=purge.everything,
             # Without proxy_pass nginx's default key cannot be rendered: URLs then match by
             # the readings of the new file's key alone.
@@ -273,6 +278,7 @@ class RefillGuard:
         if evicted:
             self.refills_evicted += 1
             evict[0].refills_evicted += 1
+            self._tell(evict[0], 1)
             for window in evict:
                 window.evicted_once.add(head.key)
             log.info(
@@ -286,6 +292,13 @@ class RefillGuard:
                 window.recheck[path] = stamp
             else:
                 window.recheck.pop(path, None)
+
+    def _tell(self, window: RefillWindow, count: int) -> None:
+        if self.on_evicted is not None and window.purge is not None:
+            try:
+                self.on_evicted(window.purge, count)
+            except Exception:  # a listener's bug must not stop the guard
+                log.exception("nginx_refill_listener_failed", cache=self.name)
 
     async def _close_windows(self) -> None:
         loop = asyncio.get_running_loop()
@@ -313,6 +326,8 @@ class RefillGuard:
             raise
         self.refills_evicted += removed
         window.refills_evicted += removed
+        if removed:
+            self._tell(window, removed)
         if window.refills_evicted or window.recheck:
             log.info(
                 "nginx_refill_window_closed",
