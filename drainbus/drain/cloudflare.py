@@ -45,6 +45,8 @@ error names the zone, the HTTP status and Cloudflare's codes and messages). 5xx,
 429, timeouts, connection errors and a 2xx without ``"success": true`` are retried by
 :func:`~drainbus.drain.retry.run_with_retry`; if they outlast it the purge is
 ``retry_later``. A purge with parts of both kinds is ``permanent``: redelivery cannot help it.
+A ``done`` outcome's ``reference`` is Cloudflare's purge id (``result.id``) of the call that
+carried the purge; the ids of several calls are joined with ``","``.
 
 Secrets
 -------
@@ -114,7 +116,6 @@ MAX_TAG_LENGTH: Final = 1024
 _PLAN_ORDER: Final[tuple[Plan, ...]] = ("free", "pro", "business", "enterprise")
 # Refusals that may be caused by one item among many: worth bisecting the call.
 _SPLITTABLE: Final = frozenset({400, 413, 422})
-_DONE: Final = Verdict("done")
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,16 +355,22 @@ def _check(purge: Purge) -> str | None:
     return None
 
 
-def _describe_errors(response: httpx.Response) -> tuple[bool, str]:
-    """(success, detail) read from a Cloudflare response body."""
+def _describe_errors(response: httpx.Response) -> tuple[bool, str, str | None]:
+    """(success, detail, purge id) read from a Cloudflare response body.
+
+    The purge id is ``result.id`` when it is a non-empty string, else None.
+    """
     try:
         body = response.json()
     except ValueError:
         text = " ".join(response.text.split())[:200]
-        return False, f", body is not JSON: {text!r}" if text else ", empty body"
+        return False, f", body is not JSON: {text!r}" if text else ", empty body", None
     if not isinstance(body, dict):
-        return False, ", body is not a JSON object"
+        return False, ", body is not a JSON object", None
     success = body.get("success") is True
+    result = body.get("result")
+    purge_id = result.get("id") if isinstance(result, dict) else None
+    reference = purge_id[:200] if isinstance(purge_id, str) and purge_id else None
     errors = body.get("errors")
     parts = []
     if isinstance(errors, list):
@@ -371,8 +378,8 @@ def _describe_errors(response: httpx.Response) -> tuple[bool, str]:
             if isinstance(error, dict):
                 parts.append(f"error {error.get('code')}: {error.get('message')}")
     if parts:
-        return success, ", " + "; ".join(parts)
-    return success, "" if success else ", success is not true"
+        return success, ", " + "; ".join(parts), reference
+    return success, "" if success else ", success is not true", reference
 
 
 class CloudflareForwarder:
@@ -699,12 +706,16 @@ class CloudflareForwarder:
             else:
                 bucket.observe(RateInfo(remaining=0, reset=None))
 
-        success, detail = _describe_errors(response)
+        success, detail, reference = _describe_errors(response)
         status = response.status_code
         error = f"{what}: HTTP {status}{detail}"
         if response.is_success:
             # A 2xx without "success": true is not a confirmation; retry rather than drop.
-            verdict = _DONE if success else Verdict("transient", error, http_status=status)
+            verdict = (
+                Verdict("done", http_status=status, reference=reference)
+                if success
+                else Verdict("transient", error, http_status=status)
+            )
         else:
             verdict = status_verdict(status, ok=False, error=error, retry_after=retry_after)
         return _redact(verdict, secret)
@@ -717,5 +728,6 @@ def _redact(verdict: Verdict, secret: str) -> Verdict:
             verdict.error.replace(secret, "[redacted]"),
             verdict.retry_after,
             verdict.http_status,
+            verdict.reference,
         )
     return verdict

@@ -17,7 +17,8 @@ tests. It checks what Cloudflare checks and answers the way Cloudflare answers:
 
 Every answer from a bucket carries ``Ratelimit: "default";r=N;t=S`` (N whole tokens left;
 S seconds until the next token when N is 0, else until the bucket is full) and
-``Ratelimit-Policy``. Tests can script the next answers (:meth:`FakeCloudflare.fail_next`,
+``Ratelimit-Policy``. A success carries a fresh purge id in ``result.id``, as Cloudflare's
+does. Tests can script the next answers (:meth:`FakeCloudflare.fail_next`,
 :meth:`FakeCloudflare.hang_next`) and read every request back (:attr:`received`,
 :attr:`accepted`, :attr:`rejected`), or wait for a count of them without sleeping
 (:meth:`FakeCloudflare.wait_for`, :meth:`FakeCloudflare.wait_for_async`).
@@ -54,7 +55,8 @@ _PATH = re.compile(r"/client/v4/zones/([^/]+)/(purge_cache|invalidate_cache)")
 
 @dataclass(frozen=True)
 class Received:
-    """One request the fake received: ``status`` is ``None`` for a request left hanging."""
+    """One request the fake received: ``status`` is ``None`` for a request left hanging;
+    ``reference`` is the purge id a success answered with."""
 
     zone: str
     endpoint: str
@@ -62,6 +64,7 @@ class Received:
     status: int | None
     code: int | None
     at: float  # time.monotonic() on arrival
+    reference: str | None = None
 
     @property
     def kind(self) -> str | None:
@@ -273,11 +276,17 @@ class FakeCloudflare:
     # -- the API -----------------------------------------------------------------------------
 
     def _record(
-        self, zone: str, endpoint: str, body: Any, status: int | None, code: int | None
+        self,
+        zone: str,
+        endpoint: str,
+        body: Any,
+        status: int | None,
+        code: int | None,
+        reference: str | None,
     ) -> None:
         with self._cond:
             self._state.received.append(
-                Received(zone, endpoint, body, status, code, time.monotonic())
+                Received(zone, endpoint, body, status, code, time.monotonic(), reference)
             )
             self._cond.notify_all()
 
@@ -307,7 +316,9 @@ class FakeCloudflare:
             status: int | None, payload: dict[str, Any], headers: dict[str, str] | None = None
         ) -> tuple[int | None, dict[str, Any], dict[str, str]]:
             errors = payload.get("errors") or [{}]
-            self._record(zone, endpoint, body, status, errors[0].get("code"))
+            result = payload.get("result")
+            reference = result.get("id") if isinstance(result, dict) else None
+            self._record(zone, endpoint, body, status, errors[0].get("code"), reference)
             return status, payload, headers or {}
 
         with self._cond:
