@@ -282,6 +282,22 @@ async def test_a_success_without_a_purge_id_is_done_without_reference(
     assert [(o.status, o.reference) for o in outcomes] == [("done", None)]
 
 
+async def test_busy_for_says_when_the_last_calls_bucket_has_room(
+    fake: FakeCloudflare, forwarder: MakeForwarder
+) -> None:
+    """0 while the bucket the last batch spent from has room; once it is spent, the wait for
+    its next token; a batch of the other kind switches to that kind's bucket."""
+    limits = {"free": PlanLimits(calls_per_second=0.01, calls_bucket=1, urls_per_second=800)}
+    async with forwarder(zone(fake), limits=limits) as fwd:
+        assert fwd.busy_for() == 0
+        await fwd.forward([urls("https://a.example/x")])
+        assert fwd.busy_for() == 0  # 799 URL tokens left
+        await fwd.forward([tags("a")])
+        assert fwd.busy_for() > 60  # the only call token is spent: the next in 111 s
+        await fwd.forward([urls("https://a.example/y")])
+        assert fwd.busy_for() == 0
+
+
 # -- rate limits ---------------------------------------------------------------------------
 
 

@@ -40,10 +40,12 @@ async def open_drain(
             local.append(HttpPurgeTarget(purger, http_config.name or f"http-{number}"))
         cdn: list[Target] = []
         window = 0.0
+        busy_for = None
         if drain.cloudflare:
             forwarder = await stack.enter_async_context(CloudflareForwarder(drain.cloudflare))
             target = CloudflareTarget(forwarder)
             window = target.batch_window
+            busy_for = target.busy_for
             cdn.append(target)
         yield Drain(
             drain,
@@ -54,4 +56,5 @@ async def open_drain(
             local_targets=local,
             cdn_targets=cdn,
             cdn_batch_window=window,
+            cdn_busy_for=busy_for,
         )

@@ -167,7 +167,11 @@ class CloudflareZoneConfig(BaseModel):
     example.com, not example.com itself); an empty list makes the zone a catch-all for URL,
     host and prefix purges no other zone claims. Zones with the same ``account`` share one
     rate-limit budget; with ``account`` unset, zones share it when they share a token.
-    ``batch_window`` and ``timeout`` are seconds.
+    ``batch_window`` and ``timeout`` are seconds. ``batch_window`` is the longest the daemon
+    holds purges back to gather more while the rate limit leaves no room for a call; an idle
+    bus never waits for it (see :meth:`CloudflareForwarder.busy_for`). 0, the default, never
+    holds back: purges that arrive while a call is in flight or waits for the rate limit
+    are coalesced into the next call all the same.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
@@ -179,7 +183,7 @@ class CloudflareZoneConfig(BaseModel):
     plan: Plan = "free"
     api_base: str = "https://api.cloudflare.com/client/v4"
     mode: Literal["purge", "invalidate"] = "purge"
-    batch_window: float = Field(default=0.5, gt=0)
+    batch_window: float = Field(default=0.0, ge=0)
     timeout: float = Field(default=10.0, gt=0)
     account: str | None = None
 
@@ -459,6 +463,7 @@ class CloudflareForwarder:
             for z, t, k in zip(zones, tokens, keys, strict=True)
         ]
 
+        self._last_buckets: list[TokenBucket] = []
         self._calls: Counter[str] = Counter()
         self._rate_limited = 0
         self._retries = 0
@@ -467,11 +472,23 @@ class CloudflareForwarder:
 
     @property
     def batch_window(self) -> float:
-        """Seconds the daemon should collect purges before a :meth:`forward` call.
+        """The longest, in seconds, the daemon may hold purges back while :meth:`busy_for`
+        is above 0 (the rate limit leaves no room), to gather more for the next call.
 
         The shortest window of any zone, so no zone waits longer than it asked for.
         """
         return min(zone.config.batch_window for zone in self._zones)
+
+    def busy_for(self) -> float:
+        """Seconds until a rate-limit bucket the last :meth:`forward` spent from has room for
+        a call; 0 if one has room now (or no call was made yet).
+
+        A busy bus tends to go on sending what it sent last, so those buckets decide. A
+        purge of another kind may then wait for them too, which the daemon bounds by
+        :attr:`batch_window`. A call of one URL is the smallest, so a URL bucket has room
+        when it holds one token.
+        """
+        return min((bucket.delay(1.0) for bucket in self._last_buckets), default=0.0)
 
     async def __aenter__(self) -> Self:
         self._client = httpx.AsyncClient(headers={"User-Agent": "drainbus"}, follow_redirects=False)
@@ -514,9 +531,14 @@ class CloudflareForwarder:
             parts[i].append(outcome)
 
         lanes: dict[tuple[int, str], list[_Call]] = {}
+        buckets: dict[tuple[int, str], TokenBucket] = {}
         for call in calls:
-            bucket = "urls" if call.kind == "files" else "calls"
-            lanes.setdefault((id(call.zone.account), bucket), []).append(call)
+            account = call.zone.account
+            kind = "urls" if call.kind == "files" else "calls"
+            lanes.setdefault((id(account), kind), []).append(call)
+            buckets[id(account), kind] = account.urls if kind == "urls" else account.calls
+        if buckets:
+            self._last_buckets = list(buckets.values())
 
         async def run_lane(lane: list[_Call]) -> None:
             for call in lane:

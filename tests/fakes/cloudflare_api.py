@@ -19,7 +19,8 @@ Every answer from a bucket carries ``Ratelimit: "default";r=N;t=S`` (N whole tok
 S seconds until the next token when N is 0, else until the bucket is full) and
 ``Ratelimit-Policy``. A success carries a fresh purge id in ``result.id``, as Cloudflare's
 does. Tests can script the next answers (:meth:`FakeCloudflare.fail_next`,
-:meth:`FakeCloudflare.hang_next`) and read every request back (:attr:`received`,
+:meth:`FakeCloudflare.hang_next`), hold answers until told (:meth:`FakeCloudflare.hold_next`,
+:meth:`FakeCloudflare.release`), and read every request back (:attr:`received`,
 :attr:`accepted`, :attr:`rejected`), or wait for a count of them without sleeping
 (:meth:`FakeCloudflare.wait_for`, :meth:`FakeCloudflare.wait_for_async`).
 """
@@ -158,6 +159,8 @@ class FakeCloudflare:
         self._state = _State()
         self._cond = threading.Condition()
         self._release = threading.Event()
+        self._holds = 0
+        self._gate = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -187,8 +190,9 @@ class FakeCloudflare:
         self._thread.start()
 
     def stop(self) -> None:
-        """Release hung requests and stop serving."""
+        """Release hung and held requests and stop serving."""
         self._release.set()
+        self._gate.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -242,6 +246,17 @@ class FakeCloudflare:
         with self._cond:
             for _ in range(n):
                 self._state.scripts.append(_Script(0, {}, {}, hang=True))
+
+    def hold_next(self, n: int = 1) -> None:
+        """Handle the next ``n`` requests as usual (recorded and counted on arrival) but
+        send no answer until :meth:`release` (or stop)."""
+        with self._cond:
+            self._holds += n
+            self._gate.clear()
+
+    def release(self) -> None:
+        """Answer every held request."""
+        self._gate.set()
 
     # -- reading back ------------------------------------------------------------------------
 
@@ -319,10 +334,14 @@ class FakeCloudflare:
             result = payload.get("result")
             reference = result.get("id") if isinstance(result, dict) else None
             self._record(zone, endpoint, body, status, errors[0].get("code"), reference)
+            if held:
+                self._gate.wait()
             return status, payload, headers or {}
 
         with self._cond:
             script = self._state.scripts.pop(0) if self._state.scripts else None
+            held = self._holds > 0
+            self._holds -= held
         if script is not None:
             if script.hang:
                 return answer(None, {})
