@@ -336,8 +336,9 @@ def _url_host(url: str) -> str | None:
     return _normalise_host(host)
 
 
-def _check(purge: Purge) -> str | None:
-    """Why Cloudflare would refuse this purge, or None."""
+def _check(purge: Purge, url_hosts: Mapping[str, str | None]) -> str | None:
+    """Why Cloudflare would refuse this purge, or None. ``url_hosts`` maps each of its URLs
+    to :func:`_url_host` of it (worked out once: a burst has thousands)."""
     for tag in sorted(purge.keys | purge.tags):
         if not tag or len(tag) > MAX_TAG_LENGTH:
             shown = tag[:40] + "…" if len(tag) > 40 else tag
@@ -345,7 +346,7 @@ def _check(purge: Purge) -> str | None:
                 f"tag {shown!r} has {len(tag)} characters: Cloudflare accepts 1 to {MAX_TAG_LENGTH}"
             )
     for url in sorted(purge.urls):
-        if _url_host(url) is None:
+        if url_hosts[url] is None:
             return f"URL {url!r} is not an absolute http(s) URL"
     for prefix in sorted(purge.prefixes):
         if _url_host(prefix) is None:
@@ -582,7 +583,8 @@ class CloudflareForwarder:
                 groups.setdefault(key, {}).setdefault(item, set()).add(i)
 
         for i, purge in enumerate(purges):
-            problem = _check(purge)
+            url_hosts = {url: _url_host(url) for url in purge.urls}
+            problem = _check(purge, url_hosts)
             if problem is not None:
                 local[i] = Outcome("permanent", problem)
                 _log.warning("cloudflare_purge_invalid", error=problem)
@@ -591,7 +593,7 @@ class CloudflareForwarder:
             for tag in sorted(purge.keys | purge.tags):
                 add(i, soft, self._zones, "tags", tag, what=tag)
             for url in sorted(purge.urls):
-                add(i, soft, self._route(_url_host(url) or ""), "files", url, what=url)
+                add(i, soft, self._route(url_hosts[url] or ""), "files", url, what=url)
             for host in sorted({_normalise_host(h) for h in purge.hosts}):
                 add(i, soft, self._route(host), "hosts", host, what=host)
             for prefix in sorted(purge.prefixes):

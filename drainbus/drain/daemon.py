@@ -269,7 +269,7 @@ class Drain:
                     if rows:
                         role.gap_handled = False
                     if rows and role.busy_for is not None and len(rows) == _READ_COUNT:
-                        rows += await self._gather(client, role)
+                        rows += await self._gather(client, role, len(rows))
                     busy = bool(rows)
                     failures = 0
                     if rows:
@@ -328,24 +328,21 @@ class Drain:
             log.debug("drain_waiting_for_rate_limit", group=role.group, seconds=round(wait, 3))
             await anyio.sleep(wait)
 
-    async def _gather(self, client: RedisClient, role: Role) -> list[_Row]:
-        """The entries already waiting behind a full read, read without blocking, so one
-        batch (and the target's calls, packed to their item limits) carries them all.
+    async def _gather(self, client: RedisClient, role: Role, have: int) -> list[_Row]:
+        """The entries already waiting behind a full read of ``have``, up to ``_GATHER_MAX``
+        in all, so one batch (and the target's calls, packed to their item limits) carries
+        them all.
 
         Nothing waits for more to arrive: what arrives while the batch is carried out is
         read next (Nagle's algorithm, with the batch in flight as the unacknowledged data).
+        One read, not many pages: each await lets a busy publisher in the same process run,
+        and page by page a burst's second batch started seconds late.
         """
-        gathered: list[_Row] = []
-        while len(gathered) < _GATHER_MAX - _READ_COUNT:
-            rows = _rows(
-                await client.xreadgroup(
-                    role.group, self.consumer, {self._stream: ">"}, count=_READ_COUNT
-                )
+        return _rows(
+            await client.xreadgroup(
+                role.group, self.consumer, {self._stream: ">"}, count=_GATHER_MAX - have
             )
-            gathered += rows
-            if len(rows) < _READ_COUNT:
-                break
-        return gathered
+        )
 
     async def _reclaim(self, role: Role) -> None:
         """Claim entries idle for ``retry_after`` (failed here, or on a dead consumer)."""
