@@ -34,7 +34,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -282,6 +282,16 @@ class FakeCloudflare:
             if not self._cond.wait_for(lambda: len(self._state.received) >= n, timeout):
                 got = len(self._state.received)
                 raise TimeoutError(f"FakeCloudflare received {got} of {n} requests")
+            return list(self._state.received)
+
+    def wait_until(
+        self, done: Callable[[list[Received]], bool], timeout: float = 5.0
+    ) -> list[Received]:
+        """Block until ``done(received)`` is true; raise TimeoutError after ``timeout``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: done(self._state.received), timeout):
+                got = len(self._state.received)
+                raise TimeoutError(f"FakeCloudflare: not done after {got} requests")
             return list(self._state.received)
 
     async def wait_for_async(self, n: int, timeout: float = 5.0) -> list[Received]:
