@@ -249,6 +249,55 @@ async def test_purge_everything_absorbs_the_zones_other_calls(
     ]
 
 
+async def test_the_purge_id_reaches_the_outcome(
+    fake: FakeCloudflare, forwarder: MakeForwarder
+) -> None:
+    """A done purge's reference is the id Cloudflare answered its call with; a purge carried
+    by several calls has all their ids."""
+    purges = [
+        tags("a"),
+        urls("https://a.example/x"),
+        Purge(tags=frozenset({"b"}), urls=frozenset({"https://a.example/y"})),
+    ]
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward(purges)
+
+    ids = {call.kind: call.reference for call in fake.accepted}
+    assert None not in ids.values()
+    assert len(set(ids.values())) == 2
+    assert [o.status for o in outcomes] == ["done"] * 3
+    assert outcomes[0].reference == ids["tags"]
+    assert outcomes[1].reference == ids["files"]
+    assert set((outcomes[2].reference or "").split(",")) == {ids["tags"], ids["files"]}
+
+
+async def test_a_success_without_a_purge_id_is_done_without_reference(
+    fake: FakeCloudflare, forwarder: MakeForwarder
+) -> None:
+    """Cloudflare's id is kept when given; an answer without one is still a success."""
+    fake.fail_next(1, status=200, body={"success": True, "errors": [], "result": None})
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([tags("a")])
+
+    assert [(o.status, o.reference) for o in outcomes] == [("done", None)]
+
+
+async def test_busy_for_says_when_the_last_calls_bucket_has_room(
+    fake: FakeCloudflare, forwarder: MakeForwarder
+) -> None:
+    """0 while the bucket the last batch spent from has room; once it is spent, the wait for
+    its next token; a batch of the other kind switches to that kind's bucket."""
+    limits = {"free": PlanLimits(calls_per_second=0.01, calls_bucket=1, urls_per_second=800)}
+    async with forwarder(zone(fake), limits=limits) as fwd:
+        assert fwd.busy_for() == 0
+        await fwd.forward([urls("https://a.example/x")])
+        assert fwd.busy_for() == 0  # 799 URL tokens left
+        await fwd.forward([tags("a")])
+        assert fwd.busy_for() > 60  # the only call token is spent: the next in 111 s
+        await fwd.forward([urls("https://a.example/y")])
+        assert fwd.busy_for() == 0
+
+
 # -- rate limits ---------------------------------------------------------------------------
 
 

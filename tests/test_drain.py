@@ -193,16 +193,23 @@ async def test_raw_publish_to_cache_drain_is_refused(
 async def test_cloudflare_receives_batched_coalesced_purges(
     start_bus: StartNode, add_user: Callable[[str], User], cloudflare: FakeCloudflare
 ) -> None:
-    """150 tag purges (with repeats) in one window become 2 calls of at most 100 tags."""
+    """150 tag purges (with repeats) that pile up behind a call in flight become 2 calls of
+    at most 100 tags."""
     root = add_user("root")
+    cloudflare.hold_next(1)
     node = await start_bus(drain=drain_config(cloudflare=cloudflare))
+    result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", stdin=b"tag:first\n")
+    assert result.code == 0
+    await cloudflare.wait_for_async(1)  # in flight until released
     lines = [f"tag:t{n}" for n in range(150)] * 2
     result = await run_ssh(
         node.port, root.key_file, "pub", "cache-drain", stdin="\n".join(lines).encode()
     )
     assert result.code == 0
+    cloudflare.release()
     await wait_drained(node)
-    calls = cloudflare.accepted
+    first, *calls = cloudflare.accepted
+    assert first.items == ["first"]
     assert sorted(len(c.items) for c in calls) == [50, 100]
     assert {t for c in calls for t in c.items} == {f"t{n}" for n in range(150)}
     assert all(c.kind == "tags" and c.endpoint == "purge_cache" for c in calls)
@@ -220,6 +227,50 @@ async def test_cloudflare_5xx_is_retried_until_success(
     await wait_drained(node)
     assert [r.status for r in cloudflare.received] == [503, 503, 200]
     assert cloudflare.accepted[0].items == ["root-site"]
+
+
+async def test_an_idle_bus_calls_cloudflare_at_once_whatever_the_batch_window(
+    start_bus: StartNode, add_user: Callable[[str], User], cloudflare: FakeCloudflare
+) -> None:
+    """One purge on an idle bus is sent without waiting: a 60 s batch_window only caps how
+    long a busy drain waits for rate-limit room, so the call arrives within the test's
+    timeout."""
+    root = add_user("root")
+    config = drain_config(cloudflare=cloudflare)
+    config["cloudflare"]["batch_window"] = 60
+    node = await start_bus(drain=config)
+    result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", stdin=b"root-site\n")
+    assert result.code == 0
+    calls = await cloudflare.wait_for_async(1, timeout=15)
+    assert [c.items for c in calls] == [["root-site"]]
+    await wait_drained(node)
+
+
+async def test_purges_arriving_while_a_call_is_in_flight_share_the_next_call(
+    start_bus: StartNode, add_user: Callable[[str], User], cloudflare: FakeCloudflare
+) -> None:
+    """While Cloudflare holds the first call, later purges wait and then go in one call;
+    each is acked only after its call was accepted."""
+    root = add_user("root")
+    cloudflare.hold_next(1)
+    node = await start_bus(drain=drain_config(cloudflare=cloudflare))
+    stream = node.bus.keys.stream("cache-drain")
+    first = await run_ssh(node.port, root.key_file, "pub", "cache-drain", stdin=b"root-a\n")
+    assert first.code == 0
+    await cloudflare.wait_for_async(1)  # received, answer held
+    for lines in (b"root-b\nroot-c\n", b"root-d\n", b"root-b\n"):
+        result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", stdin=lines)
+        assert result.code == 0
+    (group,) = await node.bus.redis.xinfo_groups(stream)
+    assert group["pending"] + group["lag"] == 5  # nothing acked while the call is held
+
+    cloudflare.release()
+    await wait_drained(node)
+    assert [sorted(c.items) for c in cloudflare.received] == [
+        ["root-a"],
+        ["root-b", "root-c", "root-d"],
+    ]
+    assert all(c.status == 200 for c in cloudflare.received)
 
 
 async def test_permanent_cloudflare_error_is_dead_lettered_and_replayable(

@@ -56,7 +56,7 @@ async def test_pub_wait_returns_once_every_node_evicted_and_says_what_each_did(
             assert env.get("/", "acme-blog2.pages.example").cache == "HIT"
         lines = sorted(result.stdout.decode().splitlines())
         assert len(lines) == 3, lines
-        assert lines[0].startswith("cdn cloudflare: accepted, ")  # PURGE-ID: after cf-nagle
+        assert lines[0].startswith("cdn cloudflare: accepted, purge id ")
         assert lines[1].startswith(f"web1 pages: {BLOG_PAGES} objects evicted in ")
         assert lines[2].startswith(f"web2 pages: {BLOG_PAGES} objects evicted in ")
         assert [c.items for c in cloudflare.accepted] == [["acme-blog"]]

@@ -42,10 +42,12 @@ async def open_drain(
             local.append(HttpPurgeTarget(purger, http_config.name or f"http-{number}"))
         cdn: list[Target] = []
         window = 0.0
+        busy_for = None
         if drain.cloudflare:
             forwarder = await stack.enter_async_context(CloudflareForwarder(drain.cloudflare))
             target = CloudflareTarget(forwarder)
             window = target.batch_window
+            busy_for = target.busy_for
             cdn.append(target)
         yield Drain(
             drain,
@@ -57,4 +59,5 @@ async def open_drain(
             cdn_targets=cdn,
             cdn_batch_window=window,
             receipts_max_len=settings.topics.max_len,
+            cdn_busy_for=busy_for,
         )

@@ -45,6 +45,8 @@ error names the zone, the HTTP status and Cloudflare's codes and messages). 5xx,
 429, timeouts, connection errors and a 2xx without ``"success": true`` are retried by
 :func:`~drainbus.drain.retry.run_with_retry`; if they outlast it the purge is
 ``retry_later``. A purge with parts of both kinds is ``permanent``: redelivery cannot help it.
+A ``done`` outcome's ``reference`` is Cloudflare's purge id (``result.id``) of the call that
+carried the purge; the ids of several calls are joined with ``","``.
 
 Secrets
 -------
@@ -114,7 +116,6 @@ MAX_TAG_LENGTH: Final = 1024
 _PLAN_ORDER: Final[tuple[Plan, ...]] = ("free", "pro", "business", "enterprise")
 # Refusals that may be caused by one item among many: worth bisecting the call.
 _SPLITTABLE: Final = frozenset({400, 413, 422})
-_DONE: Final = Verdict("done")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,11 @@ class CloudflareZoneConfig(BaseModel):
     example.com, not example.com itself); an empty list makes the zone a catch-all for URL,
     host and prefix purges no other zone claims. Zones with the same ``account`` share one
     rate-limit budget; with ``account`` unset, zones share it when they share a token.
-    ``batch_window`` and ``timeout`` are seconds.
+    ``batch_window`` and ``timeout`` are seconds. ``batch_window`` is the longest the daemon
+    holds purges back to gather more while the rate limit leaves no room for a call; an idle
+    bus never waits for it (see :meth:`CloudflareForwarder.busy_for`). 0, the default, never
+    holds back: purges that arrive while a call is in flight or waits for the rate limit
+    are coalesced into the next call all the same.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
@@ -178,7 +183,7 @@ class CloudflareZoneConfig(BaseModel):
     plan: Plan = "free"
     api_base: str = "https://api.cloudflare.com/client/v4"
     mode: Literal["purge", "invalidate"] = "purge"
-    batch_window: float = Field(default=0.5, gt=0)
+    batch_window: float = Field(default=0.0, ge=0)
     timeout: float = Field(default=10.0, gt=0)
     account: str | None = None
 
@@ -331,8 +336,9 @@ def _url_host(url: str) -> str | None:
     return _normalise_host(host)
 
 
-def _check(purge: Purge) -> str | None:
-    """Why Cloudflare would refuse this purge, or None."""
+def _check(purge: Purge, url_hosts: Mapping[str, str | None]) -> str | None:
+    """Why Cloudflare would refuse this purge, or None. ``url_hosts`` maps each of its URLs
+    to :func:`_url_host` of it (worked out once: a burst has thousands)."""
     for tag in sorted(purge.keys | purge.tags):
         if not tag or len(tag) > MAX_TAG_LENGTH:
             shown = tag[:40] + "…" if len(tag) > 40 else tag
@@ -340,7 +346,7 @@ def _check(purge: Purge) -> str | None:
                 f"tag {shown!r} has {len(tag)} characters: Cloudflare accepts 1 to {MAX_TAG_LENGTH}"
             )
     for url in sorted(purge.urls):
-        if _url_host(url) is None:
+        if url_hosts[url] is None:
             return f"URL {url!r} is not an absolute http(s) URL"
     for prefix in sorted(purge.prefixes):
         if _url_host(prefix) is None:
@@ -354,16 +360,22 @@ def _check(purge: Purge) -> str | None:
     return None
 
 
-def _describe_errors(response: httpx.Response) -> tuple[bool, str]:
-    """(success, detail) read from a Cloudflare response body."""
+def _describe_errors(response: httpx.Response) -> tuple[bool, str, str | None]:
+    """(success, detail, purge id) read from a Cloudflare response body.
+
+    The purge id is ``result.id`` when it is a non-empty string, else None.
+    """
     try:
         body = response.json()
     except ValueError:
         text = " ".join(response.text.split())[:200]
-        return False, f", body is not JSON: {text!r}" if text else ", empty body"
+        return False, f", body is not JSON: {text!r}" if text else ", empty body", None
     if not isinstance(body, dict):
-        return False, ", body is not a JSON object"
+        return False, ", body is not a JSON object", None
     success = body.get("success") is True
+    result = body.get("result")
+    purge_id = result.get("id") if isinstance(result, dict) else None
+    reference = purge_id[:200] if isinstance(purge_id, str) and purge_id else None
     errors = body.get("errors")
     parts = []
     if isinstance(errors, list):
@@ -371,8 +383,8 @@ def _describe_errors(response: httpx.Response) -> tuple[bool, str]:
             if isinstance(error, dict):
                 parts.append(f"error {error.get('code')}: {error.get('message')}")
     if parts:
-        return success, ", " + "; ".join(parts)
-    return success, "" if success else ", success is not true"
+        return success, ", " + "; ".join(parts), reference
+    return success, "" if success else ", success is not true", reference
 
 
 class CloudflareForwarder:
@@ -452,6 +464,7 @@ class CloudflareForwarder:
             for z, t, k in zip(zones, tokens, keys, strict=True)
         ]
 
+        self._last_buckets: list[TokenBucket] = []
         self._calls: Counter[str] = Counter()
         self._rate_limited = 0
         self._retries = 0
@@ -460,11 +473,23 @@ class CloudflareForwarder:
 
     @property
     def batch_window(self) -> float:
-        """Seconds the daemon should collect purges before a :meth:`forward` call.
+        """The longest, in seconds, the daemon may hold purges back while :meth:`busy_for`
+        is above 0 (the rate limit leaves no room), to gather more for the next call.
 
         The shortest window of any zone, so no zone waits longer than it asked for.
         """
         return min(zone.config.batch_window for zone in self._zones)
+
+    def busy_for(self) -> float:
+        """Seconds until a rate-limit bucket the last :meth:`forward` spent from has room for
+        a call; 0 if one has room now (or no call was made yet).
+
+        A busy bus tends to go on sending what it sent last, so those buckets decide. A
+        purge of another kind may then wait for them too, which the daemon bounds by
+        :attr:`batch_window`. A call of one URL is the smallest, so a URL bucket has room
+        when it holds one token.
+        """
+        return min((bucket.delay(1.0) for bucket in self._last_buckets), default=0.0)
 
     async def __aenter__(self) -> Self:
         self._client = httpx.AsyncClient(headers={"User-Agent": "drainbus"}, follow_redirects=False)
@@ -507,9 +532,14 @@ class CloudflareForwarder:
             parts[i].append(outcome)
 
         lanes: dict[tuple[int, str], list[_Call]] = {}
+        buckets: dict[tuple[int, str], TokenBucket] = {}
         for call in calls:
-            bucket = "urls" if call.kind == "files" else "calls"
-            lanes.setdefault((id(call.zone.account), bucket), []).append(call)
+            account = call.zone.account
+            kind = "urls" if call.kind == "files" else "calls"
+            lanes.setdefault((id(account), kind), []).append(call)
+            buckets[id(account), kind] = account.urls if kind == "urls" else account.calls
+        if buckets:
+            self._last_buckets = list(buckets.values())
 
         async def run_lane(lane: list[_Call]) -> None:
             for call in lane:
@@ -553,7 +583,8 @@ class CloudflareForwarder:
                 groups.setdefault(key, {}).setdefault(item, set()).add(i)
 
         for i, purge in enumerate(purges):
-            problem = _check(purge)
+            url_hosts = {url: _url_host(url) for url in purge.urls}
+            problem = _check(purge, url_hosts)
             if problem is not None:
                 local[i] = Outcome("permanent", problem)
                 _log.warning("cloudflare_purge_invalid", error=problem)
@@ -562,7 +593,7 @@ class CloudflareForwarder:
             for tag in sorted(purge.keys | purge.tags):
                 add(i, soft, self._zones, "tags", tag, what=tag)
             for url in sorted(purge.urls):
-                add(i, soft, self._route(_url_host(url) or ""), "files", url, what=url)
+                add(i, soft, self._route(url_hosts[url] or ""), "files", url, what=url)
             for host in sorted({_normalise_host(h) for h in purge.hosts}):
                 add(i, soft, self._route(host), "hosts", host, what=host)
             for prefix in sorted(purge.prefixes):
@@ -699,12 +730,16 @@ class CloudflareForwarder:
             else:
                 bucket.observe(RateInfo(remaining=0, reset=None))
 
-        success, detail = _describe_errors(response)
+        success, detail, reference = _describe_errors(response)
         status = response.status_code
         error = f"{what}: HTTP {status}{detail}"
         if response.is_success:
             # A 2xx without "success": true is not a confirmation; retry rather than drop.
-            verdict = _DONE if success else Verdict("transient", error, http_status=status)
+            verdict = (
+                Verdict("done", http_status=status, reference=reference)
+                if success
+                else Verdict("transient", error, http_status=status)
+            )
         else:
             verdict = status_verdict(status, ok=False, error=error, retry_after=retry_after)
         return _redact(verdict, secret)
@@ -717,5 +752,6 @@ def _redact(verdict: Verdict, secret: str) -> Verdict:
             verdict.error.replace(secret, "[redacted]"),
             verdict.retry_after,
             verdict.http_status,
+            verdict.reference,
         )
     return verdict

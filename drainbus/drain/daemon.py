@@ -21,6 +21,15 @@ means a purge can arrive twice.
 Before an entry is acknowledged (or dead-lettered), its receipt (what each target did with
 it: see :mod:`drainbus.drain.receipts`) is appended to the topic's receipt stream, so a crash
 cannot lose the receipt of an acknowledged purge.
+
+The cdn role batches like Nagle's algorithm, not on a timer: a purge read while nothing is in
+flight goes to Cloudflare at once, with whatever else is already waiting in the stream. While
+a batch is being carried out (a call in flight, or waiting for rate-limit tokens) the loop
+reads nothing, so what arrives meanwhile waits in the stream (where another node's idle
+consumer may take it) and the next read takes all of it: one call carries everything that
+piled up, packed to the per-call item limits by the target. After a batch, if the bucket it
+spent from has no room (``Role.busy_for``), the loop may wait up to ``Role.batch_window`` for
+room before reading, so the next call gathers what arrives meanwhile; an idle bus never waits.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -52,19 +61,26 @@ log = structlog.get_logger(__name__)
 
 _Row = tuple[bytes, dict[bytes, bytes]]
 _READ_COUNT = 256
-# At most this many entries join one batch window; a backlog is read on in the next one.
+# At most this many entries join one batch; a backlog is read on in the next one.
 _GATHER_MAX = 16 * _READ_COUNT
 _DEAD_LETTER_MAX = 100_000
 
 
 @dataclass
 class Role:
-    """One consumer group and the targets its entries are carried out on."""
+    """One consumer group and the targets its entries are carried out on.
+
+    ``busy_for`` (set for the cdn role) says how many seconds until the targets' rate limit
+    has room for a call, 0 if it has room now; a role with it gathers every entry already
+    waiting into each batch. ``batch_window`` is the longest, in seconds, the loop waits
+    after a batch for that room before reading the next one (0: never waits).
+    """
 
     name: str
     group: str
     targets: Sequence[Target]
     batch_window: float = 0.0
+    busy_for: Callable[[], float] | None = None
     flush_if_missed: bool = False
     # Set once a gap of missed purges was acted on; cleared by the next read, which jumps
     # the gap (until then every check would see the same gap again).
@@ -101,6 +117,7 @@ class Drain:
         cdn_targets: Sequence[Target] = (),
         cdn_batch_window: float = 0.0,
         receipts_max_len: int = 100_000,
+        cdn_busy_for: Callable[[], float] | None = None,
     ) -> None:
         """``receipts_max_len``: how many receipts the receipt stream keeps (about)."""
         self.settings = settings
@@ -124,7 +141,15 @@ class Drain:
                 Role("local", f"node-{settings.node}", local_targets, flush_if_missed=True)
             )
         if cdn_targets:
-            self.roles.append(Role("cdn", "cdn", cdn_targets, batch_window=cdn_batch_window))
+            self.roles.append(
+                Role(
+                    "cdn",
+                    "cdn",
+                    cdn_targets,
+                    batch_window=cdn_batch_window,
+                    busy_for=cdn_busy_for or _never_busy,
+                )
+            )
         self.ready = anyio.Event()
 
     async def run(self) -> None:
@@ -230,6 +255,7 @@ class Drain:
     async def _consume(self, role: Role) -> None:
         failures = 0
         next_claim = 0.0
+        busy = False  # the last read found entries: the bus is busy, not idle
         while True:
             client = reader_client(self._redis_url)
             try:
@@ -238,6 +264,8 @@ class Drain:
                         await self._reclaim(role)
                         await self._publish_status()
                         next_claim = time.monotonic() + self.settings.retry_after / 2
+                    if busy:
+                        await self._wait_for_room(role, next_claim)
                     # Before every read: once XREADGROUP jumps a trimmed gap, Redis counts the
                     # gap as read and the loss can no longer be seen.
                     await self._check_missed(role)
@@ -253,8 +281,9 @@ class Drain:
                     )
                     if rows:
                         role.gap_handled = False
-                    if rows and role.batch_window > 0:
-                        rows += await self._gather(client, role)
+                    if rows and role.busy_for is not None and len(rows) == _READ_COUNT:
+                        rows += await self._gather(client, role, len(rows))
+                    busy = bool(rows)
                     failures = 0
                     if rows:
                         await self._handle(role, rows)
@@ -299,26 +328,34 @@ class Drain:
             return False
         return True
 
-    async def _gather(self, client: RedisClient, role: Role) -> list[_Row]:
-        """The entries that arrive within ``role.batch_window`` seconds: one API call can
-        carry them all.
+    async def _wait_for_room(self, role: Role, next_claim: float) -> None:
+        """After a batch, wait up to ``role.batch_window`` for the rate limit to have room.
 
-        The window is timed here, then what arrived is read without blocking. Redis ends a
-        BLOCK that times out only on its next cron tick (``hz`` 10: up to 100 ms late), which
-        made a 500 ms window 540-600 ms long.
+        The next call could not leave sooner, and what arrives meanwhile joins it. Never
+        past the next reclaim, so stuck entries and the status are not held up.
         """
-        await anyio.sleep(role.batch_window)
-        gathered: list[_Row] = []
-        while len(gathered) < _GATHER_MAX:
-            rows = _rows(
-                await client.xreadgroup(
-                    role.group, self.consumer, {self._stream: ">"}, count=_READ_COUNT
-                )
+        if role.busy_for is None or role.batch_window <= 0:
+            return
+        wait = min(role.busy_for(), role.batch_window, next_claim - time.monotonic())
+        if wait > 0:
+            log.debug("drain_waiting_for_rate_limit", group=role.group, seconds=round(wait, 3))
+            await anyio.sleep(wait)
+
+    async def _gather(self, client: RedisClient, role: Role, have: int) -> list[_Row]:
+        """The entries already waiting behind a full read of ``have``, up to ``_GATHER_MAX``
+        in all, so one batch (and the target's calls, packed to their item limits) carries
+        them all.
+
+        Nothing waits for more to arrive: what arrives while the batch is carried out is
+        read next (Nagle's algorithm, with the batch in flight as the unacknowledged data).
+        One read, not many pages: each await lets a busy publisher in the same process run,
+        and page by page a burst's second batch started seconds late.
+        """
+        return _rows(
+            await client.xreadgroup(
+                role.group, self.consumer, {self._stream: ">"}, count=_GATHER_MAX - have
             )
-            gathered += rows
-            if len(rows) < _READ_COUNT:
-                break
-        return gathered
+        )
 
     async def _reclaim(self, role: Role) -> None:
         """Claim entries idle for ``retry_after`` (failed here, or on a dead consumer)."""
@@ -568,6 +605,10 @@ class Drain:
                 self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
         if purge.everything:
             self.stats.by_kind["everything"] = self.stats.by_kind.get("everything", 0) + 1
+
+
+def _never_busy() -> float:
+    return 0.0
 
 
 def _rows(reply: Any) -> list[_Row]:

@@ -118,18 +118,23 @@ class Verdict:
     """The verdict on one try of one request.
 
     ``retry_after`` is the server's ``Retry-After`` in seconds, if it sent one;
-    ``http_status`` is the response status, ``None`` when no response arrived.
+    ``http_status`` is the response status, ``None`` when no response arrived;
+    ``reference`` is the server's id for a request it accepted (Cloudflare's purge id).
     """
 
     status: Literal["done", "permanent", "transient"]
     error: str | None = None
     retry_after: float | None = None
     http_status: int | None = None
+    reference: str | None = None
 
     def outcome(self) -> Outcome:
-        """This verdict as the final outcome of a request: transient becomes retry_later."""
+        """This verdict as the final outcome of a request: transient becomes retry_later.
+
+        A ``done`` outcome keeps the verdict's ``reference``.
+        """
         if self.status == "done":
-            return DONE
+            return Outcome("done", reference=self.reference) if self.reference else DONE
         return Outcome("permanent" if self.status == "permanent" else "retry_later", self.error)
 
 

@@ -119,8 +119,12 @@ class CloudflareTarget:
 
     @property
     def batch_window(self) -> float:
-        """How long to gather purges before calling the API."""
+        """The longest to wait, after a batch, for the rate limit to have room (seconds)."""
         return self.forwarder.batch_window
+
+    def busy_for(self) -> float:
+        """Seconds until the rate limit has room for a call; 0 if it has room now."""
+        return self.forwarder.busy_for()
 
     async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
         return await self.forwarder.forward(purges)

@@ -17,8 +17,10 @@ tests. It checks what Cloudflare checks and answers the way Cloudflare answers:
 
 Every answer from a bucket carries ``Ratelimit: "default";r=N;t=S`` (N whole tokens left;
 S seconds until the next token when N is 0, else until the bucket is full) and
-``Ratelimit-Policy``. Tests can script the next answers (:meth:`FakeCloudflare.fail_next`,
-:meth:`FakeCloudflare.hang_next`) and read every request back (:attr:`received`,
+``Ratelimit-Policy``. A success carries a fresh purge id in ``result.id``, as Cloudflare's
+does. Tests can script the next answers (:meth:`FakeCloudflare.fail_next`,
+:meth:`FakeCloudflare.hang_next`), hold answers until told (:meth:`FakeCloudflare.hold_next`,
+:meth:`FakeCloudflare.release`), and read every request back (:attr:`received`,
 :attr:`accepted`, :attr:`rejected`), or wait for a count of them without sleeping
 (:meth:`FakeCloudflare.wait_for`, :meth:`FakeCloudflare.wait_for_async`).
 """
@@ -32,7 +34,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -54,7 +56,8 @@ _PATH = re.compile(r"/client/v4/zones/([^/]+)/(purge_cache|invalidate_cache)")
 
 @dataclass(frozen=True)
 class Received:
-    """One request the fake received: ``status`` is ``None`` for a request left hanging."""
+    """One request the fake received: ``status`` is ``None`` for a request left hanging;
+    ``reference`` is the purge id a success answered with."""
 
     zone: str
     endpoint: str
@@ -62,6 +65,7 @@ class Received:
     status: int | None
     code: int | None
     at: float  # time.monotonic() on arrival
+    reference: str | None = None
 
     @property
     def kind(self) -> str | None:
@@ -157,6 +161,8 @@ class FakeCloudflare:
         self._state = _State()
         self._cond = threading.Condition()
         self._release = threading.Event()
+        self._holds = 0
+        self._gate = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -186,8 +192,9 @@ class FakeCloudflare:
         self._thread.start()
 
     def stop(self) -> None:
-        """Release hung requests and stop serving."""
+        """Release hung and held requests and stop serving."""
         self._release.set()
+        self._gate.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -242,6 +249,17 @@ class FakeCloudflare:
             for _ in range(n):
                 self._state.scripts.append(_Script(0, {}, {}, hang=True))
 
+    def hold_next(self, n: int = 1) -> None:
+        """Handle the next ``n`` requests as usual (recorded and counted on arrival) but
+        send no answer until :meth:`release` (or stop)."""
+        with self._cond:
+            self._holds += n
+            self._gate.clear()
+
+    def release(self) -> None:
+        """Answer every held request."""
+        self._gate.set()
+
     # -- reading back ------------------------------------------------------------------------
 
     @property
@@ -268,6 +286,16 @@ class FakeCloudflare:
                 raise TimeoutError(f"FakeCloudflare received {got} of {n} requests")
             return list(self._state.received)
 
+    def wait_until(
+        self, done: Callable[[list[Received]], bool], timeout: float = 5.0
+    ) -> list[Received]:
+        """Block until ``done(received)`` is true; raise TimeoutError after ``timeout``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: done(self._state.received), timeout):
+                got = len(self._state.received)
+                raise TimeoutError(f"FakeCloudflare: not done after {got} requests")
+            return list(self._state.received)
+
     async def wait_for_async(self, n: int, timeout: float = 5.0) -> list[Received]:
         """:meth:`wait_for` for async tests (waits in a worker thread)."""
         return await asyncio.to_thread(self.wait_for, n, timeout)
@@ -275,11 +303,17 @@ class FakeCloudflare:
     # -- the API -----------------------------------------------------------------------------
 
     def _record(
-        self, zone: str, endpoint: str, body: Any, status: int | None, code: int | None
+        self,
+        zone: str,
+        endpoint: str,
+        body: Any,
+        status: int | None,
+        code: int | None,
+        reference: str | None,
     ) -> None:
         with self._cond:
             self._state.received.append(
-                Received(zone, endpoint, body, status, code, time.monotonic())
+                Received(zone, endpoint, body, status, code, time.monotonic(), reference)
             )
             self._cond.notify_all()
 
@@ -309,11 +343,17 @@ class FakeCloudflare:
             status: int | None, payload: dict[str, Any], headers: dict[str, str] | None = None
         ) -> tuple[int | None, dict[str, Any], dict[str, str]]:
             errors = payload.get("errors") or [{}]
-            self._record(zone, endpoint, body, status, errors[0].get("code"))
+            result = payload.get("result")
+            reference = result.get("id") if isinstance(result, dict) else None
+            self._record(zone, endpoint, body, status, errors[0].get("code"), reference)
+            if held:
+                self._gate.wait()
             return status, payload, headers or {}
 
         with self._cond:
             script = self._state.scripts.pop(0) if self._state.scripts else None
+            held = self._holds > 0
+            self._holds -= held
         if script is not None:
             if script.hang:
                 return answer(None, {})
