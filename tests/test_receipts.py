@@ -16,7 +16,7 @@ from drainbus.drain.receipts import receipts_topic
 from drainbus.node import Node
 from tests.conftest import Subscriber, User, run_ssh
 from tests.fakes.cloudflare_api import FakeCloudflare
-from tests.nginx_env import NginxEnv, run_nginx_env
+from tests.nginx_env import NginxEnv, run_nginx_env, write_cache_file
 from tests.test_drain import cloudflare, drain_config, prime
 
 __all__ = ["cloudflare"]  # the fixture, imported for pytest
@@ -208,3 +208,45 @@ async def test_every_acknowledged_purge_has_its_receipt_stored(
     assert receipted == {entry_id.decode() for entry_id, _ in purges}
     groups = await redis.xinfo_groups(keys.stream("cache-drain"))
     assert [(g["name"], g["pending"]) for g in groups] == [(b"node-web1", 0)]
+
+
+async def test_a_stale_refill_evicted_later_gets_a_receipt_of_its_own(
+    start_bus: StartNode, add_user: Callable[[str], User], tmp_path: Path
+) -> None:
+    """The old page written back after the purge is evicted again, and the receipts say so."""
+    root = add_user("root")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key = "httpacme-blog.pages.example/post/1"
+    write_cache_file(cache, key, headers=['ETag: "v1"'])
+    nginx = {"name": "pages", "cache_path": str(cache), "key": "$scheme$host$request_uri"}
+    node = await start_bus(drain={"node": "web1", "key_host": "{key}.pages.example",
+                                  "refill_window": 60, "nginx": [nginx]})  # fmt: skip
+    result = await run_ssh(
+        node.port, root.key_file, "pub", "cache-drain", "--wait",
+        stdin=b"url:http://acme-blog.pages.example/post/1\n",
+    )  # fmt: skip
+    assert result.code == 0
+    assert result.stdout.startswith(b"web1 pages: 1 object evicted in ")
+    # A request that was in flight during the purge writes the old page back.
+    refill = write_cache_file(cache, key, headers=['ETag: "v1"'])
+    followed = await run_ssh(
+        node.port, root.key_file, "sub", "cache-drain", "--receipts", "--since", "all",
+        "--count", "2", "--json",
+    )  # fmt: skip
+    first, second = json_lines(followed.stdout)
+    assert (first["result"], first["count"], first["refill"]) == ("evicted", 1, False)
+    assert (second["id"], second["refill"]) == (first["id"], True)
+    assert (second["node"], second["target"], second["result"], second["count"]) == (
+        "web1", "pages", "evicted", 1
+    )  # fmt: skip
+    assert not refill.exists()
+    plain = await run_ssh(
+        node.port, root.key_file, "sub", "cache-drain", "--receipts", "--since", "all",
+        "--count", "2",
+    )  # fmt: skip
+    assert (
+        plain.stdout.decode()
+        .splitlines()[1]
+        .endswith("web1 pages: 1 object written back by a request in flight, evicted again")
+    )

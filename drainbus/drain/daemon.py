@@ -43,6 +43,7 @@ from typing import Any, cast
 
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.exceptions import RedisError, ResponseError
 
 from drainbus.bus.connection import BLOCK_MS, RedisClient, reader_client
@@ -51,7 +52,7 @@ from drainbus.config import DrainSettings
 from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.receipts import receipt, receipts_topic, target_receipt
 from drainbus.drain.retry import Outcome, merge_outcomes
-from drainbus.drain.targets import LocalCacheTarget, Target
+from drainbus.drain.targets import LocalCacheTarget, NginxTarget, Target
 from drainbus.errors import DataError, PermissionDenied
 from drainbus.metrics import PURGE_SECONDS
 
@@ -64,6 +65,8 @@ _READ_COUNT = 256
 # At most this many entries join one batch; a backlog is read on in the next one.
 _GATHER_MAX = 16 * _READ_COUNT
 _DEAD_LETTER_MAX = 100_000
+_REFILL_RECEIPTS_QUEUED = 1024  # refill receipts waiting to be written, at most
+_REFILL_SLACK_S = 5.0  # how much longer than the refill window a purge is remembered
 
 
 @dataclass
@@ -151,6 +154,13 @@ class Drain:
                 )
             )
         self.ready = anyio.Event()
+        # Purges this node carried out locally, kept for as long as a stale refill of theirs
+        # can still be evicted, so that eviction can be added to their receipts.
+        self._recent_local: dict[Purge, tuple[float, list[_Row]]] = {}
+        self._refills_out: MemoryObjectSendStream[tuple[str, Purge, int]] | None = None
+        for target in local_targets:
+            if isinstance(target, NginxTarget):
+                target.watch_refills(self._refill_evicted)
 
     async def run(self) -> None:
         """Consume until cancelled. ``ready`` is set once every group is being read."""
@@ -160,6 +170,10 @@ class Drain:
                 await self._prepare(role)
                 started += 1
                 tg.start_soon(self._consume, role)
+            self._refills_out, refills_in = anyio.create_memory_object_stream[
+                tuple[str, Purge, int]
+            ](_REFILL_RECEIPTS_QUEUED)
+            tg.start_soon(self._write_refill_receipts, refills_in)
             if started == len(self.roles):
                 # Publishers waiting for receipts count the nodes whose status is fresh:
                 # say this one is live before saying it is ready.
@@ -446,6 +460,10 @@ class Drain:
                     entries=len(entries),
                     retry_after=self.settings.retry_after,
                 )
+        if role.name == "local":
+            self._remember_local(
+                [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"], batch
+            )
         if acked:
             await self._redis.xack(self._stream, role.group, *acked)
             now_ms = time.time() * 1000
@@ -501,17 +519,24 @@ class Drain:
         A failure raises (RedisError): the batch is then not acknowledged and is delivered
         again, so no acknowledged purge lacks its receipt.
         """
-        if not receipts:
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for (entry_id, fields), targets in receipts:
-                record = receipt(
+        await self._append_receipts(
+            [
+                receipt(
                     entry_id=entry_id,
                     fields=fields,
                     node=self.consumer,
                     role=role.name,
                     targets=targets,
                 )
+                for (entry_id, fields), targets in receipts
+            ]
+        )
+
+    async def _append_receipts(self, records: Sequence[dict[str, Any]]) -> None:
+        if not records:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for record in records:
                 pipe.xadd(
                     self._receipts,
                     entry_fields(
@@ -524,6 +549,57 @@ class Drain:
                     approximate=True,
                 )
             await pipe.execute()
+
+    def _remember_local(self, purges: list[Purge], batch: dict[Purge, list[_Row]]) -> None:
+        now = time.monotonic()
+        horizon = now - self.settings.refill_window - _REFILL_SLACK_S
+        for purge in [p for p, (at, _) in self._recent_local.items() if at < horizon]:
+            del self._recent_local[purge]
+        for purge in purges:
+            self._recent_local[purge] = (now, batch[purge])
+
+    def _refill_evicted(self, target: str, purge: Purge, count: int) -> None:
+        # Called by a refill guard on the event loop: queue it, never block the guard.
+        if self._refills_out is None:  # not running
+            return
+        try:
+            self._refills_out.send_nowait((target, purge, count))
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            log.warning(
+                "drain_refill_receipt_dropped",
+                target=target,
+                count=count,
+                reason="too many refill receipts queued; the count is in stats",
+            )
+
+    async def _write_refill_receipts(
+        self, refills: MemoryObjectReceiveStream[tuple[str, Purge, int]]
+    ) -> None:
+        """Add each stale refill a local target evicted to its purge's receipts."""
+        assert self._refills_out is not None
+        async with self._refills_out, refills:
+            await self._write_refills(refills)
+
+    async def _write_refills(
+        self, refills: MemoryObjectReceiveStream[tuple[str, Purge, int]]
+    ) -> None:
+        async for target, purge, count in refills:
+            rows = self._recent_local.get(purge, (0.0, []))[1]
+            part = {"target": target, "result": "evicted", "count": count, "ms": None,
+                    "error": None, "reference": None}  # fmt: skip
+            records = [
+                {
+                    **receipt(
+                        entry_id=i, fields=f, node=self.consumer, role="local", targets=[part]
+                    ),
+                    "refill": True,
+                }
+                for i, f in rows
+            ]
+            try:
+                await self._append_receipts(records)
+            except (RedisError, OSError) as exc:  # the eviction happened; only the news is lost
+                log.warning("drain_refill_receipt_failed", target=target, error=str(exc))
 
     async def _parse(self, role: Role, row: _Row) -> Purge | None:
         """The entry's purge, checked again against its publisher's scope; None if invalid."""

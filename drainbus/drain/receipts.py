@@ -9,6 +9,10 @@ a crash cannot lose the receipt of an acknowledged purge. A receipt is JSON::
      "role": "local", "targets": [{"target": "pages", "result": "evicted", "count": 14,
      "ms": 2.1, "error": null, "reference": null}]}
 
+A stale copy that nginx writes back within the refill window after a purge (see
+:mod:`drainbus.drain.refill`) and that the node then evicts gets a receipt of its own, later,
+marked ``"refill": true`` (``pub --wait`` does not wait for those).
+
 ``result`` is one of :data:`RESULTS`: ``evicted`` (a cache removed ``count`` objects),
 ``none-cached`` (it held none of them), ``accepted`` (a CDN or HTTP cache took the request; it
 cannot say more), ``dead-lettered`` (refused for good) or ``failed`` (a transient failure:
@@ -145,6 +149,8 @@ def render_line(record: Mapping[str, Any], part: Mapping[str, Any]) -> str:
     where = "cdn" if record.get("role") == "cdn" else str(record.get("node"))
     target, result, ms = part.get("target"), part.get("result"), part.get("ms")
     head = f"{where} {target}"
+    if record.get("refill"):
+        return f"{head}: {_count_text(part)} written back by a request in flight, evicted again"
     if result == "evicted":
         return f"{head}: {_count_text(part)} evicted in {ms:g} ms"
     if result == "none-cached":
@@ -209,6 +215,8 @@ class ReceiptWait:
 
     def add(self, record: Mapping[str, Any]) -> bool:
         """Take one receipt; True if it was owed (a later one replaces an earlier one)."""
+        if record.get("refill"):  # later news, not the answer being waited for
+            return False
         node = "cdn" if record.get("role") == "cdn" else str(record.get("node"))
         owed = self.owed.get((str(record.get("id")), node))
         if owed is None:

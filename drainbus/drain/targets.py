@@ -7,7 +7,7 @@ A target takes a batch of distinct purges and returns one :class:`Outcome` per p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -54,6 +54,10 @@ class NginxTarget:
         self.name = name
         self._rule = rule
         self.evicted = 0
+
+    def watch_refills(self, listener: Callable[[str, Purge, int], None]) -> None:
+        """Call ``listener(target name, purge, count)`` for each stale refill evicted later."""
+        self.cache.refill_guard.on_evicted = lambda purge, count: listener(self.name, purge, count)
 
     async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
         outcomes = []

@@ -500,7 +500,8 @@ def _receipt_lines(record: dict[str, object], received_ms: int, as_json: bool) -
     if as_json:
         node = "cdn" if record.get("role") == "cdn" else record.get("node")
         common = {"id": record.get("id"), "purge": record.get("purge"), "user": record.get("user"),
-                  "node": node, "time": rfc3339(received_ms)}  # fmt: skip
+                  "node": node, "time": rfc3339(received_ms),
+                  "refill": bool(record.get("refill"))}  # fmt: skip
         return [
             json.dumps({**common, **{k: part.get(k) for k in _RECEIPT_FIELDS}}) for part in parts
         ]
