@@ -902,3 +902,26 @@ async def test_start_accepts_a_cache_it_can_read_and_counts_the_keys_it_cannot(
         foreign.unlink()
         await cache.index.sync()
         assert target.snapshot()["unmatched_keys"] == 0
+
+
+@pytest.mark.parametrize(
+    ("prefix", "purged"),
+    [
+        ("/docs", {"/docs", "/docs?y=1", "/docs/a"}),
+        ("/docs/", {"/docs/a"}),
+        ("/%2F", set()),
+        ("/", {"/docs", "/docs?y=1", "/docs/a", "/docs2", "/other"}),
+    ],
+    ids=["no-slash", "trailing-slash", "encoded-slash", "root"],
+)
+async def test_prefix_purge_keeps_its_boundary(
+    nginx_env: NginxEnv, prefix: str, purged: set[str]
+) -> None:
+    """`/docs/` covers `/docs/` and below only; an encoded slash never means the whole host."""
+    pages = ["/docs", "/docs?y=1", "/docs/a", "/docs2", "/other"]
+    for page in pages:
+        nginx_env.prime(page, BLOG)
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        await cache.purge(Purge(prefixes=frozenset({f"http://{BLOG}{prefix}"})))
+    statuses = {page: nginx_env.get(page, BLOG).cache for page in pages}
+    assert {page for page, status in statuses.items() if status == "MISS"} == purged

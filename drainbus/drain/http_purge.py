@@ -58,7 +58,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import Purge, path_prefix_regex
 from drainbus.drain.retry import (
     DONE,
     Outcome,
@@ -101,13 +101,6 @@ def _check_template(field: str, template: str) -> None:
 
 def _render(template: str, values: Mapping[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), template)
-
-
-def _path_regex(path: str) -> str:
-    trimmed = path.rstrip("/")
-    if not trimmed:
-        return "^/"
-    return "^" + re.escape(trimmed) + "([/?]|$)"
 
 
 class HttpPurgeConfig(BaseModel):
@@ -327,7 +320,7 @@ class HttpPurger:
             unsupported["hosts/prefixes"] = set().union(*bans.values())
         elif bans:
             for (soft, (host, path)), owners in bans.items():
-                values = {"host": host, "path": path, "path_regex": _path_regex(path)}
+                values = {"host": host, "path": path, "path_regex": path_prefix_regex(path)}
                 what = f"prefix {host}{path}" if path != "/" else f"host {host}"
                 request = self._request(cfg.ban_method, cfg.ban_url, values, what, soft=soft)
                 requests.append((request, owners))

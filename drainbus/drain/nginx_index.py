@@ -41,6 +41,7 @@ from drainbus.drain.cache_file import (
     read_head,
 )
 from drainbus.drain.key_template import KeyParts, KeyTemplate, Reading, url_parts
+from drainbus.drain.purges import path_under
 from drainbus.errors import BackendError, DrainbusError, StartupError
 
 __all__ = ["CacheEntry", "CacheIndex", "FileAdded"]
@@ -76,11 +77,6 @@ class CacheEntry(NamedTuple):
     def hosts(self) -> frozenset[str]:
         """The hosts the key may belong to (empty: unknown, or the key ignores the host)."""
         return frozenset(r.host for r in self.readings if r.host is not None)
-
-
-def _path_under(path: str, prefix: str) -> bool:
-    prefix = prefix.rstrip("/")
-    return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
 # What the index keeps is made of strings, None, plain tuples and dicts, never NamedTuples or
@@ -424,8 +420,9 @@ class CacheIndex:
     def paths_for_prefix(self, prefix_url: str) -> set[str]:
         """Files of the prefix's host whose path is the prefix path or below it.
 
-        Boundaries hold: ``/docs`` covers ``/docs``, ``/docs?x`` and ``/docs/…``, never
-        ``/docs2``; ``/`` covers the whole host.
+        Boundaries hold (:func:`~drainbus.drain.purges.path_under`): ``/docs`` covers
+        ``/docs``, ``/docs?x`` and ``/docs/…``, never ``/docs2``; ``/docs/`` covers ``/docs/``
+        and below only; ``/`` covers the whole host.
         """
         want = url_parts(prefix_url)
         prefix = want.path or "/"
@@ -435,7 +432,7 @@ class CacheIndex:
                 if (
                     host in (None, want.host)
                     and key_path is not None
-                    and _path_under(key_path, prefix)
+                    and path_under(key_path, prefix)
                 ):
                     found.add(path)
         return found

@@ -41,6 +41,8 @@ __all__ = [
     "check_scope",
     "key_host_for",
     "parse_purge",
+    "path_prefix_regex",
+    "path_under",
     "url_matches_prefix",
 ]
 
@@ -202,6 +204,31 @@ def check_scope(purge: Purge, *, user: str, is_admin: bool, rule: ScopeRule) -> 
         raise PermissionDenied(f"purge of {kind} {_show(item)} refused: {owned}", user=user)
 
 
+def path_under(path: str, prefix: str) -> bool:
+    """Whether ``path`` lies at or under the prefix path ``prefix``: the one boundary rule.
+
+    Every target applies this rule (the nginx index, the refill guard, and the BAN regex
+    of :func:`path_prefix_regex`). ``/docs`` covers ``/docs`` and ``/docs/…`` but not
+    ``/docs2``; ``/docs/`` covers ``/docs/`` and below only; ``/`` (or an empty path) covers
+    every path. Queries are not part of ``path``.
+    """
+    prefix = prefix or "/"
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def path_prefix_regex(prefix: str) -> str:
+    """An anchored regex for request URIs (path and query) under ``prefix``, as :func:`path_under`.
+
+    ``/docs`` gives ``^/docs([/?]|$)``; ``/docs/`` gives ``^/docs/``; ``/`` gives ``^/``.
+    """
+    prefix = prefix or "/"
+    if prefix.endswith("/"):
+        return "^" + re.escape(prefix)
+    return "^" + re.escape(prefix) + "([/?]|$)"
+
+
 def url_matches_prefix(url: str, prefix: str) -> bool:
     """Return whether ``url`` lies at or under ``prefix``, on a path boundary.
 
@@ -213,10 +240,7 @@ def url_matches_prefix(url: str, prefix: str) -> bool:
     url_host, prefix_host = _hostname(url), _hostname(prefix)
     if not url_host or url_host != prefix_host:
         return False
-    path, base = urlsplit(url).path or "/", urlsplit(prefix).path or "/"
-    if base.endswith("/"):
-        return path.startswith(base)
-    return path == base or path.startswith(base + "/")
+    return path_under(urlsplit(url).path or "/", urlsplit(prefix).path or "/")
 
 
 def _parse_json(text: str) -> Purge:

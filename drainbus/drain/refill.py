@@ -44,7 +44,7 @@ import structlog
 
 from drainbus.drain.cache_file import CacheHead, read_cache_head
 from drainbus.drain.key_template import KeyParts, KeyTemplate, Reading, url_parts
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import Purge, path_under
 
 __all__ = ["DEFAULT_REFILL_WINDOW", "RefillGuard", "RefillWindow"]
 
@@ -56,11 +56,6 @@ DEFAULT_REFILL_WINDOW = 10.0
 #: A file as the guard saw it: (inode, mtime in ns), to tell whether nginx replaced it since.
 _Stamp = tuple[int, int]
 _Verdict = Literal["evict", "keep", "recheck"]
-
-
-def _path_under(path: str, prefix: str) -> bool:
-    prefix = prefix.rstrip("/")
-    return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
 @dataclass(eq=False)
@@ -109,7 +104,7 @@ class RefillWindow:
                 ):
                     return True
             for want in self.prefixes:
-                if host in (None, want.host) and _path_under(path, want.path or "/"):
+                if host in (None, want.host) and path_under(path, want.path or "/"):
                     return True
         return False
 
