@@ -31,6 +31,7 @@ from drainbus.identity import (
     valid_user_name,
 )
 from drainbus.log import configure_logging
+from drainbus.sysexits_click import SysexitsGroup
 
 if TYPE_CHECKING:
     from drainbus.bus.connection import RedisClient
@@ -68,7 +69,7 @@ config_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SysexitsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
 @click.option(
     "--log-level",

@@ -307,3 +307,24 @@ def test_rm_unknown_fingerprint_fails_and_keeps_the_file(
     assert result.exit_code == ExitCode.USAGE
     assert f"drainbus: user 'alice' has no key {other.fingerprint}" in result.stderr
     assert lines_of(users_dir / "alice.pub") == [alices.line]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--bogus"],
+        ["keys", "add"],
+        ["dlq", "bogus"],
+        ["pub", "--bogus", "cache-drain"],
+        ["no-such-command"],
+        ["check-config", "--bogus"],
+        ["serve", "--workers", "-1"],
+    ],
+    ids=["serve-option", "keys-add-args", "dlq-subcommand", "pub-option", "command",
+         "check-config-option", "bad-value"],
+)  # fmt: skip
+def test_every_usage_error_exits_64(argv: list[str]) -> None:
+    """One policy for the whole command line: a usage error is EX_USAGE (64), never click's 2."""
+    result = CliRunner().invoke(cli, argv, obj={})
+    assert result.exit_code == 64, result.output
+    assert "Usage:" in result.output

@@ -18,55 +18,17 @@ import click
 import structlog
 
 from drainbus.config import load_settings
-from drainbus.errors import ConfigError, DrainbusError, ExitCode, StartupError, UsageError
+from drainbus.errors import ConfigError, DrainbusError, StartupError, UsageError
 from drainbus.hooks.client import BusClient
 from drainbus.hooks.git import publish_pushed
 from drainbus.hooks.settings import HooksSettings
+from drainbus.sysexits_click import SysexitsCommand, SysexitsGroup
 
 __all__ = ["hook", "pub"]
 
 log = structlog.get_logger("drainbus.hooks")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-class _UsageError(click.UsageError):
-    """click's usage error, shown the same, but exiting 64 (EX_USAGE) instead of 2."""
-
-    exit_code = int(ExitCode.USAGE)
-
-    def __init__(self, cause: click.UsageError) -> None:
-        super().__init__(cause.message, cause.ctx)
-        self.cause = cause
-
-    def format_message(self) -> str:
-        return self.cause.format_message()
-
-
-class _SysexitsCommand(click.Command):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise _UsageError(exc) from exc
-
-
-class _SysexitsGroup(click.Group):
-    command_class = _SysexitsCommand
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise _UsageError(exc) from exc
-
-    def resolve_command(
-        self, ctx: click.Context, args: list[str]
-    ) -> tuple[str | None, click.Command | None, list[str]]:
-        try:
-            return super().resolve_command(ctx, args)
-        except click.UsageError as exc:
-            raise _UsageError(exc) from exc
 
 
 def _connection_options(function: _F) -> _F:
@@ -128,7 +90,7 @@ def _first_leaf(group: BaseExceptionGroup[DrainbusError]) -> DrainbusError:
 # --- pub -------------------------------------------------------------------------------
 
 
-@click.command(cls=_SysexitsCommand)
+@click.command(cls=SysexitsCommand)
 @_connection_options
 @click.option(
     "--wait",
@@ -199,7 +161,7 @@ def pub(
 # --- hook ------------------------------------------------------------------------------
 
 
-@click.group(cls=_SysexitsGroup)
+@click.group(cls=SysexitsGroup)
 def hook() -> None:
     """Publish purges when something changes: a folder of sites, a git push."""
 
