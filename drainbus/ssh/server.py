@@ -29,14 +29,30 @@ __all__ = ["FrontDoor"]
 log = structlog.get_logger(__name__)
 
 # AES-GCM first, and no chacha20-poly1305: asyncssh's chacha20 costs about six times more
-# CPU per packet than AES-GCM (which uses AES-NI through OpenSSL), and every client we serve
-# (OpenSSH, asyncssh) speaks AES-GCM. AES-CTR stays for old clients.
+# CPU per packet than AES-GCM (which uses AES-NI through OpenSSL). AES-CTR stays for clients
+# without AES-GCM: Dropbear 2022.83 offers only chacha20-poly1305 and AES-CTR.
 _CIPHERS = (
     "aes128-gcm@openssh.com",
     "aes256-gcm@openssh.com",
     "aes128-ctr",
     "aes256-ctr",
 )
+
+# Key exchange: asyncssh's default list with curve25519-sha256 moved to the front ("^" is
+# asyncssh's OpenSSH-style "put these first" form, so the list follows asyncssh). Dropbear's
+# dbclient sends its key-exchange packet before negotiation ends, guessing its first choice
+# (RFC 4253 section 7, first_kex_packet_follows). Dropbear counts the guess right only when
+# both sides list the same algorithm first (and the same host key algorithm first: ours is
+# ssh-ed25519, as is Dropbear's), while asyncssh counts it right whenever the client's first
+# choice is one it supports. When the two disagree, asyncssh runs the guessed packet, Dropbear
+# sends the real one, and asyncssh drops the connection: dbclient 2022.83 (first choice
+# curve25519-sha256) against asyncssh's default list (mlkem768x25519-sha256 first) fails so.
+# Leading with curve25519-sha256 makes the guess right for both. Dropbear 2025.87 and later
+# guess sntrup761x25519-sha512, which asyncssh offers only when liboqs is installed: without
+# it both sides count that guess wrong and agree again (tests/test_clients.py is the check).
+# The post-quantum exchanges stay in the list: the negotiated algorithm is the client's first
+# choice that the server offers, so an OpenSSH that prefers mlkem768x25519-sha256 still gets it.
+_KEX_ALGS = "^curve25519-sha256"
 
 
 class _Connection(asyncssh.SSHServer):
@@ -156,6 +172,7 @@ class FrontDoor:
                 # Several worker processes listening on one port; the kernel spreads connections.
                 reuse_port=self._reuse_port,
                 encryption_algs=_CIPHERS,
+                kex_algs=_KEX_ALGS,
             )
         except OSError as exc:
             raise StartupError(f"cannot listen on {server.listen}: {exc.strerror or exc}") from None

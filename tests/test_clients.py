@@ -1,0 +1,327 @@
+"""The SSH clients people use, each driven for real against the bus: the client matrix.
+
+Every client publishes stdin lines, subscribes with ``--count`` and gets drainbus's exit codes.
+A client whose program or library is missing is skipped with the reason printed; .ci/run
+installs them all (scripts/_bootstrap.sh ``need_debian_packages``, the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import shlex
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+from asyncssh.kex import get_kex_algs
+
+from drainbus.identity import load_or_create_host_key
+from tests.conftest import Result, RunningBus, User, run_ssh, wait_subscribed
+
+StartBus = Callable[..., Awaitable[RunningBus]]
+
+
+def _host_key(node: RunningBus) -> asyncssh.SSHKey:
+    return load_or_create_host_key(node.door.settings.server.host_keys_dir)
+
+
+async def _run_program(argv: list[str], stdin: bytes, env: dict[str, str]) -> Result:
+    """Run a client program to completion, without a terminal: a prompt fails, never hangs."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Result(proc.returncode, out, err.decode(errors="replace"))
+
+
+@dataclass
+class Client:
+    """One SSH client: runs a bus command as a user and reports what it ended with.
+
+    ``newline`` is the line ending its users type: CRLF for plink, as on Windows.
+    """
+
+    name: str
+    home: Path
+    newline: bytes = b"\n"
+    _keys: dict[Path, Path] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """A clean environment: its own HOME (known hosts, PuTTY's files), no agent."""
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home)}
+
+    async def run(self, node: RunningBus, user: User, *args: str, stdin: bytes = b"") -> Result:
+        runners = {
+            "openssh": self._run_openssh,
+            "plink": self._run_plink,
+            "dbclient": self._run_dbclient,
+            "paramiko": self._run_paramiko,
+            "asyncssh": self._run_asyncssh,
+        }
+        return await runners[self.name](node, user, list(args), stdin)
+
+    def _converted(self, key: Path, suffix: str, argv: Callable[[str, str], list[str]]) -> Path:
+        """``key`` (OpenSSH format) converted once into this client's own key format."""
+        if key not in self._keys:
+            out = key.with_suffix(suffix)
+            subprocess.run(argv(str(key), str(out)), check=True, capture_output=True)
+            self._keys[key] = out
+        return self._keys[key]
+
+    async def _run_openssh(
+        self, node: RunningBus, user: User, args: list[str], stdin: bytes
+    ) -> Result:
+        return await run_ssh(node.port, user.key_file, *args, stdin=stdin)
+
+    async def _run_plink(
+        self, node: RunningBus, user: User, args: list[str], stdin: bytes
+    ) -> Result:
+        ppk = self._converted(
+            user.key_file, ".ppk", lambda key, out: ["puttygen", key, "-O", "private", "-o", out]
+        )
+        argv = [
+            "plink", "-ssh", "-batch", "-T", "-noagent", "-P", str(node.port), "-i", str(ppk),
+            "-hostkey", _host_key(node).get_fingerprint(), "-l", "anyone", "127.0.0.1",
+            shlex.join(args),
+        ]  # fmt: skip
+        return await _run_program(argv, stdin, self.env)
+
+    async def _run_dbclient(
+        self, node: RunningBus, user: User, args: list[str], stdin: bytes
+    ) -> Result:
+        key = self._converted(
+            user.key_file,
+            ".dropbear",
+            lambda key, out: ["dropbearconvert", "openssh", "dropbear", key, out],
+        )
+        # dbclient checks ~/.ssh/known_hosts by host name alone (no port): pin this node's key.
+        known = self.home / ".ssh" / "known_hosts"
+        known.parent.mkdir(exist_ok=True)
+        known.write_text(f"127.0.0.1 {_host_key(node).export_public_key().decode()}")
+        argv = [
+            "dbclient", "-T", "-i", str(key), "-p", str(node.port), "anyone@127.0.0.1",
+            shlex.join(args),
+        ]  # fmt: skip
+        return await _run_program(argv, stdin, self.env)
+
+    async def _run_paramiko(
+        self, node: RunningBus, user: User, args: list[str], stdin: bytes
+    ) -> Result:
+        import paramiko
+
+        host_key = paramiko.Ed25519Key(data=_host_key(node).public_data)
+
+        def run() -> Result:
+            client = paramiko.SSHClient()
+            client.get_host_keys().add(f"[127.0.0.1]:{node.port}", host_key.get_name(), host_key)
+            try:
+                client.connect(
+                    "127.0.0.1", node.port, username="anyone", key_filename=str(user.key_file),
+                    allow_agent=False, look_for_keys=False, timeout=10,
+                )  # fmt: skip
+                chan_in, chan_out, chan_err = client.exec_command(shlex.join(args), timeout=30)
+                # A refused session can be closed before its stdin is written: the exit
+                # status says why, as with every other client.
+                with contextlib.suppress(OSError):
+                    chan_in.write(stdin)
+                    chan_in.channel.shutdown_write()
+                out, err = chan_out.read(), chan_err.read()
+                return Result(chan_out.channel.recv_exit_status(), out, err.decode())
+            finally:
+                client.close()
+
+        return await asyncio.to_thread(run)
+
+    async def _run_asyncssh(
+        self, node: RunningBus, user: User, args: list[str], stdin: bytes
+    ) -> Result:
+        return await run_asyncssh(node, user, args, stdin)
+
+
+async def run_asyncssh(
+    node: RunningBus, user: User, args: list[str], stdin: bytes, **options: Any
+) -> Result:
+    """Run a bus command with the asyncssh client; ``options`` go to ``asyncssh.connect``."""
+    public = _host_key(node).export_public_key().decode()
+    async with asyncssh.connect(
+        "127.0.0.1", node.port, username="anyone", client_keys=[str(user.key_file)],
+        known_hosts=asyncssh.import_known_hosts(f"[127.0.0.1]:{node.port} {public}"),
+        agent_path=None, config=None, **options,
+    ) as conn:  # fmt: skip
+        process = await conn.create_process(shlex.join(args), encoding=None)
+        # A refused session can be closed before its stdin is written: the exit status says why.
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.write(stdin)
+            process.stdin.write_eof()
+        done = await process.wait(timeout=30)
+    assert isinstance(done.stdout, bytes)
+    assert isinstance(done.stderr, bytes)
+    assert done.exit_status is not None
+    return Result(done.exit_status, done.stdout, done.stderr.decode())
+
+
+# Each client and what it needs installed: (programs or Python modules, where they come from).
+_NEEDS = {
+    "openssh": (["ssh"], "Debian package openssh-client"),
+    "plink": (["plink", "puttygen"], "Debian package putty-tools"),
+    "dbclient": (["dbclient", "dropbearconvert"], "Debian package dropbear-bin"),
+    "paramiko": (["paramiko"], "drainbus's test extra: pip install -e '.[test]'"),
+    "asyncssh": (["asyncssh"], "a dependency of drainbus"),
+}
+_MODULES = {"paramiko", "asyncssh"}
+CLIENTS = list(_NEEDS)
+
+
+@pytest.fixture(params=CLIENTS)
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> Client:
+    """Each client of the matrix in turn; skipped, saying why, if it is not installed."""
+    name: str = request.param
+    programs, source = _NEEDS[name]
+    missing = [
+        p
+        for p in programs
+        if (importlib.util.find_spec(p) if p in _MODULES else shutil.which(p)) is None
+    ]
+    if missing:
+        pytest.skip(f"{name}: {', '.join(missing)} not installed (from {source})")
+    home = tmp_path / f"home-{name}"
+    home.mkdir()
+    return Client(name, home, newline=b"\r\n" if name == "plink" else b"\n")
+
+
+async def test_client_publishes_lines_a_live_subscriber_receives(
+    client: Client, start_bus: StartBus, add_user: Callable[[str], User]
+) -> None:
+    """The client's pub stores each stdin line (exit 0 only then); its sub --count gets them."""
+    alice = add_user("alice")
+    node = await start_bus()
+    listening = asyncio.create_task(client.run(node, alice, "sub", "alice/t", "--count", "2"))
+    try:
+        await wait_subscribed(node.bus, "alice/t")
+        stdin = b"alpha" + client.newline + b"beta" + client.newline
+        published = await client.run(node, alice, "pub", "alice/t", stdin=stdin)
+        assert (published.code, published.stdout, published.stderr) == (0, b"", "")
+        received = await asyncio.wait_for(listening, 30)
+    finally:
+        listening.cancel()  # only if something above failed first: it ends the client
+        await asyncio.wait([listening])
+    assert (received.code, received.stdout, received.stderr) == (0, b"alpha\nbeta\n", "")
+    # Stored, not only passed on: a replay finds both lines.
+    replay = await run_ssh(node.port, alice.key_file, "sub", "alice/t", "--since", "all",
+                           "--count", "2")  # fmt: skip
+    assert replay.stdout == b"alpha\nbeta\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "code", "fragment"),
+    [
+        pytest.param(["pub", "bob/deploys"], b"x\n", 77, "user 'alice' may not", id="refused-77"),
+        pytest.param(["frobnicate"], b"", 64, "unknown command 'frobnicate'", id="bad-command-64"),
+        pytest.param(["pub", "cache-drain"], b"alice-blog\nfrob:x\n", 65, "line 2: ",
+                     id="malformed-purge-65"),
+    ],
+)  # fmt: skip
+async def test_client_gets_the_exit_code_and_the_reason(
+    client: Client,
+    start_bus: StartBus,
+    add_user: Callable[[str], User],
+    args: list[str],
+    stdin: bytes,
+    code: int,
+    fragment: str,
+) -> None:
+    """A refused topic, a bad command and a malformed purge reach the client as 77, 64, 65."""
+    add_user("bob")
+    alice = add_user("alice")
+    node = await start_bus()
+    result = await client.run(node, alice, *args, stdin=stdin.replace(b"\n", client.newline))
+    assert (result.code, result.stdout) == (code, b""), result.stderr
+    assert fragment in result.stderr
+
+
+def _read_kexinit(port: int) -> list[list[str]]:
+    """The name-lists of the server's KEXINIT, which travels in clear before any key."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"SSH-2.0-drainbus-test\r\n")
+        stream = sock.makefile("rb")
+        banner = stream.readline()
+        while banner and not banner.startswith(b"SSH-"):  # lines before the banner are allowed
+            banner = stream.readline()
+        assert banner, "the server closed before its SSH banner"
+        length, padding = struct.unpack(">IB", stream.read(5))
+        payload = stream.read(length - 1)[: length - 1 - padding]
+    assert payload[0] == 20  # SSH_MSG_KEXINIT
+    lists, offset = [], 17  # message type and cookie
+    for _ in range(10):
+        (size,) = struct.unpack(">I", payload[offset : offset + 4])
+        lists.append(payload[offset + 4 : offset + 4 + size].decode().split(","))
+        offset += 4 + size
+    return lists
+
+
+def _need_mlkem() -> None:
+    if b"mlkem768x25519-sha256" not in get_kex_algs():
+        pytest.skip("asyncssh here has no ML-KEM (it needs cryptography with ML-KEM, or liboqs)")
+
+
+async def test_server_leads_with_dropbears_guess_and_keeps_post_quantum(
+    start_bus: StartBus,
+) -> None:
+    """curve25519-sha256 and ssh-ed25519 lead (Dropbear's guess); mlkem768x25519 is offered."""
+    _need_mlkem()
+    node = await start_bus()
+    kex, host_key_algs, *_ = await asyncio.to_thread(_read_kexinit, node.port)
+    assert (kex[0], host_key_algs[0]) == ("curve25519-sha256", "ssh-ed25519")
+    assert "mlkem768x25519-sha256" in kex
+
+
+async def test_post_quantum_only_client_is_served(
+    start_bus: StartBus, add_user: Callable[[str], User]
+) -> None:
+    """A client that accepts only mlkem768x25519-sha256 (OpenSSH 10's first choice) connects."""
+    _need_mlkem()
+    alice = add_user("alice")
+    node = await start_bus()
+    result = await run_asyncssh(node, alice, ["whoami"], b"", kex_algs=["mlkem768x25519-sha256"])
+    assert result.code == 0
+    assert b"user: alice" in result.stdout
+
+
+@pytest.mark.parametrize("client", ["openssh", "plink", "dbclient"], indirect=True)
+async def test_unknown_key_fails_and_stores_nothing(
+    client: Client,
+    start_bus: StartBus,
+    add_user: Callable[[str], User],
+    make_key: Callable[[str], Path],
+) -> None:
+    """A key in no user's file: the program exits non-zero and nothing is published."""
+    alice = add_user("alice")
+    node = await start_bus()
+    stranger = User("alice", make_key("stranger"))
+    result = await client.run(node, stranger, "pub", "alice/t", stdin=b"x" + client.newline)
+    assert result.code != 0
+    topics = await run_ssh(node.port, alice.key_file, "ls")
+    assert topics.code == 0
+    assert b"alice/t" not in topics.stdout
