@@ -14,7 +14,8 @@ What each template expresses
     Host and prefix purges: one ``ban_method`` (BAN) request per host or prefix.
     Placeholders: ``{host}``, ``{path}`` (the prefix path; ``/`` for a host) and
     ``{path_regex}``, an anchored regex that keeps path boundaries (``/docs`` gives
-    ``^/docs([/?]|$)``, matching ``/docs``, ``/docs/a`` and ``/docs?x`` but not ``/docs2``).
+    ``^/docs([/?]|$)``, matching ``/docs``, ``/docs/a`` and ``/docs?x`` but not ``/docs2``;
+    ``/docs/`` gives ``^/docs/``, which does not match ``/docs``).
 ``everything_url``
     The everything purge: one ``ban_method`` request; no placeholders.
 
@@ -95,10 +96,10 @@ def _render(template: str, values: Mapping[str, str]) -> str:
 
 
 def _path_regex(path: str) -> str:
-    trimmed = path.rstrip("/")
-    if not trimmed:
-        return "^/"
-    return "^" + re.escape(trimmed) + "([/?]|$)"
+    # The boundaries of purges.url_matches_prefix: "/docs/" covers "/docs/..." only.
+    if path.endswith("/"):
+        return "^" + re.escape(path)
+    return "^" + re.escape(path) + "([/?]|$)"
 
 
 class HttpPurgeConfig(BaseModel):
