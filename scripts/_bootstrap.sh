@@ -25,22 +25,31 @@ bootstrap() {
     fi
 }
 
-# Debian packages the tests drive for real: the OpenSSH client, nginx, and systemd's offline
-# tools (systemd-analyze, -sysusers, -tmpfiles) that check the units in systemd/.
+# Debian packages the tests drive for real: the OpenSSH client, nginx, Varnish with the xkey
+# vmod (varnish-modules) for the shipped examples/varnish VCL, and systemd's offline tools
+# (systemd-analyze, -sysusers, -tmpfiles) that check the units in systemd/.
 need_debian_packages() {
     local missing=()
     command -v ssh >/dev/null || missing+=(openssh-client)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+    command -v varnishd >/dev/null || [ -x /usr/sbin/varnishd ] || missing+=(varnish)
+    compgen -G "/usr/lib/*/varnish/vmods/libvmod_xkey.so" >/dev/null \
+        || compgen -G "/usr/lib/varnish/vmods/libvmod_xkey.so" >/dev/null \
+        || missing+=(varnish-modules)
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "==> apt-get install ${missing[*]}" >&2
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-        # The package starts a system nginx on port 80; the tests run their own.
-        if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
-            systemctl stop nginx || true
-        fi
+        # The packages start a system nginx on port 80 and varnish on 6081; the tests run
+        # their own.
+        local service
+        for service in nginx varnish; do
+            if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+                systemctl stop "$service" || true
+            fi
+        done
     else
         echo "missing: ${missing[*]} — install with: sudo apt-get install ${missing[*]}" >&2
         exit 1
