@@ -25,15 +25,20 @@ bootstrap() {
     fi
 }
 
-# Debian packages the tests drive for real: the OpenSSH client, nginx, and systemd's offline
-# tools (systemd-analyze, -sysusers, -tmpfiles) that check the units in systemd/. Then, best
-# effort, the other SSH clients of the client matrix (tests/test_clients.py): PuTTY's plink and
+# Debian packages the tests drive for real: the OpenSSH client, nginx, Varnish with the xkey
+# vmod (varnish-modules) for the shipped examples/varnish VCL, and systemd's offline tools
+# (systemd-analyze, -sysusers, -tmpfiles) that check the units in systemd/. Then, best effort,
+# the other SSH clients of the client matrix (tests/test_clients.py): PuTTY's plink and
 # puttygen, Dropbear's dbclient and dropbearconvert; the matrix skips, saying why, any of them
 # that could not be installed.
 need_debian_packages() {
     local missing=() clients=()
     command -v ssh >/dev/null || missing+=(openssh-client)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+    command -v varnishd >/dev/null || [ -x /usr/sbin/varnishd ] || missing+=(varnish)
+    compgen -G "/usr/lib/*/varnish/vmods/libvmod_xkey.so" >/dev/null \
+        || compgen -G "/usr/lib/varnish/vmods/libvmod_xkey.so" >/dev/null \
+        || missing+=(varnish-modules)
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     { command -v plink && command -v puttygen; } >/dev/null || clients+=(putty-tools)
     { command -v dbclient && command -v dropbearconvert; } >/dev/null || clients+=(dropbear-bin)
@@ -49,10 +54,14 @@ need_debian_packages() {
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${clients[@]}" >/dev/null \
                 || echo "could not install ${clients[*]}: the client matrix skips those clients" >&2
         fi
-        # The package starts a system nginx on port 80; the tests run their own.
-        if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
-            systemctl stop nginx || true
-        fi
+        # The packages start a system nginx on port 80 and varnish on 6081; the tests run
+        # their own.
+        local service
+        for service in nginx varnish; do
+            if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+                systemctl stop "$service" || true
+            fi
+        done
     elif [ ${#missing[@]} -gt 0 ]; then
         echo "missing: ${missing[*]} — install with: sudo apt-get install ${missing[*]}" >&2
         exit 1

@@ -15,7 +15,8 @@ What each template expresses
     Placeholders: ``{host}``, ``{path}`` (the prefix path; ``/`` for a host) and
     ``{path_regex}``, an anchored regex that keeps path boundaries (``/docs`` gives
     ``^/docs([/?]|$)``, matching ``/docs``, ``/docs/a`` and ``/docs?x`` but not ``/docs2``;
-    ``/docs/`` gives ``^/docs/``; see :func:`drainbus.drain.purges.path_under`).
+    ``/docs/`` gives ``^/docs/``, which does not match ``/docs``; see
+    :func:`drainbus.drain.purges.path_under`).
 ``everything_url``
     The everything purge: one ``ban_method`` request; no placeholders.
 
