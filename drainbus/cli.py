@@ -151,13 +151,21 @@ def serve(
         structlog.contextvars.bind_contextvars(worker=worker)
         link = WorkerLink(worker, ready_fd)
         _run(lambda: _serve(settings, link))
-    elif settings.server.worker_count == 1:
+    elif _worker_count(settings) == 1:
         _run(lambda: _serve(settings))
     else:
         from drainbus.supervisor import supervise
 
         command = _worker_command(ctx)
         _run(lambda: supervise(settings, command, notify=_notify_systemd))
+
+
+def _worker_count(settings: Settings) -> int:
+    try:
+        return settings.server.worker_count
+    except ConfigError as exc:  # several workers asked for off Linux
+        _fail(exc)
+        raise  # unreachable: _fail exits
 
 
 def _worker_command(ctx: click.Context) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -128,7 +129,18 @@ class ServerSettings(_Section):
 
     @property
     def worker_count(self) -> int:
-        """How many worker processes to run: ``workers``, or the usable CPUs when it is 0."""
+        """How many worker processes to run: ``workers``, or the usable CPUs when it is 0.
+
+        Several workers need Linux (SO_REUSEPORT spreading, pidfd, PR_SET_PDEATHSIG): on
+        another OS the default is one process, and asking for more is a ConfigError.
+        """
+        if sys.platform != "linux":
+            if self.workers > 1:
+                raise ConfigError(
+                    f"server.workers = {self.workers} needs Linux; on {sys.platform} drainbus "
+                    "serves from one process: set workers = 1 (or leave it unset)"
+                )
+            return 1
         return self.workers or len(os.sched_getaffinity(0))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -464,3 +465,22 @@ def test_refill_window_defaults_to_10s_and_reads_durations(
     assert load_settings(path).drain.refill_window == 60.0
     monkeypatch.setenv("DRAINBUS_DRAIN__REFILL_WINDOW", "0")
     assert load_settings(path).drain.refill_window == 0.0
+
+
+@pytest.mark.parametrize(("workers", "expected"), [(0, 1), (1, 1)])
+def test_off_linux_serve_runs_one_process(
+    monkeypatch: pytest.MonkeyPatch, workers: int, expected: int
+) -> None:
+    """Workers need Linux (SO_REUSEPORT, pidfd, PDEATHSIG): elsewhere the default is one."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert load_settings(None, {"server": {"workers": workers}}).server.worker_count == expected
+
+
+def test_off_linux_several_workers_is_one_clear_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Asking for workers off Linux says so in one line (exit 78), not with a traceback."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    settings = load_settings(None, {"server": {"workers": 4}})
+    with pytest.raises(ConfigError, match=r"server.workers = 4 needs Linux; on darwin"):
+        _ = settings.server.worker_count
