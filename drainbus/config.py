@@ -12,7 +12,6 @@ Relative paths are taken from the working directory drainbus starts in.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import sys
 import tomllib
@@ -20,11 +19,10 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -42,6 +40,7 @@ from drainbus.drain.purges import ScopeRule
 from drainbus.drain.refill import DEFAULT_REFILL_WINDOW
 from drainbus.errors import ConfigError
 from drainbus.hooks.settings import HooksSettings
+from drainbus.values import Duration, parse_duration, parse_listen
 
 __all__ = [
     "AclRule",
@@ -53,39 +52,6 @@ __all__ = [
     "parse_duration",
     "parse_listen",
 ]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(value: object) -> float:
-    """Return seconds for ``30``, ``1.5``, ``"250ms"``, ``"30s"``, ``"10m"``, ``"2h"``, ``"7d"``.
-
-    Raises ValueError naming the accepted forms.
-    """
-    if isinstance(value, bool):
-        # ValueError, not TypeError: pydantic reports only ValueError as a validation error.
-        raise ValueError("expected a duration such as 30s, 10m, 2h or 7d")  # noqa: TRY004
-    if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a duration: use a number with ms, s, m, h or d")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[::1]:2222`` for IPv6) into host and port.
-
-    Raises ValueError when the port is missing or outside 0-65535.
-    """
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT (for example 0.0.0.0:2222 or [::1]:2222)")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - listening on all is the default
 
 
 class _Section(BaseModel):

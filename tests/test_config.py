@@ -484,3 +484,22 @@ def test_off_linux_several_workers_is_one_clear_config_error(
     settings = load_settings(None, {"server": {"workers": 4}})
     with pytest.raises(ConfigError, match=r"server.workers = 4 needs Linux; on darwin"):
         _ = settings.server.worker_count
+
+
+def test_every_duration_setting_takes_the_same_forms() -> None:
+    """Drain targets' durations read "500ms" and "2s" like the server's (once exit 78)."""
+    settings = load_settings(
+        None,
+        {
+            "server": {"login_timeout": "2s"},
+            "drain": {
+                "cloudflare": {"zone_id": "a" * 32, "api_token": "t", "batch_window": "500ms",
+                               "timeout": "2s"},
+                "http_purge": [{"url": "http://127.0.0.1:6081{path}", "timeout": "1.5s"}],
+            },
+        },
+    )  # fmt: skip
+    zone = settings.drain.cloudflare[0]
+    assert (zone.batch_window, zone.timeout) == (0.5, 2.0)
+    assert settings.drain.http_purge[0].timeout == 1.5
+    assert settings.server.login_timeout == 2.0

@@ -92,6 +92,7 @@ from drainbus.drain.retry import (
     transport_verdict,
 )
 from drainbus.errors import ConfigError
+from drainbus.values import Duration, PositiveDuration
 
 __all__ = [
     "MAX_TAG_LENGTH",
@@ -183,8 +184,8 @@ class CloudflareZoneConfig(BaseModel):
     plan: Plan = "free"
     api_base: str = "https://api.cloudflare.com/client/v4"
     mode: Literal["purge", "invalidate"] = "purge"
-    batch_window: float = Field(default=0.0, ge=0)
-    timeout: float = Field(default=10.0, gt=0)
+    batch_window: Duration = 0.0
+    timeout: PositiveDuration = 10.0
     account: str | None = None
 
     @field_validator("zone_id")

@@ -73,6 +73,7 @@ from drainbus.drain.retry import (
     status_verdict,
     transport_verdict,
 )
+from drainbus.values import PositiveDuration
 
 __all__ = ["HttpPurgeConfig", "HttpPurgeStats", "HttpPurger", "Outcome"]
 
@@ -119,7 +120,7 @@ class HttpPurgeConfig(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     soft_headers: dict[str, str] | None = None
     expect_status: list[int] = Field(default_factory=lambda: [200, 204])
-    timeout: float = Field(default=5.0, gt=0)
+    timeout: PositiveDuration = 5.0
     tags_url: str | None = None
     tags_per_request: int = Field(default=100, ge=1)
     ban_url: str | None = None

@@ -22,24 +22,15 @@ from __future__ import annotations
 import getpass
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drainbus.errors import ConfigError, UsageError
 from drainbus.hooks.keys import KeyTemplate
+from drainbus.values import Duration
 
 __all__ = ["HooksSettings", "default_spool_path"]
-
-
-def _duration(value: object) -> float:
-    # Imported here: drainbus.config imports this module.
-    from drainbus.config import parse_duration  # noqa: PLC0415
-
-    return parse_duration(value)
-
-
-_Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
 
 
 def _login_name() -> str:
@@ -91,12 +82,12 @@ class HooksSettings(BaseModel):
     user: str = Field(default_factory=_login_name, min_length=1)
     key: Path | None = None
     known_hosts: Path | None = Path("~/.ssh/known_hosts")
-    connect_timeout: _Duration = 10.0
+    connect_timeout: Duration = 10.0
     topic: str = "cache-drain"
     key_from: str = "{0}-{1}"
-    debounce: _Duration = 2.0
-    max_wait: _Duration = 60.0
-    wait: _Duration | None = None
+    debounce: Duration = 2.0
+    max_wait: Duration = 60.0
+    wait: Duration | None = None
     spool: Path | None = None
     branches: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 

@@ -380,9 +380,12 @@ def parse_since(value: str, *, now_ms: int | None = None) -> Since:
         if found[2] is None:
             return entry_id, None
         return _id_before(entry_id), (entry_id, int(found[2]) + 1)
-    if re.match(r"^\d+(\.\d+)?(ms|s|m|h|d)$", value):
-        start_ms = now_ms - int(parse_duration(value) * 1000)
-        return _just_before(start_ms), None
+    try:  # a bare number was taken as a stream id above: this is a duration with a unit
+        seconds = parse_duration(value)
+    except ValueError:
+        pass
+    else:
+        return _just_before(now_ms - int(seconds * 1000)), None
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
