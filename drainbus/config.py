@@ -50,6 +50,7 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "parse_listen",
+    "parse_max_startups",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -86,6 +87,24 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - listening on all is the default
 
 
+def parse_max_startups(value: str) -> tuple[int, int, int]:
+    """Split ``START:RATE:FULL`` (or a bare ``FULL``) into integers.
+
+    Raises ValueError unless 1 <= START <= FULL and 0 <= RATE <= 100.
+    """
+    parts = value.split(":")
+    if len(parts) == 1:
+        parts = [parts[0], "100", parts[0]]
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{value!r} is not START:RATE:FULL (for example 10:30:100)")
+    start, rate, full = (int(p) for p in parts)
+    if not 1 <= start <= full or rate > 100:
+        raise ValueError(
+            f"{value!r} is not START:RATE:FULL with 1 <= START <= FULL and RATE at most 100"
+        )
+    return start, rate, full
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -94,7 +113,12 @@ class ServerSettings(_Section):
     """The SSH front door: where it listens, who may log in, and its limits.
 
     With ``workers`` above 1 every worker process enforces the limits on its own, so
-    ``max_connections`` and ``max_sessions_per_user`` apply per worker.
+    ``max_connections``, ``max_connections_per_user``, ``max_sessions_per_user`` and the
+    pre-authentication budget (``max_startups``, ``max_startups_per_source``) apply per worker.
+
+    ``max_connections`` and ``max_connections_per_user`` count logged-in connections only;
+    connections still authenticating have their own budget, so a flood of handshakes can never
+    take the slots of users who have logged in.
     """
 
     listen: str = "0.0.0.0:2222"
@@ -105,7 +129,16 @@ class ServerSettings(_Section):
     users_dir: Path = Path("keys/users")
     admins: tuple[str, ...] = ()
     max_connections: int = Field(1000, ge=1)
+    max_connections_per_user: int = Field(32, ge=1)
     max_sessions_per_user: int = Field(64, ge=1)
+    # A logged-in connection with no session for this long is closed (0: never).
+    idle_timeout: Duration = 60.0
+    # Unauthenticated connections, like OpenSSH's MaxStartups "START:RATE:FULL": from START
+    # on, refuse a new one with probability RATE%, rising linearly to 100% at FULL.
+    max_startups: str = "10:30:100"
+    max_startups_per_source: int = Field(10, ge=1)
+    # Failed logins are logged once per source address and this interval, with their count.
+    auth_failure_log_interval: Duration = 10.0
     login_timeout: Duration = 5.0
     keepalive_interval: Duration = 15.0
     keepalive_count_max: int = Field(3, ge=1)
@@ -119,6 +152,17 @@ class ServerSettings(_Section):
     def _check_listen(cls, value: str) -> str:
         parse_listen(value)
         return value
+
+    @field_validator("max_startups")
+    @classmethod
+    def _check_max_startups(cls, value: str) -> str:
+        parse_max_startups(value)
+        return value
+
+    @property
+    def startups(self) -> tuple[int, int, int]:
+        """``max_startups`` as (start, rate in percent, full)."""
+        return parse_max_startups(self.max_startups)
 
     @property
     def listen_address(self) -> tuple[str, int]:

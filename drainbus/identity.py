@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,16 @@ class UserKeys:
         self._by_key: dict[bytes, tuple[str, str]] = {}
         self._by_user: dict[str, list[asyncssh.SSHKey]] = {}
         self._signature: tuple[tuple[str, int, int], ...] | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every reload (to drop connections whose key is gone)."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback``; a no-op if it was not added."""
+        if callback in self._listeners:
+            self._listeners.remove(callback)
 
     @property
     def users(self) -> dict[str, list[asyncssh.SSHKey]]:
@@ -195,3 +206,5 @@ class UserKeys:
                 )
         self._by_user, self._by_key = by_user, by_key
         log.info("users_loaded", users=len(by_user), keys=len(by_key))
+        for callback in tuple(self._listeners):
+            callback()
