@@ -453,3 +453,22 @@ def test_redis_password_stays_out_of_repr() -> None:
 
     assert settings.redis_url == "redis://:hunter2@cache:6379/0"
     assert "hunter2" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param("10:30:100", (10, 30, 100), id="openssh-default"),
+        pytest.param("5", (5, 100, 5), id="bare-full"),
+    ],
+)
+def test_max_startups_is_start_rate_full(value: str, expected: tuple[int, int, int]) -> None:
+    """server.max_startups reads like OpenSSH's MaxStartups."""
+    assert load_settings(None, {"server": {"max_startups": value}}).server.startups == expected
+
+
+@pytest.mark.parametrize("value", ["10:30", "30:30:10", "1:101:5", "0:30:100", "a:b:c"])
+def test_bad_max_startups_names_the_form(value: str) -> None:
+    """A max_startups that is not START:RATE:FULL stops start-up with the expected form."""
+    with pytest.raises(ConfigError, match="START:RATE:FULL"):
+        load_settings(None, {"server": {"max_startups": value}})

@@ -85,3 +85,101 @@ async def test_idle_connection_is_closed(
     result = await run_ssh(node.port, alice.key_file, "pub", "alice/x", stdin=b"still here\n")
     assert result.code == 0, result.stderr
     assert await sub.line() == b"still here"
+
+
+class Banner:
+    """A raw TCP client that sends only the SSH version line, as a handshake flood does."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, source: str = "127.0.0.2") -> Banner:
+        """Connect from ``source`` (any 127.x address is this host) and await the server's
+        version line, so the server has counted this connection before the next one."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), 10
+        )
+        writer.write(b"SSH-2.0-flood\r\n")
+        line = await asyncio.wait_for(reader.readline(), 10)
+        assert line.startswith(b"SSH-2.0-"), line
+        return cls(reader, writer)
+
+    async def closed_by_server(self, timeout: float = 10) -> bytes:
+        """Everything the server sent until it closed the connection."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def banners() -> AsyncIterator[Callable[..., Awaitable[Banner]]]:
+    """Open :class:`Banner` connections; close them all after the test."""
+    opened: list[Banner] = []
+
+    async def open_one(port: int, source: str = "127.0.0.2") -> Banner:
+        banner = await Banner.open(port, source)
+        opened.append(banner)
+        return banner
+
+    yield open_one
+    for banner in opened:
+        banner.close()
+
+
+async def test_handshake_flood_from_one_source_leaves_logins_in(
+    start_bus: StartBus, add_user: Callable[[str], User], banners: Callable[..., Awaitable[Banner]]
+) -> None:
+    """Banner-only connections from one address stop at max_startups_per_source, and the
+    ones held never count against the logged-in connections: a real login still gets in."""
+    alice = add_user("alice")
+    node = await start_bus(
+        server={
+            "max_startups_per_source": 3,
+            "max_startups": "20:30:50",
+            "max_connections": 1,
+            "login_timeout": 30,
+        }
+    )
+    flood = [await banners(node.port) for _ in range(8)]
+    for dropped in flood[3:]:
+        assert b"too many connections still logging in" in await dropped.closed_by_server()
+    result = await run_ssh(node.port, alice.key_file, "whoami")
+    assert result.code == 0, result.stderr
+    assert "user: alice" in result.stdout.decode()
+    assert node.door.startups == 3  # the first three are still held open
+
+
+async def test_handshake_budget_is_shared_out_like_max_startups(
+    start_bus: StartBus, add_user: Callable[[str], User], banners: Callable[..., Awaitable[Banner]]
+) -> None:
+    """Past START of max_startups (here: drop 100% at 3) new connections are refused, from
+    any address, with a message; a slot freed lets the next login in."""
+    alice = add_user("alice")
+    node = await start_bus(server={"max_startups": "3:100:6", "login_timeout": 30})
+    flood = [await banners(node.port, f"127.0.0.{n}") for n in range(2, 10)]
+    for dropped in flood[3:]:
+        assert b"too many connections still logging in" in await dropped.closed_by_server()
+    refused = await run_ssh(node.port, alice.key_file, "whoami")
+    assert refused.code == 255
+    assert "too many connections still logging in" in refused.stderr
+    flood[0].close()
+    await until(lambda: node.door.startups == 2)
+    result = await run_ssh(node.port, alice.key_file, "whoami")
+    assert result.code == 0, result.stderr
+
+
+async def test_slow_login_is_dropped_at_login_timeout(
+    start_bus: StartBus, add_user: Callable[[str], User], banners: Callable[..., Awaitable[Banner]]
+) -> None:
+    """A connection that does not finish logging in is closed after login_timeout."""
+    add_user("alice")
+    node = await start_bus(server={"login_timeout": 1})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    slow = await banners(node.port)
+    await slow.closed_by_server(timeout=15)
+    assert 0.9 <= loop.time() - started < 15
+    await until(lambda: node.door.startups == 0)
