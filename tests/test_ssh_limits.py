@@ -183,3 +183,37 @@ async def test_slow_login_is_dropped_at_login_timeout(
     await slow.closed_by_server(timeout=15)
     assert 0.9 <= loop.time() - started < 15
     await until(lambda: node.door.startups == 0)
+
+
+async def test_removed_key_closes_its_open_connections(
+    start_bus: StartBus, add_user: Callable[[str], User], hold: Held, users_dir: Path,
+    short_tmp: Path,
+) -> None:  # fmt: skip
+    """Removing a user's key file closes their ControlMaster: no new sessions ride on it."""
+    carol = add_user("carol")
+    node = await start_bus()
+    control = ["-o", f"ControlPath={short_tmp}/cm-{node.port}"]
+    master = await hold(node.port, carol.key_file, "-o", "ControlMaster=yes", *control)
+    await until(lambda: logged_in(node, "carol") == 1)
+
+    async def whoami_through_master() -> tuple[int, str]:
+        argv = ssh_argv(node.port, carol.key_file, "whoami")
+        at = argv.index("-T")
+        argv[at:at] = control
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    assert await whoami_through_master() == (0, await _whoami_text(node, carol))
+    (users_dir / "carol.pub").unlink()
+    await asyncio.wait_for(master.wait(), 15)
+    assert logged_in(node, "carol") == 0
+    code, _ = await whoami_through_master()
+    assert code == 255
+
+
+async def _whoami_text(node: RunningBus, user: User) -> str:
+    return (await run_ssh(node.port, user.key_file, "whoami")).stdout.decode()
