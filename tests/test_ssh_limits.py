@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.conftest import RunningBus, Subscriber, User, run_ssh, ssh_argv, wait_subscribed
 
@@ -217,3 +218,27 @@ async def test_removed_key_closes_its_open_connections(
 
 async def _whoami_text(node: RunningBus, user: User) -> str:
     return (await run_ssh(node.port, user.key_file, "whoami")).stdout.decode()
+
+
+async def test_failed_login_flood_is_logged_per_source_and_interval(
+    start_bus: StartBus, add_user: Callable[[str], User], make_key: Callable[[str], Path]
+) -> None:
+    """Twelve refused logins from one address are a couple of log lines whose counts add up
+    to twelve, not twelve lines."""
+    add_user("alice")
+    stranger = make_key("stranger")
+    with structlog.testing.capture_logs() as events:
+        node = await start_bus(server={"auth_failure_log_interval": 3})
+        for _ in range(3):
+            results = await asyncio.gather(
+                *(run_ssh(node.port, stranger, "whoami") for _ in range(4))
+            )
+            assert all(r.code == 255 for r in results)
+
+        def failures() -> list[dict[str, object]]:
+            return [e for e in events if e["event"] == "auth_failed"]
+
+        await until(lambda: sum(int(str(e["count"])) for e in failures()) >= 12)
+    assert sum(int(str(e["count"])) for e in failures()) == 12
+    assert {e["source"] for e in failures()} == {"127.0.0.1"}
+    assert len(failures()) <= 4
