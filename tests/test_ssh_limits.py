@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -242,3 +244,28 @@ async def test_failed_login_flood_is_logged_per_source_and_interval(
     assert sum(int(str(e["count"])) for e in failures()) == 12
     assert {e["source"] for e in failures()} == {"127.0.0.1"}
     assert len(failures()) <= 4
+
+
+async def test_embedded_data_dir_is_private_whatever_the_umask(
+    start_bus: StartBus, add_user: Callable[[str], User], short_tmp: Path, namespace: str
+) -> None:
+    """With umask 000 the data dir is still 0700 and every file in it 0600 (sockets and
+    folders owner-only), also after messages are written to the append-only file."""
+    alice = add_user("alice")
+    data_dir = short_tmp / f"d-{namespace}"
+    data_dir.mkdir(mode=0o755)
+    (data_dir / "left-from-before.aof").write_text("")
+    old = os.umask(0)
+    try:
+        node = await start_bus(redis_url=None, data_dir=str(data_dir))
+        result = await run_ssh(node.port, alice.key_file, "pub", "alice/x", stdin=b"secret\n")
+        assert result.code == 0, result.stderr
+    finally:
+        os.umask(old)
+    assert any(p.suffix == ".aof" for p in data_dir.rglob("*") if p.is_file())
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    for path in data_dir.rglob("*"):
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {mode:o}"
+        if path.is_file():
+            assert mode == 0o600, f"{path} is {mode:o}"
