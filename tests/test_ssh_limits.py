@@ -269,3 +269,41 @@ async def test_embedded_data_dir_is_private_whatever_the_umask(
         assert mode & 0o077 == 0, f"{path} is {mode:o}"
         if path.is_file():
             assert mode == 0o600, f"{path} is {mode:o}"
+
+
+async def test_user_file_differing_only_in_case_cannot_log_in(
+    start_bus: StartBus, add_user: Callable[[str], User], make_key: Callable[[str], Path],
+    users_dir: Path,
+) -> None:  # fmt: skip
+    """An ACME.pub written next to acme.pub is refused at reload: ACME cannot log in as a
+    second user (and so cannot purge acme's host); acme keeps working."""
+    acme = add_user("acme")
+    node = await start_bus(drain={"key_host": "{key}.pages.example"})
+    impostor = make_key("impostor")
+    with structlog.testing.capture_logs() as events:
+        (users_dir / "ACME.pub").write_text(impostor.with_suffix(".pub").read_text())
+        await until(lambda: any(e["event"] == "user_name_clash" for e in events))
+    refused = await run_ssh(
+        node.port, impostor, "pub", "cache-drain", stdin=b"host:acme.pages.example\n"
+    )
+    assert refused.code == 255
+    assert "Permission denied (publickey)" in refused.stderr
+    assert "user: acme" in (await run_ssh(node.port, acme.key_file, "whoami")).stdout.decode()
+
+
+async def test_ownership_compares_names_regardless_of_case(
+    start_bus: StartBus, add_user: Callable[[str], User]
+) -> None:
+    """User Acme owns topic acme/x, key and tag acme-blog and host acme-blog.pages.example
+    alike: names compare the same way in every scope check. Others still own none of it."""
+    acme = add_user("Acme")
+    bob = add_user("bob")
+    node = await start_bus(drain={"key_host": "{key}.pages.example"})
+    lines = b"acme-blog\ntag:ACME-blog\nhost:acme-blog.pages.example\n"
+    owned = await run_ssh(node.port, acme.key_file, "pub", "cache-drain", stdin=lines)
+    assert owned.code == 0, owned.stderr
+    topic = await run_ssh(node.port, acme.key_file, "pub", "acme/x", stdin=b"hello\n")
+    assert topic.code == 0, topic.stderr
+    foreign = await run_ssh(node.port, bob.key_file, "pub", "cache-drain", stdin=lines)
+    assert foreign.code == 77
+    assert (await run_ssh(node.port, bob.key_file, "pub", "ACME/x", stdin=b"x\n")).code == 77
