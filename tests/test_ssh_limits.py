@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from drainbus.ssh.commands import parse_since
 from tests.conftest import RunningBus, Subscriber, User, run_ssh, ssh_argv, wait_subscribed
 
 StartBus = Callable[..., Awaitable[RunningBus]]
@@ -307,3 +308,31 @@ async def test_ownership_compares_names_regardless_of_case(
     foreign = await run_ssh(node.port, bob.key_file, "pub", "cache-drain", stdin=lines)
     assert foreign.code == 77
     assert (await run_ssh(node.port, bob.key_file, "pub", "ACME/x", stdin=b"x\n")).code == 77
+
+
+@pytest.mark.parametrize(
+    "since",
+    [
+        pytest.param("99999999999999999999999-0", id="issue"),
+        pytest.param("18446744073709551616-0", id="ms-2**64"),
+        pytest.param("0-18446744073709551616", id="seq-2**64"),
+        pytest.param("18446744073709551616", id="bare-ms"),
+    ],
+)
+async def test_since_id_beyond_64_bits_is_a_usage_error(
+    start_bus: StartBus, add_user: Callable[[str], User], since: str
+) -> None:
+    """An id part past 64 bits exits 64 at once with one line, instead of hanging."""
+    alice = add_user("alice")
+    node = await start_bus()
+    result = await run_ssh(node.port, alice.key_file, "sub", "alice/x", "--since", since)
+    assert result.code == 64
+    assert f"--since '{since}' is not a stream id" in result.stderr
+    assert "(64 bits)" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_since_accepts_the_largest_64_bit_id() -> None:
+    """18446744073709551615-18446744073709551615 is still a valid id."""
+    top = 2**64 - 1
+    assert parse_since(f"{top}-{top}") == ((top, top), None)
