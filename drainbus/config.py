@@ -11,6 +11,7 @@ Relative paths are taken from the working directory drainbus starts in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -20,12 +21,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -334,7 +337,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
-    """One readable line for one pydantic error: the key, then what is expected."""
+    """One readable line for one pydantic error: the key, then what is expected.
+
+    The value of a secret field (a ``SecretStr``, or a field with ``repr=False`` such as
+    ``redis_url``) is never shown, nor is a value holding a table (it may hold one).
+    """
     location = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, error["loc"][:-1])
@@ -342,11 +349,52 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
         return f"{location}: unknown setting{hint}"
     message = str(error["msg"]).removeprefix("Value error, ")
     value = error.get("input")
+    if _is_secret(model, error["loc"]):
+        return f"{location}: {_without_secret(message, value)} (value not shown: it is secret)"
     shown = repr(value)
     # A whole section as input (a check across its keys) would bury the line: leave it out.
-    if shown in message or isinstance(value, dict):
+    if shown in message or _holds_table(value):
         return f"{location}: {message}"
     return f"{location}: {message} (got {shown})"
+
+
+def _holds_table(value: object) -> bool:
+    if isinstance(value, Mapping):
+        return True
+    return isinstance(value, list | tuple) and any(_holds_table(item) for item in value)
+
+
+def _is_secret(model: type[BaseModel], path: tuple[Any, ...]) -> bool:
+    """True if ``path`` runs through a secret field (so its value must not be shown)."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        if field.repr is False or SecretStr in (annotation, *args):
+            return True
+        current = next((a for a in (annotation, *args) if isinstance(a, type)), None)
+    return False
+
+
+def _without_secret(message: str, value: object) -> str:
+    """``message`` with ``value`` (and a URL's password) cut out, should a check echo it."""
+    if not isinstance(value, str) or not value:
+        return message
+    if "://" not in value:
+        return message.replace(value, "***")
+    # A URL: its checks show it redacted, which is useful; cut only what a password could be.
+    secrets = re.findall(r"password=([^&]+)", value)
+    with contextlib.suppress(ValueError):
+        secrets.append(urlsplit(value).password or "")
+    secrets = [form for secret in secrets if secret for form in (secret, unquote(secret))]
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return message
 
 
 def _allowed_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:

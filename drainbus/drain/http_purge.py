@@ -112,7 +112,7 @@ class HttpPurgeConfig(BaseModel):
     name: str | None = None
     method: str = "PURGE"
     url: str
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)  # may hold credentials
     expect_status: list[int] = Field(default_factory=lambda: [200, 204])
     timeout: float = Field(default=5.0, gt=0)
     tags_url: str | None = None
