@@ -7,17 +7,28 @@ import os
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
-import structlog
 
 from drainbus.ssh.commands import parse_since
-from tests.conftest import RunningBus, Subscriber, User, run_ssh, ssh_argv, wait_subscribed
+from tests.conftest import (
+    RunningBus,
+    ServeProcess,
+    Subscriber,
+    User,
+    run_ssh,
+    serve_process,
+    ssh_argv,
+    wait_subscribed,
+)
 
 StartBus = Callable[..., Awaitable[RunningBus]]
 Subscribe = Callable[..., Awaitable[Subscriber]]
 Held = Callable[..., Awaitable[asyncio.subprocess.Process]]
+Serving = Callable[..., AbstractAsyncContextManager[ServeProcess]]
 
 
 async def until(check: Callable[[], bool], timeout: float = 15) -> None:
@@ -25,6 +36,27 @@ async def until(check: Callable[[], bool], timeout: float = 15) -> None:
     async with asyncio.timeout(timeout):
         while not check():
             await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def serving(tmp_path: Path, users_dir: Path, redis_url: str, namespace: str) -> Serving:
+    """``drainbus serve`` as a real process on this test's users folder, settings from the
+    environment: for tests that read its JSON log."""
+
+    def start(**env: str) -> AbstractAsyncContextManager[ServeProcess]:
+        env = {
+            "DRAINBUS_REDIS_URL": redis_url,
+            "DRAINBUS_NAMESPACE": namespace,
+            "DRAINBUS_DATA_DIR": str(tmp_path / "data"),
+            "DRAINBUS_SERVER__LISTEN": "127.0.0.1:0",
+            "DRAINBUS_SERVER__USERS_DIR": str(users_dir),
+            "DRAINBUS_SERVER__HOST_KEYS_DIR": str(tmp_path / "keys" / "host"),
+            "DRAINBUS_SERVER__USERS_RELOAD_INTERVAL": "0.2",
+            **env,
+        }
+        return serve_process(env=env)
+
+    return start
 
 
 @pytest.fixture
@@ -224,27 +256,26 @@ async def _whoami_text(node: RunningBus, user: User) -> str:
 
 
 async def test_failed_login_flood_is_logged_per_source_and_interval(
-    start_bus: StartBus, add_user: Callable[[str], User], make_key: Callable[[str], Path]
+    serving: Serving, add_user: Callable[[str], User], make_key: Callable[[str], Path]
 ) -> None:
     """Twelve refused logins from one address are a couple of log lines whose counts add up
     to twelve, not twelve lines."""
     add_user("alice")
     stranger = make_key("stranger")
-    with structlog.testing.capture_logs() as events:
-        node = await start_bus(server={"auth_failure_log_interval": 3})
+    async with serving(DRAINBUS_SERVER__AUTH_FAILURE_LOG_INTERVAL="3s") as server:
         for _ in range(3):
             results = await asyncio.gather(
-                *(run_ssh(node.port, stranger, "whoami") for _ in range(4))
+                *(run_ssh(server.port, stranger, "whoami") for _ in range(4))
             )
             assert all(r.code == 255 for r in results)
 
-        def failures() -> list[dict[str, object]]:
-            return [e for e in events if e["event"] == "auth_failed"]
+        def failures() -> list[dict[str, Any]]:
+            return [e for e in server.log if e.get("event") == "auth_failed"]
 
-        await until(lambda: sum(int(str(e["count"])) for e in failures()) >= 12)
-    assert sum(int(str(e["count"])) for e in failures()) == 12
-    assert {e["source"] for e in failures()} == {"127.0.0.1"}
-    assert len(failures()) <= 4
+        await until(lambda: sum(int(e["count"]) for e in failures()) >= 12)
+        assert sum(int(e["count"]) for e in failures()) == 12
+        assert {e["source"] for e in failures()} == {"127.0.0.1"}
+        assert len(failures()) <= 4
 
 
 async def test_embedded_data_dir_is_private_whatever_the_umask(
@@ -273,23 +304,23 @@ async def test_embedded_data_dir_is_private_whatever_the_umask(
 
 
 async def test_user_file_differing_only_in_case_cannot_log_in(
-    start_bus: StartBus, add_user: Callable[[str], User], make_key: Callable[[str], Path],
+    serving: Serving, add_user: Callable[[str], User], make_key: Callable[[str], Path],
     users_dir: Path,
 ) -> None:  # fmt: skip
     """An ACME.pub written next to acme.pub is refused at reload: ACME cannot log in as a
     second user (and so cannot purge acme's host); acme keeps working."""
     acme = add_user("acme")
-    node = await start_bus(drain={"key_host": "{key}.pages.example"})
     impostor = make_key("impostor")
-    with structlog.testing.capture_logs() as events:
+    async with serving(DRAINBUS_DRAIN__KEY_HOST="{key}.pages.example") as server:
         (users_dir / "ACME.pub").write_text(impostor.with_suffix(".pub").read_text())
-        await until(lambda: any(e["event"] == "user_name_clash" for e in events))
-    refused = await run_ssh(
-        node.port, impostor, "pub", "cache-drain", stdin=b"host:acme.pages.example\n"
-    )
-    assert refused.code == 255
-    assert "Permission denied (publickey)" in refused.stderr
-    assert "user: acme" in (await run_ssh(node.port, acme.key_file, "whoami")).stdout.decode()
+        await server.wait_for_event("user_name_clash")
+        refused = await run_ssh(
+            server.port, impostor, "pub", "cache-drain", stdin=b"host:acme.pages.example\n"
+        )
+        assert refused.code == 255
+        assert "Permission denied (publickey)" in refused.stderr
+        whoami = await run_ssh(server.port, acme.key_file, "whoami")
+        assert "user: acme" in whoami.stdout.decode()
 
 
 async def test_ownership_compares_names_regardless_of_case(
