@@ -199,8 +199,11 @@ async def test_handshake_budget_is_shared_out_like_max_startups(
     for dropped in flood[3:]:
         assert b"too many connections still logging in" in await dropped.closed_by_server()
     refused = await run_ssh(node.port, alice.key_file, "whoami")
+    # The refusal is sent before the close, but OpenSSH's next packet can meet the closed
+    # socket first (a reset discards what it had not read yet): the message is best effort.
     assert refused.code == 255
-    assert "too many connections still logging in" in refused.stderr
+    assert not refused.stderr or "too many connections still logging in" in refused.stderr
+    assert node.door.startups == 3
     flood[0].close()
     await until(lambda: node.door.startups == 2)
     result = await run_ssh(node.port, alice.key_file, "whoami")

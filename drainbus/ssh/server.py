@@ -46,8 +46,8 @@ class _Connection(asyncssh.SSHServer):
 
     A connection is first *starting* (counted against the pre-authentication budget of the
     door and of its source address), then, once logged in, *active* (counted against
-    ``max_connections`` and its user's ``max_connections_per_user``), or *refused* when a
-    limit turned it away and it is being closed.
+    ``max_connections`` and its user's ``max_connections_per_user``), and *closing* once a
+    limit refused it, it idled out or its key was removed (then it counts against nothing).
     """
 
     def __init__(self, door: FrontDoor) -> None:
@@ -84,7 +84,7 @@ class _Connection(asyncssh.SSHServer):
     def close(self, code: int, message: str) -> None:
         """Disconnect with ``message`` (shown by OpenSSH) and stop counting this connection."""
         self._door._forget(self)
-        self.state = "refused"
+        self.state = "closing"
         if self.conn is not None:
             self.conn.disconnect(code, f"drainbus: {message}")
 
@@ -323,7 +323,7 @@ class FrontDoor:
                 refusal = ("max_startups", full)
         if refusal is not None:
             reason, limit = refusal
-            owner.state = "refused"
+            owner.state = "closing"
             log.warning(
                 "connection_refused", peer=owner.peer, reason=reason, limit=limit,
                 starting=self.startups, from_source=from_source,
@@ -411,11 +411,11 @@ class FrontDoor:
         owner = conn.get_owner() if conn else None
         identity = owner.identity if isinstance(owner, _Connection) else None
         if not isinstance(owner, _Connection) or identity is None or owner.state != "active":
-            # Not logged in, or refused by a limit and closing: refuse rather than guess.
+            # Not logged in, or closing (refused by a limit, idle, key removed): refuse.
             process.exit(int(ExitCode.NOPERM))
             return
         if not self._authorised(owner):
-            # The users folder changed and the next reload has not closed us yet.
+            # A reload closes such connections at once; this check does not depend on it.
             process.stderr.write(
                 f"drainbus: the key of user '{identity.user}' is no longer accepted\n".encode()
             )
