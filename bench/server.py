@@ -89,7 +89,8 @@ def _config(root: Path, namespace: str) -> str:
     users = root / "users"
     host = root / "host"
     # Limits raised above the fan-out and capacity workloads: they connect thousands of
-    # sessions as one user, which the defaults (1,000 connections, 64 sessions) refuse.
+    # sessions as one user from one address, all at once, which the defaults (1,000
+    # connections, 32 per user, 64 sessions, 10:30:100 and 10 per source logging in) refuse.
     return f"""\
 namespace = "{namespace}"
 
@@ -99,7 +100,10 @@ host_keys_dir = "{host}"
 users_dir = "{users}"
 admins = ["{BENCH_USER}"]
 max_connections = 20000
+max_connections_per_user = 20000
 max_sessions_per_user = 20000
+max_startups = "20000"
+max_startups_per_source = 20000
 
 [[acl]]
 topics = ["bench/**"]

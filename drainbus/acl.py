@@ -13,7 +13,7 @@ from typing import Literal
 
 from drainbus.config import AclRule
 from drainbus.errors import PermissionDenied, UsageError
-from drainbus.identity import Identity
+from drainbus.identity import Identity, user_key
 
 __all__ = ["TOPIC_RULE", "Access", "check_topic_name", "glob_to_regex"]
 
@@ -53,6 +53,10 @@ class _CompiledRule:
         return any(p.match(topic) for p in self.patterns)
 
 
+def _principal(name: str) -> str:
+    return name if name.startswith("@") or name == "*" else user_key(name)
+
+
 class Access:
     """Answers "may this identity publish/subscribe on this topic?" from the config."""
 
@@ -60,22 +64,25 @@ class Access:
         self._rules = tuple(
             _CompiledRule(
                 patterns=tuple(glob_to_regex(p) for p in rule.topics),
-                publish=frozenset(rule.publish),
-                subscribe=frozenset(rule.subscribe),
+                publish=frozenset(_principal(p) for p in rule.publish),
+                subscribe=frozenset(_principal(p) for p in rule.subscribe),
             )
             for rule in rules
         )
 
     def allows(self, identity: Identity, action: Action, topic: str) -> bool:
         """True if ``identity`` may perform ``action`` on ``topic``."""
-        if identity.is_admin or topic == identity.user or topic.startswith(identity.user + "/"):
+        # Names compare regardless of case, as everywhere (user names are unique that way).
+        user = user_key(identity.user)
+        owner = user_key(topic.split("/", 1)[0])
+        if identity.is_admin or owner == user:
             return True
         for rule in self._rules:
             if rule.matches(topic):
                 allowed = rule.publish if action == "publish" else rule.subscribe
                 return (
                     "*" in allowed
-                    or identity.user in allowed
+                    or user in allowed
                     or ("@admins" in allowed and identity.is_admin)
                 )
         return False

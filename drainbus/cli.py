@@ -28,6 +28,8 @@ from drainbus.hooks.commands import hook, pub
 from drainbus.identity import (
     UserKeys,
     parse_authorized_keys,
+    same_user,
+    user_key,
     valid_user_name,
 )
 from drainbus.log import configure_logging
@@ -491,6 +493,12 @@ def keys_add(ctx: click.Context, config: str | None, name: str, pubkey_file: Any
             raise ConfigError(f"{pubkey_file.name} holds no public key")
         users = UserKeys(settings.server.users_dir, settings.server.admins)
         users.reload()
+        clash = next((u for u in users.users if same_user(u, name) and u != name), None)
+        if clash is not None:
+            raise UsageError(
+                f"user '{clash}' already exists: user names are unique regardless of case, "
+                f"so '{name}' would be the same user; add the key to '{clash}' instead"
+            )
         users_dir = settings.server.users_dir
         users_dir.mkdir(parents=True, exist_ok=True)
         path = users_dir / f"{name}.pub"
@@ -533,7 +541,7 @@ def keys_ls(ctx: click.Context, config: str | None) -> None:
     users = UserKeys(settings.server.users_dir, settings.server.admins)
     users.reload()
     for name, user_keys in sorted(users.users.items()):
-        role = " (admin)" if name in settings.server.admins else ""
+        role = " (admin)" if user_key(name) in users.admins else ""
         for key in user_keys:
             comment = key.get_comment() or ""
             click.echo(f"{name}{role}\t{key.get_fingerprint()}\t{key.get_algorithm()}\t{comment}")

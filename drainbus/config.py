@@ -11,7 +11,9 @@ Relative paths are taken from the working directory drainbus starts in.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import sys
 import tomllib
@@ -20,11 +22,13 @@ from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -51,7 +55,26 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "parse_listen",
+    "parse_max_startups",
 ]
+
+
+def parse_max_startups(value: str) -> tuple[int, int, int]:
+    """Split ``START:RATE:FULL`` (or a bare ``FULL``) into integers.
+
+    Raises ValueError unless 1 <= START <= FULL and 0 <= RATE <= 100.
+    """
+    parts = value.split(":")
+    if len(parts) == 1:
+        parts = [parts[0], "100", parts[0]]
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{value!r} is not START:RATE:FULL (for example 10:30:100)")
+    start, rate, full = (int(p) for p in parts)
+    if not 1 <= start <= full or rate > 100:
+        raise ValueError(
+            f"{value!r} is not START:RATE:FULL with 1 <= START <= FULL and RATE at most 100"
+        )
+    return start, rate, full
 
 
 class _Section(BaseModel):
@@ -62,7 +85,12 @@ class ServerSettings(_Section):
     """The SSH front door: where it listens, who may log in, and its limits.
 
     With ``workers`` above 1 every worker process enforces the limits on its own, so
-    ``max_connections`` and ``max_sessions_per_user`` apply per worker.
+    ``max_connections``, ``max_connections_per_user``, ``max_sessions_per_user`` and the
+    pre-authentication budget (``max_startups``, ``max_startups_per_source``) apply per worker.
+
+    ``max_connections`` and ``max_connections_per_user`` count logged-in connections only;
+    connections still authenticating have their own budget, so a flood of handshakes can never
+    take the slots of users who have logged in.
     """
 
     listen: str = "0.0.0.0:2222"
@@ -73,7 +101,16 @@ class ServerSettings(_Section):
     users_dir: Path = Path("keys/users")
     admins: tuple[str, ...] = ()
     max_connections: int = Field(1000, ge=1)
+    max_connections_per_user: int = Field(32, ge=1)
     max_sessions_per_user: int = Field(64, ge=1)
+    # A logged-in connection with no session for this long is closed (0: never).
+    idle_timeout: Duration = 60.0
+    # Unauthenticated connections, like OpenSSH's MaxStartups "START:RATE:FULL": from START
+    # on, refuse a new one with probability RATE%, rising linearly to 100% at FULL.
+    max_startups: str = "10:30:100"
+    max_startups_per_source: int = Field(10, ge=1)
+    # Failed logins are logged once per source address and this interval, with their count.
+    auth_failure_log_interval: Duration = 10.0
     login_timeout: Duration = 5.0
     keepalive_interval: Duration = 15.0
     keepalive_count_max: int = Field(3, ge=1)
@@ -87,6 +124,17 @@ class ServerSettings(_Section):
     def _check_listen(cls, value: str) -> str:
         parse_listen(value)
         return value
+
+    @field_validator("max_startups")
+    @classmethod
+    def _check_max_startups(cls, value: str) -> str:
+        parse_max_startups(value)
+        return value
+
+    @property
+    def startups(self) -> tuple[int, int, int]:
+        """``max_startups`` as (start, rate in percent, full)."""
+        return parse_max_startups(self.max_startups)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -273,7 +321,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
-    """One readable line for one pydantic error: the key, then what is expected."""
+    """One readable line for one pydantic error: the key, then what is expected.
+
+    The value of a secret field (a ``SecretStr``, or a field with ``repr=False`` such as
+    ``redis_url``) is never shown, nor is a value holding a table (it may hold one).
+    """
     location = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, error["loc"][:-1])
@@ -281,11 +333,52 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
         return f"{location}: unknown setting{hint}"
     message = str(error["msg"]).removeprefix("Value error, ")
     value = error.get("input")
+    if _is_secret(model, error["loc"]):
+        return f"{location}: {_without_secret(message, value)} (value not shown: it is secret)"
     shown = repr(value)
     # A whole section as input (a check across its keys) would bury the line: leave it out.
-    if shown in message or isinstance(value, dict):
+    if shown in message or _holds_table(value):
         return f"{location}: {message}"
     return f"{location}: {message} (got {shown})"
+
+
+def _holds_table(value: object) -> bool:
+    if isinstance(value, Mapping):
+        return True
+    return isinstance(value, list | tuple) and any(_holds_table(item) for item in value)
+
+
+def _is_secret(model: type[BaseModel], path: tuple[Any, ...]) -> bool:
+    """True if ``path`` runs through a secret field (so its value must not be shown)."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        if field.repr is False or SecretStr in (annotation, *args):
+            return True
+        current = next((a for a in (annotation, *args) if isinstance(a, type)), None)
+    return False
+
+
+def _without_secret(message: str, value: object) -> str:
+    """``message`` with ``value`` (and a URL's password) cut out, should a check echo it."""
+    if not isinstance(value, str) or not value:
+        return message
+    if "://" not in value:
+        return message.replace(value, "***")
+    # A URL: its checks show it redacted, which is useful; cut only what a password could be.
+    secrets = re.findall(r"password=([^&]+)", value)
+    with contextlib.suppress(ValueError):
+        secrets.append(urlsplit(value).password or "")
+    secrets = [form for secret in secrets if secret for form in (secret, unquote(secret))]
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return message
 
 
 def _allowed_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:

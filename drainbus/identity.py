@@ -4,12 +4,17 @@ Users are files: ``users_dir/NAME.pub`` in OpenSSH authorized_keys format (one o
 comments and blank lines allowed, options before a key are accepted and ignored). NAME is the
 identity, whatever login name the client sends. A key listed for two different users belongs
 to neither: it is refused and logged, because guessing would hand one user the other's rights.
+
+User names are unique regardless of case: ``acme`` and ``ACME`` are one user, and every
+check compares names through :func:`user_key`. A second file spelling a loaded user's name
+differently is refused and logged; two such files at start-up are a ConfigError.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +30,8 @@ __all__ = [
     "UserKeys",
     "load_or_create_host_key",
     "parse_authorized_keys",
+    "same_user",
+    "user_key",
     "valid_user_name",
 ]
 
@@ -38,6 +45,16 @@ _KEY_TYPES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
 def valid_user_name(name: str) -> bool:
     """True for names usable as an identity: letters, digits, '.', '_', '-', at most 64."""
     return bool(_USER_NAME.fullmatch(name))
+
+
+def user_key(name: str) -> str:
+    """The form user names are compared in: ``acme``, ``ACME`` and ``Acme`` are one user."""
+    return name.casefold()
+
+
+def same_user(a: str, b: str) -> bool:
+    """True when ``a`` and ``b`` name the same user (case is ignored)."""
+    return user_key(a) == user_key(b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +127,20 @@ class UserKeys:
 
     def __init__(self, directory: Path, admins: tuple[str, ...] = ()) -> None:
         self.directory = directory
-        self.admins = frozenset(admins)
+        self.admins = frozenset(user_key(name) for name in admins)
         self._by_key: dict[bytes, tuple[str, str]] = {}
         self._by_user: dict[str, list[asyncssh.SSHKey]] = {}
         self._signature: tuple[tuple[str, int, int], ...] | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every reload (to drop connections whose key is gone)."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback``; a no-op if it was not added."""
+        if callback in self._listeners:
+            self._listeners.remove(callback)
 
     @property
     def users(self) -> dict[str, list[asyncssh.SSHKey]]:
@@ -126,7 +153,7 @@ class UserKeys:
         if found is None:
             return None
         user, fingerprint = found
-        return Identity(user=user, fingerprint=fingerprint, is_admin=user in self.admins)
+        return Identity(user=user, fingerprint=fingerprint, is_admin=user_key(user) in self.admins)
 
     def _scan(self) -> tuple[tuple[str, int, int], ...]:
         try:
@@ -176,6 +203,7 @@ class UserKeys:
                 )
                 if user in self._by_user:
                     by_user[user] = self._by_user[user]
+        by_user = self._without_name_clashes(by_user, strict=strict)
         owners: dict[bytes, set[str]] = {}
         for user, keys in by_user.items():
             for key in keys:
@@ -195,3 +223,36 @@ class UserKeys:
                 )
         self._by_user, self._by_key = by_user, by_key
         log.info("users_loaded", users=len(by_user), keys=len(by_key))
+        for callback in tuple(self._listeners):
+            callback()
+
+    def _without_name_clashes(
+        self, by_user: dict[str, list[asyncssh.SSHKey]], *, strict: bool
+    ) -> dict[str, list[asyncssh.SSHKey]]:
+        """Drop files that spell one user's name in several ways (``acme``, ``ACME``).
+
+        The spelling loaded before keeps its keys; a newcomer is refused. With no such
+        spelling all are refused, and at start-up (``strict``) it is a ConfigError.
+        """
+        spellings: dict[str, list[str]] = {}
+        for user in by_user:
+            spellings.setdefault(user_key(user), []).append(user)
+        kept = dict(by_user)
+        for names in spellings.values():
+            if len(names) < 2:
+                continue
+            files = ", ".join(f"{name}.pub" for name in names)
+            if strict:
+                raise ConfigError(
+                    f"user files {files} in {self.directory} name the same user: user names "
+                    "are unique regardless of case; remove all but one"
+                )
+            loaded = [name for name in names if name in self._by_user]
+            refused = [name for name in names if name not in loaded[:1]]
+            for name in refused:
+                del kept[name]
+            log.error(
+                "user_name_clash", files=files, kept=loaded[:1], refused=sorted(refused),
+                reason="user names are unique regardless of case",
+            )  # fmt: skip
+        return kept

@@ -120,8 +120,10 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         name = self._name
         if self._door is not None:
-            yield _gauge("drainbus_connections", "Open SSH connections", name,
+            yield _gauge("drainbus_connections", "Logged-in SSH connections", name,
                          self._door.connections)  # fmt: skip
+            yield _gauge("drainbus_connections_starting", "SSH connections still logging in",
+                         name, self._door.startups)  # fmt: skip
         if self._fanout is not None:
             yield from _fanout_metrics(self._fanout, name)
         if self._drain is not None:

@@ -158,6 +158,20 @@ def test_add_key_of_another_user_fails_naming_the_owner(
     assert lines_of(users_dir / "alice.pub") == [alices.line]
 
 
+def test_add_name_differing_only_in_case_is_refused(
+    run: Run, users_dir: Path, new_key: NewKey
+) -> None:
+    """`keys add ACME` next to `acme` is refused (exit 64): names are unique regardless of case."""
+    acmes, other = new_key(), new_key()
+    run("keys", "add", "acme", str(acmes.path))
+
+    result = run("keys", "add", "ACME", str(other.path))
+
+    assert result.exit_code == ExitCode.USAGE
+    assert "user 'acme' already exists: user names are unique regardless of case" in result.stderr
+    assert sorted(p.name for p in users_dir.iterdir()) == ["acme.pub"]
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -503,3 +503,22 @@ def test_every_duration_setting_takes_the_same_forms() -> None:
     assert (zone.batch_window, zone.timeout) == (0.5, 2.0)
     assert settings.drain.http_purge[0].timeout == 1.5
     assert settings.server.login_timeout == 2.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param("10:30:100", (10, 30, 100), id="openssh-default"),
+        pytest.param("5", (5, 100, 5), id="bare-full"),
+    ],
+)
+def test_max_startups_is_start_rate_full(value: str, expected: tuple[int, int, int]) -> None:
+    """server.max_startups reads like OpenSSH's MaxStartups."""
+    assert load_settings(None, {"server": {"max_startups": value}}).server.startups == expected
+
+
+@pytest.mark.parametrize("value", ["10:30", "30:30:10", "1:101:5", "0:30:100", "a:b:c"])
+def test_bad_max_startups_names_the_form(value: str) -> None:
+    """A max_startups that is not START:RATE:FULL stops start-up with the expected form."""
+    with pytest.raises(ConfigError, match="START:RATE:FULL"):
+        load_settings(None, {"server": {"max_startups": value}})

@@ -373,3 +373,13 @@ def test_unreadable_host_key_is_a_config_error(tmp_path: Path) -> None:
         load_or_create_host_key(tmp_path)
 
     assert path.read_text() == "not a key\n"
+
+
+def test_user_files_differing_only_in_case_stop_start_up(
+    users_dir: Path, make_key: Callable[[str], Path]
+) -> None:
+    """acme.pub and ACME.pub at start-up are one clear error: names ignore case."""
+    for name in ("acme", "ACME"):
+        (users_dir / f"{name}.pub").write_text(make_key(name).with_suffix(".pub").read_text())
+    with pytest.raises(ConfigError, match="name the same user"):
+        UserKeys(users_dir).load()

@@ -147,6 +147,41 @@ def test_bad_config_stops_startup_with_one_line(
     assert result.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize(
+    ("config_text", "env", "fragment"),
+    [
+        pytest.param(
+            '[drain.cloudflare]\nzone_id = "z"\napi_token = ["hunter2-token"]\n', {},
+            "drain.cloudflare.0.api_token: Input should be a valid string", id="api-token-list",
+        ),
+        pytest.param(
+            'redis_url = "redis+sentinel://:hunter2-pw@10.0.0.1:26379"\n', {},
+            "'redis+sentinel://***@10.0.0.1:26379' is invalid", id="redis-url-in-file",
+        ),
+        pytest.param(
+            "", {"DRAINBUS_REDIS_URL": "ftp://user:hunter2-pw@10.0.0.1"},
+            "'ftp://***@10.0.0.1' is not a Redis URL", id="redis-url-in-env",
+        ),
+        pytest.param(
+            '[[drain.http_purge]]\nurl = "http://127.0.0.1/"\n'
+            '[drain.http_purge.headers]\nAuthorization = ["Bearer hunter2-token"]\n', {},
+            "drain.http_purge.0.headers.Authorization", id="http-purge-header",
+        ),
+    ],
+)  # fmt: skip
+def test_config_errors_never_show_a_secret(
+    tmp_path: Path, config_text: str, env: dict[str, str], fragment: str
+) -> None:
+    """A bad secret setting is named, but its value (token, password) is never printed."""
+    config = tmp_path / "bad.toml"
+    config.write_text(config_text)
+    result = _run_serve("--config", str(config), env=env)
+    assert result.returncode == 78
+    assert fragment in result.stderr
+    assert "value not shown: it is secret" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
 def test_port_in_use_exits_71(tmp_path: Path, users_dir: Path, redis_url: str) -> None:
     """serve exits 71 with one line when it cannot bind its port."""
     with socket.socket() as taken:

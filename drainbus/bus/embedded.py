@@ -5,6 +5,10 @@ or ``redis-server`` on PATH), listening only on a unix socket in the data dir, w
 append-only file there so messages survive restarts. The kernel stops it when the drainbus
 process that started it dies, however it dies (``PR_SET_PDEATHSIG``), so no orphan is left;
 a lock on the data dir keeps two drainbus processes from sharing one server's files.
+
+The data dir holds every message published, so it is private whatever the umask: the folder
+is 0700, every file in it 0600 (those of earlier runs are fixed at start; the server runs
+with umask 077, so the files it writes later are born that way).
 """
 
 from __future__ import annotations
@@ -58,6 +62,31 @@ def find_server_binary() -> Path | None:
     return None
 
 
+def _make_private(directory: Path) -> None:
+    """Create ``directory`` (0700) and make what it already holds owner-only.
+
+    Raises StartupError naming the path that cannot be made private.
+    """
+    path = directory
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        for root, dirs, files in os.walk(directory):
+            for name in dirs:
+                path = Path(root, name)
+                if not path.is_symlink():
+                    path.chmod(0o700)
+            for name in files:
+                path = Path(root, name)
+                if not path.is_symlink():
+                    path.chmod(0o600)
+    except OSError as exc:
+        raise StartupError(
+            f"data dir {directory}: cannot make {path} private to this user "
+            f"({exc.strerror or exc}); it holds every message published"
+        ) from None
+
+
 def _ping(path: Path) -> bytes | None:
     """Send PING over the unix socket; return the reply line, or None if nobody answers."""
     try:
@@ -100,7 +129,7 @@ class EmbeddedRedis:
                 f"({len(os.fsencode(self.socket_path))} bytes, at most {_SUN_PATH_MAX}): "
                 "use a shorter --data-dir"
             )
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _make_private(self.data_dir)
         self._lock()
         if _ping(self.socket_path) is not None:
             self._unlock()
@@ -132,6 +161,7 @@ class EmbeddedRedis:
             # PDEATHSIG must be set in the child itself.
             preexec_fn=die_with_parent(),  # noqa: PLW1509
             close_fds=True,
+            umask=0o077,
         )
         self._wait_ready(binary)
         log.info(

@@ -19,6 +19,7 @@ from drainbus.drain.targets import (
     NginxTarget,
     Target,
 )
+from drainbus.identity import user_key
 
 __all__ = ["Drain", "open_drain"]
 
@@ -54,7 +55,7 @@ async def open_drain(
             redis=redis,
             redis_url=redis_url,
             keys=Keys(settings.namespace),
-            admins=frozenset(settings.server.admins),
+            admins=frozenset(user_key(name) for name in settings.server.admins),
             local_targets=local,
             cdn_targets=cdn,
             cdn_batch_window=window,

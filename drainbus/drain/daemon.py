@@ -54,6 +54,7 @@ from drainbus.drain.receipts import receipt, receipts_topic, target_receipt
 from drainbus.drain.retry import Outcome, merge_outcomes
 from drainbus.drain.targets import LocalCacheTarget, NginxTarget, Target
 from drainbus.errors import DataError, PermissionDenied
+from drainbus.identity import user_key
 from drainbus.metrics import PURGE_SECONDS
 
 __all__ = ["Drain", "DrainStats", "Role"]
@@ -607,7 +608,7 @@ class Drain:
         user = fields.get(b"u", b"").decode("utf-8", "replace")
         try:
             purge = parse_purge(fields.get(b"d", b"").decode("utf-8"))
-            check_scope(purge, user=user, is_admin=user in self._admins, rule=self._rule)
+            check_scope(purge, user=user, is_admin=user_key(user) in self._admins, rule=self._rule)
         except (DataError, PermissionDenied, UnicodeDecodeError) as exc:
             await self._dead_letter(role, row, f"invalid purge: {exc}")
             return None

@@ -117,8 +117,8 @@ class HttpPurgeConfig(BaseModel):
     name: str | None = None
     method: str = "PURGE"
     url: str
-    headers: dict[str, str] = Field(default_factory=dict)
-    soft_headers: dict[str, str] | None = None
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)  # may hold credentials
+    soft_headers: dict[str, str] | None = Field(default=None, repr=False)
     expect_status: list[int] = Field(default_factory=lambda: [200, 204])
     timeout: PositiveDuration = 5.0
     tags_url: str | None = None

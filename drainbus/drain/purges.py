@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from drainbus.errors import ConfigError, DataError, PermissionDenied
+from drainbus.identity import user_key
 
 __all__ = [
     "MAX_JSON_ITEMS",
@@ -402,6 +403,8 @@ def _hostname(url: str) -> str | None:
 
 
 def _owns(user: str, name: str, sep: str) -> bool:
+    # Regardless of case, as user names are unique that way and hosts and tags compare so.
+    user, name, sep = user_key(user), user_key(name), user_key(sep)
     return bool(user) and (name == user or name.startswith(user + sep))
 
 
@@ -416,7 +419,7 @@ def _owns_host(user: str, host: str | None, rule: ScopeRule) -> bool:
     ):
         return False
     key = host[len(before) : len(host) - len(after)]
-    return _owns(user.lower(), key, rule.owner_separator.lower())
+    return _owns(user, key, rule.owner_separator)
 
 
 def _describe(char: str) -> str:

@@ -377,6 +377,12 @@ def parse_since(value: str, *, now_ms: int | None = None) -> Since:
         return ZERO_ID, None
     if found := _STREAM_ID.match(value):
         entry_id = parse_id(found[1])
+        if max(entry_id) > MAX_SEQ:
+            # Redis would refuse it on every read, and the session would wait forever.
+            raise UsageError(
+                f"--since '{value}' is not a stream id: MS and SEQ in MS-SEQ are each at "
+                f"most {MAX_SEQ} (64 bits)"
+            )
         if found[2] is None:
             return entry_id, None
         return _id_before(entry_id), (entry_id, int(found[2]) + 1)

@@ -8,6 +8,8 @@ agent forwarding, X11, SFTP and scp.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 import uuid
 from types import TracebackType
@@ -56,36 +58,51 @@ _KEX_ALGS = "^curve25519-sha256"
 
 
 class _Connection(asyncssh.SSHServer):
-    """One client connection: authenticates it and counts it against the limit."""
+    """One client connection: authenticates it and counts it against the limits.
+
+    A connection is first *starting* (counted against the pre-authentication budget of the
+    door and of its source address), then, once logged in, *active* (counted against
+    ``max_connections`` and its user's ``max_connections_per_user``), and *closing* once a
+    limit refused it, it idled out or its key was removed (then it counts against nothing).
+    """
 
     def __init__(self, door: FrontDoor) -> None:
         self._door = door
-        self._candidate: Identity | None = None
+        self._candidate: tuple[Identity, asyncssh.SSHKey] | None = None
         self.identity: Identity | None = None
+        self.key: asyncssh.SSHKey | None = None
         self.peer = "?"
-        self._conn: asyncssh.SSHServerConnection | None = None
+        self.source = "?"
+        self.state = "new"
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.sessions = 0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self._conn = conn
+        self.conn = conn
         self._door._connections.add(conn)
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
-        self._door.connections += 1
+        self.source = str(peer[0])
+        self._door._start(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._door.connections -= 1
-        if self._conn is not None:
-            self._door._connections.discard(self._conn)
+        self.stop_idle_timer()
+        self._door._forget(self)
+        if self.conn is not None:
+            self._door._connections.discard(self.conn)
 
-    def begin_auth(self, username: str) -> bool:
-        limit = self._door.settings.server.max_connections
-        if self._door.connections > limit and self._conn is not None:
-            log.warning("connection_refused", peer=self.peer, reason="max_connections", limit=limit)
-            self._conn.disconnect(
-                asyncssh.DISC_TOO_MANY_CONNECTIONS,
-                f"drainbus: too many connections (limit {limit}); try again later",
-            )
-        return True
+    def refuse(self, reason: str, message: str, limit: int, **fields: object) -> None:
+        """Close this connection with ``message`` for the client, logging why."""
+        log.warning("connection_refused", peer=self.peer, reason=reason, limit=limit, **fields)
+        self.close(asyncssh.DISC_TOO_MANY_CONNECTIONS, message)
+
+    def close(self, code: int, message: str) -> None:
+        """Disconnect with ``message`` (shown by OpenSSH) and stop counting this connection."""
+        self._door._forget(self)
+        self.state = "closing"
+        if self.conn is not None:
+            self.conn.disconnect(code, f"drainbus: {message}")
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -105,13 +122,96 @@ class _Connection(asyncssh.SSHServer):
         # identity remembered here is the one that signed.
         identity = self._door.users.lookup(key)
         if identity is None:
-            log.info("auth_key_unknown", peer=self.peer, fingerprint=key.get_fingerprint())
+            self._door._failures.add(self.source, key.get_fingerprint())
             return False
-        self._candidate = identity
+        self._candidate = (identity, key)
         return True
 
     def auth_completed(self) -> None:
-        self.identity = self._candidate
+        if self._candidate is not None:
+            self.identity, self.key = self._candidate
+        self._door._log_in(self)
+
+    def session_started(self) -> None:
+        """A session opened on this connection: it is not idle."""
+        self.sessions += 1
+        self.stop_idle_timer()
+
+    def session_ended(self) -> None:
+        """A session ended: with none left, the idle clock starts."""
+        self.sessions -= 1
+        if not self.sessions and self.state == "active":
+            self.start_idle_timer()
+
+    def start_idle_timer(self) -> None:
+        """Close this connection after ``idle_timeout`` unless a session starts first."""
+        timeout = self._door.settings.server.idle_timeout
+        if timeout:
+            self.stop_idle_timer()
+            self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._idle)
+
+    def stop_idle_timer(self) -> None:
+        """Stop the idle clock (a session is running, or the connection is gone)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        timeout = self._door.settings.server.idle_timeout
+        log.info("connection_idle_closed", peer=self.peer, seconds=timeout)
+        self.close(
+            asyncssh.DISC_BY_APPLICATION,
+            f"connection closed after {timeout:g}s with no session (server.idle_timeout)",
+        )
+
+
+class _FailureLog:
+    """Failed logins, logged per source address and interval instead of one line each.
+
+    The first failure from a source is logged at once (with the key's fingerprint); the
+    failures that follow within ``interval`` seconds are one line at its end. ``count`` on
+    each line is the failures since the previous line, so the counts add up to every attempt.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._counts: dict[str, int] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def add(self, source: str, fingerprint: str) -> None:
+        """Count one refused key from ``source``."""
+        if source in self._timers:
+            self._counts[source] = self._counts.get(source, 0) + 1
+            return
+        log.info("auth_failed", source=source, count=1, fingerprint=fingerprint)
+        if self._interval:
+            self._timers[source] = asyncio.get_running_loop().call_later(
+                self._interval, self._flush, source
+            )
+
+    def _flush(self, source: str) -> None:
+        del self._timers[source]
+        count = self._counts.pop(source, 0)
+        if count:
+            log.warning(
+                "auth_failed", source=source, count=count, seconds=self._interval, aggregated=True
+            )
+            # Still failing: keep aggregating rather than logging the next one at once.
+            self._timers[source] = asyncio.get_running_loop().call_later(
+                self._interval, self._flush, source
+            )
+
+    def close(self) -> None:
+        """Log what is counted and not yet logged; stop the timers."""
+        for source in tuple(self._timers):
+            self._timers.pop(source).cancel()
+            count = self._counts.pop(source, 0)
+            if count:
+                log.warning(
+                    "auth_failed", source=source, count=count, seconds=self._interval,
+                    aggregated=True,
+                )  # fmt: skip
 
 
 class FrontDoor:
@@ -135,12 +235,19 @@ class FrontDoor:
         self.bus = bus
         self.users = users
         self.access = Access(settings.acl)
+        # Logged-in connections, and those still authenticating (the start-up budget).
         self.connections = 0
+        self.startups = 0
         self.port = 0
         self._host_key = host_key
         self._line_checks = line_checks or {}
         self._reuse_port = reuse_port
         self._sessions_by_user: dict[str, int] = {}
+        self._startups_by_source: dict[str, int] = {}
+        self._connections_by_user: dict[str, set[_Connection]] = {}
+        self._failures = _FailureLog(settings.server.auth_failure_log_interval)
+        # Early drop only needs to be unpredictable enough to share the budget out.
+        self._random = random.Random()  # noqa: S311
         self._processes: set[asyncssh.SSHServerProcess[bytes]] = set()
         self._connections: set[asyncssh.SSHServerConnection] = set()
         self._server: asyncssh.SSHAcceptor | None = None
@@ -176,6 +283,7 @@ class FrontDoor:
             )
         except OSError as exc:
             raise StartupError(f"cannot listen on {server.listen}: {exc.strerror or exc}") from None
+        self.users.add_listener(self._check_keys)
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else port
         log.info(
@@ -196,6 +304,8 @@ class FrontDoor:
         if self._server is None:
             return
         server, self._server = self._server, None
+        self.users.remove_listener(self._check_keys)
+        self._failures.close()
         # Stop listening only: since Python 3.12.1 wait_closed() also waits for every open
         # connection, so it comes last, after the sessions and connections are ended.
         server.close()
@@ -213,13 +323,122 @@ class FrontDoor:
         with anyio.move_on_after(self.settings.server.shutdown_grace):
             await server.wait_closed()
 
+    def _start(self, owner: _Connection) -> None:
+        """Admit a new connection into the start-up budget, or refuse it."""
+        server = self.settings.server
+        start, rate, full = server.startups
+        from_source = self._startups_by_source.get(owner.source, 0)
+        refusal: tuple[str, int] | None = None
+        if from_source >= server.max_startups_per_source:
+            refusal = ("max_startups_per_source", server.max_startups_per_source)
+        elif self.startups >= full:
+            refusal = ("max_startups", full)
+        elif self.startups >= start:
+            # OpenSSH's random early drop: RATE% at START, rising linearly to 100% at FULL.
+            chance = rate + (100 - rate) * (self.startups - start) / max(full - start, 1)
+            if self._random.random() * 100 < chance:
+                refusal = ("max_startups", full)
+        if refusal is not None:
+            reason, limit = refusal
+            owner.state = "closing"
+            log.warning(
+                "connection_refused", peer=owner.peer, reason=reason, limit=limit,
+                starting=self.startups, from_source=from_source,
+            )  # fmt: skip
+            # Our version string goes out after connection_made returns: disconnect after it.
+            assert owner.conn is not None
+            asyncio.get_running_loop().call_soon(
+                owner.conn.disconnect,
+                asyncssh.DISC_TOO_MANY_CONNECTIONS,
+                "drainbus: too many connections still logging in; try again later",
+            )
+            return
+        owner.state = "starting"
+        self.startups += 1
+        self._startups_by_source[owner.source] = from_source + 1
+
+    def _log_in(self, owner: _Connection) -> None:
+        """Move a connection that authenticated from the start-up budget to the user limits."""
+        self._forget(owner)
+        server = self.settings.server
+        identity = owner.identity
+        if identity is None:  # cannot happen after successful auth; refuse rather than guess
+            owner.close(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "not authenticated")
+            return
+        mine = self._connections_by_user.setdefault(identity.user, set())
+        if self.connections >= server.max_connections:
+            limit = server.max_connections
+            owner.refuse(
+                "max_connections", f"too many connections (limit {limit}); try again later", limit
+            )
+        elif len(mine) >= server.max_connections_per_user:
+            limit = server.max_connections_per_user
+            owner.refuse(
+                "max_connections_per_user",
+                f"too many connections for user '{identity.user}' (limit {limit}); "
+                "close one (or share one with ControlMaster) and try again",
+                limit,
+                user=identity.user,
+            )
+        else:
+            owner.state = "active"
+            self.connections += 1
+            mine.add(owner)
+            owner.start_idle_timer()
+        if not mine:
+            del self._connections_by_user[identity.user]
+
+    def _forget(self, owner: _Connection) -> None:
+        """Stop counting ``owner`` against any limit (idempotent)."""
+        if owner.state == "starting":
+            self.startups -= 1
+            left = self._startups_by_source[owner.source] - 1
+            if left:
+                self._startups_by_source[owner.source] = left
+            else:
+                del self._startups_by_source[owner.source]
+        elif owner.state == "active" and owner.identity is not None:
+            self.connections -= 1
+            mine = self._connections_by_user[owner.identity.user]
+            mine.discard(owner)
+            if not mine:
+                del self._connections_by_user[owner.identity.user]
+        owner.state = "closed"
+
+    def _authorised(self, owner: _Connection) -> bool:
+        """True while the key ``owner`` logged in with still belongs to the same user."""
+        return owner.key is not None and self.users.lookup(owner.key) == owner.identity
+
+    def _check_keys(self) -> None:
+        """After the users folder is reloaded: close connections whose key was removed."""
+        for owner in [c for users in self._connections_by_user.values() for c in users]:
+            if not self._authorised(owner):
+                assert owner.identity is not None
+                log.warning(
+                    "connection_revoked", peer=owner.peer, user=owner.identity.user,
+                    fingerprint=owner.identity.fingerprint,
+                )  # fmt: skip
+                owner.close(
+                    asyncssh.DISC_BY_APPLICATION,
+                    f"the key of user '{owner.identity.user}' was removed; connection closed",
+                )
+
     async def _handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         conn = process.get_extra_info("connection")
         owner = conn.get_owner() if conn else None
         identity = owner.identity if isinstance(owner, _Connection) else None
-        if identity is None:  # cannot happen after successful auth; refuse rather than guess
+        if not isinstance(owner, _Connection) or identity is None or owner.state != "active":
+            # Not logged in, or closing (refused by a limit, idle, key removed): refuse.
             process.exit(int(ExitCode.NOPERM))
             return
+        if not self._authorised(owner):
+            # A reload closes such connections at once; this check does not depend on it.
+            process.stderr.write(
+                f"drainbus: the key of user '{identity.user}' is no longer accepted\n".encode()
+            )
+            process.exit(int(ExitCode.NOPERM))
+            return
+        owner.session_started()
         session = uuid.uuid4().hex[:12]
         structlog.contextvars.bind_contextvars(
             session=session, user=identity.user, fingerprint=identity.fingerprint
@@ -260,6 +479,7 @@ class FrontDoor:
             ctx.stderr("drainbus: internal error; the server log has details")
             code = ExitCode.SOFTWARE
         finally:
+            owner.session_ended()
             self._sessions_by_user[identity.user] -= 1
             if not self._sessions_by_user[identity.user]:
                 del self._sessions_by_user[identity.user]
