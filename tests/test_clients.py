@@ -26,7 +26,7 @@ import pytest
 from asyncssh.kex import get_kex_algs
 
 from drainbus.identity import load_or_create_host_key
-from tests.conftest import Result, RunningBus, User, run_ssh, wait_subscribed
+from tests.conftest import Result, RunningBus, Subscriber, User, run_ssh, wait_subscribed
 
 StartBus = Callable[..., Awaitable[RunningBus]]
 
@@ -325,3 +325,21 @@ async def test_unknown_key_fails_and_stores_nothing(
     topics = await run_ssh(node.port, alice.key_file, "ls")
     assert topics.code == 0
     assert b"alice/t" not in topics.stdout
+
+
+async def test_client_over_the_connection_limit_exits_75_and_stores_nothing(
+    client: Client,
+    start_bus: StartBus,
+    add_user: Callable[[str], User],
+    subscribe: Callable[..., Awaitable[Subscriber]],
+) -> None:
+    """Refused by a connection limit, every client (dbclient too) says why and exits 75."""
+    alice = add_user("alice")
+    node = await start_bus(server={"max_connections_per_user": 1})
+    await subscribe(node.port, alice.key_file, "alice/other")
+    await wait_subscribed(node.bus, "alice/other")
+    result = await client.run(node, alice, "pub", "alice/t", stdin=b"x" + client.newline)
+    assert (result.code, result.stdout) == (75, b""), result.stderr
+    assert "too many connections for user 'alice' (limit 1)" in result.stderr
+    stored = await node.bus.redis.exists(node.bus.keys.stream("alice/t"))
+    assert stored == 0

@@ -364,14 +364,15 @@ async def test_sessions_per_user_are_limited(
 async def test_connections_are_limited(
     start_bus: StartBus, add_user: Callable[[str], User], subscribe: Subscribe
 ) -> None:
-    """Past max_connections a new connection is refused with a disconnect message."""
+    """Past max_connections a new login's sessions are refused: the reason, and exit 75."""
     alice = add_user("alice")
     node = await start_bus(server={"max_connections": 1})
     await subscribe(node.port, alice.key_file, "alice/x")
     await wait_subscribed(node.bus, "alice/x")
     result = await run_ssh(node.port, alice.key_file, "whoami")
-    assert result.code == 255
+    assert result.code == 75
     assert "too many connections (limit 1)" in result.stderr
+    assert result.stdout == b""
 
 
 async def test_added_user_can_log_in_without_restart(

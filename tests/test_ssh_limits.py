@@ -97,8 +97,9 @@ async def test_connections_per_user_are_limited(
         await hold(node.port, alice.key_file)
     await until(lambda: logged_in(node, "alice") == 3)
     refused = await run_ssh(node.port, alice.key_file, "whoami")
-    assert refused.code == 255
+    assert refused.code == 75  # a session refused with the reason, as over max_sessions_per_user
     assert "too many connections for user 'alice' (limit 3)" in refused.stderr
+    assert refused.stdout == b""
     allowed = await run_ssh(node.port, bob.key_file, "whoami")
     assert allowed.code == 0, allowed.stderr
     assert "user: bob" in allowed.stdout.decode()

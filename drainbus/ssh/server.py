@@ -64,6 +64,12 @@ class _Connection(asyncssh.SSHServer):
     door and of its source address), then, once logged in, *active* (counted against
     ``max_connections`` and its user's ``max_connections_per_user``), and *closing* once a
     limit refused it, it idled out or its key was removed (then it counts against nothing).
+
+    A login over a connection limit is *refused*: it counts against nothing, and a session
+    it opens within ``login_timeout`` gets the reason on stderr and exit 75, like a session
+    over ``max_sessions_per_user``; then (or after that time) it is disconnected. Refusing in
+    a session, not by disconnecting at once, makes every client say why and exit non-zero:
+    Dropbear's dbclient exits 0 when the server disconnects it.
     """
 
     def __init__(self, door: FrontDoor) -> None:
@@ -77,6 +83,7 @@ class _Connection(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection | None = None
         self.sessions = 0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self.refusal: str | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -96,6 +103,20 @@ class _Connection(asyncssh.SSHServer):
         """Close this connection with ``message`` for the client, logging why."""
         log.warning("connection_refused", peer=self.peer, reason=reason, limit=limit, **fields)
         self.close(asyncssh.DISC_TOO_MANY_CONNECTIONS, message)
+
+    def refuse_sessions(self, reason: str, message: str, limit: int, **fields: object) -> None:
+        """Refuse this logged-in connection: its sessions exit 75 with ``message``, and it is
+        closed after ``login_timeout`` (see the class docstring)."""
+        log.warning("connection_refused", peer=self.peer, reason=reason, limit=limit, **fields)
+        self._door._forget(self)
+        self.state, self.refusal = "refused", message
+        self.stop_idle_timer()
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self._door.settings.server.login_timeout,
+            self.close,
+            asyncssh.DISC_TOO_MANY_CONNECTIONS,
+            message,
+        )
 
     def close(self, code: int, message: str) -> None:
         """Disconnect with ``message`` (shown by OpenSSH) and stop counting this connection."""
@@ -368,12 +389,12 @@ class FrontDoor:
         mine = self._connections_by_user.setdefault(identity.user, set())
         if self.connections >= server.max_connections:
             limit = server.max_connections
-            owner.refuse(
+            owner.refuse_sessions(
                 "max_connections", f"too many connections (limit {limit}); try again later", limit
             )
         elif len(mine) >= server.max_connections_per_user:
             limit = server.max_connections_per_user
-            owner.refuse(
+            owner.refuse_sessions(
                 "max_connections_per_user",
                 f"too many connections for user '{identity.user}' (limit {limit}); "
                 "close one (or share one with ControlMaster) and try again",
@@ -427,6 +448,10 @@ class FrontDoor:
         conn = process.get_extra_info("connection")
         owner = conn.get_owner() if conn else None
         identity = owner.identity if isinstance(owner, _Connection) else None
+        if isinstance(owner, _Connection) and owner.state == "refused":
+            process.stderr.write(f"drainbus: {owner.refusal}\n".encode())
+            process.exit(int(ExitCode.TEMPFAIL))
+            return
         if not isinstance(owner, _Connection) or identity is None or owner.state != "active":
             # Not logged in, or closing (refused by a limit, idle, key removed): refuse.
             process.exit(int(ExitCode.NOPERM))
