@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from drainbus.config import AclRule
 from drainbus.errors import PermissionDenied, UsageError
 from drainbus.identity import Identity, user_key
+
+if TYPE_CHECKING:  # a name only: drainbus.config's hooks settings check topic names here
+    from drainbus.config import AclRule
 
 __all__ = ["TOPIC_RULE", "Access", "check_topic_name", "glob_to_regex"]
 

@@ -37,6 +37,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from drainbus.backend_url import parse_url
 from drainbus.drain.cloudflare import CloudflareZoneConfig
 from drainbus.drain.http_purge import HttpPurgeConfig
 from drainbus.drain.nginx import NginxCacheConfig
@@ -266,9 +267,6 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        # Imported here because drainbus.bus imports this module.
-        from drainbus.bus.connection import parse_url  # noqa: PLC0415
-
         try:
             parse_url(value)
         except ConfigError as exc:

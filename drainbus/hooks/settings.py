@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from drainbus.acl import check_topic_name
 from drainbus.errors import ConfigError, UsageError
 from drainbus.hooks.keys import KeyTemplate
 from drainbus.values import Duration
@@ -108,8 +109,6 @@ class HooksSettings(BaseModel):
     @field_validator("topic")
     @classmethod
     def _check_topic(cls, value: str) -> str:
-        from drainbus.acl import check_topic_name  # noqa: PLC0415 - acl imports drainbus.config
-
         try:
             return check_topic_name(value)
         except UsageError as exc:
