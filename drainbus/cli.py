@@ -27,13 +27,11 @@ from drainbus.errors import ConfigError, DrainbusError, UsageError
 from drainbus.hooks.commands import hook, pub
 from drainbus.identity import (
     UserKeys,
-    parse_authorized_keys,
-    same_user,
     user_key,
-    valid_user_name,
 )
 from drainbus.log import configure_logging
 from drainbus.sysexits_click import SysexitsGroup
+from drainbus.systemd import notify as notify_systemd
 
 if TYPE_CHECKING:
     from drainbus.bus.connection import RedisClient
@@ -159,7 +157,7 @@ def serve(
         from drainbus.supervisor import supervise
 
         command = _worker_command(ctx)
-        _run(lambda: supervise(settings, command, notify=_notify_systemd))
+        _run(lambda: supervise(settings, command, notify=notify_systemd))
 
 
 def _worker_count(settings: Settings) -> int:
@@ -261,7 +259,7 @@ async def _serve(settings: Settings, worker: WorkerLink | None = None) -> None:
                 gc.freeze()
                 log.info("serving", port=node.port, pid=os.getpid(), drain=node.drain is not None)
                 if worker is None:
-                    _notify_systemd("READY=1")
+                    notify_systemd("READY=1")
                 else:
                     worker.ready()
 
@@ -291,7 +289,7 @@ async def _wait_for_stop(
                     users.reload()
                 continue
             log.info("shutting_down", signal=signal.Signals(signum).name)
-            _notify_systemd("STOPPING=1")
+            notify_systemd("STOPPING=1")
             return
 
 
@@ -338,7 +336,7 @@ async def _drain(settings: Settings) -> None:
         collector = NodeCollector(settings.drain.node, drain=daemon)
         with serve_metrics(settings.metrics_listen, collector):
             task_group.start_soon(daemon.run)
-            _notify_systemd("READY=1")
+            notify_systemd("READY=1")
             log.info(
                 "draining",
                 node=settings.drain.node,
@@ -451,21 +449,6 @@ def dlq_replay(
     _run(run)
 
 
-def _notify_systemd(state: str) -> None:
-    """Tell systemd (Type=notify) about our state, if it is listening."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    import socket
-
-    target = "\0" + address[1:] if address.startswith("@") else address
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(state.encode(), target)
-        except OSError as exc:
-            log.warning("sd_notify_failed", error=str(exc))
-
-
 # --- keys ------------------------------------------------------------------------------
 
 
@@ -482,54 +465,16 @@ def keys() -> None:
 def keys_add(ctx: click.Context, config: str | None, name: str, pubkey_file: Any) -> None:
     """Give user NAME the key(s) in PUBKEY_FILE ('-' for stdin)."""
     settings = _settings(ctx, config)
+    users = UserKeys(settings.server.users_dir, settings.server.admins)
     try:
-        if not valid_user_name(name):
-            raise UsageError(
-                f"user name '{name}' is invalid: use 1-64 letters, digits, '.', '_', '-'"
-            )
-        text = pubkey_file.read()
-        new_keys = parse_authorized_keys(text, source=pubkey_file.name)
-        if not new_keys:
-            raise ConfigError(f"{pubkey_file.name} holds no public key")
-        users = UserKeys(settings.server.users_dir, settings.server.admins)
-        users.reload()
-        clash = next((u for u in users.users if same_user(u, name) and u != name), None)
-        if clash is not None:
-            raise UsageError(
-                f"user '{clash}' already exists: user names are unique regardless of case, "
-                f"so '{name}' would be the same user; add the key to '{clash}' instead"
-            )
-        users_dir = settings.server.users_dir
-        users_dir.mkdir(parents=True, exist_ok=True)
-        path = users_dir / f"{name}.pub"
-        existing = {k.public_data for k in users.users.get(name, [])}
-        # Refuse before echoing anything, or 'added' would show for keys that are never written.
-        for key in new_keys:
-            owner = users.lookup(key)
-            if owner is not None and owner.user != name:
-                raise ConfigError(
-                    f"key {key.get_fingerprint()} already belongs to user '{owner.user}'"
-                )
-        lines = []
-        for key, line in zip(new_keys, _key_lines(text), strict=True):
-            if key.public_data in existing:
-                click.echo(f"{name}: {key.get_fingerprint()} already present")
-                continue
-            existing.add(key.public_data)
-            lines.append(line)
-            click.echo(f"{name}: added {key.get_fingerprint()}")
-        if lines:
-            # A hand-edited file may lack its final newline: don't glue our key onto its last line.
-            current = path.read_text() if path.exists() else ""
-            separator = "\n" if current and not current.endswith("\n") else ""
-            with path.open("a") as handle:
-                handle.write(separator + "".join(f"{line}\n" for line in lines))
+        results = users.add(name, pubkey_file.read(), source=pubkey_file.name)
     except DrainbusError as exc:
         _fail(exc)
-
-
-def _key_lines(text: str) -> list[str]:
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        raise  # unreachable: _fail exits
+    for fingerprint, added in results:
+        click.echo(
+            f"{name}: added {fingerprint}" if added else f"{name}: {fingerprint} already present"
+        )
 
 
 @keys.command("ls")
@@ -555,27 +500,11 @@ def keys_ls(ctx: click.Context, config: str | None) -> None:
 def keys_rm(ctx: click.Context, config: str | None, name: str, fingerprint: str | None) -> None:
     """Remove user NAME, or only their key with FINGERPRINT (SHA256:…)."""
     settings = _settings(ctx, config)
-    path = settings.server.users_dir / f"{name}.pub"
     try:
-        if not valid_user_name(name) or not path.exists():
-            raise UsageError(f"no user '{name}' in {settings.server.users_dir}")
-        if fingerprint is None:
-            path.unlink()
-            click.echo(f"{name}: removed")
-            return
-        kept, removed = [], 0
-        for line in path.read_text().splitlines():
-            parsed = parse_authorized_keys(line, source=str(path)) if line.strip() else []
-            if parsed and parsed[0].get_fingerprint() == fingerprint:
-                removed += 1
-                continue
-            kept.append(line)
-        if not removed:
-            raise UsageError(f"user '{name}' has no key {fingerprint}")
-        path.write_text("".join(f"{line}\n" for line in kept))
-        click.echo(f"{name}: removed {fingerprint}")
+        UserKeys(settings.server.users_dir, settings.server.admins).remove(name, fingerprint)
     except DrainbusError as exc:
         _fail(exc)
+    click.echo(f"{name}: removed" + (f" {fingerprint}" if fingerprint else ""))
 
 
 cli.add_command(pub)

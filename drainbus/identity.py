@@ -22,7 +22,7 @@ import asyncssh
 import structlog
 from asyncssh.public_key import decode_ssh_public_key
 
-from drainbus.errors import ConfigError
+from drainbus.errors import ConfigError, UsageError
 
 __all__ = [
     "HOST_KEY_NAME",
@@ -256,3 +256,79 @@ class UserKeys:
                 reason="user names are unique regardless of case",
             )  # fmt: skip
         return kept
+
+    def add(self, name: str, text: str, *, source: str) -> list[tuple[str, bool]]:
+        """Give user ``name`` the public keys in ``text`` (authorized_keys lines).
+
+        Appends the new ones to ``NAME.pub`` (creating the folder and file as needed) and
+        returns ``(fingerprint, added)`` per key, ``added`` False for a key the user had.
+        Nothing is written when any check fails: UsageError for an invalid name or one that
+        differs only in case from an existing user; ConfigError for no key in ``text``, an
+        unparsable line, or a key that belongs to another user. ``source`` names ``text`` in
+        messages.
+        """
+        if not valid_user_name(name):
+            raise UsageError(
+                f"user name '{name}' is invalid: use 1-64 letters, digits, '.', '_', '-'"
+            )
+        new_keys = parse_authorized_keys(text, source=source)
+        if not new_keys:
+            raise ConfigError(f"{source} holds no public key")
+        self.reload()
+        clash = next((u for u in self._by_user if same_user(u, name) and u != name), None)
+        if clash is not None:
+            raise UsageError(
+                f"user '{clash}' already exists: user names are unique regardless of case, "
+                f"so '{name}' would be the same user; add the key to '{clash}' instead"
+            )
+        for key in new_keys:
+            owner = self.lookup(key)
+            if owner is not None and owner.user != name:
+                raise ConfigError(
+                    f"key {key.get_fingerprint()} already belongs to user '{owner.user}'"
+                )
+        existing = {k.public_data for k in self._by_user.get(name, [])}
+        results, lines = [], []
+        for key, line in zip(new_keys, _key_lines(text), strict=True):
+            added = key.public_data not in existing
+            existing.add(key.public_data)
+            results.append((key.get_fingerprint(), added))
+            if added:
+                lines.append(line)
+        if lines:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"{name}.pub"
+            # A hand-edited file may lack its final newline: don't glue a key onto its last line.
+            current = path.read_text() if path.exists() else ""
+            separator = "\n" if current and not current.endswith("\n") else ""
+            with path.open("a") as handle:
+                handle.write(separator + "".join(f"{line}\n" for line in lines))
+        return results
+
+    def remove(self, name: str, fingerprint: str | None = None) -> None:
+        """Remove user ``name`` (their file), or only their key with ``fingerprint``.
+
+        Raises UsageError when there is no such user or key. Connections of a removed key are
+        closed at the next reload of a running bus.
+        """
+        path = self.directory / f"{name}.pub"
+        if not valid_user_name(name) or not path.exists():
+            raise UsageError(f"no user '{name}' in {self.directory}")
+        if fingerprint is None:
+            path.unlink()
+            return
+        kept, removed = [], 0
+        for line in path.read_text().splitlines():
+            parsed = parse_authorized_keys(line, source=str(path)) if line.strip() else []
+            if parsed and parsed[0].get_fingerprint() == fingerprint:
+                removed += 1
+                continue
+            kept.append(line)
+        if not removed:
+            raise UsageError(f"user '{name}' has no key {fingerprint}")
+        path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def _key_lines(text: str) -> list[str]:
+    """The key lines of authorized_keys ``text``, in the order parse_authorized_keys reads them."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
