@@ -336,6 +336,7 @@ async def _drain(settings: Settings) -> None:
         collector = NodeCollector(settings.drain.node, drain=daemon)
         with serve_metrics(settings.metrics_listen, collector):
             task_group.start_soon(daemon.run)
+            await daemon.ready.wait()  # groups made and status published: now it drains
             notify_systemd("READY=1")
             log.info(
                 "draining",

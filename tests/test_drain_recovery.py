@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -248,3 +249,25 @@ async def test_drain_whose_group_vanished_recreates_it_and_flushes(
     assert target.flushes == 1
     groups = await redis.xinfo_groups(stream)
     assert [g["name"] for g in groups] == [b"node-web1"]
+
+
+async def test_drain_start_up_refused_by_redis_is_one_line_and_a_code(
+    redis: Redis, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """`drainbus drain` whose stream key holds a string: one line and exit 71, no traceback."""
+    keys = Keys(namespace)
+    await redis.set(keys.stream(TOPIC), "not a stream")
+    config = tmp_path / "drain.toml"
+    config.write_text(
+        '[drain]\nnode = "web1"\n[[drain.http_purge]]\nurl = "http://127.0.0.1:9/{path}"\n'
+    )
+    env = {"DRAINBUS_REDIS_URL": redis_url, "DRAINBUS_NAMESPACE": namespace}
+    ran = await asyncio.to_thread(
+        drainbus_cli, "--log-level", "error", "drain", "--config", str(config), env=env
+    )
+    assert ran.returncode == 71, ran.stderr
+    assert "Traceback" not in ran.stderr
+    line = ran.stderr.strip()
+    assert line.startswith(f"drainbus: cannot drain '{TOPIC}': Redis refused"), line
+    assert "must be a stream" in line
+    assert "\n" not in line

@@ -46,14 +46,14 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.exceptions import RedisError, ResponseError
 
-from drainbus.bus.connection import BLOCK_MS, RedisClient, reader_client
+from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader_client
 from drainbus.bus.streams import Keys, entry_fields, parse_id, stream_info, text
 from drainbus.config import DrainSettings
 from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.receipts import receipt, receipts_topic, target_receipt
 from drainbus.drain.retry import Outcome, merge_outcomes
 from drainbus.drain.targets import LocalCacheTarget, NginxTarget, Target
-from drainbus.errors import DataError, PermissionDenied
+from drainbus.errors import DataError, PermissionDenied, StartupError
 from drainbus.identity import user_key
 from drainbus.metrics import PURGE_SECONDS
 
@@ -165,23 +165,38 @@ class Drain:
 
     async def run(self) -> None:
         """Consume until cancelled. ``ready`` is set once every group is being read."""
-        started = 0
+        await self._start_up()
         async with anyio.create_task_group() as tg:
             for role in self.roles:
-                await self._prepare(role)
-                started += 1
                 tg.start_soon(self._consume, role)
             self._refills_out, refills_in = anyio.create_memory_object_stream[
                 tuple[str, Purge, int]
             ](_REFILL_RECEIPTS_QUEUED)
             tg.start_soon(self._write_refill_receipts, refills_in)
-            if started == len(self.roles):
-                # Publishers waiting for receipts count the nodes whose status is fresh:
-                # say this one is live before saying it is ready.
-                await self._publish_status()
-                self.ready.set()
+            self.ready.set()
 
     # --- start-up ----------------------------------------------------------------------
+
+    async def _start_up(self) -> None:
+        """Make the groups, catch up on what they missed, and say this node is live.
+
+        Raises StartupError (one line, exit 71) when Redis refuses the groups, e.g. because
+        the stream's key holds something else, and BackendUnavailable (69) when it does not
+        answer: not a traceback.
+        """
+        try:
+            for role in self.roles:
+                await self._prepare(role)
+            # Publishers waiting for receipts count the nodes whose status is fresh: say
+            # this one is live before saying it is ready.
+            await self._publish_status()
+        except ResponseError as exc:
+            raise StartupError(
+                f"cannot drain '{self.settings.topic}': Redis refused to set up consumer groups "
+                f"on {self._stream} ({exc}); that key must be a stream (or not exist)"
+            ) from exc
+        except (RedisError, OSError) as exc:
+            raise backend_error(exc, f"setting up the drain of '{self.settings.topic}'") from exc
 
     async def _prepare(self, role: Role) -> None:
         try:
