@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from drainbus.bus.fanout import Batch, Fanout, TrimNotice, _Inbox
-from drainbus.bus.streams import Entry, Keys, StreamId, entry_fields
+from drainbus.bus.streams import ZERO_ID, Entry, Keys, StreamId, entry_fields
 
 TOPIC = "alice/express"
 
@@ -219,3 +219,23 @@ async def test_rejoining_exactly_at_a_batch_boundary_sees_each_message_once() ->
     assert written == [(5, 1), (6, 0)]
     assert parked.position == (6, 0)
     waiting.cancel()
+
+
+async def test_catching_up_drops_a_retried_append_like_the_live_feed(
+    redis_url: str, namespace: str
+) -> None:
+    """An entry stored twice by a retried XADD (same message id) is replayed once."""
+    key = Keys(namespace).stream(TOPIC)
+    async with fanout_on(redis_url, namespace) as (fanout, redis, _heard):
+        for data, message_id in [(b"a", "m1"), (b"b", "m2"), (b"b", "m2"), (b"c", "m3")]:
+            await redis.xadd(key, entry_fields(data, user="alice", message_id=message_id,
+                                               raw=False))  # fmt: skip
+        replayed: list[bytes] = []
+        stream = fanout.follow(TOPIC, ZERO_ID)
+        async for item in stream:
+            assert isinstance(item, Batch)
+            replayed += [m for e in item.entries for m in e.messages()]
+            if replayed[-1:] == [b"c"]:
+                break
+        await stream.aclose()
+    assert replayed == [b"a", b"b", b"c"]

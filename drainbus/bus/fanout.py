@@ -38,6 +38,7 @@ import structlog
 from anyio.abc import TaskGroup
 from redis.exceptions import RedisError
 
+from drainbus.backoff import Backoff
 from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader_client
 from drainbus.bus.streams import (
     ZERO_ID,
@@ -243,23 +244,33 @@ class _Inbox:
         return batches
 
 
+class _RecentIds:
+    """The last ``_RECENT_IDS`` message ids seen: a repeat of one is a retried XADD."""
+
+    def __init__(self) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def is_repeat(self, message_id: str) -> bool:
+        if not message_id:
+            return False
+        if message_id in self._ids:
+            return True
+        self._ids[message_id] = None
+        if len(self._ids) > _RECENT_IDS:
+            self._ids.popitem(last=False)
+        return False
+
+
 @dataclass(eq=False)
 class _TopicReader:
     topic: str
     position: StreamId
     inboxes: set[_Inbox] = field(default_factory=set)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    recent: _RecentIds = field(default_factory=_RecentIds)
 
     def is_repeat(self, message_id: str) -> bool:
-        if not message_id:
-            return False
-        if message_id in self.recent:
-            return True
-        self.recent[message_id] = None
-        if len(self.recent) > _RECENT_IDS:
-            self.recent.popitem(last=False)
-        return False
+        return self.recent.is_repeat(message_id)
 
 
 class Fanout:
@@ -337,7 +348,7 @@ class Fanout:
 
     async def _read_loop(self, reader: _TopicReader) -> None:
         key = self._keys.stream(reader.topic)
-        failures = 0
+        backoff = Backoff("stream_reader_retry")
         with reader.scope:
             while True:
                 client = reader_client(self._redis_url)
@@ -346,7 +357,7 @@ class Fanout:
                         reply = await client.xread(
                             {key: format_id(reader.position)}, count=_READ_COUNT, block=BLOCK_MS
                         )
-                        failures = 0
+                        backoff.succeeded()
                         replies = cast(list[tuple[bytes, list[_Row]]], reply or [])
                         for _key, rows in replies:
                             entries = [Entry.from_redis(i, f) for i, f in rows]
@@ -355,17 +366,9 @@ class Fanout:
                             if fresh:
                                 self._offer(reader, Batch(reader.topic, fresh))
                 except (RedisError, OSError) as exc:
-                    failures += 1
-                    delay = min(2.0, 0.05 * 2**failures)
-                    log.warning(
-                        "stream_reader_retry",
-                        topic=reader.topic,
-                        attempt=failures,
-                        delay=delay,
-                        error=str(exc),
-                        position=format_id(reader.position),
+                    await backoff.failed(
+                        exc, topic=reader.topic, position=format_id(reader.position)
                     )
-                    await anyio.sleep(delay)
                 finally:
                     # Never reuse a connection a cancelled XREAD may have left mid-reply.
                     with anyio.CancelScope(shield=True):
@@ -393,7 +396,10 @@ class Fanout:
         key = self._keys.stream(topic)
         position = after
         started = False
-        failures = 0
+        backoff = Backoff("subscriber_retry")
+        # A retried XADD can store one message twice (see streams.py): the live feed drops
+        # such repeats by message id (_TopicReader), and so does catching up.
+        seen = _RecentIds()
         # Catch-up pages are sized in bytes like inboxes: start from the largest message
         # allowed, then follow the sizes actually seen.
         page = _page_entries(self._inbox_bytes, self._max_message_bytes)
@@ -414,13 +420,15 @@ class Fanout:
                         asked = page
                         entries = await read_after(self._redis, key, position, asked)
                         if entries:
-                            batch = Batch(topic, entries)
-                            yield batch
                             position = entries[-1].id
+                            batch = Batch(topic, entries)
                             page = _page_entries(self._inbox_bytes, batch.nbytes // len(entries))
+                            fresh = [e for e in entries if not seen.is_repeat(e.message_id)]
+                            if fresh:
+                                yield batch if len(fresh) == len(entries) else Batch(topic, fresh)
                         if len(entries) < asked:  # a short page: caught up
                             break
-                    failures = 0
+                    backoff.succeeded()
                     inbox.position = position
                     try:
                         while True:  # live
@@ -434,12 +442,7 @@ class Fanout:
             except (RedisError, OSError) as exc:
                 if not started:
                     raise backend_error(exc, f"subscribing to '{topic}'") from exc
-                failures += 1
-                delay = min(2.0, 0.05 * 2**failures)
-                log.warning(
-                    "subscriber_retry", topic=topic, attempt=failures, delay=delay, error=str(exc)
-                )
-                await anyio.sleep(delay)
+                await backoff.failed(exc, topic=topic)
 
     async def _trim_notice(self, key: str, position: StreamId) -> TrimNotice | None:
         info = await stream_info(self._redis, key)
