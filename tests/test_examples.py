@@ -23,12 +23,13 @@ def test_example_config_loads(path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_readme_toml_blocks_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every ```toml block in the README is a valid (partial) drainbus config."""
+    """Every ```toml block in the README and docs/ is a valid (partial) drainbus config."""
     monkeypatch.setenv("CLOUDFLARE_API_TOKEN", "example-token")
     token_file = tmp_path / "token"
     token_file.write_text("example-token\n")
-    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(blocks) >= 5
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [b for page in pages for b in re.findall(r"```toml\n(.*?)```", page.read_text(), re.S)]
+    assert len(blocks) >= 6
     for block in blocks:
         text = block.replace("/etc/drainbus/cloudflare-token", str(token_file))
         config = tmp_path / "block.toml"
