@@ -250,3 +250,20 @@ async def test_a_stale_refill_evicted_later_gets_a_receipt_of_its_own(
         .splitlines()[1]
         .endswith("web1 pages: 1 object written back by a request in flight, evicted again")
     )
+
+
+async def test_receipts_older_than_the_retention_are_trimmed(
+    start_bus: StartNode, add_user: Callable[[str], User], nginx_env: NginxEnv
+) -> None:
+    """The receipt stream keeps topics.retention of history, like the topic's stream."""
+    root = add_user("root")
+    node = await start_bus(drain=named(drain_config(nginx_env)), topics={"retention": "1h"})
+    receipts = node.bus.keys.stream(receipts_topic("cache-drain"))
+    ancient_ms = int(time.time() * 1000) - 2 * 3600 * 1000
+    await node.bus.redis.xadd(receipts, {"d": "{}"}, id=f"{ancient_ms}-0")
+    result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", "--wait",
+                           stdin=b"acme-blog\n")  # fmt: skip
+    assert result.code == 0
+    ids = [entry_id for entry_id, _ in await node.bus.redis.xrange(receipts)]
+    assert f"{ancient_ms}-0".encode() not in ids
+    assert len(ids) == 1

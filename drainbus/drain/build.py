@@ -60,5 +60,6 @@ async def open_drain(
             cdn_targets=cdn,
             cdn_batch_window=window,
             receipts_max_len=settings.topics.max_len,
+            receipts_retention=settings.topics.retention,
             cdn_busy_for=busy_for,
         )

@@ -66,6 +66,7 @@ _READ_COUNT = 256
 # At most this many entries join one batch; a backlog is read on in the next one.
 _GATHER_MAX = 16 * _READ_COUNT
 _DEAD_LETTER_MAX = 100_000
+_RECEIPTS_TRIM_EVERY = 30.0  # seconds between trims of the receipt stream by age
 _REFILL_RECEIPTS_QUEUED = 1024  # refill receipts waiting to be written, at most
 _REFILL_SLACK_S = 5.0  # how much longer than the refill window a purge is remembered
 
@@ -121,9 +122,11 @@ class Drain:
         cdn_targets: Sequence[Target] = (),
         cdn_batch_window: float = 0.0,
         receipts_max_len: int = 100_000,
+        receipts_retention: float = 7 * 86400.0,
         cdn_busy_for: Callable[[], float] | None = None,
     ) -> None:
-        """``receipts_max_len``: how many receipts the receipt stream keeps (about)."""
+        """``receipts_max_len`` and ``receipts_retention`` (seconds): how many receipts the
+        receipt stream keeps (about), and for how long, like the topic's stream."""
         self.settings = settings
         self.consumer = settings.node
         self.stats = DrainStats()
@@ -136,6 +139,8 @@ class Drain:
         self._dead = keys.dead_letters(settings.topic)
         self._receipts = keys.stream(receipts_topic(settings.topic))
         self._receipts_max_len = receipts_max_len
+        self._receipts_retention_ms = int(receipts_retention * 1000)
+        self._receipts_trimmed = 0.0  # monotonic time of the last trim by age
         self._last_error: dict[bytes, str] = {}
         self._local_targets = local_targets
         self.all_targets: list[Target] = [*local_targets, *cdn_targets]
@@ -564,6 +569,12 @@ class Drain:
                     maxlen=self._receipts_max_len,
                     approximate=True,
                 )
+            if time.monotonic() - self._receipts_trimmed >= _RECEIPTS_TRIM_EVERY:
+                self._receipts_trimmed = time.monotonic()
+                oldest_kept = int(time.time() * 1000) - self._receipts_retention_ms
+                # Exact: a few receipts a second at most, and a small stream would never lose
+                # a whole node to approximate trimming.
+                pipe.xtrim(self._receipts, minid=f"{oldest_kept}-0", approximate=False)
             await pipe.execute()
 
     def _remember_local(self, purges: list[Purge], batch: dict[Purge, list[_Row]]) -> None:
