@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
+import structlog.testing
 
 from drainbus.drain.cache_file import (
     NGINX_CACHE_VERSION,
@@ -925,3 +926,60 @@ async def test_prefix_purge_keeps_its_boundary(
         await cache.purge(Purge(prefixes=frozenset({f"http://{BLOG}{prefix}"})))
     statuses = {page: nginx_env.get(page, BLOG).cache for page in pages}
     assert {page for page, status in statuses.items() if status == "MISS"} == purged
+
+
+@pytest.mark.parametrize(
+    "purge",
+    [
+        Purge(hosts=frozenset({"hop.example"})),
+        Purge(prefixes=frozenset({"https://hop.example/x"})),
+        Purge(urls=frozenset({"https://hop.example/x"})),
+        Purge(hosts=frozenset({"hop.example"}), soft=True),
+    ],
+    ids=["host", "prefix", "url", "host-soft"],
+)
+async def test_ambiguous_key_is_evicted_only_when_every_reading_matches(
+    nginx_env: NginxEnv, purge: Purge
+) -> None:
+    """`httpshop.example/x` is also `https://hop.example/x`: hop.example's owner cannot evict it."""
+    nginx_env.prime("/x", "shop.example")
+    nginx_env.prime("/x", "hop.example")
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(purge) == 1
+    gone = "EXPIRED" if purge.soft else "MISS"
+    assert nginx_env.get("/x", "hop.example").cache == gone
+    assert nginx_env.get("/x", "shop.example").cache == "HIT"
+
+
+async def test_ambiguous_key_is_still_evicted_by_its_tag(nginx_env: NginxEnv) -> None:
+    """A tag names the object, not a reading of its key: the tag purge evicts it."""
+    nginx_env.prime("/x", "shop.example")
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(Purge(tags=frozenset({"shop"}))) == 1
+    assert nginx_env.get("/x", "shop.example").cache == "MISS"
+
+
+@pytest.mark.parametrize(
+    ("key", "warned"),
+    [
+        (CACHE_KEY, True),
+        ("$scheme://$host$request_uri", False),
+        ("$host$request_uri", False),
+    ],
+    ids=["scheme-host", "scheme-colon-host", "host-only"],
+)
+async def test_an_ambiguous_key_template_is_reported_once_at_start(
+    nginx_env: NginxEnv, key: str, warned: bool
+) -> None:
+    """One warning line with an example key and its readings, and the unambiguous fix."""
+    config = NginxCacheConfig(cache_path=nginx_env.cache_path, levels=CACHE_LEVELS, key=key)
+    with structlog.testing.capture_logs() as events:
+        async with NginxCache(config):
+            pass
+    ambiguous = [e for e in events if e["event"] == "nginx_cache_key_ambiguous"]
+    assert len(ambiguous) == (1 if warned else 0)
+    if warned:
+        assert ambiguous[0]["log_level"] == "warning"
+        assert "'shop.example'" in ambiguous[0]["example"]
+        assert "'hop.example'" in ambiguous[0]["example"]
+        assert "$scheme://$host$request_uri" in ambiguous[0]["fix"]

@@ -20,14 +20,19 @@ import sys
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from drainbus.drain.purges import path_under
+
 __all__ = [
     "SUPPORTED_VARIABLES",
     "KeyParts",
     "KeyTemplate",
     "Reading",
+    "host_reading_matches",
+    "prefix_reading_matches",
     "proxy_host_of",
     "template_variables",
     "url_parts",
+    "url_reading_matches",
 ]
 
 #: The variables a key template may use.
@@ -46,6 +51,13 @@ _CAPTURE = {
 # An unknown $proxy_host: any host[:port], up to the first '/'.
 _ANY_PROXY_HOST = r"[^/\s]+"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# URLs whose keys show an ambiguous template: hosts that are another host with a scheme's
+# tail in front ("s" + "hop.example"), over both schemes.
+_AMBIGUITY_PROBES = tuple(
+    f"{scheme}://{host}/x?a=1"
+    for host in ("shop.example", "hop.example", "s.example")
+    for scheme in ("http", "https")
+)
 _HOST_PORT = re.compile(r"(\[[^\]\s]*\]|[^:\[\]\s]+)(?::([0-9]+))?")
 
 
@@ -137,6 +149,35 @@ def url_parts(url: str) -> KeyParts:
 Reading = tuple[str | None, str | None, str | None]
 
 
+# One reading of a key matches a purge item by these rules; a file is purged only when
+# EVERY reading of its key matches (an ambiguous key must not be evicted for a purge that
+# names only one of the objects it may stand for). A reading without a host is an object
+# that serves every host (the key ignores the host).
+
+
+def host_reading_matches(reading: Reading, host: str) -> bool:
+    """Whether ``reading`` belongs to ``host`` (lower case), or to every host."""
+    return reading[0] is None or reading[0] == host
+
+
+def url_reading_matches(reading: Reading, want: KeyParts, *, has_query: bool) -> bool:
+    """Whether ``reading`` is the URL ``want`` (:func:`url_parts`); the query counts only when
+    the key holds it (``has_query``)."""
+    host, path, query = reading
+    return (
+        host in (None, want.host)
+        and path is not None
+        and path == want.path
+        and (not has_query or query == want.query)
+    )
+
+
+def prefix_reading_matches(reading: Reading, want: KeyParts) -> bool:
+    """Whether ``reading`` lies at or under the prefix URL ``want`` (:func:`url_parts`)."""
+    host, path, _ = reading
+    return host in (None, want.host) and path is not None and path_under(path, want.path or "/")
+
+
 class KeyTemplate:
     """An nginx ``proxy_cache_key`` template: renders keys for URLs and reads keys back.
 
@@ -200,6 +241,32 @@ class KeyTemplate:
         values = _url_variables(url)
         values["proxy_host"] = self.proxy_host or ""
         return _VARIABLE.sub(lambda m: values[m[1] or m[2]], self.template)
+
+    def key_means_only(self, key: str, url: str) -> bool:
+        """Whether every reading of ``key`` is ``url``: only then may a URL purge evict it.
+
+        False for a key this template cannot read, and for an ambiguous one
+        (``httpshop.example/x`` with ``$scheme$host$request_uri`` is also
+        ``https://hop.example/x``).
+        """
+        readings = self.readings(key)
+        want = url_parts(url)
+        return bool(readings) and all(
+            url_reading_matches(reading, want, has_query=self.has_query) for reading in readings
+        )
+
+    def ambiguous_example(self) -> tuple[str, tuple[KeyParts, ...]] | None:
+        """A key this template renders that reads back as several objects, with its readings;
+        None when every probe reads back as one (the template is unambiguous)."""
+        template = self
+        if not self.renders:  # probe with a stand-in upstream: only the shape matters
+            template = KeyTemplate(self.template, "127.0.0.1:8080")
+        for url in _AMBIGUITY_PROBES:
+            key = template.render(url)
+            readings = template.invert(key)
+            if len(readings) > 1:
+                return key, readings
+        return None
 
     def _pattern(self, scheme: str) -> re.Pattern[str]:
         pattern, seen, last = [], set(), 0
