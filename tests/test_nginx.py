@@ -983,3 +983,17 @@ async def test_an_ambiguous_key_template_is_reported_once_at_start(
         assert "'shop.example'" in ambiguous[0]["example"]
         assert "'hop.example'" in ambiguous[0]["example"]
         assert "$scheme://$host$request_uri" in ambiguous[0]["fix"]
+
+
+@pytest.mark.parametrize("tag", ["mixedcase", "MIXEDCASE", "MixedCase"])
+async def test_tag_purge_ignores_ascii_case_as_cloudflare_does(
+    origin: Origin, nginx_env: NginxEnv, tag: str
+) -> None:
+    """`tag:mixedcase` evicts what the origin tagged `MixedCase`, and nothing else."""
+    origin.path_tags["/mixed/"] = ["MixedCase"]
+    nginx_env.prime("/mixed/1", BLOG)
+    nginx_env.prime("/other", BLOG)
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(Purge(tags=frozenset({tag}))) == 1
+    assert nginx_env.get("/mixed/1", BLOG).cache == "MISS"
+    assert nginx_env.get("/other", BLOG).cache == "HIT"

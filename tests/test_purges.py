@@ -13,6 +13,7 @@ from drainbus.drain.purges import (
     Purge,
     ScopeRule,
     check_scope,
+    fold_tag,
     key_host_for,
     parse_purge,
     url_matches_prefix,
@@ -623,3 +624,13 @@ def test_an_empty_user_name_owns_nothing() -> None:
 def test_url_matches_prefix(url: str, prefix: str, matches: bool) -> None:
     """Prefix matching respects path boundaries and ignores scheme, port, query and case of host."""
     assert url_matches_prefix(url, prefix) is matches
+
+
+@pytest.mark.parametrize(
+    ("tag", "folded"),
+    [("MixedCase", "mixedcase"), ("seg-CAFÉ", "seg-cafÉ"), ("a:B/c", "a:b/c")],
+    ids=["ascii", "only-ascii-folds", "punctuation-kept"],
+)
+def test_tags_fold_ascii_case_only(tag: str, folded: str) -> None:
+    """Every target compares tags with ASCII case folded, as Varnish's std.tolower can."""
+    assert fold_tag(tag) == folded

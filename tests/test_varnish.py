@@ -203,3 +203,19 @@ def test_shipped_default_vcl_compiles(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("line", ["tag:mixedcase", "tag:MIXEDCASE"])
+async def test_tag_purge_ignores_ascii_case_as_cloudflare_does(
+    start_bus: StartNode, add_user: Callable[[str], User], tmp_path: Path, line: str
+) -> None:
+    """The shipped VCL stores and purges tags lower-cased: any case of a tag evicts it."""
+    origin = Origin(path_tags={"/mixed/": ["MixedCase"]})
+    with run_varnish_env(tmp_path / "varnish", origin) as env:
+        env.prime("/mixed/1", SITE)
+        env.prime("/other", SITE)
+        await publish(start_bus, add_user("root"), env, line)
+        assert cache_states(env, [(SITE, "/mixed/1"), (SITE, "/other")]) == {
+            (SITE, "/mixed/1"): "MISS",
+            (SITE, "/other"): "HIT",
+        }

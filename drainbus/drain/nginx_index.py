@@ -22,6 +22,7 @@ import contextlib
 import errno
 import itertools
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +51,7 @@ from drainbus.drain.key_template import (
     url_parts,
     url_reading_matches,
 )
+from drainbus.drain.purges import fold_tag
 from drainbus.errors import BackendError, DrainbusError, StartupError
 
 __all__ = ["CacheEntry", "CacheIndex", "FileAdded"]
@@ -75,7 +77,8 @@ FileAdded = Callable[[str, CacheHead], None]
 
 
 class CacheEntry(NamedTuple):
-    """One indexed cache file: its key, its tags (sorted) and every reading of the key."""
+    """One indexed cache file: its key, its tags (folded by :func:`fold_tag`, sorted) and
+    every reading of the key."""
 
     key: str
     tags: tuple[str, ...]
@@ -179,7 +182,9 @@ def _add(tables: _Tables, template: KeyTemplate, path: str, data: bytes) -> Cach
         tables.invalid += 1
         tables.remove(path)
         return None
-    tables.add(path, (head.key, head.tags, template.readings(head.key)))
+    # Tags are kept folded (purges.fold_tag): tag purges match them case-insensitively.
+    tags = tuple(sorted({sys.intern(fold_tag(tag)) for tag in head.tags}))
+    tables.add(path, (head.key, tags, template.readings(head.key)))
     return head
 
 
@@ -403,8 +408,8 @@ class CacheIndex:
         return {path for path in candidates if _key_of(tables.entries[path]) == key}
 
     def paths_for_tag(self, tag: str) -> set[str]:
-        """Files tagged ``tag`` (exact, case-sensitive)."""
-        return set(self._tables.by_tag.get(tag, ()))
+        """Files tagged ``tag``, whole tags compared ignoring ASCII case (:func:`fold_tag`)."""
+        return set(self._tables.by_tag.get(fold_tag(tag), ()))
 
     def paths_for_host(self, host: str) -> set[str]:
         """Files of ``host`` (case-insensitive), including objects whose key ignores the host.

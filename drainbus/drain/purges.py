@@ -39,6 +39,7 @@ __all__ = [
     "Purge",
     "ScopeRule",
     "check_scope",
+    "fold_tag",
     "key_host_for",
     "parse_purge",
     "path_prefix_regex",
@@ -202,6 +203,23 @@ def check_scope(purge: Purge, *, user: str, is_admin: bool, rule: ScopeRule) -> 
         owned = f"user {user!r} may purge only keys {user!r} and {user + sep + '*'!r}"
         owned += " and their hosts" if rule.key_host else "; hosts, URLs and prefixes need an admin"
         raise PermissionDenied(f"purge of {kind} {_show(item)} refused: {owned}", user=user)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_tag(tag: str) -> str:
+    """``tag`` as every target compares it: ASCII letters lower-cased, the rest as it is.
+
+    Cloudflare matches cache tags case-insensitively ("Are Cache-Tags Case Sensitive? No,
+    Cache-Tags are case insensitive. That is, tag1 and Tag1 are the same", Cloudflare's
+    support article "How to Purge Cache Using Cache-Tags",
+    https://support.cloudflare.com/hc/en-us/articles/206596608). The nginx index and the
+    shipped Varnish VCL (``std.tolower``, which folds ASCII only) compare folded tags, so
+    ``tag:mixedcase`` evicts what carries ``MixedCase`` on every target. Only ASCII letters
+    fold, as Varnish can fold nothing else: ``café`` and ``CAFÉ`` stay two tags there.
+    """
+    return tag.translate(_ASCII_LOWER)
 
 
 def path_under(path: str, prefix: str) -> bool:

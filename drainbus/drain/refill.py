@@ -52,7 +52,7 @@ from drainbus.drain.key_template import (
     url_parts,
     url_reading_matches,
 )
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import Purge, fold_tag
 
 __all__ = ["DEFAULT_REFILL_WINDOW", "RefillGuard", "RefillWindow"]
 
@@ -95,7 +95,11 @@ class RefillWindow:
         ``readings`` are the key's readings by the key template; they are matched as the
         index's lookups match them; ``has_query`` says whether the key holds the query.
         """
-        if self.everything or head.key in self.url_keys or not self.tags.isdisjoint(head.tags):
+        if (
+            self.everything
+            or head.key in self.url_keys
+            or not self.tags.isdisjoint(map(fold_tag, head.tags))
+        ):
             return True
         if not readings:
             return False
@@ -226,7 +230,7 @@ class RefillGuard:
             urls=tuple(url_parts(url) for url in purge.urls),
             prefixes=tuple(url_parts(url) for url in purge.prefixes),
             hosts=frozenset(host.lower() for host in hosts),
-            tags=frozenset(purge.tags | purge.keys),
+            tags=frozenset(map(fold_tag, purge.tags | purge.keys)),
         )
         self._windows.append(window)
         self._opened.set()
