@@ -30,7 +30,7 @@ from drainbus.drain.nginx import (
     cache_file_path,
     render_key,
 )
-from drainbus.drain.purges import Purge, ScopeRule
+from drainbus.drain.purges import Purge, ScopeRule, parse_purge
 from drainbus.drain.targets import NginxTarget
 from drainbus.errors import ConfigError, ExitCode
 from tests.nginx_env import (
@@ -996,4 +996,17 @@ async def test_tag_purge_ignores_ascii_case_as_cloudflare_does(
     async with NginxCache(nginx_config(nginx_env)) as cache:
         assert await cache.purge(Purge(tags=frozenset({tag}))) == 1
     assert nginx_env.get("/mixed/1", BLOG).cache == "MISS"
+    assert nginx_env.get("/other", BLOG).cache == "HIT"
+
+
+async def test_non_ascii_tags_from_the_origin_are_purged(
+    origin: Origin, nginx_env: NginxEnv
+) -> None:
+    """`Cache-Tag: seg-café` (UTF-8, as origins send it) is evicted by `tag:seg-café`."""
+    origin.path_tags["/cafe/"] = ["seg-café"]
+    nginx_env.prime("/cafe/1", BLOG)
+    nginx_env.prime("/other", BLOG)
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(parse_purge("tag:seg-café")) == 1
+    assert nginx_env.get("/cafe/1", BLOG).cache == "MISS"
     assert nginx_env.get("/other", BLOG).cache == "HIT"

@@ -40,6 +40,10 @@ NO_HOSTS = ScopeRule()
             Purge(tags=frozenset({"acme-blog:posts/42_a.b"})),
             id="tag-charset",
         ),
+        pytest.param("tag:seg-café", Purge(tags=frozenset({"seg-café"})), id="tag-non-ascii"),
+        pytest.param("tag:Ünïcødé-标签", Purge(tags=frozenset({"Ünïcødé-标签"})), id="tag-scripts"),
+        pytest.param("tag:*", Purge(tags=frozenset({"*"})), id="tag-star"),
+        pytest.param("tag:a;b", Purge(tags=frozenset({"a;b"})), id="tag-semicolon"),
         pytest.param(
             "https://Acme.Pages.Example/Blog/Post?Page=2",
             Purge(urls=frozenset({"https://acme.pages.example/Blog/Post?Page=2"})),
@@ -212,8 +216,9 @@ def test_purges_are_hashable_values() -> None:
         pytest.param("tag:a\tb", "contains whitespace", id="tag-tab"),
         pytest.param("tag:a\x1bb", "control character", id="tag-escape"),
         pytest.param("tag:a\u00a0b", "contains whitespace", id="tag-nbsp"),
-        pytest.param("tag:*", "tag '*' contains '*'", id="tag-star"),
-        pytest.param("tag:a;b", "contains ';'", id="tag-semicolon"),
+        pytest.param("tag:a\u200bb", r"control character '\u200b'", id="tag-zero-width-space"),
+        pytest.param("tag:a\u2003b", "contains whitespace", id="tag-em-space"),
+        pytest.param("tag:a\u0085b", "contains whitespace", id="tag-next-line"),
         # URLs
         pytest.param("url:", "URL is empty", id="url-empty"),
         pytest.param("url:/acme", "is not an absolute http:// or https:// URL", id="url-relative"),

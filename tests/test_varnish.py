@@ -219,3 +219,18 @@ async def test_tag_purge_ignores_ascii_case_as_cloudflare_does(
             (SITE, "/mixed/1"): "MISS",
             (SITE, "/other"): "HIT",
         }
+
+
+async def test_non_ascii_tag_is_published_and_purged(
+    start_bus: StartNode, add_user: Callable[[str], User], tmp_path: Path
+) -> None:
+    """`pub` accepts `tag:seg-café` and the drain sends it (UTF-8) to Varnish's xkey."""
+    origin = Origin(path_tags={"/cafe/": ["seg-café"]})
+    with run_varnish_env(tmp_path / "varnish", origin) as env:
+        env.prime("/cafe/1", SITE)
+        env.prime("/other", SITE)
+        await publish(start_bus, add_user("root"), env, "tag:seg-café")
+        assert cache_states(env, [(SITE, "/cafe/1"), (SITE, "/other")]) == {
+            (SITE, "/cafe/1"): "MISS",
+            (SITE, "/other"): "HIT",
+        }

@@ -379,7 +379,12 @@ class HttpPurger:
         async def attempt() -> Verdict:
             try:
                 response = await client.request(
-                    request.method, request.url, headers=request.headers
+                    request.method,
+                    request.url,
+                    # UTF-8, as origins send non-ASCII tags (httpx would refuse non-ASCII).
+                    headers=[
+                        (name.encode(), value.encode()) for name, value in request.headers.items()
+                    ],
                 )
             except httpx.InvalidURL as exc:
                 return Verdict("permanent", f"{what}: invalid URL {request.url!r}: {exc}")

@@ -17,8 +17,10 @@ the file, Cloudflare invalidates, some HTTP caches soft-purge); the scope rules 
 
 :func:`parse_purge` turns a line into a :class:`Purge` or raises :class:`DataError`;
 :func:`check_scope` decides whether a user may publish it or raises :class:`PermissionDenied`.
-Keys and tags end up in HTTP header values and Cloudflare tag lists, so their character set is
-narrow on purpose. Prefixes match on path boundaries (:func:`url_matches_prefix`).
+Keys also name hosts (``key_host``), so their character set is narrow on purpose; tags are
+whatever origins send in ``Cache-Tag`` (any printable UTF-8 but whitespace and ','), checked
+against Cloudflare's rules so they never fail at the API. Prefixes match on path boundaries
+(:func:`url_matches_prefix`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ MAX_JSON_ITEMS = 1000
 """Most items in any one list of a JSON purge."""
 
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_TAG = re.compile(r"[A-Za-z0-9._:/-]+")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _FORMS = (
     "a bare key, tag:KEY, url:URL, prefix:URL, host:NAME, an http(s):// URL, '*' "
@@ -340,7 +341,27 @@ def _key(value: str) -> str:
 
 
 def _tag(value: str) -> str:
-    return _token("tag", value, _TAG, "letters, digits, '.', '_', '-', ':' and '/'")
+    """Check a tag: 1 to MAX_TOKEN_LENGTH printable characters, any script, no space or comma.
+
+    Cloudflare's rules (https://developers.cloudflare.com/cache/how-to/purge-cache/purge-by-tags/
+    and the support article https://support.cloudflare.com/hc/en-us/articles/206596608):
+    "Spaces are not allowed in Cache-Tags"; commas separate tags in the ``Cache-Tag`` header
+    ("Use commas to separate the tags"), so a tag holding one could never match; "For cache
+    purges, the maximum length of cache-tags in an API call is 1,024 characters". Origins
+    send non-ASCII tags (``Cache-Tag: seg-café``, as UTF-8), so any other printable
+    character is a tag character; control and invisible format characters are not.
+    """
+    if not value:
+        raise DataError(f"tag is empty; a tag is 1 to {MAX_TOKEN_LENGTH:,} characters")
+    if len(value) > MAX_TOKEN_LENGTH:
+        raise DataError(f"tag is {len(value)} characters; a tag is at most {MAX_TOKEN_LENGTH:,}")
+    bad = next((c for c in value if c == "," or c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise DataError(
+            f"tag {_show(value)} contains {_describe(bad)}; a tag may contain any printable "
+            "character but whitespace and ','"
+        )
+    return value
 
 
 def _url(value: str, *, kind: str = "URL") -> str:
