@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -493,6 +494,48 @@ async def test_purges_cloudflare_would_refuse_fail_without_a_call(
     assert "1025 characters" in (outcomes[0].error or "")
     assert "query string" in (outcomes[1].error or "")
     assert [c.items for c in fake.received] == [["fine"]]
+
+
+@pytest.mark.parametrize(
+    ("purge", "rule"),
+    [
+        pytest.param(Purge(hosts=frozenset({"192.0.2.7"})), "IP address", id="host-ip"),
+        pytest.param(Purge(prefixes=frozenset({"https://a.example" + "/a" * 32})),
+                     "more than 31 path separators", id="prefix-32-slashes"),
+        pytest.param(tags("seg café"), "space", id="tag-space"),
+        pytest.param(tags("a,b"), "comma", id="tag-comma"),
+    ],
+)  # fmt: skip
+async def test_stored_purges_cloudflare_refuses_fail_without_a_call(
+    fake: FakeCloudflare, forwarder: MakeForwarder, purge: Purge, rule: str
+) -> None:
+    """Entries stored before pub refused these are permanent locally, never a refused call."""
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([purge, tags("fine")])
+
+    assert [o.status for o in outcomes] == ["permanent", "done"]
+    assert rule in (outcomes[0].error or "")
+    assert [c.items for c in fake.received] == [["fine"]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"hosts": ["192.0.2.7"]},
+        {"prefixes": ["a.example" + "/a" * 32]},
+        {"tags": ["seg café"]},
+    ],
+    ids=["host-ip", "prefix-32-slashes", "tag-space"],
+)
+def test_the_fake_refuses_what_cloudflare_refuses(
+    fake: FakeCloudflare, body: dict[str, Any]
+) -> None:
+    """The stand-in answers these with a 400 as the real API does, so no test relies on them."""
+    status, payload, _ = fake.handle(
+        "/client/v4/zones/zone-a/purge_cache", f"Bearer {TOKEN}", json.dumps(body).encode()
+    )
+    assert status == 400
+    assert payload["success"] is False
 
 
 # -- secrets and configuration -------------------------------------------------------------

@@ -161,8 +161,13 @@ async def test_site_owner_purges_own_site_but_not_others(
         pytest.param("url:ftp://x.example/", "http", id="bad-url"),
         pytest.param("frob:x", "frob", id="unknown-word"),
         pytest.param("{not json", "JSON", id="bad-json"),
+        # What Cloudflare would refuse never reaches the stream (nor the dead letters).
+        pytest.param("host:192.0.2.7", "is an IP address", id="host-ip"),
+        pytest.param("prefix:https://h.example" + "/a" * 32, "at most 31 path separators",
+                     id="prefix-32-slashes"),
+        pytest.param("tag:seg café", "contains whitespace", id="tag-space"),
     ],
-)
+)  # fmt: skip
 async def test_malformed_purge_is_rejected_with_65(
     start_bus: StartNode, add_user: Callable[[str], User], line: str, rule: str
 ) -> None:

@@ -41,6 +41,11 @@ NO_HOSTS = ScopeRule()
             id="tag-charset",
         ),
         pytest.param("tag:seg-café", Purge(tags=frozenset({"seg-café"})), id="tag-non-ascii"),
+        pytest.param(
+            "prefix:https://h.example" + "/a" * 31,
+            Purge(prefixes=frozenset({"https://h.example" + "/a" * 31})),
+            id="prefix-31-slashes",
+        ),
         pytest.param("tag:Ünïcødé-标签", Purge(tags=frozenset({"Ünïcødé-标签"})), id="tag-scripts"),
         pytest.param("tag:*", Purge(tags=frozenset({"*"})), id="tag-star"),
         pytest.param("tag:a;b", Purge(tags=frozenset({"a;b"})), id="tag-semicolon"),
@@ -81,9 +86,6 @@ NO_HOSTS = ScopeRule()
             id="host-lowered",
         ),
         pytest.param("host:localhost", Purge(hosts=frozenset({"localhost"})), id="single-label"),
-        pytest.param("host:192.0.2.7", Purge(hosts=frozenset({"192.0.2.7"})), id="ipv4"),
-        pytest.param("host:2001:DB8::0:1", Purge(hosts=frozenset({"2001:db8::1"})), id="ipv6"),
-        pytest.param("host:[::1]", Purge(hosts=frozenset({"::1"})), id="ipv6-bracketed"),
         pytest.param("*", Purge(everything=True), id="everything"),
     ],
 )
@@ -261,6 +263,27 @@ def test_purges_are_hashable_values() -> None:
         pytest.param("host:" + "a" * 64 + ".example", "is not a DNS name", id="host-long-label"),
         pytest.param("host:" + "a." * 127 + "aa", "is not a DNS name", id="host-over-253"),
         pytest.param("host:192.0.2.999", "is not a DNS name", id="host-bad-ipv4"),
+        # Cloudflare purges host names only: an IP address is refused at pub.
+        pytest.param("host:192.0.2.7", "host '192.0.2.7' is an IP address", id="host-ipv4"),
+        pytest.param("host:2001:DB8::0:1", "is an IP address", id="host-ipv6"),
+        pytest.param("host:[::1]", "host '[::1]' is an IP address", id="host-ipv6-bracketed"),
+        pytest.param(
+            '{"hosts": ["h.example", "10.0.0.1"]}',
+            "item 1: host '10.0.0.1' is an IP",
+            id="json-host-ip",
+        ),
+        # Cloudflare: "Path separators are limited to 31 for a prefix".
+        pytest.param(
+            "prefix:https://h.example" + "/a" * 32,
+            "has 32 '/' in its path; Cloudflare takes at most 31",
+            id="prefix-32-slashes",
+        ),
+        pytest.param(
+            "prefix:https://h.example" + "/a" * 31 + "/",
+            "has 32 '/'",
+            id="prefix-32-slashes-trailing",
+        ),
+        pytest.param("tag:seg café", "contains whitespace", id="tag-space-non-ascii"),
         pytest.param("host:[192.0.2.7]", "is not a DNS name", id="host-bracketed-ipv4"),
         pytest.param("host:https://h.example/", "is not a DNS name", id="host-url"),
         # soft:

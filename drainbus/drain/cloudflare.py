@@ -3,7 +3,9 @@
 How a batch becomes API calls
 -----------------------------
 1. Each purge is checked first against rules Cloudflare would refuse it for (a tag over
-   1,024 characters, a prefix with a query string, a URL that is not ``http(s)``). Such a
+   1,024 characters or with a space or comma, a prefix with a query string or more than 31
+   path separators, a host that is an IP address, a URL that is not ``http(s)``); ``pub``
+   refuses them already, this catches entries stored before it did. Such a
    purge is ``permanent`` without a call, so it cannot fail a call shared with its neighbours.
 2. Items are routed to zones. ``keys`` (sent as tags), ``tags`` and ``everything`` go to every
    zone. A URL, host or prefix goes to the zones whose ``hosts`` match its host most
@@ -58,6 +60,7 @@ httpx exceptions are turned into plain messages (class and text), never re-raise
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import random
 import re
@@ -74,7 +77,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import MAX_PREFIX_SEPARATORS, Purge
 from drainbus.drain.retry import (
     Clock,
     Outcome,
@@ -340,11 +343,14 @@ def _check(purge: Purge, url_hosts: Mapping[str, str | None]) -> str | None:
     """Why Cloudflare would refuse this purge, or None. ``url_hosts`` maps each of its URLs
     to :func:`_url_host` of it (worked out once: a burst has thousands)."""
     for tag in sorted(purge.keys | purge.tags):
+        shown = tag[:40] + "…" if len(tag) > 40 else tag
         if not tag or len(tag) > MAX_TAG_LENGTH:
-            shown = tag[:40] + "…" if len(tag) > 40 else tag
             return (
                 f"tag {shown!r} has {len(tag)} characters: Cloudflare accepts 1 to {MAX_TAG_LENGTH}"
             )
+        # "Spaces are not allowed in Cache-Tags"; commas separate them (purge-by-tags docs).
+        if any(c == "," or c.isspace() or not c.isprintable() for c in tag):
+            return f"tag {shown!r} holds a space, comma or control character: Cloudflare refuses it"
     for url in sorted(purge.urls):
         if url_hosts[url] is None:
             return f"URL {url!r} is not an absolute http(s) URL"
@@ -354,10 +360,25 @@ def _check(purge: Purge, url_hosts: Mapping[str, str | None]) -> str | None:
         parts = urlsplit(prefix)
         if parts.query or parts.fragment or "?" in prefix:
             return f"prefix {prefix!r} has a query string: Cloudflare prefixes are host/path"
+        if parts.path.count("/") > MAX_PREFIX_SEPARATORS:
+            return (
+                f"prefix {prefix!r} has more than {MAX_PREFIX_SEPARATORS} path separators: "
+                "Cloudflare refuses it (purge_by_prefix docs, Limitations)"
+            )
     for host in sorted(purge.hosts):
         if not _normalise_host(host):
             return "an empty host cannot be purged"
+        if _is_ip_address(host):
+            return f"host {host!r} is an IP address: Cloudflare purges host names only"
     return None
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _describe_errors(response: httpx.Response) -> tuple[bool, str, str | None]:

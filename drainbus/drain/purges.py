@@ -6,7 +6,7 @@ One line is one purge::
     tag:KEY                    a cache tag                    Purge(tags={"KEY"})
     url:URL  or  https://...   one URL                        Purge(urls={URL})
     prefix:URL                 every URL at or under a path   Purge(prefixes={URL})
-    host:NAME                  every object of a host         Purge(hosts={"name"})
+    host:NAME                  every object of a DNS name     Purge(hosts={"name"})
     *                          the whole cache (admins only)  Purge(everything=True)
     soft:FORM                  any form above, soft           Purge(..., soft=True)
                                (soft:acme-blog, soft:tag:KEY, soft:https://..., soft:*, ...)
@@ -37,6 +37,7 @@ from drainbus.errors import ConfigError, DataError, PermissionDenied
 
 __all__ = [
     "MAX_JSON_ITEMS",
+    "MAX_PREFIX_SEPARATORS",
     "MAX_TOKEN_LENGTH",
     "Purge",
     "ScopeRule",
@@ -133,7 +134,7 @@ def _parse_form(text: str) -> Purge:
     if word == "prefix":
         return Purge(prefixes=frozenset({_prefix(value)}))
     if word == "host":
-        return Purge(hosts=frozenset({_host(value)}))
+        return Purge(hosts=frozenset({_host_name(value)}))
     raise DataError(f"unknown purge form {_show(word + ':')}; use {_FORMS}")
 
 
@@ -280,7 +281,7 @@ def _parse_json(text: str) -> Purge:
         tags=_json_list(data, "tags", _tag),
         urls=_json_list(data, "urls", _url),
         prefixes=_json_list(data, "prefixes", _prefix),
-        hosts=_json_list(data, "hosts", _host),
+        hosts=_json_list(data, "hosts", _host_name),
         keys=_json_list(data, "keys", _key),
         everything=_json_flag(data, "everything"),
         soft=_json_flag(data, "soft"),
@@ -393,11 +394,47 @@ def _url(value: str, *, kind: str = "URL") -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}{rest}"
 
 
+MAX_PREFIX_SEPARATORS = 31
+"""Most '/' in a prefix's path: "Path separators are limited to 31 for a prefix"
+(https://developers.cloudflare.com/cache/how-to/purge-cache/purge_by_prefix/, Limitations)."""
+
+
 def _prefix(value: str) -> str:
     url = _url(value, kind="prefix URL")
     if "?" in url:
         raise DataError(f"prefix URL {_show(value)} has a query string; a prefix is a path only")
+    separators = urlsplit(url).path.count("/")
+    if separators > MAX_PREFIX_SEPARATORS:
+        raise DataError(
+            f"prefix URL {_show(value)} has {separators} '/' in its path; Cloudflare takes at "
+            f"most {MAX_PREFIX_SEPARATORS} path separators in a prefix"
+        )
     return url
+
+
+def _host_name(value: str) -> str:
+    """Check the value of ``host:`` (and JSON ``hosts``): a DNS name, not an IP address.
+
+    Cloudflare purges by hostname ("Hostnames, such as www.example.com", the ``hosts``
+    field of POST /zones/{zone_id}/purge_cache in Cloudflare's API reference;
+    https://developers.cloudflare.com/cache/how-to/purge-cache/purge-by-hostname/): a zone
+    serves names, so an IP address is never one of its hosts and the call is refused.
+    """
+    host = _host(value)
+    if _is_ip(host):
+        raise DataError(
+            f"host {_show(value)} is an IP address; Cloudflare purges host names only, so give "
+            "the site's DNS name (or purge its URLs)"
+        )
+    return host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _host(value: str) -> str:

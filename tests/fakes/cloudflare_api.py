@@ -9,7 +9,8 @@ tests. It checks what Cloudflare checks and answers the way Cloudflare answers:
   ``purge_everything: true``, else 400 code 1012;
 * at most 100 items per call (files: 500 on Enterprise), else 400 code 1013;
 * items must be well-formed: files are http(s) URLs (or ``{"url": …}``), prefixes carry no
-  scheme and no query string, tags are 1..1024 characters, hosts are bare names; else 400
+  scheme and no query string and at most 31 '/', tags are 1..1024 characters without spaces
+  or commas, hosts are bare names and not IP addresses; else 400
   code 1014 (also for tags listed in ``bad_tags``);
 * a token bucket per account (the token's account) for tag/host/prefix/everything calls and
   one for URLs, with the plan's figures or the test's: a call that finds too few tokens gets
@@ -28,6 +29,7 @@ does. Tests can script the next answers (:meth:`FakeCloudflare.fail_next`,
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import math
 import re
@@ -411,11 +413,27 @@ class FakeCloudflare:
                 return 1014, f"Invalid url {value!r}"
             if kind == "prefixes" and ("://" in value or "?" in value):
                 return 1014, f"Invalid prefix {value!r}: no scheme or query string"
-            if kind == "tags" and (len(value) > 1024 or value in self.bad_tags):
+            # "Path separators are limited to 31 for a prefix" (purge_by_prefix docs).
+            if kind == "prefixes" and value.count("/") > 31:
+                return 1014, f"Invalid prefix {value[:40]!r}: more than 31 path separators"
+            # "Spaces are not allowed in Cache-Tags"; commas separate tags (purge-by-tags docs).
+            if kind == "tags" and (
+                len(value) > 1024
+                or value in self.bad_tags
+                or any(c == "," or c.isspace() for c in value)
+            ):
                 return 1014, f"Invalid tag {value[:40]!r}"
-            if kind == "hosts" and ("/" in value or ":" in value):
+            if kind == "hosts" and ("/" in value or ":" in value or _is_ip(value)):
                 return 1014, f"Invalid host {value!r}"
         return None
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 class _Handler(BaseHTTPRequestHandler):
