@@ -42,9 +42,13 @@ through those two signals. When the bucket would make a call wait longer than
 Outcomes
 --------
 A purge is ``done`` only if every call carrying any of its items answered
-``"success": true`` with a 2xx status. A 4xx other than 408/425/429 is ``permanent`` (the
-error names the zone, the HTTP status and Cloudflare's codes and messages). 5xx, 408, 425,
-429, timeouts, connection errors and a 2xx without ``"success": true`` are retried by
+``"success": true`` with a 2xx status. Cloudflare's ``errors[].code`` decides first: a
+rate-limit code (:data:`RATE_LIMIT_CODES`, 1134) is retried with back-off whatever the
+status; a code that can never succeed (:data:`PERMANENT_CODES`: authentication, zone not
+found, invalid item) is ``permanent``; any other code is retried. Without codes the status
+decides: a 4xx other than 408/425/429 is ``permanent`` (the error names the zone, the HTTP
+status and Cloudflare's codes and messages); 5xx, 408, 425, 429, timeouts, connection errors
+and a 2xx without ``"success": true`` are retried by
 :func:`~drainbus.drain.retry.run_with_retry`; if they outlast it the purge is
 ``retry_later``. A purge with parts of both kinds is ``permanent``: redelivery cannot help it.
 A ``done`` outcome's ``reference`` is Cloudflare's purge id (``result.id``) of the call that
@@ -98,7 +102,9 @@ from drainbus.errors import ConfigError
 
 __all__ = [
     "MAX_TAG_LENGTH",
+    "PERMANENT_CODES",
     "PLAN_LIMITS",
+    "RATE_LIMIT_CODES",
     "CloudflareForwarder",
     "CloudflareStats",
     "CloudflareZoneConfig",
@@ -379,6 +385,39 @@ def _is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# Cloudflare's ``errors[].code`` decides before the HTTP status does. Codes from Cloudflare's
+# API reference for POST /zones/{zone_id}/purge_cache (its 4XX examples: 1092 "Request cannot
+# contain "purge_everything" and any of ...", 1134 "Unable to purge, rate limit reached.
+# Please wait and consider throttling your request speed"; 1136 for a URL purge of an
+# environment chosen by IP, country, ASN or threat score) and from answers Cloudflare's API
+# is seen to give (10000 "Authentication error", 9109 "Unauthorized to access requested
+# resource", 7000/7003 no route / "Could not route to /zones/…, perhaps your object
+# identifier is invalid?", 1014 invalid purge field, 1107 "Only enterprise zones can purge
+# by tag"). A rate-limit code is retried with back-off whatever the status (Cloudflare has
+# sent it with 429, 400 and 200 "success": false); only codes that can never succeed are
+# permanent; any other code is retried, and redelivery bounds it.
+RATE_LIMIT_CODES: Final = frozenset({1134})
+PERMANENT_CODES: Final = frozenset({10000, 9109, 7000, 7003, 1014, 1092, 1107, 1136})
+
+
+def _error_codes(response: httpx.Response) -> frozenset[int]:
+    """The integer ``errors[].code`` values of a Cloudflare answer (empty if none)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return frozenset()
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list):
+        return frozenset()
+    return frozenset(
+        e["code"]
+        for e in errors
+        if isinstance(e, dict)
+        and isinstance(e.get("code"), int)
+        and not isinstance(e["code"], bool)
+    )
 
 
 def _describe_errors(response: httpx.Response) -> tuple[bool, str, str | None]:
@@ -742,8 +781,10 @@ class CloudflareForwarder:
         rate = parse_ratelimit(response.headers.get("ratelimit"))
         if rate is not None:
             bucket.observe(rate)
+        codes = _error_codes(response)
+        rate_limited = response.status_code == 429 or bool(codes & RATE_LIMIT_CODES)
         retry_after = None
-        if response.status_code == 429:
+        if rate_limited:
             self._rate_limited += 1
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             if retry_after is not None:
@@ -754,7 +795,14 @@ class CloudflareForwarder:
         success, detail, reference = _describe_errors(response)
         status = response.status_code
         error = f"{what}: HTTP {status}{detail}"
-        if response.is_success:
+        if rate_limited:
+            verdict = Verdict("transient", error, retry_after=retry_after, http_status=status)
+        elif codes & PERMANENT_CODES:
+            verdict = Verdict("permanent", error, http_status=status)
+        elif codes and not (response.is_success and success):
+            # A code not known to be final: retried, and redelivered if it persists.
+            verdict = Verdict("transient", error, http_status=status)
+        elif response.is_success:
             # A 2xx without "success": true is not a confirmation; retry rather than drop.
             verdict = (
                 Verdict("done", http_status=status, reference=reference)
