@@ -609,6 +609,34 @@ def test_the_fake_refuses_what_cloudflare_refuses(
     assert payload["success"] is False
 
 
+@pytest.mark.parametrize(
+    ("purge", "kind", "item"),
+    [
+        pytest.param(Purge(prefixes=frozenset({"https://h.example:8443/docs"})), "prefixes",
+                     "h.example:8443/docs", id="prefix-keeps-port"),
+        pytest.param(urls("https://h.example:8443/docs/x"), "files",
+                     "https://h.example:8443/docs/x", id="url-keeps-port"),
+        pytest.param(Purge(prefixes=frozenset({"https://h.example:443/docs"})), "prefixes",
+                     "h.example/docs", id="prefix-drops-default-port"),
+        pytest.param(urls("https://h.example:443/docs/x"), "files", "https://h.example/docs/x",
+                     id="url-drops-default-port"),
+        pytest.param(Purge(prefixes=frozenset({"http://h.example:8080/"})), "prefixes",
+                     "h.example:8080/", id="root-prefix-with-port-stays-a-prefix"),
+        pytest.param(Purge(prefixes=frozenset({"http://h.example:80/"})), "hosts",
+                     "h.example", id="root-prefix-default-port-is-the-host"),
+    ],
+)  # fmt: skip
+async def test_urls_and_prefixes_follow_one_port_rule(
+    fake: FakeCloudflare, forwarder: MakeForwarder, purge: Purge, kind: str, item: str
+) -> None:
+    """Cloudflare: "include the port unless it is the default for the scheme", for both."""
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([purge])
+
+    assert [o.status for o in outcomes] == ["done"]
+    assert [(c.kind, c.items) for c in fake.accepted] == [(kind, [item])]
+
+
 # -- secrets and configuration -------------------------------------------------------------
 
 

@@ -16,8 +16,10 @@ How a batch becomes API calls
 3. Per zone and endpoint (``purge_cache``; ``invalidate_cache`` for ``soft`` purges and for
    zones in ``mode="invalidate"``) items of one kind are deduplicated and packed into calls
    of at most 100 items (files: 500 on Enterprise). A prefix at a host's root is sent as a
-   host purge, and a scheme is never sent. A hard ``purge_everything`` for a zone absorbs
-   every other call for that zone; a soft one absorbs the zone's other soft calls.
+   host purge, and a scheme is never sent. URLs and prefixes keep a port that is not the
+   scheme's default and drop one that is (one rule for both, see :func:`_authority`). A hard
+   ``purge_everything`` for a zone absorbs every other call for that zone; a soft one
+   absorbs the zone's other soft calls.
 4. Calls run in lanes, one per account and bucket (URL calls, other calls). A lane is
    sequential, so each response's rate headers are read before the next call is paced;
    lanes run concurrently, so slow tag calls on a Free plan never hold up URL calls.
@@ -345,6 +347,40 @@ def _url_host(url: str) -> str | None:
     return _normalise_host(host)
 
 
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _authority(url: str) -> str:
+    """The host of ``url`` as Cloudflare names it in a purge: lower-case, with the port only
+    when it is not the scheme's default.
+
+    The one port rule for URL and prefix purges, from Cloudflare's API reference for
+    POST /zones/{zone_id}/purge_cache ("Include the port unless it is the default for the
+    scheme: 80 for http, 443 for https"): ``https://h:8443/docs`` is ``h:8443/docs`` as a
+    prefix and ``https://h:8443/…`` as a file; ``https://h:443/docs`` is ``h/docs``.
+    """
+    parts = urlsplit(url)
+    host = _normalise_host(parts.hostname or "")
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    port = parts.port
+    if port is None or port == _DEFAULT_PORTS.get(parts.scheme.lower()):
+        return host
+    return f"{host}:{port}"
+
+
+def _file_url(url: str) -> str:
+    """``url`` without a port that is the scheme's default (as :func:`_authority`), else as
+    given."""
+    parts = urlsplit(url)
+    port = parts.port
+    if port is None or port != _DEFAULT_PORTS.get(parts.scheme.lower()):
+        return url
+    netloc = parts.netloc.removesuffix(f":{parts.netloc.rpartition(':')[2]}")
+    rest = url[len(parts.scheme) + len("://") + len(parts.netloc) :]
+    return f"{parts.scheme}://{netloc}{rest}"
+
+
 def _check(purge: Purge, url_hosts: Mapping[str, str | None]) -> str | None:
     """Why Cloudflare would refuse this purge, or None. ``url_hosts`` maps each of its URLs
     to :func:`_url_host` of it (worked out once: a burst has thousands)."""
@@ -653,15 +689,19 @@ class CloudflareForwarder:
             for tag in sorted(purge.keys | purge.tags):
                 add(i, soft, self._zones, "tags", tag, what=tag)
             for url in sorted(purge.urls):
-                add(i, soft, self._route(url_hosts[url] or ""), "files", url, what=url)
+                add(i, soft, self._route(url_hosts[url] or ""), "files", _file_url(url), what=url)
             for host in sorted({_normalise_host(h) for h in purge.hosts}):
                 add(i, soft, self._route(host), "hosts", host, what=host)
             for prefix in sorted(purge.prefixes):
                 host = _url_host(prefix) or ""
+                authority = _authority(prefix)
                 path = urlsplit(prefix).path
-                if path.strip("/"):
-                    add(i, soft, self._route(host), "prefixes", host + path, what=prefix)
-                else:  # a prefix at the root is the whole host
+                if path.strip("/") or authority != host:
+                    # A prefix is "a hostname followed by a path"; the port, when it is not
+                    # the default, stays on it as on a URL (see _authority).
+                    add(i, soft, self._route(host), "prefixes", authority + (path or "/"),
+                        what=prefix)  # fmt: skip
+                else:  # a prefix at the root of a default port is the whole host
                     add(i, soft, self._route(host), "hosts", host, what=prefix)
             if purge.everything:
                 for zone in self._zones:
