@@ -20,7 +20,7 @@ from drainbus.drain.cloudflare import (
     PlanLimits,
     ZoneConfigError,
 )
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import Purge, parse_purge
 from drainbus.drain.retry import (
     RateInfo,
     RetryPolicy,
@@ -635,6 +635,41 @@ async def test_urls_and_prefixes_follow_one_port_rule(
 
     assert [o.status for o in outcomes] == ["done"]
     assert [(c.kind, c.items) for c in fake.accepted] == [(kind, [item])]
+
+
+GERMAN_MOBILE = {"Accept-Language": "de", "CF-Device-Type": "mobile"}
+
+
+async def test_urls_with_headers_are_forwarded_unchanged(
+    fake: FakeCloudflare, forwarder: MakeForwarder
+) -> None:
+    """A JSON urls entry with headers reaches Cloudflare as {"url", "headers"}, as given."""
+    line = json.dumps({"urls": [
+        {"url": "https://a.example/x", "headers": GERMAN_MOBILE},
+        {"url": "https://a.example/x", "headers": {"Accept-Language": "fr"}},
+        "https://a.example/x",
+        "https://a.example/y",
+    ]})  # fmt: skip
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([parse_purge(line)])
+
+    assert [o.status for o in outcomes] == ["done"]
+    sent = sorted(
+        (json.dumps(item, sort_keys=True) for c in fake.accepted for item in c.items), key=str
+    )
+    assert sent == sorted(
+        [
+            json.dumps({"url": "https://a.example/x", "headers": GERMAN_MOBILE}, sort_keys=True),
+            json.dumps({"url": "https://a.example/x", "headers": {"Accept-Language": "fr"}},
+                       sort_keys=True),
+            json.dumps("https://a.example/x"),
+            json.dumps("https://a.example/y"),
+        ],
+        key=str,
+    )  # fmt: skip
+    # Objects and plain URLs never share a call: they are the two forms of "files".
+    for call in fake.accepted:
+        assert len({type(item) for item in call.items}) == 1
 
 
 # -- secrets and configuration -------------------------------------------------------------

@@ -1010,3 +1010,14 @@ async def test_non_ascii_tags_from_the_origin_are_purged(
         assert await cache.purge(parse_purge("tag:seg-café")) == 1
     assert nginx_env.get("/cafe/1", BLOG).cache == "MISS"
     assert nginx_env.get("/other", BLOG).cache == "HIT"
+
+
+async def test_a_url_given_with_headers_is_purged_like_any_url(nginx_env: NginxEnv) -> None:
+    """nginx's key has no request headers: the URL of a {"url", "headers"} entry is evicted."""
+    nginx_env.prime("/x", BLOG)
+    nginx_env.prime("/y", BLOG)
+    line = f'{{"urls": [{{"url": "http://{BLOG}/x", "headers": {{"Accept-Language": "de"}}}}]}}'
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(parse_purge(line)) == 1
+    assert nginx_env.get("/x", BLOG).cache == "MISS"
+    assert nginx_env.get("/y", BLOG).cache == "HIT"

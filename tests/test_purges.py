@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -349,6 +350,45 @@ def test_json_rules_are_enforced(line: str, message: str) -> None:
     with pytest.raises(DataError) as caught:
         parse_purge(line)
     assert message in caught.value.message
+
+
+def test_json_urls_may_carry_request_headers() -> None:
+    """A urls entry with headers keeps them (sorted pairs) and its URL is purged as any URL."""
+    purge = parse_purge(
+        json.dumps({"urls": [
+            {"url": "HTTPS://A.example/x", "headers": {"Accept-Language": "de"}},
+            "https://a.example/x",
+            {"url": "https://a.example/y"},
+        ]})
+    )  # fmt: skip
+    assert purge.urls == {"https://a.example/x", "https://a.example/y"}
+    assert purge.url_headers == {
+        ("https://a.example/x", (("Accept-Language", "de"),)),
+        ("https://a.example/x", ()),
+        ("https://a.example/y", ()),
+    }
+
+
+@pytest.mark.parametrize(
+    ("entry", "rule"),
+    [
+        pytest.param({"url": "https://a.example/x", "headers": {"Bad Name": "x"}},
+                     "not an HTTP header name", id="header-name"),
+        pytest.param({"url": "https://a.example/x", "headers": {"A": "x\r\nB: y"}},
+                     "control character", id="header-crlf"),
+        pytest.param({"url": "https://a.example/x", "headers": {"A": 1}},
+                     "object of header names to strings", id="header-int"),
+        pytest.param({"url": "https://a.example/x", "heads": {}}, "unknown URL entry field",
+                     id="unknown-field"),
+        pytest.param({"headers": {}}, 'a string or {"url"', id="no-url"),
+        pytest.param({"url": "ftp://a.example/x"}, "not an absolute http", id="bad-url"),
+    ],
+)  # fmt: skip
+def test_json_urls_entries_are_checked(entry: dict[str, object], rule: str) -> None:
+    """A urls entry with headers is checked as strictly as a URL line."""
+    with pytest.raises(DataError, match=re.escape(rule)) as caught:
+        parse_purge(json.dumps({"urls": ["https://a.example/ok", entry]}))
+    assert "JSON field 'urls' item 1" in caught.value.message
 
 
 @pytest.mark.parametrize("field", ["tags", "urls", "prefixes", "hosts", "keys"])

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import random
 import re
@@ -119,7 +120,10 @@ __all__ = [
 _log = structlog.get_logger(__name__)
 
 Plan = Literal["free", "pro", "business", "enterprise"]
-_Kind = Literal["files", "tags", "hosts", "prefixes", "purge_everything"]
+# "file_objects": files sent as {"url", "headers"} objects (a call never mixes them with
+# plain URL strings, the two forms of ``files`` in Cloudflare's schema).
+_Kind = Literal["files", "file_objects", "tags", "hosts", "prefixes", "purge_everything"]
+_FILE_KINDS: Final = frozenset({"files", "file_objects"})
 _Endpoint = Literal["purge_cache", "invalidate_cache"]
 
 TOKEN_ENV: Final = "CLOUDFLARE_API_TOKEN"  # noqa: S105 - the variable's name, not a secret
@@ -318,6 +322,8 @@ class _Call:
     def body(self) -> dict[str, object]:
         if self.kind == "purge_everything":
             return {"purge_everything": True}
+        if self.kind == "file_objects":
+            return {"files": [json.loads(item) for item in self.owners]}
         return {self.kind: list(self.owners)}
 
     def split(self) -> tuple[_Call, _Call]:
@@ -631,7 +637,7 @@ class CloudflareForwarder:
         buckets: dict[tuple[int, str], TokenBucket] = {}
         for call in calls:
             account = call.zone.account
-            kind = "urls" if call.kind == "files" else "calls"
+            kind = "urls" if call.kind in _FILE_KINDS else "calls"
             lanes.setdefault((id(account), kind), []).append(call)
             buckets[id(account), kind] = account.urls if kind == "urls" else account.calls
         if buckets:
@@ -689,7 +695,14 @@ class CloudflareForwarder:
             for tag in sorted(purge.keys | purge.tags):
                 add(i, soft, self._zones, "tags", tag, what=tag)
             for url in sorted(purge.urls):
-                add(i, soft, self._route(url_hosts[url] or ""), "files", _file_url(url), what=url)
+                zones = self._route(url_hosts[url] or "")
+                variants = sorted(h for u, h in purge.url_headers if u == url) or [()]
+                for headers in variants:
+                    if headers:  # forwarded unchanged, for zones whose cache key has them
+                        item = json.dumps({"url": _file_url(url), "headers": dict(headers)})
+                        add(i, soft, zones, "file_objects", item, what=url)
+                    else:
+                        add(i, soft, zones, "files", _file_url(url), what=url)
             for host in sorted({_normalise_host(h) for h in purge.hosts}):
                 add(i, soft, self._route(host), "hosts", host, what=host)
             for prefix in sorted(purge.prefixes):
@@ -719,7 +732,9 @@ class CloudflareForwarder:
 
         calls: list[_Call] = []
         for (zone, ep, kind), owners in groups.items():
-            limit = zone.limits.files_per_call if kind == "files" else zone.limits.items_per_call
+            limit = (
+                zone.limits.files_per_call if kind in _FILE_KINDS else zone.limits.items_per_call
+            )
             items = list(owners)
             for start in range(0, len(items), limit):
                 chunk = {item: owners[item] for item in items[start : start + limit]}
@@ -759,8 +774,8 @@ class CloudflareForwarder:
 
     async def _send(self, call: _Call) -> Verdict:
         account = call.zone.account
-        bucket = account.urls if call.kind == "files" else account.calls
-        cost = float(len(call.owners)) if call.kind == "files" else 1.0
+        bucket = account.urls if call.kind in _FILE_KINDS else account.calls
+        cost = float(len(call.owners)) if call.kind in _FILE_KINDS else 1.0
         log = _log.bind(
             zone=call.zone.id,
             endpoint=call.endpoint,

@@ -10,7 +10,8 @@ One line is one purge::
     *                          the whole cache (admins only)  Purge(everything=True)
     soft:FORM                  any form above, soft           Purge(..., soft=True)
                                (soft:acme-blog, soft:tag:KEY, soft:https://..., soft:*, ...)
-    {"tags": [...], ...}       the same as JSON, plus "soft"
+    {"tags": [...], ...}       the same as JSON, plus "soft"; a "urls" entry may be
+                               {"url": URL, "headers": {NAME: VALUE}}
 
 A soft purge marks objects stale instead of deleting them where a target can (nginx expires
 the file, Cloudflare invalidates, some HTTP caches soft-purge); the scope rules are the same.
@@ -39,8 +40,10 @@ __all__ = [
     "MAX_JSON_ITEMS",
     "MAX_PREFIX_SEPARATORS",
     "MAX_TOKEN_LENGTH",
+    "MAX_URL_HEADERS",
     "Purge",
     "ScopeRule",
+    "UrlHeaders",
     "check_scope",
     "fold_tag",
     "key_host_for",
@@ -66,6 +69,15 @@ _SOFT = "soft:"
 _JSON_FIELDS = ("tags", "urls", "prefixes", "hosts", "keys", "everything", "soft")
 
 
+#: A URL with the request headers it was cached with: (url, ((name, value), ...)).
+UrlHeaders = tuple[str, tuple[tuple[str, str], ...]]
+
+MAX_URL_HEADERS = 32
+"""Most headers on one JSON ``urls`` entry."""
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+
+
 @dataclass(frozen=True, slots=True)
 class Purge:
     """One purge request, as parsed from one line of the `cache-drain` topic.
@@ -77,11 +89,18 @@ class Purge:
     ``/docs`` and ``/docs/…`` but not ``/docs2``); hosts are lower-case host names.
     ``everything`` purges the whole cache; ``soft`` asks for invalidate-and-revalidate instead
     of delete where a target supports it.
+
+    ``url_headers`` holds the JSON ``urls`` entries given with request headers
+    (``{"url": …, "headers": {…}}``, for zones whose cache key includes them) as
+    ``(url, ((name, value), …))``, plus ``(url, ())`` when the same URL was also given
+    plainly; each of their URLs is in ``urls`` too, so every target purges the URL and
+    Cloudflare forwards the headers unchanged.
     """
 
     keys: frozenset[str] = field(default_factory=frozenset)
     tags: frozenset[str] = field(default_factory=frozenset)
     urls: frozenset[str] = field(default_factory=frozenset)
+    url_headers: frozenset[UrlHeaders] = field(default_factory=frozenset)
     prefixes: frozenset[str] = field(default_factory=frozenset)
     hosts: frozenset[str] = field(default_factory=frozenset)
     everything: bool = False
@@ -277,9 +296,11 @@ def _parse_json(text: str) -> Purge:
     unknown = sorted(set(data) - set(_JSON_FIELDS))
     if unknown:
         raise DataError(f"unknown JSON field {_show(unknown[0])}; use {', '.join(_JSON_FIELDS)}")
+    urls, url_headers = _json_urls(data)
     purge = Purge(
         tags=_json_list(data, "tags", _tag),
-        urls=_json_list(data, "urls", _url),
+        urls=urls,
+        url_headers=url_headers,
         prefixes=_json_list(data, "prefixes", _prefix),
         hosts=_json_list(data, "hosts", _host_name),
         keys=_json_list(data, "keys", _key),
@@ -310,6 +331,66 @@ def _json_list(data: dict[str, Any], name: str, check: Callable[[str], str]) -> 
         except DataError as exc:
             raise DataError(f"JSON field {name!r} item {index}: {exc.message}") from None
     return frozenset(checked)
+
+
+def _json_urls(data: dict[str, Any]) -> tuple[frozenset[str], frozenset[UrlHeaders]]:
+    """The JSON ``urls`` list: URL strings, or ``{"url": URL, "headers": {NAME: VALUE}}``.
+
+    Cloudflare's purge_cache takes ``files`` as URLs or as objects "with url and headers"
+    for "cache keys [that include] request headers" (its API reference, and
+    https://developers.cloudflare.com/cache/how-to/purge-cache/purge-by-single-file/); the
+    headers are forwarded unchanged.
+    """
+    items = data.get("urls", [])
+    if not isinstance(items, list) or not all(isinstance(i, str | dict) for i in items):
+        raise DataError(
+            "JSON field 'urls' must be a list of strings or "
+            '{"url": URL, "headers": {NAME: VALUE}} objects'
+        )
+    if len(items) > MAX_JSON_ITEMS:
+        raise DataError(
+            f"JSON field 'urls' has {len(items):,} items; a list holds at most {MAX_JSON_ITEMS:,}"
+        )
+    urls: set[str] = set()
+    plain: set[str] = set()
+    with_headers: set[UrlHeaders] = set()
+    for index, item in enumerate(items):
+        try:
+            if isinstance(item, str):
+                url = _url(item)
+                plain.add(url)
+            else:
+                url, headers = _url_with_headers(item)
+                with_headers.add((url, headers))
+        except DataError as exc:
+            raise DataError(f"JSON field 'urls' item {index}: {exc.message}") from None
+        urls.add(url)
+    header_urls = {url for url, _ in with_headers}
+    with_headers |= {(url, ()) for url in plain & header_urls}
+    return frozenset(urls), frozenset(with_headers)
+
+
+def _url_with_headers(item: object) -> UrlHeaders:
+    if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+        raise DataError('a URL entry is a string or {"url": URL, "headers": {NAME: VALUE}}')
+    unknown = sorted(set(item) - {"url", "headers"})
+    if unknown:
+        raise DataError(f"unknown URL entry field {_show(unknown[0])}; use url and headers")
+    url = _url(item["url"])
+    headers = item.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(name, str) and isinstance(value, str) for name, value in headers.items()
+    ):
+        raise DataError("URL entry 'headers' must be an object of header names to strings")
+    if len(headers) > MAX_URL_HEADERS:
+        raise DataError(f"URL entry has {len(headers)} headers; at most {MAX_URL_HEADERS}")
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise DataError(f"header name {_show(name)} is not an HTTP header name")
+        bad = next((c for c in value if not c.isprintable() and c not in " \t"), None)
+        if bad is not None:
+            raise DataError(f"header {name!r} value contains control character {bad!r}")
+    return url, tuple(sorted(headers.items()))
 
 
 def _json_flag(data: dict[str, Any], name: str) -> bool:

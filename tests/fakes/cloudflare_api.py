@@ -429,6 +429,14 @@ class FakeCloudflare:
         if len(items) > limit:
             return 1014, f"Only {limit} {kind} may be purged per request, got {len(items)}"
         for item in items:
+            if kind == "files" and isinstance(item, dict):
+                # {"url", "headers"}: headers a map of strings (Cloudflare's schema).
+                headers = item.get("headers", {})
+                if set(item) - {"url", "headers"} or not (
+                    isinstance(headers, dict)
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+                ):
+                    return 1014, f"Invalid files item {item!r}"
             value = item.get("url") if kind == "files" and isinstance(item, dict) else item
             if not isinstance(value, str) or not value:
                 return 1014, f"Invalid {kind} item {item!r}"
