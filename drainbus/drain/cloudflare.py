@@ -84,7 +84,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from drainbus.drain.purges import MAX_PREFIX_SEPARATORS, Purge
+from drainbus.drain.purges import MAX_PREFIX_SEPARATORS, Purge, ScopeRule, key_hosts
 from drainbus.drain.retry import (
     Clock,
     Outcome,
@@ -495,7 +495,9 @@ class CloudflareForwarder:
     Tokens are resolved when the forwarder is created, so a missing token fails at start-up
     (:class:`ZoneConfigError`). ``retry`` sets the back-off; ``limits`` overrides
     :data:`PLAN_LIMITS` per plan (negotiated limits, tests); ``rate_headroom`` is the share
-    of the published refill rate spent. ``clock``, ``sleep`` and ``rng`` exist for tests.
+    of the published refill rate spent. ``scope_rule`` gives bare keys their host
+    (``key_host``): a key is purged as its tag and its host, as on every target. ``clock``,
+    ``sleep`` and ``rng`` exist for tests.
     """
 
     def __init__(
@@ -509,6 +511,7 @@ class CloudflareForwarder:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        scope_rule: ScopeRule | None = None,
     ) -> None:
         if not zones:
             raise ConfigError("no Cloudflare zone is configured: add at least one zone")
@@ -523,6 +526,7 @@ class CloudflareForwarder:
                 )
             seen.add(zone.zone_id)
         self._retry = retry or RetryPolicy()
+        self._scope_rule = scope_rule
         self._limits = {**PLAN_LIMITS, **(limits or {})}
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -703,7 +707,9 @@ class CloudflareForwarder:
                         add(i, soft, zones, "file_objects", item, what=url)
                     else:
                         add(i, soft, zones, "files", _file_url(url), what=url)
-            for host in sorted({_normalise_host(h) for h in purge.hosts}):
+            # A bare key is its tag and, with key_host, its host (purges.key_hosts).
+            hosts = purge.hosts | key_hosts(purge, self._scope_rule)
+            for host in sorted({_normalise_host(h) for h in hosts}):
                 add(i, soft, self._route(host), "hosts", host, what=host)
             for prefix in sorted(purge.prefixes):
                 host = _url_host(prefix) or ""

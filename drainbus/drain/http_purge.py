@@ -60,7 +60,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drainbus.drain.purges import Purge, path_prefix_regex
+from drainbus.drain.purges import Purge, ScopeRule, key_hosts, path_prefix_regex
 from drainbus.drain.retry import (
     DONE,
     Outcome,
@@ -202,8 +202,10 @@ class HttpPurger:
         retry: RetryPolicy | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        scope_rule: ScopeRule | None = None,
     ) -> None:
         self.config = config
+        self._scope_rule = scope_rule
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -281,7 +283,10 @@ class HttpPurger:
                 urls.setdefault((soft, url), set()).add(i)
             for tag in purge.keys | purge.tags:
                 tags.setdefault((soft, tag), set()).add(i)
-            for host in purge.hosts:
+            # A bare key is its tag and, with key_host, its host (purges.key_hosts), where
+            # the cache can ban a host at all.
+            derived = key_hosts(purge, self._scope_rule) if cfg.ban_url else frozenset()
+            for host in purge.hosts | derived:
                 bans.setdefault((soft, (host.lower(), "/")), set()).add(i)
             for prefix in purge.prefixes:
                 split = urlsplit(prefix)

@@ -47,6 +47,7 @@ __all__ = [
     "check_scope",
     "fold_tag",
     "key_host_for",
+    "key_hosts",
     "parse_purge",
     "path_prefix_regex",
     "path_under",
@@ -194,6 +195,17 @@ def key_host_for(rule: ScopeRule, key: str) -> str | None:
         return None
     host = rule.key_host.replace("{key}", key).lower()
     return host if _is_dns_name(host) else None
+
+
+def key_hosts(purge: Purge, rule: ScopeRule | None) -> frozenset[str]:
+    """The hosts of ``purge.keys`` under ``rule.key_host`` (empty without a rule or key_host).
+
+    A bare key means its tag AND its host on every target: nginx, HTTP PURGE caches and
+    Cloudflare all add these hosts to the purge.
+    """
+    if rule is None:
+        return frozenset()
+    return frozenset(host for key in purge.keys if (host := key_host_for(rule, key)))
 
 
 def check_scope(purge: Purge, *, user: str, is_admin: bool, rule: ScopeRule) -> None:
