@@ -65,8 +65,25 @@ def test_config_rejects_levels_nginx_would_reject(levels: str) -> None:
 
 def test_config_names_every_unsupported_variable() -> None:
     """An unknown key variable is rejected with its name in the message."""
-    with pytest.raises(pydantic.ValidationError, match=r"\$cookie_x, \$http_host"):
-        NginxCacheConfig(cache_path=Path("/c"), key="$scheme$http_host${cookie_x}$uri")
+    with pytest.raises(pydantic.ValidationError, match=r"\$remote_addr, \$server_name"):
+        NginxCacheConfig(cache_path=Path("/c"), key="$scheme$server_name${remote_addr}$uri")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "$scheme$http_host${cookie_x}$uri",
+        "$scheme://$host$request_uri|$http_accept_encoding|$cookie_lang",
+        "$host$uri$arg_v",
+    ],
+    ids=["header-and-cookie", "separated", "argument"],
+)
+def test_config_accepts_request_headers_cookies_and_arguments(key: str) -> None:
+    """$http_*, $cookie_* and $arg_* are accepted; such a key is read back, never rendered."""
+    template = NginxCacheConfig(cache_path=Path("/c"), key=key).key_template()
+    assert not template.renders
+    with pytest.raises(ValueError, match="request variables"):
+        template.render("https://a.example/p")
 
 
 def test_config_requires_proxy_host_for_proxy_host_keys() -> None:
@@ -1021,3 +1038,50 @@ async def test_a_url_given_with_headers_is_purged_like_any_url(nginx_env: NginxE
         assert await cache.purge(parse_purge(line)) == 1
     assert nginx_env.get("/x", BLOG).cache == "MISS"
     assert nginx_env.get("/y", BLOG).cache == "HIT"
+
+
+VARIANT_KEY = "$scheme://$host$request_uri|$http_accept_encoding|$cookie_lang"
+
+
+@pytest.mark.parametrize(
+    ("purge", "evicted"),
+    [
+        (Purge(urls=frozenset({f"https://{BLOG}/x"})), {"/x"}),
+        (Purge(prefixes=frozenset({f"http://{BLOG}/x"})), {"/x", "/x/a"}),
+        (Purge(hosts=frozenset({BLOG})), {"/x", "/x/a", "/y"}),
+        (Purge(tags=frozenset({"acme-blog"})), {"/x", "/x/a", "/y"}),
+    ],
+    ids=["url", "prefix", "host", "tag"],
+)
+async def test_keys_with_request_headers_and_cookies_purge_every_variant(
+    tmp_path: Path, origin: Origin, purge: Purge, evicted: set[str]
+) -> None:
+    """With $http_accept_encoding and $cookie_lang in the key, one URL is several files; a
+    purge evicts every variant of what it names, and nothing else."""
+    variants = [
+        {"Accept-Encoding": "gzip"},
+        {"Accept-Encoding": "identity", "Cookie": "lang=de"},
+        {"Accept-Encoding": "br, gzip", "Cookie": "lang=fr; theme=dark"},
+    ]
+    pages = [(BLOG, "/x"), (BLOG, "/x/a"), (BLOG, "/y"), (OTHER, "/x")]
+    with run_nginx_env(tmp_path / "nginx", origin, cache_key=VARIANT_KEY) as env:
+
+        def status(host: str, path: str, headers: dict[str, str]) -> str:
+            url = f"http://127.0.0.1:{env.nginx.port}{path}"
+            response = env.client.get(url, headers={"Host": host, **headers})
+            return response.headers.get("X-Cache-Status", "")
+
+        for host, path in pages:
+            for headers in variants:
+                assert status(host, path, headers) == "MISS"
+                assert status(host, path, headers) == "HIT"
+        config = NginxCacheConfig(cache_path=env.cache_path, levels=CACHE_LEVELS, key=VARIANT_KEY)
+        async with NginxCache(config) as cache:
+            assert len(cache.index) == len(pages) * len(variants)
+            assert cache.index.unmatched_keys == 0
+            removed = await cache.purge(purge)
+        assert removed == len(evicted) * len(variants)
+        for host, path in pages:
+            gone = host == BLOG and path in evicted
+            for headers in variants:
+                assert status(host, path, headers) == ("MISS" if gone else "HIT"), (host, path)
