@@ -240,7 +240,9 @@ def _handler_for(origin: Origin) -> type[BaseHTTPRequestHandler]:
                 self.send_header("ETag", etag)
             tags = origin.tags(host, self.path)
             if tags:
-                self.send_header(origin.tag_header, ",".join(tags))
+                # As UTF-8, like real origins: send_header encodes Latin-1.
+                value = ",".join(tags).encode().decode("latin-1")
+                self.send_header(origin.tag_header, value)
             self.end_headers()
             self.wfile.write(body)
             origin.answered(OriginRequest(self.path, if_none_match, 200))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,7 +20,7 @@ from drainbus.drain.cloudflare import (
     PlanLimits,
     ZoneConfigError,
 )
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import Purge, parse_purge
 from drainbus.drain.retry import (
     RateInfo,
     RetryPolicy,
@@ -335,7 +336,7 @@ async def test_ratelimit_header_lowers_the_local_bucket(
 
 async def test_429_retry_after_is_honoured(fake: FakeCloudflare, forwarder: MakeForwarder) -> None:
     """After a 429 with Retry-After the retry waits that long, then succeeds."""
-    fake.fail_next(1, status=429, code=971, message="slow down", headers={"Retry-After": "0.3"})
+    fake.fail_next(1, status=429, code=1134, message="slow down", headers={"Retry-After": "0.3"})
     async with forwarder(zone(fake)) as fwd:
         outcomes = await fwd.forward([tags("t")])
         stats = fwd.stats()
@@ -351,7 +352,7 @@ async def test_a_retry_after_beyond_the_limit_gives_up_at_once(
     fake: FakeCloudflare, forwarder: MakeForwarder
 ) -> None:
     """A Retry-After beyond max_retry_after is retry_later at once, and so are calls after it."""
-    fake.fail_next(1, status=429, code=971, message="slow down", headers={"Retry-After": "3600"})
+    fake.fail_next(1, status=429, code=1134, message="slow down", headers={"Retry-After": "3600"})
     async with forwarder(zone(fake)) as fwd:
         outcomes = await fwd.forward([tags("t")])
         stats = fwd.stats()
@@ -440,15 +441,86 @@ async def test_an_unreachable_api_is_retry_later(forwarder: MakeForwarder) -> No
 async def test_a_refusal_is_permanent_with_cloudflares_code_and_message(
     fake: FakeCloudflare, forwarder: MakeForwarder
 ) -> None:
-    """A 400 is not retried; the outcome carries the zone, the code and the message."""
-    fake.fail_next(1, status=400, code=1234, message="Bad things happened")
+    """A 400 with a code that can never succeed is not retried; the outcome carries the zone,
+    the code and the message."""
+    fake.fail_next(1, status=400, code=1014, message="Bad things happened")
     async with forwarder(zone(fake)) as fwd:
         outcomes = await fwd.forward([tags("t")])
 
     assert outcomes[0].status == "permanent"
     assert "zone-a" in (outcomes[0].error or "")
-    assert "HTTP 400, error 1234: Bad things happened" in (outcomes[0].error or "")
+    assert "HTTP 400, error 1014: Bad things happened" in (outcomes[0].error or "")
     assert len(fake.received) == 1
+
+
+RATE_LIMITED = (
+    "Unable to purge, rate limit reached. Please wait and consider throttling your request speed"
+)
+
+
+@pytest.mark.parametrize("status", [400, 200, 503], ids=["400", "200", "503"])
+async def test_a_rate_limit_code_is_retried_whatever_the_status(
+    fake: FakeCloudflare, forwarder: MakeForwarder, status: int
+) -> None:
+    """Cloudflare's rate-limit code 1134 is retried after its Retry-After, then the purge is
+    done."""
+    fake.fail_next(
+        1, status=status, code=1134, message=RATE_LIMITED, headers={"Retry-After": "0.2"}
+    )
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([tags("t")])
+        stats = fwd.stats()
+
+    assert [o.status for o in outcomes] == ["done"]
+    first, second = fake.received
+    assert (first.code, second.code) == (1134, None)
+    assert second.at - first.at >= 0.18
+    assert (stats.rate_limited, stats.retries) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(500, 10000), (503, 7003), (502, 1014)],
+    ids=["auth-on-500", "zone-on-503", "item-on-502"],
+)
+async def test_a_code_that_can_never_succeed_is_permanent_whatever_the_status(
+    fake: FakeCloudflare, forwarder: MakeForwarder, status: int, code: int
+) -> None:
+    """Authentication, zone not found and invalid items are not retried, even on a 5xx."""
+    fake.fail_next(1, status=status, code=code, message="refused")
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([tags("t")])
+
+    assert outcomes[0].status == "permanent"
+    assert f"error {code}: refused" in (outcomes[0].error or "")
+    assert len(fake.received) == 1
+
+
+async def test_a_4xx_with_a_code_not_known_to_be_final_is_retried(
+    fake: FakeCloudflare, forwarder: MakeForwarder
+) -> None:
+    """Only codes that can never succeed are permanent: an unknown one is retried."""
+    fake.fail_next(1, status=400, code=1234, message="something new")
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([tags("t")])
+
+    assert [o.status for o in outcomes] == ["done"]
+    assert len(fake.received) == 2
+
+
+async def test_the_fake_rate_limits_with_cloudflares_code(
+    make_fake: MakeFake, forwarder: MakeForwarder
+) -> None:
+    """The stand-in's own 429 carries 1134 and the API reference's message."""
+    fake = make_fake(bucket=(1, 0.001))
+    status, payload, headers = fake.handle("/client/v4/zones/z/purge_cache", f"Bearer {TOKEN}",
+                                           json.dumps({"tags": ["a"]}).encode())  # fmt: skip
+    assert status == 200
+    status, payload, headers = fake.handle("/client/v4/zones/z/purge_cache", f"Bearer {TOKEN}",
+                                           json.dumps({"tags": ["b"]}).encode())  # fmt: skip
+    assert status == 429
+    assert payload["errors"] == [{"code": 1134, "message": RATE_LIMITED}]
+    assert "Retry-After" in headers
 
 
 async def test_a_bad_item_fails_only_its_own_purge(
@@ -493,6 +565,111 @@ async def test_purges_cloudflare_would_refuse_fail_without_a_call(
     assert "1025 characters" in (outcomes[0].error or "")
     assert "query string" in (outcomes[1].error or "")
     assert [c.items for c in fake.received] == [["fine"]]
+
+
+@pytest.mark.parametrize(
+    ("purge", "rule"),
+    [
+        pytest.param(Purge(hosts=frozenset({"192.0.2.7"})), "IP address", id="host-ip"),
+        pytest.param(Purge(prefixes=frozenset({"https://a.example" + "/a" * 32})),
+                     "more than 31 path separators", id="prefix-32-slashes"),
+        pytest.param(tags("seg café"), "space", id="tag-space"),
+        pytest.param(tags("a,b"), "comma", id="tag-comma"),
+    ],
+)  # fmt: skip
+async def test_stored_purges_cloudflare_refuses_fail_without_a_call(
+    fake: FakeCloudflare, forwarder: MakeForwarder, purge: Purge, rule: str
+) -> None:
+    """Entries stored before pub refused these are permanent locally, never a refused call."""
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([purge, tags("fine")])
+
+    assert [o.status for o in outcomes] == ["permanent", "done"]
+    assert rule in (outcomes[0].error or "")
+    assert [c.items for c in fake.received] == [["fine"]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"hosts": ["192.0.2.7"]},
+        {"prefixes": ["a.example" + "/a" * 32]},
+        {"tags": ["seg café"]},
+    ],
+    ids=["host-ip", "prefix-32-slashes", "tag-space"],
+)
+def test_the_fake_refuses_what_cloudflare_refuses(
+    fake: FakeCloudflare, body: dict[str, Any]
+) -> None:
+    """The stand-in answers these with a 400 as the real API does, so no test relies on them."""
+    status, payload, _ = fake.handle(
+        "/client/v4/zones/zone-a/purge_cache", f"Bearer {TOKEN}", json.dumps(body).encode()
+    )
+    assert status == 400
+    assert payload["success"] is False
+
+
+@pytest.mark.parametrize(
+    ("purge", "kind", "item"),
+    [
+        pytest.param(Purge(prefixes=frozenset({"https://h.example:8443/docs"})), "prefixes",
+                     "h.example:8443/docs", id="prefix-keeps-port"),
+        pytest.param(urls("https://h.example:8443/docs/x"), "files",
+                     "https://h.example:8443/docs/x", id="url-keeps-port"),
+        pytest.param(Purge(prefixes=frozenset({"https://h.example:443/docs"})), "prefixes",
+                     "h.example/docs", id="prefix-drops-default-port"),
+        pytest.param(urls("https://h.example:443/docs/x"), "files", "https://h.example/docs/x",
+                     id="url-drops-default-port"),
+        pytest.param(Purge(prefixes=frozenset({"http://h.example:8080/"})), "prefixes",
+                     "h.example:8080/", id="root-prefix-with-port-stays-a-prefix"),
+        pytest.param(Purge(prefixes=frozenset({"http://h.example:80/"})), "hosts",
+                     "h.example", id="root-prefix-default-port-is-the-host"),
+    ],
+)  # fmt: skip
+async def test_urls_and_prefixes_follow_one_port_rule(
+    fake: FakeCloudflare, forwarder: MakeForwarder, purge: Purge, kind: str, item: str
+) -> None:
+    """Cloudflare: "include the port unless it is the default for the scheme", for both."""
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([purge])
+
+    assert [o.status for o in outcomes] == ["done"]
+    assert [(c.kind, c.items) for c in fake.accepted] == [(kind, [item])]
+
+
+GERMAN_MOBILE = {"Accept-Language": "de", "CF-Device-Type": "mobile"}
+
+
+async def test_urls_with_headers_are_forwarded_unchanged(
+    fake: FakeCloudflare, forwarder: MakeForwarder
+) -> None:
+    """A JSON urls entry with headers reaches Cloudflare as {"url", "headers"}, as given."""
+    line = json.dumps({"urls": [
+        {"url": "https://a.example/x", "headers": GERMAN_MOBILE},
+        {"url": "https://a.example/x", "headers": {"Accept-Language": "fr"}},
+        "https://a.example/x",
+        "https://a.example/y",
+    ]})  # fmt: skip
+    async with forwarder(zone(fake)) as fwd:
+        outcomes = await fwd.forward([parse_purge(line)])
+
+    assert [o.status for o in outcomes] == ["done"]
+    sent = sorted(
+        (json.dumps(item, sort_keys=True) for c in fake.accepted for item in c.items), key=str
+    )
+    assert sent == sorted(
+        [
+            json.dumps({"url": "https://a.example/x", "headers": GERMAN_MOBILE}, sort_keys=True),
+            json.dumps({"url": "https://a.example/x", "headers": {"Accept-Language": "fr"}},
+                       sort_keys=True),
+            json.dumps("https://a.example/x"),
+            json.dumps("https://a.example/y"),
+        ],
+        key=str,
+    )  # fmt: skip
+    # Objects and plain URLs never share a call: they are the two forms of "files".
+    for call in fake.accepted:
+        assert len({type(item) for item in call.items}) == 1
 
 
 # -- secrets and configuration -------------------------------------------------------------

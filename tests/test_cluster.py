@@ -129,7 +129,11 @@ async def test_every_drain_node_evicts_its_cache_and_cloudflare_is_called_once(
             for env in (env1, env2):
                 assert env.get("/", "acme-blog.pages.example").cache == "MISS"
                 assert env.get("/", "acme-blog2.pages.example").cache == "HIT"
-            assert [call.items for call in cloudflare.accepted] == [["acme-blog"]]
+            # Once for the whole bus: the key's tag and its host (key_host), one call each.
+            assert sorted((call.kind, call.items) for call in cloudflare.accepted) == [
+                ("hosts", ["acme-blog.pages.example"]),
+                ("tags", ["acme-blog"]),
+            ]
 
 
 async def test_sub_resumes_after_its_topic_primary_is_killed(

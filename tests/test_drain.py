@@ -161,8 +161,13 @@ async def test_site_owner_purges_own_site_but_not_others(
         pytest.param("url:ftp://x.example/", "http", id="bad-url"),
         pytest.param("frob:x", "frob", id="unknown-word"),
         pytest.param("{not json", "JSON", id="bad-json"),
+        # What Cloudflare would refuse never reaches the stream (nor the dead letters).
+        pytest.param("host:192.0.2.7", "is an IP address", id="host-ip"),
+        pytest.param("prefix:https://h.example" + "/a" * 32, "at most 31 path separators",
+                     id="prefix-32-slashes"),
+        pytest.param("tag:seg café", "contains whitespace", id="tag-space"),
     ],
-)
+)  # fmt: skip
 async def test_malformed_purge_is_rejected_with_65(
     start_bus: StartNode, add_user: Callable[[str], User], line: str, rule: str
 ) -> None:
@@ -225,8 +230,12 @@ async def test_cloudflare_5xx_is_retried_until_success(
     result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", stdin=b"root-site\n")
     assert result.code == 0
     await wait_drained(node)
-    assert [r.status for r in cloudflare.received] == [503, 503, 200]
-    assert cloudflare.accepted[0].items == ["root-site"]
+    # A bare key is its tag and its host (key_host): the tag call is retried, then the host's.
+    assert [r.status for r in cloudflare.received] == [503, 503, 200, 200]
+    assert [(c.kind, c.items) for c in cloudflare.accepted] == [
+        ("tags", ["root-site"]),
+        ("hosts", ["root-site.pages.example"]),
+    ]
 
 
 async def test_an_idle_bus_calls_cloudflare_at_once_whatever_the_batch_window(
@@ -241,8 +250,12 @@ async def test_an_idle_bus_calls_cloudflare_at_once_whatever_the_batch_window(
     node = await start_bus(drain=config)
     result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", stdin=b"root-site\n")
     assert result.code == 0
-    calls = await cloudflare.wait_for_async(1, timeout=15)
-    assert [c.items for c in calls] == [["root-site"]]
+    calls = await cloudflare.wait_for_async(2, timeout=15)
+    # A bare key is its tag and its host (key_host): one call each.
+    assert [(c.kind, c.items) for c in calls] == [
+        ("tags", ["root-site"]),
+        ("hosts", ["root-site.pages.example"]),
+    ]
     await wait_drained(node)
 
 
@@ -266,9 +279,14 @@ async def test_purges_arriving_while_a_call_is_in_flight_share_the_next_call(
 
     cloudflare.release()
     await wait_drained(node)
-    assert [sorted(c.items) for c in cloudflare.received] == [
+    # A bare key is its tag and its host (key_host): one call of each kind per batch.
+    assert [sorted(c.items) for c in cloudflare.received if c.kind == "tags"] == [
         ["root-a"],
         ["root-b", "root-c", "root-d"],
+    ]
+    assert [sorted(c.items) for c in cloudflare.received if c.kind == "hosts"] == [
+        ["root-a.pages.example"],
+        ["root-b.pages.example", "root-c.pages.example", "root-d.pages.example"],
     ]
     assert all(c.status == 200 for c in cloudflare.received)
 
@@ -317,7 +335,11 @@ async def test_two_nodes_each_evict_their_nginx_and_cloudflare_is_called_once(
         for env in (env1, env2):
             assert env.get("/", "acme-blog.pages.example").cache == "MISS"
             assert env.get("/", "acme-blog2.pages.example").cache == "HIT"
-        assert [c.items for c in cloudflare.accepted] == [["acme-blog"]]
+        # Once for the whole bus: the key's tag and its host (key_host), one call each.
+        assert sorted((c.kind, c.items) for c in cloudflare.accepted) == [
+            ("hosts", ["acme-blog.pages.example"]),
+            ("tags", ["acme-blog"]),
+        ]
         groups = {g["name"].decode() for g in await two.bus.redis.xinfo_groups(
             two.bus.keys.stream("cache-drain"))}  # fmt: skip
         assert groups == {"node-web1", "node-web2", "cdn"}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
+import structlog.testing
 
 from drainbus.drain.cache_file import (
     NGINX_CACHE_VERSION,
@@ -29,7 +30,7 @@ from drainbus.drain.nginx import (
     cache_file_path,
     render_key,
 )
-from drainbus.drain.purges import Purge, ScopeRule
+from drainbus.drain.purges import Purge, ScopeRule, parse_purge
 from drainbus.drain.targets import NginxTarget
 from drainbus.errors import ConfigError, ExitCode
 from tests.nginx_env import (
@@ -64,8 +65,25 @@ def test_config_rejects_levels_nginx_would_reject(levels: str) -> None:
 
 def test_config_names_every_unsupported_variable() -> None:
     """An unknown key variable is rejected with its name in the message."""
-    with pytest.raises(pydantic.ValidationError, match=r"\$cookie_x, \$http_host"):
-        NginxCacheConfig(cache_path=Path("/c"), key="$scheme$http_host${cookie_x}$uri")
+    with pytest.raises(pydantic.ValidationError, match=r"\$remote_addr, \$server_name"):
+        NginxCacheConfig(cache_path=Path("/c"), key="$scheme$server_name${remote_addr}$uri")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "$scheme$http_host${cookie_x}$uri",
+        "$scheme://$host$request_uri|$http_accept_encoding|$cookie_lang",
+        "$host$uri$arg_v",
+    ],
+    ids=["header-and-cookie", "separated", "argument"],
+)
+def test_config_accepts_request_headers_cookies_and_arguments(key: str) -> None:
+    """$http_*, $cookie_* and $arg_* are accepted; such a key is read back, never rendered."""
+    template = NginxCacheConfig(cache_path=Path("/c"), key=key).key_template()
+    assert not template.renders
+    with pytest.raises(ValueError, match="request variables"):
+        template.render("https://a.example/p")
 
 
 def test_config_requires_proxy_host_for_proxy_host_keys() -> None:
@@ -925,3 +943,145 @@ async def test_prefix_purge_keeps_its_boundary(
         await cache.purge(Purge(prefixes=frozenset({f"http://{BLOG}{prefix}"})))
     statuses = {page: nginx_env.get(page, BLOG).cache for page in pages}
     assert {page for page, status in statuses.items() if status == "MISS"} == purged
+
+
+@pytest.mark.parametrize(
+    "purge",
+    [
+        Purge(hosts=frozenset({"hop.example"})),
+        Purge(prefixes=frozenset({"https://hop.example/x"})),
+        Purge(urls=frozenset({"https://hop.example/x"})),
+        Purge(hosts=frozenset({"hop.example"}), soft=True),
+    ],
+    ids=["host", "prefix", "url", "host-soft"],
+)
+async def test_ambiguous_key_is_evicted_only_when_every_reading_matches(
+    nginx_env: NginxEnv, purge: Purge
+) -> None:
+    """`httpshop.example/x` is also `https://hop.example/x`: hop.example's owner cannot evict it."""
+    nginx_env.prime("/x", "shop.example")
+    nginx_env.prime("/x", "hop.example")
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(purge) == 1
+    gone = "EXPIRED" if purge.soft else "MISS"
+    assert nginx_env.get("/x", "hop.example").cache == gone
+    assert nginx_env.get("/x", "shop.example").cache == "HIT"
+
+
+async def test_ambiguous_key_is_still_evicted_by_its_tag(nginx_env: NginxEnv) -> None:
+    """A tag names the object, not a reading of its key: the tag purge evicts it."""
+    nginx_env.prime("/x", "shop.example")
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(Purge(tags=frozenset({"shop"}))) == 1
+    assert nginx_env.get("/x", "shop.example").cache == "MISS"
+
+
+@pytest.mark.parametrize(
+    ("key", "warned"),
+    [
+        (CACHE_KEY, True),
+        ("$scheme://$host$request_uri", False),
+        ("$host$request_uri", False),
+    ],
+    ids=["scheme-host", "scheme-colon-host", "host-only"],
+)
+async def test_an_ambiguous_key_template_is_reported_once_at_start(
+    nginx_env: NginxEnv, key: str, warned: bool
+) -> None:
+    """One warning line with an example key and its readings, and the unambiguous fix."""
+    config = NginxCacheConfig(cache_path=nginx_env.cache_path, levels=CACHE_LEVELS, key=key)
+    with structlog.testing.capture_logs() as events:
+        async with NginxCache(config):
+            pass
+    ambiguous = [e for e in events if e["event"] == "nginx_cache_key_ambiguous"]
+    assert len(ambiguous) == (1 if warned else 0)
+    if warned:
+        assert ambiguous[0]["log_level"] == "warning"
+        assert "'shop.example'" in ambiguous[0]["example"]
+        assert "'hop.example'" in ambiguous[0]["example"]
+        assert "$scheme://$host$request_uri" in ambiguous[0]["fix"]
+
+
+@pytest.mark.parametrize("tag", ["mixedcase", "MIXEDCASE", "MixedCase"])
+async def test_tag_purge_ignores_ascii_case_as_cloudflare_does(
+    origin: Origin, nginx_env: NginxEnv, tag: str
+) -> None:
+    """`tag:mixedcase` evicts what the origin tagged `MixedCase`, and nothing else."""
+    origin.path_tags["/mixed/"] = ["MixedCase"]
+    nginx_env.prime("/mixed/1", BLOG)
+    nginx_env.prime("/other", BLOG)
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(Purge(tags=frozenset({tag}))) == 1
+    assert nginx_env.get("/mixed/1", BLOG).cache == "MISS"
+    assert nginx_env.get("/other", BLOG).cache == "HIT"
+
+
+async def test_non_ascii_tags_from_the_origin_are_purged(
+    origin: Origin, nginx_env: NginxEnv
+) -> None:
+    """`Cache-Tag: seg-café` (UTF-8, as origins send it) is evicted by `tag:seg-café`."""
+    origin.path_tags["/cafe/"] = ["seg-café"]
+    nginx_env.prime("/cafe/1", BLOG)
+    nginx_env.prime("/other", BLOG)
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(parse_purge("tag:seg-café")) == 1
+    assert nginx_env.get("/cafe/1", BLOG).cache == "MISS"
+    assert nginx_env.get("/other", BLOG).cache == "HIT"
+
+
+async def test_a_url_given_with_headers_is_purged_like_any_url(nginx_env: NginxEnv) -> None:
+    """nginx's key has no request headers: the URL of a {"url", "headers"} entry is evicted."""
+    nginx_env.prime("/x", BLOG)
+    nginx_env.prime("/y", BLOG)
+    line = f'{{"urls": [{{"url": "http://{BLOG}/x", "headers": {{"Accept-Language": "de"}}}}]}}'
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        assert await cache.purge(parse_purge(line)) == 1
+    assert nginx_env.get("/x", BLOG).cache == "MISS"
+    assert nginx_env.get("/y", BLOG).cache == "HIT"
+
+
+VARIANT_KEY = "$scheme://$host$request_uri|$http_accept_encoding|$cookie_lang"
+
+
+@pytest.mark.parametrize(
+    ("purge", "evicted"),
+    [
+        (Purge(urls=frozenset({f"https://{BLOG}/x"})), {"/x"}),
+        (Purge(prefixes=frozenset({f"http://{BLOG}/x"})), {"/x", "/x/a"}),
+        (Purge(hosts=frozenset({BLOG})), {"/x", "/x/a", "/y"}),
+        (Purge(tags=frozenset({"acme-blog"})), {"/x", "/x/a", "/y"}),
+    ],
+    ids=["url", "prefix", "host", "tag"],
+)
+async def test_keys_with_request_headers_and_cookies_purge_every_variant(
+    tmp_path: Path, origin: Origin, purge: Purge, evicted: set[str]
+) -> None:
+    """With $http_accept_encoding and $cookie_lang in the key, one URL is several files; a
+    purge evicts every variant of what it names, and nothing else."""
+    variants = [
+        {"Accept-Encoding": "gzip"},
+        {"Accept-Encoding": "identity", "Cookie": "lang=de"},
+        {"Accept-Encoding": "br, gzip", "Cookie": "lang=fr; theme=dark"},
+    ]
+    pages = [(BLOG, "/x"), (BLOG, "/x/a"), (BLOG, "/y"), (OTHER, "/x")]
+    with run_nginx_env(tmp_path / "nginx", origin, cache_key=VARIANT_KEY) as env:
+
+        def status(host: str, path: str, headers: dict[str, str]) -> str:
+            url = f"http://127.0.0.1:{env.nginx.port}{path}"
+            response = env.client.get(url, headers={"Host": host, **headers})
+            return response.headers.get("X-Cache-Status", "")
+
+        for host, path in pages:
+            for headers in variants:
+                assert status(host, path, headers) == "MISS"
+                assert status(host, path, headers) == "HIT"
+        config = NginxCacheConfig(cache_path=env.cache_path, levels=CACHE_LEVELS, key=VARIANT_KEY)
+        async with NginxCache(config) as cache:
+            assert len(cache.index) == len(pages) * len(variants)
+            assert cache.index.unmatched_keys == 0
+            removed = await cache.purge(purge)
+        assert removed == len(evicted) * len(variants)
+        for host, path in pages:
+            gone = host == BLOG and path in evicted
+            for headers in variants:
+                assert status(host, path, headers) == ("MISS" if gone else "HIT"), (host, path)

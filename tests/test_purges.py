@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ from drainbus.drain.purges import (
     Purge,
     ScopeRule,
     check_scope,
+    fold_tag,
     key_host_for,
     parse_purge,
     url_matches_prefix,
@@ -39,6 +41,15 @@ NO_HOSTS = ScopeRule()
             Purge(tags=frozenset({"acme-blog:posts/42_a.b"})),
             id="tag-charset",
         ),
+        pytest.param("tag:seg-café", Purge(tags=frozenset({"seg-café"})), id="tag-non-ascii"),
+        pytest.param(
+            "prefix:https://h.example" + "/a" * 31,
+            Purge(prefixes=frozenset({"https://h.example" + "/a" * 31})),
+            id="prefix-31-slashes",
+        ),
+        pytest.param("tag:Ünïcødé-标签", Purge(tags=frozenset({"Ünïcødé-标签"})), id="tag-scripts"),
+        pytest.param("tag:*", Purge(tags=frozenset({"*"})), id="tag-star"),
+        pytest.param("tag:a;b", Purge(tags=frozenset({"a;b"})), id="tag-semicolon"),
         pytest.param(
             "https://Acme.Pages.Example/Blog/Post?Page=2",
             Purge(urls=frozenset({"https://acme.pages.example/Blog/Post?Page=2"})),
@@ -76,9 +87,6 @@ NO_HOSTS = ScopeRule()
             id="host-lowered",
         ),
         pytest.param("host:localhost", Purge(hosts=frozenset({"localhost"})), id="single-label"),
-        pytest.param("host:192.0.2.7", Purge(hosts=frozenset({"192.0.2.7"})), id="ipv4"),
-        pytest.param("host:2001:DB8::0:1", Purge(hosts=frozenset({"2001:db8::1"})), id="ipv6"),
-        pytest.param("host:[::1]", Purge(hosts=frozenset({"::1"})), id="ipv6-bracketed"),
         pytest.param("*", Purge(everything=True), id="everything"),
     ],
 )
@@ -211,8 +219,9 @@ def test_purges_are_hashable_values() -> None:
         pytest.param("tag:a\tb", "contains whitespace", id="tag-tab"),
         pytest.param("tag:a\x1bb", "control character", id="tag-escape"),
         pytest.param("tag:a\u00a0b", "contains whitespace", id="tag-nbsp"),
-        pytest.param("tag:*", "tag '*' contains '*'", id="tag-star"),
-        pytest.param("tag:a;b", "contains ';'", id="tag-semicolon"),
+        pytest.param("tag:a\u200bb", r"control character '\u200b'", id="tag-zero-width-space"),
+        pytest.param("tag:a\u2003b", "contains whitespace", id="tag-em-space"),
+        pytest.param("tag:a\u0085b", "contains whitespace", id="tag-next-line"),
         # URLs
         pytest.param("url:", "URL is empty", id="url-empty"),
         pytest.param("url:/acme", "is not an absolute http:// or https:// URL", id="url-relative"),
@@ -255,6 +264,27 @@ def test_purges_are_hashable_values() -> None:
         pytest.param("host:" + "a" * 64 + ".example", "is not a DNS name", id="host-long-label"),
         pytest.param("host:" + "a." * 127 + "aa", "is not a DNS name", id="host-over-253"),
         pytest.param("host:192.0.2.999", "is not a DNS name", id="host-bad-ipv4"),
+        # Cloudflare purges host names only: an IP address is refused at pub.
+        pytest.param("host:192.0.2.7", "host '192.0.2.7' is an IP address", id="host-ipv4"),
+        pytest.param("host:2001:DB8::0:1", "is an IP address", id="host-ipv6"),
+        pytest.param("host:[::1]", "host '[::1]' is an IP address", id="host-ipv6-bracketed"),
+        pytest.param(
+            '{"hosts": ["h.example", "10.0.0.1"]}',
+            "item 1: host '10.0.0.1' is an IP",
+            id="json-host-ip",
+        ),
+        # Cloudflare: "Path separators are limited to 31 for a prefix".
+        pytest.param(
+            "prefix:https://h.example" + "/a" * 32,
+            "has 32 '/' in its path; Cloudflare takes at most 31",
+            id="prefix-32-slashes",
+        ),
+        pytest.param(
+            "prefix:https://h.example" + "/a" * 31 + "/",
+            "has 32 '/'",
+            id="prefix-32-slashes-trailing",
+        ),
+        pytest.param("tag:seg café", "contains whitespace", id="tag-space-non-ascii"),
         pytest.param("host:[192.0.2.7]", "is not a DNS name", id="host-bracketed-ipv4"),
         pytest.param("host:https://h.example/", "is not a DNS name", id="host-url"),
         # soft:
@@ -320,6 +350,45 @@ def test_json_rules_are_enforced(line: str, message: str) -> None:
     with pytest.raises(DataError) as caught:
         parse_purge(line)
     assert message in caught.value.message
+
+
+def test_json_urls_may_carry_request_headers() -> None:
+    """A urls entry with headers keeps them (sorted pairs) and its URL is purged as any URL."""
+    purge = parse_purge(
+        json.dumps({"urls": [
+            {"url": "HTTPS://A.example/x", "headers": {"Accept-Language": "de"}},
+            "https://a.example/x",
+            {"url": "https://a.example/y"},
+        ]})
+    )  # fmt: skip
+    assert purge.urls == {"https://a.example/x", "https://a.example/y"}
+    assert purge.url_headers == {
+        ("https://a.example/x", (("Accept-Language", "de"),)),
+        ("https://a.example/x", ()),
+        ("https://a.example/y", ()),
+    }
+
+
+@pytest.mark.parametrize(
+    ("entry", "rule"),
+    [
+        pytest.param({"url": "https://a.example/x", "headers": {"Bad Name": "x"}},
+                     "not an HTTP header name", id="header-name"),
+        pytest.param({"url": "https://a.example/x", "headers": {"A": "x\r\nB: y"}},
+                     "control character", id="header-crlf"),
+        pytest.param({"url": "https://a.example/x", "headers": {"A": 1}},
+                     "object of header names to strings", id="header-int"),
+        pytest.param({"url": "https://a.example/x", "heads": {}}, "unknown URL entry field",
+                     id="unknown-field"),
+        pytest.param({"headers": {}}, 'a string or {"url"', id="no-url"),
+        pytest.param({"url": "ftp://a.example/x"}, "not an absolute http", id="bad-url"),
+    ],
+)  # fmt: skip
+def test_json_urls_entries_are_checked(entry: dict[str, object], rule: str) -> None:
+    """A urls entry with headers is checked as strictly as a URL line."""
+    with pytest.raises(DataError, match=re.escape(rule)) as caught:
+        parse_purge(json.dumps({"urls": ["https://a.example/ok", entry]}))
+    assert "JSON field 'urls' item 1" in caught.value.message
 
 
 @pytest.mark.parametrize("field", ["tags", "urls", "prefixes", "hosts", "keys"])
@@ -624,3 +693,13 @@ def test_an_empty_user_name_owns_nothing() -> None:
 def test_url_matches_prefix(url: str, prefix: str, matches: bool) -> None:
     """Prefix matching respects path boundaries and ignores scheme, port, query and case of host."""
     assert url_matches_prefix(url, prefix) is matches
+
+
+@pytest.mark.parametrize(
+    ("tag", "folded"),
+    [("MixedCase", "mixedcase"), ("seg-CAFÉ", "seg-cafÉ"), ("a:B/c", "a:b/c")],
+    ids=["ascii", "only-ascii-folds", "punctuation-kept"],
+)
+def test_tags_fold_ascii_case_only(tag: str, folded: str) -> None:
+    """Every target compares tags with ASCII case folded, as Varnish's std.tolower can."""
+    assert fold_tag(tag) == folded

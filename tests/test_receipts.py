@@ -59,7 +59,11 @@ async def test_pub_wait_returns_once_every_node_evicted_and_says_what_each_did(
         assert lines[0].startswith("cdn cloudflare: accepted, purge id ")
         assert lines[1].startswith(f"web1 pages: {BLOG_PAGES} objects evicted in ")
         assert lines[2].startswith(f"web2 pages: {BLOG_PAGES} objects evicted in ")
-        assert [c.items for c in cloudflare.accepted] == [["acme-blog"]]
+        # A bare key is its tag and its host (key_host), one call each.
+        assert sorted((c.kind, c.items) for c in cloudflare.accepted) == [
+            ("hosts", ["acme-blog.pages.example"]),
+            ("tags", ["acme-blog"]),
+        ]
 
 
 async def test_pub_wait_json_says_none_cached_when_nothing_matched(

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import User, run_ssh
-from tests.nginx_env import Origin
+from tests.fakes.cloudflare_api import FakeCloudflare
+from tests.nginx_env import Origin, run_nginx_env
 from tests.test_drain import StartNode, wait_drained
 from tests.varnish_env import EXAMPLES, VarnishEnv, find_varnishd, run_varnish_env, varnish_env
 
@@ -203,3 +204,76 @@ def test_shipped_default_vcl_compiles(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("line", ["tag:mixedcase", "tag:MIXEDCASE"])
+async def test_tag_purge_ignores_ascii_case_as_cloudflare_does(
+    start_bus: StartNode, add_user: Callable[[str], User], tmp_path: Path, line: str
+) -> None:
+    """The shipped VCL stores and purges tags lower-cased: any case of a tag evicts it."""
+    origin = Origin(path_tags={"/mixed/": ["MixedCase"]})
+    with run_varnish_env(tmp_path / "varnish", origin) as env:
+        env.prime("/mixed/1", SITE)
+        env.prime("/other", SITE)
+        await publish(start_bus, add_user("root"), env, line)
+        assert cache_states(env, [(SITE, "/mixed/1"), (SITE, "/other")]) == {
+            (SITE, "/mixed/1"): "MISS",
+            (SITE, "/other"): "HIT",
+        }
+
+
+async def test_non_ascii_tag_is_published_and_purged(
+    start_bus: StartNode, add_user: Callable[[str], User], tmp_path: Path
+) -> None:
+    """`pub` accepts `tag:seg-café` and the drain sends it (UTF-8) to Varnish's xkey."""
+    origin = Origin(path_tags={"/cafe/": ["seg-café"]})
+    with run_varnish_env(tmp_path / "varnish", origin) as env:
+        env.prime("/cafe/1", SITE)
+        env.prime("/other", SITE)
+        await publish(start_bus, add_user("root"), env, "tag:seg-café")
+        assert cache_states(env, [(SITE, "/cafe/1"), (SITE, "/other")]) == {
+            (SITE, "/cafe/1"): "MISS",
+            (SITE, "/other"): "HIT",
+        }
+
+
+def _label_tags_except_untagged(host: str, path: str) -> list[str]:
+    """The origin tags pages with their host's first label, but not /untagged ones."""
+    return [] if path.startswith("/untagged") else [host.split(".", 1)[0]]
+
+
+async def test_a_bare_key_is_its_tag_and_its_host_on_every_target(
+    start_bus: StartNode, add_user: Callable[[str], User], tmp_path: Path
+) -> None:
+    """`acme-blog` with key_host: nginx and Varnish evict the host's pages, tagged or not, and
+    Cloudflare gets the tag and the host; the neighbour acme-blog2 is left alone."""
+    blog, blog2 = SITE, "acme-blog2.pages.example"
+    pages = [(blog, "/"), (blog, "/untagged"), (blog2, "/"), (blog2, "/untagged")]
+    with (
+        run_nginx_env(tmp_path / "nginx", Origin(tags_for=_label_tags_except_untagged)) as nginx,
+        run_varnish_env(
+            tmp_path / "varnish", Origin(tags_for=_label_tags_except_untagged)
+        ) as varnish,
+        FakeCloudflare(plan="enterprise") as cloudflare,
+    ):
+        for host, path in pages:
+            nginx.prime(path, host)
+            varnish.prime(path, host)
+        config = drain_config(varnish) | {
+            "nginx": [{"cache_path": str(nginx.cache_path), "key": "$scheme$host$request_uri"}],
+            "cloudflare": {"zone_id": "zone-a", "api_token": "test-token",
+                           "api_base": cloudflare.api_base, "plan": "enterprise"},
+        }  # fmt: skip
+        root = add_user("root")
+        node = await start_bus(drain=config)
+        result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", stdin=b"acme-blog\n")
+        assert (result.code, result.stderr) == (0, "")
+        await wait_drained(node)
+
+        expected = {page: "MISS" if page[0] == blog else "HIT" for page in pages}
+        assert {(h, p): nginx.get(p, h).cache for h, p in pages} == expected
+        assert cache_states(varnish, pages) == expected
+        assert sorted((c.kind, c.items) for c in cloudflare.accepted) == [
+            ("hosts", [blog]),
+            ("tags", ["acme-blog"]),
+        ]

@@ -39,13 +39,15 @@ async def open_drain(
             )
             local.append(NginxTarget(cache, rule, cache_config.name or f"nginx-{number}"))
         for number, http_config in enumerate(drain.http_purge, start=1):
-            purger = await stack.enter_async_context(HttpPurger(http_config))
+            purger = await stack.enter_async_context(HttpPurger(http_config, scope_rule=rule))
             local.append(HttpPurgeTarget(purger, http_config.name or f"http-{number}"))
         cdn: list[Target] = []
         window = 0.0
         busy_for = None
         if drain.cloudflare:
-            forwarder = await stack.enter_async_context(CloudflareForwarder(drain.cloudflare))
+            forwarder = await stack.enter_async_context(
+                CloudflareForwarder(drain.cloudflare, scope_rule=rule)
+            )
             target = CloudflareTarget(forwarder)
             window = target.batch_window
             busy_for = target.busy_for

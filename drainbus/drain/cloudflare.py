@@ -3,7 +3,9 @@
 How a batch becomes API calls
 -----------------------------
 1. Each purge is checked first against rules Cloudflare would refuse it for (a tag over
-   1,024 characters, a prefix with a query string, a URL that is not ``http(s)``). Such a
+   1,024 characters or with a space or comma, a prefix with a query string or more than 31
+   path separators, a host that is an IP address, a URL that is not ``http(s)``); ``pub``
+   refuses them already, this catches entries stored before it did. Such a
    purge is ``permanent`` without a call, so it cannot fail a call shared with its neighbours.
 2. Items are routed to zones. ``keys`` (sent as tags), ``tags`` and ``everything`` go to every
    zone. A URL, host or prefix goes to the zones whose ``hosts`` match its host most
@@ -14,8 +16,10 @@ How a batch becomes API calls
 3. Per zone and endpoint (``purge_cache``; ``invalidate_cache`` for ``soft`` purges and for
    zones in ``mode="invalidate"``) items of one kind are deduplicated and packed into calls
    of at most 100 items (files: 500 on Enterprise). A prefix at a host's root is sent as a
-   host purge, and a scheme is never sent. A hard ``purge_everything`` for a zone absorbs
-   every other call for that zone; a soft one absorbs the zone's other soft calls.
+   host purge, and a scheme is never sent. URLs and prefixes keep a port that is not the
+   scheme's default and drop one that is (one rule for both, see :func:`_authority`). A hard
+   ``purge_everything`` for a zone absorbs every other call for that zone; a soft one
+   absorbs the zone's other soft calls.
 4. Calls run in lanes, one per account and bucket (URL calls, other calls). A lane is
    sequential, so each response's rate headers are read before the next call is paced;
    lanes run concurrently, so slow tag calls on a Free plan never hold up URL calls.
@@ -40,9 +44,13 @@ through those two signals. When the bucket would make a call wait longer than
 Outcomes
 --------
 A purge is ``done`` only if every call carrying any of its items answered
-``"success": true`` with a 2xx status. A 4xx other than 408/425/429 is ``permanent`` (the
-error names the zone, the HTTP status and Cloudflare's codes and messages). 5xx, 408, 425,
-429, timeouts, connection errors and a 2xx without ``"success": true`` are retried by
+``"success": true`` with a 2xx status. Cloudflare's ``errors[].code`` decides first: a
+rate-limit code (:data:`RATE_LIMIT_CODES`, 1134) is retried with back-off whatever the
+status; a code that can never succeed (:data:`PERMANENT_CODES`: authentication, zone not
+found, invalid item) is ``permanent``; any other code is retried. Without codes the status
+decides: a 4xx other than 408/425/429 is ``permanent`` (the error names the zone, the HTTP
+status and Cloudflare's codes and messages); 5xx, 408, 425, 429, timeouts, connection errors
+and a 2xx without ``"success": true`` are retried by
 :func:`~drainbus.drain.retry.run_with_retry`; if they outlast it the purge is
 ``retry_later``. A purge with parts of both kinds is ``permanent``: redelivery cannot help it.
 A ``done`` outcome's ``reference`` is Cloudflare's purge id (``result.id``) of the call that
@@ -58,6 +66,8 @@ httpx exceptions are turned into plain messages (class and text), never re-raise
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import os
 import random
 import re
@@ -74,7 +84,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from drainbus.drain.purges import Purge
+from drainbus.drain.purges import MAX_PREFIX_SEPARATORS, Purge, ScopeRule, key_hosts
 from drainbus.drain.retry import (
     Clock,
     Outcome,
@@ -96,7 +106,9 @@ from drainbus.values import Duration, PositiveDuration
 
 __all__ = [
     "MAX_TAG_LENGTH",
+    "PERMANENT_CODES",
     "PLAN_LIMITS",
+    "RATE_LIMIT_CODES",
     "CloudflareForwarder",
     "CloudflareStats",
     "CloudflareZoneConfig",
@@ -109,7 +121,10 @@ __all__ = [
 _log = structlog.get_logger(__name__)
 
 Plan = Literal["free", "pro", "business", "enterprise"]
-_Kind = Literal["files", "tags", "hosts", "prefixes", "purge_everything"]
+# "file_objects": files sent as {"url", "headers"} objects (a call never mixes them with
+# plain URL strings, the two forms of ``files`` in Cloudflare's schema).
+_Kind = Literal["files", "file_objects", "tags", "hosts", "prefixes", "purge_everything"]
+_FILE_KINDS: Final = frozenset({"files", "file_objects"})
 _Endpoint = Literal["purge_cache", "invalidate_cache"]
 
 TOKEN_ENV: Final = "CLOUDFLARE_API_TOKEN"  # noqa: S105 - the variable's name, not a secret
@@ -308,6 +323,8 @@ class _Call:
     def body(self) -> dict[str, object]:
         if self.kind == "purge_everything":
             return {"purge_everything": True}
+        if self.kind == "file_objects":
+            return {"files": [json.loads(item) for item in self.owners]}
         return {self.kind: list(self.owners)}
 
     def split(self) -> tuple[_Call, _Call]:
@@ -337,15 +354,52 @@ def _url_host(url: str) -> str | None:
     return _normalise_host(host)
 
 
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _authority(url: str) -> str:
+    """The host of ``url`` as Cloudflare names it in a purge: lower-case, with the port only
+    when it is not the scheme's default.
+
+    The one port rule for URL and prefix purges, from Cloudflare's API reference for
+    POST /zones/{zone_id}/purge_cache ("Include the port unless it is the default for the
+    scheme: 80 for http, 443 for https"): ``https://h:8443/docs`` is ``h:8443/docs`` as a
+    prefix and ``https://h:8443/…`` as a file; ``https://h:443/docs`` is ``h/docs``.
+    """
+    parts = urlsplit(url)
+    host = _normalise_host(parts.hostname or "")
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    port = parts.port
+    if port is None or port == _DEFAULT_PORTS.get(parts.scheme.lower()):
+        return host
+    return f"{host}:{port}"
+
+
+def _file_url(url: str) -> str:
+    """``url`` without a port that is the scheme's default (as :func:`_authority`), else as
+    given."""
+    parts = urlsplit(url)
+    port = parts.port
+    if port is None or port != _DEFAULT_PORTS.get(parts.scheme.lower()):
+        return url
+    netloc = parts.netloc.removesuffix(f":{parts.netloc.rpartition(':')[2]}")
+    rest = url[len(parts.scheme) + len("://") + len(parts.netloc) :]
+    return f"{parts.scheme}://{netloc}{rest}"
+
+
 def _check(purge: Purge, url_hosts: Mapping[str, str | None]) -> str | None:
     """Why Cloudflare would refuse this purge, or None. ``url_hosts`` maps each of its URLs
     to :func:`_url_host` of it (worked out once: a burst has thousands)."""
     for tag in sorted(purge.keys | purge.tags):
+        shown = tag[:40] + "…" if len(tag) > 40 else tag
         if not tag or len(tag) > MAX_TAG_LENGTH:
-            shown = tag[:40] + "…" if len(tag) > 40 else tag
             return (
                 f"tag {shown!r} has {len(tag)} characters: Cloudflare accepts 1 to {MAX_TAG_LENGTH}"
             )
+        # "Spaces are not allowed in Cache-Tags"; commas separate them (purge-by-tags docs).
+        if any(c == "," or c.isspace() or not c.isprintable() for c in tag):
+            return f"tag {shown!r} holds a space, comma or control character: Cloudflare refuses it"
     for url in sorted(purge.urls):
         if url_hosts[url] is None:
             return f"URL {url!r} is not an absolute http(s) URL"
@@ -355,10 +409,58 @@ def _check(purge: Purge, url_hosts: Mapping[str, str | None]) -> str | None:
         parts = urlsplit(prefix)
         if parts.query or parts.fragment or "?" in prefix:
             return f"prefix {prefix!r} has a query string: Cloudflare prefixes are host/path"
+        if parts.path.count("/") > MAX_PREFIX_SEPARATORS:
+            return (
+                f"prefix {prefix!r} has more than {MAX_PREFIX_SEPARATORS} path separators: "
+                "Cloudflare refuses it (purge_by_prefix docs, Limitations)"
+            )
     for host in sorted(purge.hosts):
         if not _normalise_host(host):
             return "an empty host cannot be purged"
+        if _is_ip_address(host):
+            return f"host {host!r} is an IP address: Cloudflare purges host names only"
     return None
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+# Cloudflare's ``errors[].code`` decides before the HTTP status does. Codes from Cloudflare's
+# API reference for POST /zones/{zone_id}/purge_cache (its 4XX examples: 1092 "Request cannot
+# contain "purge_everything" and any of ...", 1134 "Unable to purge, rate limit reached.
+# Please wait and consider throttling your request speed"; 1136 for a URL purge of an
+# environment chosen by IP, country, ASN or threat score) and from answers Cloudflare's API
+# is seen to give (10000 "Authentication error", 9109 "Unauthorized to access requested
+# resource", 7000/7003 no route / "Could not route to /zones/…, perhaps your object
+# identifier is invalid?", 1014 invalid purge field, 1107 "Only enterprise zones can purge
+# by tag"). A rate-limit code is retried with back-off whatever the status (Cloudflare has
+# sent it with 429, 400 and 200 "success": false); only codes that can never succeed are
+# permanent; any other code is retried, and redelivery bounds it.
+RATE_LIMIT_CODES: Final = frozenset({1134})
+PERMANENT_CODES: Final = frozenset({10000, 9109, 7000, 7003, 1014, 1092, 1107, 1136})
+
+
+def _error_codes(response: httpx.Response) -> frozenset[int]:
+    """The integer ``errors[].code`` values of a Cloudflare answer (empty if none)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return frozenset()
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list):
+        return frozenset()
+    return frozenset(
+        e["code"]
+        for e in errors
+        if isinstance(e, dict)
+        and isinstance(e.get("code"), int)
+        and not isinstance(e["code"], bool)
+    )
 
 
 def _describe_errors(response: httpx.Response) -> tuple[bool, str, str | None]:
@@ -394,7 +496,9 @@ class CloudflareForwarder:
     Tokens are resolved when the forwarder is created, so a missing token fails at start-up
     (:class:`ZoneConfigError`). ``retry`` sets the back-off; ``limits`` overrides
     :data:`PLAN_LIMITS` per plan (negotiated limits, tests); ``rate_headroom`` is the share
-    of the published refill rate spent. ``clock``, ``sleep`` and ``rng`` exist for tests.
+    of the published refill rate spent. ``scope_rule`` gives bare keys their host
+    (``key_host``): a key is purged as its tag and its host, as on every target. ``clock``,
+    ``sleep`` and ``rng`` exist for tests.
     """
 
     def __init__(
@@ -408,6 +512,7 @@ class CloudflareForwarder:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        scope_rule: ScopeRule | None = None,
     ) -> None:
         if not zones:
             raise ConfigError("no Cloudflare zone is configured: add at least one zone")
@@ -422,6 +527,7 @@ class CloudflareForwarder:
                 )
             seen.add(zone.zone_id)
         self._retry = retry or RetryPolicy()
+        self._scope_rule = scope_rule
         self._limits = {**PLAN_LIMITS, **(limits or {})}
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -536,7 +642,7 @@ class CloudflareForwarder:
         buckets: dict[tuple[int, str], TokenBucket] = {}
         for call in calls:
             account = call.zone.account
-            kind = "urls" if call.kind == "files" else "calls"
+            kind = "urls" if call.kind in _FILE_KINDS else "calls"
             lanes.setdefault((id(account), kind), []).append(call)
             buckets[id(account), kind] = account.urls if kind == "urls" else account.calls
         if buckets:
@@ -594,15 +700,28 @@ class CloudflareForwarder:
             for tag in sorted(purge.keys | purge.tags):
                 add(i, soft, self._zones, "tags", tag, what=tag)
             for url in sorted(purge.urls):
-                add(i, soft, self._route(url_hosts[url] or ""), "files", url, what=url)
-            for host in sorted({_normalise_host(h) for h in purge.hosts}):
+                zones = self._route(url_hosts[url] or "")
+                variants = sorted(h for u, h in purge.url_headers if u == url) or [()]
+                for headers in variants:
+                    if headers:  # forwarded unchanged, for zones whose cache key has them
+                        item = json.dumps({"url": _file_url(url), "headers": dict(headers)})
+                        add(i, soft, zones, "file_objects", item, what=url)
+                    else:
+                        add(i, soft, zones, "files", _file_url(url), what=url)
+            # A bare key is its tag and, with key_host, its host (purges.key_hosts).
+            hosts = purge.hosts | key_hosts(purge, self._scope_rule)
+            for host in sorted({_normalise_host(h) for h in hosts}):
                 add(i, soft, self._route(host), "hosts", host, what=host)
             for prefix in sorted(purge.prefixes):
                 host = _url_host(prefix) or ""
+                authority = _authority(prefix)
                 path = urlsplit(prefix).path
-                if path.strip("/"):
-                    add(i, soft, self._route(host), "prefixes", host + path, what=prefix)
-                else:  # a prefix at the root is the whole host
+                if path.strip("/") or authority != host:
+                    # A prefix is "a hostname followed by a path"; the port, when it is not
+                    # the default, stays on it as on a URL (see _authority).
+                    add(i, soft, self._route(host), "prefixes", authority + (path or "/"),
+                        what=prefix)  # fmt: skip
+                else:  # a prefix at the root of a default port is the whole host
                     add(i, soft, self._route(host), "hosts", host, what=prefix)
             if purge.everything:
                 for zone in self._zones:
@@ -620,7 +739,9 @@ class CloudflareForwarder:
 
         calls: list[_Call] = []
         for (zone, ep, kind), owners in groups.items():
-            limit = zone.limits.files_per_call if kind == "files" else zone.limits.items_per_call
+            limit = (
+                zone.limits.files_per_call if kind in _FILE_KINDS else zone.limits.items_per_call
+            )
             items = list(owners)
             for start in range(0, len(items), limit):
                 chunk = {item: owners[item] for item in items[start : start + limit]}
@@ -660,8 +781,8 @@ class CloudflareForwarder:
 
     async def _send(self, call: _Call) -> Verdict:
         account = call.zone.account
-        bucket = account.urls if call.kind == "files" else account.calls
-        cost = float(len(call.owners)) if call.kind == "files" else 1.0
+        bucket = account.urls if call.kind in _FILE_KINDS else account.calls
+        cost = float(len(call.owners)) if call.kind in _FILE_KINDS else 1.0
         log = _log.bind(
             zone=call.zone.id,
             endpoint=call.endpoint,
@@ -722,8 +843,10 @@ class CloudflareForwarder:
         rate = parse_ratelimit(response.headers.get("ratelimit"))
         if rate is not None:
             bucket.observe(rate)
+        codes = _error_codes(response)
+        rate_limited = response.status_code == 429 or bool(codes & RATE_LIMIT_CODES)
         retry_after = None
-        if response.status_code == 429:
+        if rate_limited:
             self._rate_limited += 1
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             if retry_after is not None:
@@ -734,7 +857,14 @@ class CloudflareForwarder:
         success, detail, reference = _describe_errors(response)
         status = response.status_code
         error = f"{what}: HTTP {status}{detail}"
-        if response.is_success:
+        if rate_limited:
+            verdict = Verdict("transient", error, retry_after=retry_after, http_status=status)
+        elif codes & PERMANENT_CODES:
+            verdict = Verdict("permanent", error, http_status=status)
+        elif codes and not (response.is_success and success):
+            # A code not known to be final: retried, and redelivered if it persists.
+            verdict = Verdict("transient", error, http_status=status)
+        elif response.is_success:
             # A 2xx without "success": true is not a confirmation; retry rather than drop.
             verdict = (
                 Verdict("done", http_status=status, reference=reference)

@@ -60,7 +60,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drainbus.drain.purges import Purge, path_prefix_regex
+from drainbus.drain.purges import Purge, ScopeRule, key_hosts, path_prefix_regex
 from drainbus.drain.retry import (
     DONE,
     Outcome,
@@ -203,8 +203,10 @@ class HttpPurger:
         retry: RetryPolicy | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        scope_rule: ScopeRule | None = None,
     ) -> None:
         self.config = config
+        self._scope_rule = scope_rule
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -282,7 +284,10 @@ class HttpPurger:
                 urls.setdefault((soft, url), set()).add(i)
             for tag in purge.keys | purge.tags:
                 tags.setdefault((soft, tag), set()).add(i)
-            for host in purge.hosts:
+            # A bare key is its tag and, with key_host, its host (purges.key_hosts), where
+            # the cache can ban a host at all.
+            derived = key_hosts(purge, self._scope_rule) if cfg.ban_url else frozenset()
+            for host in purge.hosts | derived:
                 bans.setdefault((soft, (host.lower(), "/")), set()).add(i)
             for prefix in purge.prefixes:
                 split = urlsplit(prefix)
@@ -380,7 +385,12 @@ class HttpPurger:
         async def attempt() -> Verdict:
             try:
                 response = await client.request(
-                    request.method, request.url, headers=request.headers
+                    request.method,
+                    request.url,
+                    # UTF-8, as origins send non-ASCII tags (httpx would refuse non-ASCII).
+                    headers=[
+                        (name.encode(), value.encode()) for name, value in request.headers.items()
+                    ],
                 )
             except httpx.InvalidURL as exc:
                 return Verdict("permanent", f"{what}: invalid URL {request.url!r}: {exc}")

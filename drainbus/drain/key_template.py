@@ -20,14 +20,20 @@ import sys
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from drainbus.drain.purges import path_under
+
 __all__ = [
     "SUPPORTED_VARIABLES",
     "KeyParts",
     "KeyTemplate",
     "Reading",
+    "host_reading_matches",
+    "is_request_variable",
+    "prefix_reading_matches",
     "proxy_host_of",
     "template_variables",
     "url_parts",
+    "url_reading_matches",
 ]
 
 #: The variables a key template may use.
@@ -46,18 +52,44 @@ _CAPTURE = {
 # An unknown $proxy_host: any host[:port], up to the first '/'.
 _ANY_PROXY_HOST = r"[^/\s]+"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# URLs whose keys show an ambiguous template: hosts that are another host with a scheme's
+# tail in front ("s" + "hop.example"), over both schemes.
+_AMBIGUITY_PROBES = tuple(
+    f"{scheme}://{host}/x?a=1"
+    for host in ("shop.example", "hop.example", "s.example")
+    for scheme in ("http", "https")
+)
 _HOST_PORT = re.compile(r"(\[[^\]\s]*\]|[^:\[\]\s]+)(?::([0-9]+))?")
+
+
+#: Variables of the request whose values a purge does not know: any ``$http_NAME`` (a request
+#: header), ``$cookie_NAME`` and ``$arg_NAME``. A key using them is never rendered; its
+#: files are found through the index, and a URL purge evicts every variant of the URL.
+REQUEST_VARIABLE = re.compile(r"(?:http|cookie|arg)_[A-Za-z0-9_]+")
+
+
+def is_request_variable(name: str) -> bool:
+    """Whether ``$name`` is a request header, cookie or argument (see
+    :data:`REQUEST_VARIABLE`)."""
+    return REQUEST_VARIABLE.fullmatch(name) is not None
 
 
 def template_variables(template: str) -> tuple[str, ...]:
     """The variables ``template`` uses, in order; ``ValueError`` names any unsupported one."""
     names = [braced or bare for braced, bare in _VARIABLE.findall(template)]
-    unknown = sorted({name for name in names if name not in SUPPORTED_VARIABLES})
+    unknown = sorted(
+        {
+            name
+            for name in names
+            if name not in SUPPORTED_VARIABLES and not is_request_variable(name)
+        }
+    )
     if unknown:
         shown = ", ".join(f"${name}" if name else "a bare '$'" for name in unknown)
         supported = ", ".join(f"${name}" for name in SUPPORTED_VARIABLES)
         raise ValueError(
             f"key template {template!r} uses unsupported variables {shown}: use only {supported}"
+            ", $http_NAME, $cookie_NAME and $arg_NAME"
         )
     return tuple(names)
 
@@ -137,6 +169,35 @@ def url_parts(url: str) -> KeyParts:
 Reading = tuple[str | None, str | None, str | None]
 
 
+# One reading of a key matches a purge item by these rules; a file is purged only when
+# EVERY reading of its key matches (an ambiguous key must not be evicted for a purge that
+# names only one of the objects it may stand for). A reading without a host is an object
+# that serves every host (the key ignores the host).
+
+
+def host_reading_matches(reading: Reading, host: str) -> bool:
+    """Whether ``reading`` belongs to ``host`` (lower case), or to every host."""
+    return reading[0] is None or reading[0] == host
+
+
+def url_reading_matches(reading: Reading, want: KeyParts, *, has_query: bool) -> bool:
+    """Whether ``reading`` is the URL ``want`` (:func:`url_parts`); the query counts only when
+    the key holds it (``has_query``)."""
+    host, path, query = reading
+    return (
+        host in (None, want.host)
+        and path is not None
+        and path == want.path
+        and (not has_query or query == want.query)
+    )
+
+
+def prefix_reading_matches(reading: Reading, want: KeyParts) -> bool:
+    """Whether ``reading`` lies at or under the prefix URL ``want`` (:func:`url_parts`)."""
+    host, path, _ = reading
+    return host in (None, want.host) and path is not None and path_under(path, want.path or "/")
+
+
 class KeyTemplate:
     """An nginx ``proxy_cache_key`` template: renders keys for URLs and reads keys back.
 
@@ -154,8 +215,13 @@ class KeyTemplate:
         self.proxy_host = proxy_host
         self.variables = frozenset(names)
         self.description = description or f"key template {template!r}"
-        #: Whether :meth:`render` can compute keys: not with an unknown ``$proxy_host``.
-        self.renders = "proxy_host" not in self.variables or proxy_host is not None
+        #: Request headers, cookies and arguments the key holds (their values are unknown).
+        self.request_variables = frozenset(filter(is_request_variable, names))
+        #: Whether :meth:`render` can compute keys: not with an unknown ``$proxy_host``, nor
+        #: with request variables (one URL has a key per value of them).
+        self.renders = (
+            "proxy_host" not in self.variables or proxy_host is not None
+        ) and not self.request_variables
         #: Whether the key tells objects of different hosts / queries apart.
         self.has_host = "host" in self.variables
         self.has_query = bool(self.variables & {"request_uri", "args"})
@@ -193,13 +259,45 @@ class KeyTemplate:
         Raises ``ValueError`` when the template cannot render (:attr:`renders` is false).
         """
         if not self.renders:
-            raise ValueError(
-                f"{self.description} cannot compute keys: the $proxy_host value (proxy_pass) "
-                "is not known"
+            why = (
+                "the request variables it holds have a value per request"
+                if self.request_variables
+                else "the $proxy_host value (proxy_pass) is not known"
             )
+            raise ValueError(f"{self.description} cannot compute keys: {why}")
+        return self._render(url)
+
+    def _render(self, url: str) -> str:
+        """:meth:`render` without its check: request variables render empty."""
         values = _url_variables(url)
         values["proxy_host"] = self.proxy_host or ""
-        return _VARIABLE.sub(lambda m: values[m[1] or m[2]], self.template)
+        return _VARIABLE.sub(lambda m: values.get(m[1] or m[2], ""), self.template)
+
+    def key_means_only(self, key: str, url: str) -> bool:
+        """Whether every reading of ``key`` is ``url``: only then may a URL purge evict it.
+
+        False for a key this template cannot read, and for an ambiguous one
+        (``httpshop.example/x`` with ``$scheme$host$request_uri`` is also
+        ``https://hop.example/x``).
+        """
+        readings = self.readings(key)
+        want = url_parts(url)
+        return bool(readings) and all(
+            url_reading_matches(reading, want, has_query=self.has_query) for reading in readings
+        )
+
+    def ambiguous_example(self) -> tuple[str, tuple[KeyParts, ...]] | None:
+        """A key this template renders that reads back as several objects, with its readings;
+        None when every probe reads back as one (the template is unambiguous)."""
+        template = self
+        if self.proxy_host is None:  # probe with a stand-in upstream: only the shape matters
+            template = KeyTemplate(self.template, "127.0.0.1:8080")
+        for url in _AMBIGUITY_PROBES:
+            key = template._render(url)
+            readings = template.invert(key)
+            if len(readings) > 1:
+                return key, readings
+        return None
 
     def _pattern(self, scheme: str) -> re.Pattern[str]:
         pattern, seen, last = [], set(), 0
@@ -216,7 +314,9 @@ class KeyTemplate:
                 pattern.append(f"(?P={name})")
             else:
                 seen.add(name)
-                pattern.append(f"(?P<{name}>{_CAPTURE[name]})")
+                # A request variable's value is anything; it is read past, never kept.
+                capture = ".*?" if is_request_variable(name) else _CAPTURE[name]
+                pattern.append(f"(?P<{name}>{capture})")
         pattern.append(re.escape(self.template[last:]))
         return re.compile("".join(pattern), re.DOTALL)
 

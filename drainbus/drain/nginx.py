@@ -249,6 +249,18 @@ class NginxCache:
                 key=template.description,
                 effect="one object serves every host: host and prefix purges match all hosts",
             )
+        ambiguous = template.ambiguous_example()
+        if ambiguous is not None:
+            key, readings = ambiguous
+            log.warning(
+                "nginx_cache_key_ambiguous",
+                cache=self.name,
+                key=template.description,
+                example=f"{key!r} reads as "
+                + " and as ".join(f"host {r.host!r} path {r.path!r}" for r in readings),
+                effect="host, prefix and URL purges leave such files alone (tag purges evict)",
+                fix="set proxy_cache_key $scheme://$host$request_uri; in nginx and key here",
+            )
         if not template.renders:
             log.info(
                 "nginx_cache_key_not_rendered",
@@ -322,8 +334,10 @@ class NginxCache:
                 # finds the URL's files then.
                 if self._template.renders:
                     key = self._template.render(url)
-                    paths.add(str(_cache_file_path(self.config.cache_path, self._levels, key)))
-                    paths |= index.paths_for_key(key)
+                    # An ambiguous key is other URLs' too: a URL purge never evicts it.
+                    if self._template.key_means_only(key, url):
+                        paths.add(str(_cache_file_path(self.config.cache_path, self._levels, key)))
+                        paths |= index.paths_for_key(key)
                 paths |= index.paths_for_url(url)
             for prefix in purge.prefixes:
                 paths |= index.paths_for_prefix(prefix)

@@ -7,8 +7,9 @@ shows up as ``IN_MOVED_TO``; an in-place header update as ``IN_CLOSE_WRITE``.
 
 Host and path come from the key by running the key template backwards. ``$scheme$host`` is
 ambiguous (``httpshop.example`` is ``http`` + ``shop.example`` or ``https`` + ``hop.example``),
-so an entry keeps every reading the template allows and matches any of them: a rare
-over-purge, never a missed one. A template without ``$host`` (such as nginx's default key,
+so an entry keeps every reading the template allows, and a host, prefix or URL purge finds it
+only when EVERY reading matches: the owner of ``hop.example`` cannot evict ``shop.example``'s
+pages (tag purges still find such files). A template without ``$host`` (such as nginx's default key,
 ``http://127.0.0.1:8080/docs/x?q=1``) makes one object serve every host, so such entries
 match any host. Files whose key the template cannot read at all are counted
 (:attr:`CacheIndex.unmatched_keys`): only tag purges can find them.
@@ -21,6 +22,7 @@ import contextlib
 import errno
 import itertools
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,8 +42,16 @@ from drainbus.drain.cache_file import (
     parse_cache_head,
     read_head,
 )
-from drainbus.drain.key_template import KeyParts, KeyTemplate, Reading, url_parts
-from drainbus.drain.purges import path_under
+from drainbus.drain.key_template import (
+    KeyParts,
+    KeyTemplate,
+    Reading,
+    host_reading_matches,
+    prefix_reading_matches,
+    url_parts,
+    url_reading_matches,
+)
+from drainbus.drain.purges import fold_tag
 from drainbus.errors import BackendError, DrainbusError, StartupError
 
 __all__ = ["CacheEntry", "CacheIndex", "FileAdded"]
@@ -67,7 +77,8 @@ FileAdded = Callable[[str, CacheHead], None]
 
 
 class CacheEntry(NamedTuple):
-    """One indexed cache file: its key, its tags (sorted) and every reading of the key."""
+    """One indexed cache file: its key, its tags (folded by :func:`fold_tag`, sorted) and
+    every reading of the key."""
 
     key: str
     tags: tuple[str, ...]
@@ -171,7 +182,9 @@ def _add(tables: _Tables, template: KeyTemplate, path: str, data: bytes) -> Cach
         tables.invalid += 1
         tables.remove(path)
         return None
-    tables.add(path, (head.key, head.tags, template.readings(head.key)))
+    # Tags are kept folded (purges.fold_tag): tag purges match them case-insensitively.
+    tags = tuple(sorted({sys.intern(fold_tag(tag)) for tag in head.tags}))
+    tables.add(path, (head.key, tags, template.readings(head.key)))
     return head
 
 
@@ -395,26 +408,34 @@ class CacheIndex:
         return {path for path in candidates if _key_of(tables.entries[path]) == key}
 
     def paths_for_tag(self, tag: str) -> set[str]:
-        """Files tagged ``tag`` (exact, case-sensitive)."""
-        return set(self._tables.by_tag.get(tag, ()))
+        """Files tagged ``tag``, whole tags compared ignoring ASCII case (:func:`fold_tag`)."""
+        return set(self._tables.by_tag.get(fold_tag(tag), ()))
 
     def paths_for_host(self, host: str) -> set[str]:
-        """Files of ``host`` (case-insensitive), including objects whose key ignores the host."""
+        """Files of ``host`` (case-insensitive), including objects whose key ignores the host.
+
+        A file whose key may also be another host's (an ambiguous template) is left out.
+        """
         tables = self._tables
-        return tables.any_host.union(tables.by_host.get(host.lower(), ()))
+        host = host.lower()
+        return {
+            path
+            for path in tables.any_host.union(tables.by_host.get(host, ()))
+            if all(host_reading_matches(r, host) for r in _readings_of(tables.entries[path]))
+        }
 
     def paths_for_url(self, url: str) -> set[str]:
-        """Files holding ``url``'s host, path and (if the key has it) query, any scheme."""
+        """Files holding ``url``'s host, path and (if the key has it) query, any scheme.
+
+        A file whose key may also be another URL's (an ambiguous template) is left out.
+        """
         want = url_parts(url)
+        has_query = self.template.has_query
         found = set()
         for path in self._tables.by_path.get(want.path or "/", ()):
-            for host, key_path, query in _readings_of(self._tables.entries[path]):
-                if (
-                    host in (None, want.host)
-                    and key_path == want.path
-                    and (not self.template.has_query or query == want.query)
-                ):
-                    found.add(path)
+            readings = _readings_of(self._tables.entries[path])
+            if all(url_reading_matches(r, want, has_query=has_query) for r in readings):
+                found.add(path)
         return found
 
     def paths_for_prefix(self, prefix_url: str) -> set[str]:
@@ -422,20 +443,17 @@ class CacheIndex:
 
         Boundaries hold (:func:`~drainbus.drain.purges.path_under`): ``/docs`` covers
         ``/docs``, ``/docs?x`` and ``/docs/…``, never ``/docs2``; ``/docs/`` covers ``/docs/``
-        and below only; ``/`` covers the whole host.
+        and below only; ``/`` covers the whole host. A file whose key may also be another
+        host's or path's (an ambiguous template) is left out.
         """
         want = url_parts(prefix_url)
-        prefix = want.path or "/"
-        found = set()
-        for path in self.paths_for_host(want.host or ""):
-            for host, key_path, _ in _readings_of(self._tables.entries[path]):
-                if (
-                    host in (None, want.host)
-                    and key_path is not None
-                    and path_under(key_path, prefix)
-                ):
-                    found.add(path)
-        return found
+        return {
+            path
+            for path in self.paths_for_host(want.host or "")
+            if all(
+                prefix_reading_matches(r, want) for r in _readings_of(self._tables.entries[path])
+            )
+        }
 
     async def _rebuild(self, failure: type[DrainbusError] = BackendError) -> None:
         self._close_inotify()

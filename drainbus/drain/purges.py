@@ -6,19 +6,22 @@ One line is one purge::
     tag:KEY                    a cache tag                    Purge(tags={"KEY"})
     url:URL  or  https://...   one URL                        Purge(urls={URL})
     prefix:URL                 every URL at or under a path   Purge(prefixes={URL})
-    host:NAME                  every object of a host         Purge(hosts={"name"})
+    host:NAME                  every object of a DNS name     Purge(hosts={"name"})
     *                          the whole cache (admins only)  Purge(everything=True)
     soft:FORM                  any form above, soft           Purge(..., soft=True)
                                (soft:acme-blog, soft:tag:KEY, soft:https://..., soft:*, ...)
-    {"tags": [...], ...}       the same as JSON, plus "soft"
+    {"tags": [...], ...}       the same as JSON, plus "soft"; a "urls" entry may be
+                               {"url": URL, "headers": {NAME: VALUE}}
 
 A soft purge marks objects stale instead of deleting them where a target can (nginx expires
 the file, Cloudflare invalidates, some HTTP caches soft-purge); the scope rules are the same.
 
 :func:`parse_purge` turns a line into a :class:`Purge` or raises :class:`DataError`;
 :func:`check_scope` decides whether a user may publish it or raises :class:`PermissionDenied`.
-Keys and tags end up in HTTP header values and Cloudflare tag lists, so their character set is
-narrow on purpose. Prefixes match on path boundaries (:func:`url_matches_prefix`).
+Keys also name hosts (``key_host``), so their character set is narrow on purpose; tags are
+whatever origins send in ``Cache-Tag`` (any printable UTF-8 but whitespace and ','), checked
+against Cloudflare's rules so they never fail at the API. Prefixes match on path boundaries
+(:func:`url_matches_prefix`).
 """
 
 from __future__ import annotations
@@ -36,11 +39,16 @@ from drainbus.identity import user_key
 
 __all__ = [
     "MAX_JSON_ITEMS",
+    "MAX_PREFIX_SEPARATORS",
     "MAX_TOKEN_LENGTH",
+    "MAX_URL_HEADERS",
     "Purge",
     "ScopeRule",
+    "UrlHeaders",
     "check_scope",
+    "fold_tag",
     "key_host_for",
+    "key_hosts",
     "parse_purge",
     "path_prefix_regex",
     "path_under",
@@ -54,7 +62,6 @@ MAX_JSON_ITEMS = 1000
 """Most items in any one list of a JSON purge."""
 
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_TAG = re.compile(r"[A-Za-z0-9._:/-]+")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _FORMS = (
     "a bare key, tag:KEY, url:URL, prefix:URL, host:NAME, an http(s):// URL, '*' "
@@ -62,6 +69,15 @@ _FORMS = (
 )
 _SOFT = "soft:"
 _JSON_FIELDS = ("tags", "urls", "prefixes", "hosts", "keys", "everything", "soft")
+
+
+#: A URL with the request headers it was cached with: (url, ((name, value), ...)).
+UrlHeaders = tuple[str, tuple[tuple[str, str], ...]]
+
+MAX_URL_HEADERS = 32
+"""Most headers on one JSON ``urls`` entry."""
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +91,18 @@ class Purge:
     ``/docs`` and ``/docs/…`` but not ``/docs2``); hosts are lower-case host names.
     ``everything`` purges the whole cache; ``soft`` asks for invalidate-and-revalidate instead
     of delete where a target supports it.
+
+    ``url_headers`` holds the JSON ``urls`` entries given with request headers
+    (``{"url": …, "headers": {…}}``, for zones whose cache key includes them) as
+    ``(url, ((name, value), …))``, plus ``(url, ())`` when the same URL was also given
+    plainly; each of their URLs is in ``urls`` too, so every target purges the URL and
+    Cloudflare forwards the headers unchanged.
     """
 
     keys: frozenset[str] = field(default_factory=frozenset)
     tags: frozenset[str] = field(default_factory=frozenset)
     urls: frozenset[str] = field(default_factory=frozenset)
+    url_headers: frozenset[UrlHeaders] = field(default_factory=frozenset)
     prefixes: frozenset[str] = field(default_factory=frozenset)
     hosts: frozenset[str] = field(default_factory=frozenset)
     everything: bool = False
@@ -132,7 +155,7 @@ def _parse_form(text: str) -> Purge:
     if word == "prefix":
         return Purge(prefixes=frozenset({_prefix(value)}))
     if word == "host":
-        return Purge(hosts=frozenset({_host(value)}))
+        return Purge(hosts=frozenset({_host_name(value)}))
     raise DataError(f"unknown purge form {_show(word + ':')}; use {_FORMS}")
 
 
@@ -175,6 +198,17 @@ def key_host_for(rule: ScopeRule, key: str) -> str | None:
     return host if _is_dns_name(host) else None
 
 
+def key_hosts(purge: Purge, rule: ScopeRule | None) -> frozenset[str]:
+    """The hosts of ``purge.keys`` under ``rule.key_host`` (empty without a rule or key_host).
+
+    A bare key means its tag AND its host on every target: nginx, HTTP PURGE caches and
+    Cloudflare all add these hosts to the purge.
+    """
+    if rule is None:
+        return frozenset()
+    return frozenset(host for key in purge.keys if (host := key_host_for(rule, key)))
+
+
 def check_scope(purge: Purge, *, user: str, is_admin: bool, rule: ScopeRule) -> None:
     """Return if ``user`` may publish ``purge``; raise :class:`PermissionDenied` if not.
 
@@ -203,6 +237,23 @@ def check_scope(purge: Purge, *, user: str, is_admin: bool, rule: ScopeRule) -> 
         owned = f"user {user!r} may purge only keys {user!r} and {user + sep + '*'!r}"
         owned += " and their hosts" if rule.key_host else "; hosts, URLs and prefixes need an admin"
         raise PermissionDenied(f"purge of {kind} {_show(item)} refused: {owned}", user=user)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_tag(tag: str) -> str:
+    """``tag`` as every target compares it: ASCII letters lower-cased, the rest as it is.
+
+    Cloudflare matches cache tags case-insensitively ("Are Cache-Tags Case Sensitive? No,
+    Cache-Tags are case insensitive. That is, tag1 and Tag1 are the same", Cloudflare's
+    support article "How to Purge Cache Using Cache-Tags",
+    https://support.cloudflare.com/hc/en-us/articles/206596608). The nginx index and the
+    shipped Varnish VCL (``std.tolower``, which folds ASCII only) compare folded tags, so
+    ``tag:mixedcase`` evicts what carries ``MixedCase`` on every target. Only ASCII letters
+    fold, as Varnish can fold nothing else: ``café`` and ``CAFÉ`` stay two tags there.
+    """
+    return tag.translate(_ASCII_LOWER)
 
 
 def path_under(path: str, prefix: str) -> bool:
@@ -258,11 +309,13 @@ def _parse_json(text: str) -> Purge:
     unknown = sorted(set(data) - set(_JSON_FIELDS))
     if unknown:
         raise DataError(f"unknown JSON field {_show(unknown[0])}; use {', '.join(_JSON_FIELDS)}")
+    urls, url_headers = _json_urls(data)
     purge = Purge(
         tags=_json_list(data, "tags", _tag),
-        urls=_json_list(data, "urls", _url),
+        urls=urls,
+        url_headers=url_headers,
         prefixes=_json_list(data, "prefixes", _prefix),
-        hosts=_json_list(data, "hosts", _host),
+        hosts=_json_list(data, "hosts", _host_name),
         keys=_json_list(data, "keys", _key),
         everything=_json_flag(data, "everything"),
         soft=_json_flag(data, "soft"),
@@ -291,6 +344,66 @@ def _json_list(data: dict[str, Any], name: str, check: Callable[[str], str]) -> 
         except DataError as exc:
             raise DataError(f"JSON field {name!r} item {index}: {exc.message}") from None
     return frozenset(checked)
+
+
+def _json_urls(data: dict[str, Any]) -> tuple[frozenset[str], frozenset[UrlHeaders]]:
+    """The JSON ``urls`` list: URL strings, or ``{"url": URL, "headers": {NAME: VALUE}}``.
+
+    Cloudflare's purge_cache takes ``files`` as URLs or as objects "with url and headers"
+    for "cache keys [that include] request headers" (its API reference, and
+    https://developers.cloudflare.com/cache/how-to/purge-cache/purge-by-single-file/); the
+    headers are forwarded unchanged.
+    """
+    items = data.get("urls", [])
+    if not isinstance(items, list) or not all(isinstance(i, str | dict) for i in items):
+        raise DataError(
+            "JSON field 'urls' must be a list of strings or "
+            '{"url": URL, "headers": {NAME: VALUE}} objects'
+        )
+    if len(items) > MAX_JSON_ITEMS:
+        raise DataError(
+            f"JSON field 'urls' has {len(items):,} items; a list holds at most {MAX_JSON_ITEMS:,}"
+        )
+    urls: set[str] = set()
+    plain: set[str] = set()
+    with_headers: set[UrlHeaders] = set()
+    for index, item in enumerate(items):
+        try:
+            if isinstance(item, str):
+                url = _url(item)
+                plain.add(url)
+            else:
+                url, headers = _url_with_headers(item)
+                with_headers.add((url, headers))
+        except DataError as exc:
+            raise DataError(f"JSON field 'urls' item {index}: {exc.message}") from None
+        urls.add(url)
+    header_urls = {url for url, _ in with_headers}
+    with_headers |= {(url, ()) for url in plain & header_urls}
+    return frozenset(urls), frozenset(with_headers)
+
+
+def _url_with_headers(item: object) -> UrlHeaders:
+    if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+        raise DataError('a URL entry is a string or {"url": URL, "headers": {NAME: VALUE}}')
+    unknown = sorted(set(item) - {"url", "headers"})
+    if unknown:
+        raise DataError(f"unknown URL entry field {_show(unknown[0])}; use url and headers")
+    url = _url(item["url"])
+    headers = item.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(name, str) and isinstance(value, str) for name, value in headers.items()
+    ):
+        raise DataError("URL entry 'headers' must be an object of header names to strings")
+    if len(headers) > MAX_URL_HEADERS:
+        raise DataError(f"URL entry has {len(headers)} headers; at most {MAX_URL_HEADERS}")
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise DataError(f"header name {_show(name)} is not an HTTP header name")
+        bad = next((c for c in value if not c.isprintable() and c not in " \t"), None)
+        if bad is not None:
+            raise DataError(f"header {name!r} value contains control character {bad!r}")
+    return url, tuple(sorted(headers.items()))
 
 
 def _json_flag(data: dict[str, Any], name: str) -> bool:
@@ -323,7 +436,27 @@ def _key(value: str) -> str:
 
 
 def _tag(value: str) -> str:
-    return _token("tag", value, _TAG, "letters, digits, '.', '_', '-', ':' and '/'")
+    """Check a tag: 1 to MAX_TOKEN_LENGTH printable characters, any script, no space or comma.
+
+    Cloudflare's rules (https://developers.cloudflare.com/cache/how-to/purge-cache/purge-by-tags/
+    and the support article https://support.cloudflare.com/hc/en-us/articles/206596608):
+    "Spaces are not allowed in Cache-Tags"; commas separate tags in the ``Cache-Tag`` header
+    ("Use commas to separate the tags"), so a tag holding one could never match; "For cache
+    purges, the maximum length of cache-tags in an API call is 1,024 characters". Origins
+    send non-ASCII tags (``Cache-Tag: seg-café``, as UTF-8), so any other printable
+    character is a tag character; control and invisible format characters are not.
+    """
+    if not value:
+        raise DataError(f"tag is empty; a tag is 1 to {MAX_TOKEN_LENGTH:,} characters")
+    if len(value) > MAX_TOKEN_LENGTH:
+        raise DataError(f"tag is {len(value)} characters; a tag is at most {MAX_TOKEN_LENGTH:,}")
+    bad = next((c for c in value if c == "," or c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise DataError(
+            f"tag {_show(value)} contains {_describe(bad)}; a tag may contain any printable "
+            "character but whitespace and ','"
+        )
+    return value
 
 
 def _url(value: str, *, kind: str = "URL") -> str:
@@ -355,11 +488,47 @@ def _url(value: str, *, kind: str = "URL") -> str:
     return f"{parts.scheme}://{parts.netloc.lower()}{rest}"
 
 
+MAX_PREFIX_SEPARATORS = 31
+"""Most '/' in a prefix's path: "Path separators are limited to 31 for a prefix"
+(https://developers.cloudflare.com/cache/how-to/purge-cache/purge_by_prefix/, Limitations)."""
+
+
 def _prefix(value: str) -> str:
     url = _url(value, kind="prefix URL")
     if "?" in url:
         raise DataError(f"prefix URL {_show(value)} has a query string; a prefix is a path only")
+    separators = urlsplit(url).path.count("/")
+    if separators > MAX_PREFIX_SEPARATORS:
+        raise DataError(
+            f"prefix URL {_show(value)} has {separators} '/' in its path; Cloudflare takes at "
+            f"most {MAX_PREFIX_SEPARATORS} path separators in a prefix"
+        )
     return url
+
+
+def _host_name(value: str) -> str:
+    """Check the value of ``host:`` (and JSON ``hosts``): a DNS name, not an IP address.
+
+    Cloudflare purges by hostname ("Hostnames, such as www.example.com", the ``hosts``
+    field of POST /zones/{zone_id}/purge_cache in Cloudflare's API reference;
+    https://developers.cloudflare.com/cache/how-to/purge-cache/purge-by-hostname/): a zone
+    serves names, so an IP address is never one of its hosts and the call is refused.
+    """
+    host = _host(value)
+    if _is_ip(host):
+        raise DataError(
+            f"host {_show(value)} is an IP address; Cloudflare purges host names only, so give "
+            "the site's DNS name (or purge its URLs)"
+        )
+    return host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _host(value: str) -> str:

@@ -43,8 +43,16 @@ from typing import Literal, Self
 import structlog
 
 from drainbus.drain.cache_file import CacheHead, read_cache_head
-from drainbus.drain.key_template import KeyParts, KeyTemplate, Reading, url_parts
-from drainbus.drain.purges import Purge, path_under
+from drainbus.drain.key_template import (
+    KeyParts,
+    KeyTemplate,
+    Reading,
+    host_reading_matches,
+    prefix_reading_matches,
+    url_parts,
+    url_reading_matches,
+)
+from drainbus.drain.purges import Purge, fold_tag
 
 __all__ = ["DEFAULT_REFILL_WINDOW", "RefillGuard", "RefillWindow"]
 
@@ -87,26 +95,23 @@ class RefillWindow:
         ``readings`` are the key's readings by the key template; they are matched as the
         index's lookups match them; ``has_query`` says whether the key holds the query.
         """
-        if self.everything or head.key in self.url_keys or not self.tags.isdisjoint(head.tags):
+        if (
+            self.everything
+            or head.key in self.url_keys
+            or not self.tags.isdisjoint(map(fold_tag, head.tags))
+        ):
             return True
-        for host, path, query in readings:
-            if host is not None and host in self.hosts:
-                return True
-            if path is None:
-                continue
-            if host is None and self.hosts:  # a key without the host is every host's object
-                return True
-            for want in self.urls:
-                if (
-                    host in (None, want.host)
-                    and path == want.path
-                    and (not has_query or query == want.query)
-                ):
-                    return True
-            for want in self.prefixes:
-                if host in (None, want.host) and path_under(path, want.path or "/"):
-                    return True
-        return False
+        if not readings:
+            return False
+        # As the index's lookups: one purge item must match every reading of the key.
+        return (
+            any(all(host_reading_matches(r, host) for r in readings) for host in self.hosts)
+            or any(
+                all(url_reading_matches(r, want, has_query=has_query) for r in readings)
+                for want in self.urls
+            )
+            or any(all(prefix_reading_matches(r, want) for r in readings) for want in self.prefixes)
+        )
 
     def verdict(self, head: CacheHead) -> _Verdict:
         """What to do with a matching file that landed in the window (once armed)."""
@@ -217,12 +222,15 @@ class RefillGuard:
             # Without proxy_pass nginx's default key cannot be rendered: URLs then match by
             # the readings of the new file's key alone.
             url_keys=frozenset(
-                self.template.render(url) for url in purge.urls if self.template.renders
+                key
+                for url in purge.urls
+                if self.template.renders
+                and self.template.key_means_only(key := self.template.render(url), url)
             ),
             urls=tuple(url_parts(url) for url in purge.urls),
             prefixes=tuple(url_parts(url) for url in purge.prefixes),
             hosts=frozenset(host.lower() for host in hosts),
-            tags=frozenset(purge.tags | purge.keys),
+            tags=frozenset(map(fold_tag, purge.tags | purge.keys)),
         )
         self._windows.append(window)
         self._opened.set()

@@ -17,7 +17,7 @@
 #   BAN /everything                        everything
 #
 # Objects are tagged with the origin's Cache-Tag and Surrogate-Key headers (commas or spaces
-# between tags) as well as its own xkey headers.
+# between tags) as well as its own xkey headers. Tags compare ignoring ASCII case.
 #
 # Spellings: percent-escapes in the URL are upper-cased (RFC 3986 6.2.2.1: %2f and %2F are
 # one URL) and the Host is lower-cased before anything else, for every request, so each
@@ -50,11 +50,12 @@ sub vcl_recv {
     }
     if (req.method == "PURGE") {
         if (req.http.xkey-softpurge) {
-            set req.http.X-Drainbus-Gone = xkey.softpurge(req.http.xkey-softpurge);
+            set req.http.X-Drainbus-Gone = xkey.softpurge(std.tolower(req.http.xkey-softpurge));
             return (synth(200, "Soft-purged " + req.http.X-Drainbus-Gone + " objects"));
         }
         if (req.http.xkey-purge || req.http.xkey) {
-            set req.http.X-Drainbus-Gone = xkey.purge(req.http.xkey-purge + " " + req.http.xkey);
+            set req.http.X-Drainbus-Gone = xkey.purge(
+                std.tolower(req.http.xkey-purge + " " + req.http.xkey));
             return (synth(200, "Purged " + req.http.X-Drainbus-Gone + " objects"));
         }
         return (purge);
@@ -107,6 +108,11 @@ sub vcl_backend_response {
     }
     if (beresp.http.Surrogate-Key) {
         set beresp.http.xkey = beresp.http.xkey + " " + beresp.http.Surrogate-Key;
+    }
+    # Tags match ignoring ASCII case, as on Cloudflare and in drainbus's nginx index: stored
+    # and purged lower-cased (std.tolower folds ASCII letters only).
+    if (beresp.http.xkey) {
+        set beresp.http.xkey = std.tolower(beresp.http.xkey);
     }
 }
 

@@ -4,16 +4,25 @@
 ``…/invalidate_cache`` on 127.0.0.1 from a thread, so it works the same from sync and async
 tests. It checks what Cloudflare checks and answers the way Cloudflare answers:
 
-* the ``Authorization: Bearer`` token must be known, else 403 with code 10000;
+* the ``Authorization: Bearer`` token must be known, else 403 with code 10000
+  ("Authentication error");
 * the body must hold exactly one of ``files``, ``tags``, ``hosts``, ``prefixes``,
-  ``purge_everything: true``, else 400 code 1012;
-* at most 100 items per call (files: 500 on Enterprise), else 400 code 1013;
+  ``purge_everything: true``, else 400: code 1092 with the API reference's message for
+  ``purge_everything`` beside another kind, code 1014 for any other shape;
+* at most 100 items per call (files: 500 on Enterprise), else 400 code 1014;
 * items must be well-formed: files are http(s) URLs (or ``{"url": …}``), prefixes carry no
-  scheme and no query string, tags are 1..1024 characters, hosts are bare names; else 400
+  scheme and no query string and at most 31 '/', tags are 1..1024 characters without spaces
+  or commas, hosts are bare names and not IP addresses; else 400
   code 1014 (also for tags listed in ``bad_tags``);
 * a token bucket per account (the token's account) for tag/host/prefix/everything calls and
   one for URLs, with the plan's figures or the test's: a call that finds too few tokens gets
-  429 with code 971 and an integer ``Retry-After`` and spends nothing.
+  429 with code 1134 and the API reference's message ("Unable to purge, rate limit reached.
+  Please wait and consider throttling your request speed") and an integer ``Retry-After``,
+  and spends nothing.
+
+Codes are Cloudflare's: 1092 and 1134 are the 4XX examples of POST /zones/{zone_id}/
+purge_cache in Cloudflare's API reference; 10000, 7003 and 1014 are what its API answers
+for a bad token, an unknown route and a malformed purge field.
 
 Every answer from a bucket carries ``Ratelimit: "default";r=N;t=S`` (N whole tokens left;
 S seconds until the next token when N is 0, else until the bucket is full) and
@@ -28,6 +37,7 @@ does. Tests can script the next answers (:meth:`FakeCloudflare.fail_next`,
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import math
 import re
@@ -119,10 +129,11 @@ class _State:
     buckets: dict[tuple[str, str], _Bucket] = field(default_factory=dict)
 
 
-def _error_body(code: int, message: str) -> dict[str, Any]:
+def _error_body(code: int | None, message: str) -> dict[str, Any]:
+    """A failure as Cloudflare's API answers it; no code: an empty ``errors`` list."""
     return {
         "success": False,
-        "errors": [{"code": code, "message": message}],
+        "errors": [] if code is None else [{"code": code, "message": message}],
         "messages": [],
         "result": None,
     }
@@ -231,7 +242,7 @@ class FakeCloudflare:
         n: int = 1,
         *,
         status: int = 503,
-        code: int = 10013,
+        code: int | None = None,
         message: str = "Service unavailable",
         body: dict[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
@@ -332,7 +343,13 @@ class FakeCloudflare:
         """Answer one request: (status or None to hang, JSON body, extra headers)."""
         match = _PATH.fullmatch(path)
         if match is None:
-            return 404, _error_body(7003, "Could not route to " + path), {}
+            return (
+                404,
+                _error_body(
+                    7003, f"Could not route to {path}, perhaps your object identifier is invalid?"
+                ),
+                {},
+            )
         zone, endpoint = match.groups()
         try:
             body: Any = json.loads(raw or b"null")
@@ -383,27 +400,43 @@ class FakeCloudflare:
                 headers = bucket.header() if self.ratelimit_headers else {}
                 rate_limited = False
         if rate_limited:
-            message = "Please wait and consider throttling your request speed"
-            return answer(429, _error_body(971, message), headers)
+            message = (
+                "Unable to purge, rate limit reached. "
+                "Please wait and consider throttling your request speed"
+            )
+            return answer(429, _error_body(1134, message), headers)
         ok = {"success": True, "errors": [], "messages": [], "result": {"id": uuid.uuid4().hex}}
         return answer(200, ok, headers)
 
     def _validate(self, body: Any) -> tuple[int, str] | None:
         if not isinstance(body, dict):
-            return 1012, "Request must be a JSON object"
+            return 1014, "Request must be a JSON object"
         kinds = [k for k in KINDS if k in body]
+        if "purge_everything" in kinds and len(kinds) > 1:
+            return 1092, (
+                'Request cannot contain "purge_everything" and any of "files", "tags", '
+                '"hosts" or "prefixes"'
+            )
         if len(kinds) != 1 or len(body) != 1:
-            return 1012, "Request must contain exactly one of " + ", ".join(KINDS)
+            return 1014, "Request must contain exactly one of " + ", ".join(KINDS)
         kind = kinds[0]
         if kind == "purge_everything":
-            return None if body[kind] is True else (1012, "purge_everything must be true")
+            return None if body[kind] is True else (1014, "purge_everything must be true")
         items = body[kind]
         if not isinstance(items, list) or not items:
-            return 1012, f"{kind} must be a non-empty list"
+            return 1014, f'"{kind}" must be a non-empty array'
         limit = self.files_per_call if kind == "files" else 100
         if len(items) > limit:
-            return 1013, f"Only {limit} {kind} may be purged per request, got {len(items)}"
+            return 1014, f"Only {limit} {kind} may be purged per request, got {len(items)}"
         for item in items:
+            if kind == "files" and isinstance(item, dict):
+                # {"url", "headers"}: headers a map of strings (Cloudflare's schema).
+                headers = item.get("headers", {})
+                if set(item) - {"url", "headers"} or not (
+                    isinstance(headers, dict)
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+                ):
+                    return 1014, f"Invalid files item {item!r}"
             value = item.get("url") if kind == "files" and isinstance(item, dict) else item
             if not isinstance(value, str) or not value:
                 return 1014, f"Invalid {kind} item {item!r}"
@@ -411,11 +444,27 @@ class FakeCloudflare:
                 return 1014, f"Invalid url {value!r}"
             if kind == "prefixes" and ("://" in value or "?" in value):
                 return 1014, f"Invalid prefix {value!r}: no scheme or query string"
-            if kind == "tags" and (len(value) > 1024 or value in self.bad_tags):
+            # "Path separators are limited to 31 for a prefix" (purge_by_prefix docs).
+            if kind == "prefixes" and value.count("/") > 31:
+                return 1014, f"Invalid prefix {value[:40]!r}: more than 31 path separators"
+            # "Spaces are not allowed in Cache-Tags"; commas separate tags (purge-by-tags docs).
+            if kind == "tags" and (
+                len(value) > 1024
+                or value in self.bad_tags
+                or any(c == "," or c.isspace() for c in value)
+            ):
                 return 1014, f"Invalid tag {value[:40]!r}"
-            if kind == "hosts" and ("/" in value or ":" in value):
+            if kind == "hosts" and ("/" in value or ":" in value or _is_ip(value)):
                 return 1014, f"Invalid host {value!r}"
         return None
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -435,7 +484,7 @@ class _Handler(BaseHTTPRequestHandler):
         if status is None:
             self.owner._release.wait(self.owner.hang_seconds)
             self.close_connection = True
-            status, payload = 504, _error_body(10013, "Gateway timeout")
+            status, payload = 504, _error_body(None, "Gateway timeout")
         data = json.dumps(payload).encode()
         try:
             self.send_response(status)
