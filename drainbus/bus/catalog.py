@@ -36,7 +36,7 @@ class TopicSummary:
 async def known_topics(redis: RedisClient, keys: Keys) -> list[str]:
     """Every topic ever published to on this bus, sorted."""
     names = await redis.smembers(keys.topics)
-    return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    return sorted(text(n) for n in names)
 
 
 async def describe_topics(

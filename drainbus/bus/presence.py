@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import cast
 
 import anyio
 import structlog
 from redis.exceptions import RedisError
 
 from drainbus.bus.connection import RedisClient
-from drainbus.bus.streams import Keys
+from drainbus.bus.streams import Keys, text
 
 __all__ = ["Presence"]
 
@@ -87,12 +88,11 @@ class Presence:
     async def subscribers(self) -> dict[str, int]:
         """Topic -> live subscribers summed over every node seen in the last 3 intervals."""
         since = int(time.time() * 1000 - self._interval * 3000)
-        nodes = await self._redis.zrangebyscore(self._keys.nodes, since, "+inf")
+        nodes = cast(list[bytes], await self._redis.zrangebyscore(self._keys.nodes, since, "+inf"))
         totals: dict[str, int] = {}
         for node in nodes:
-            name = node.decode() if isinstance(node, bytes) else str(node)
+            name = text(node)
             counts = await self._redis.hgetall(self._keys.node_subscribers(name))
             for topic, count in counts.items():
-                t = topic.decode() if isinstance(topic, bytes) else str(topic)
-                totals[t] = totals.get(t, 0) + int(count)
+                totals[text(topic)] = totals.get(text(topic), 0) + int(count)
         return totals

@@ -48,8 +48,7 @@ ZERO_ID: StreamId = (0, 0)
 
 def parse_id(raw: bytes | str) -> StreamId:
     """``b"1700000000000-3"`` -> ``(1700000000000, 3)``; a bare ``ms`` means ``ms-0``."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
+    ms, _, seq = text(raw).partition("-")
     return int(ms), int(seq or 0)
 
 

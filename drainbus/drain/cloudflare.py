@@ -84,7 +84,13 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from drainbus.drain.purges import MAX_PREFIX_SEPARATORS, Purge, ScopeRule, key_hosts
+from drainbus.drain.purges import (
+    MAX_PREFIX_SEPARATORS,
+    MAX_TOKEN_LENGTH,
+    Purge,
+    ScopeRule,
+    key_hosts,
+)
 from drainbus.drain.retry import (
     Clock,
     Outcome,
@@ -128,7 +134,7 @@ _FILE_KINDS: Final = frozenset({"files", "file_objects"})
 _Endpoint = Literal["purge_cache", "invalidate_cache"]
 
 TOKEN_ENV: Final = "CLOUDFLARE_API_TOKEN"  # noqa: S105 - the variable's name, not a secret
-MAX_TAG_LENGTH: Final = 1024
+MAX_TAG_LENGTH: Final = MAX_TOKEN_LENGTH  # one limit for keys and tags, Cloudflare's
 _PLAN_ORDER: Final[tuple[Plan, ...]] = ("free", "pro", "business", "enterprise")
 # Refusals that may be caused by one item among many: worth bisecting the call.
 _SPLITTABLE: Final = frozenset({400, 413, 422})
