@@ -210,6 +210,31 @@ def test_add_invalid_key_file_fails_naming_file_and_line(
     assert not (users_dir / "alice.pub").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "accepted"),
+    [
+        pytest.param('command="/bin/true"', False, id="command"),
+        pytest.param("cert-authority", False, id="cert-authority"),
+        pytest.param('from="10.0.0.0/8",restrict', True, id="from-restrict"),
+    ],
+)
+def test_add_refuses_options_drainbus_cannot_honour(
+    run: Run, users_dir: Path, new_key: NewKey, options: str, accepted: bool
+) -> None:
+    """keys add keeps a key line's options; one it would have to ignore exits 78 with why."""
+    key = new_key()
+
+    result = run("keys", "add", "alice", "-", stdin=f"{options} {key.line}\n")
+
+    if accepted:
+        assert result.exit_code == 0
+        assert lines_of(users_dir / "alice.pub") == [f"{options} {key.line}"]
+    else:
+        assert result.exit_code == ExitCode.CONFIG
+        assert f"key {key.fingerprint} refused: option {options.partition('=')[0]}" in result.stderr
+        assert not (users_dir / "alice.pub").exists()
+
+
 def test_add_without_any_key_fails(run: Run, users_dir: Path) -> None:
     """Input holding only comments is refused rather than creating an empty user."""
     result = run("keys", "add", "alice", "-", stdin="# nothing here\n")

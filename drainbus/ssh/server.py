@@ -145,6 +145,14 @@ class _Connection(asyncssh.SSHServer):
         if identity is None:
             self._door._failures.add(self.source, key.get_fingerprint())
             return False
+        # The key line's from= and expiry-time= (drainbus.key_options), as OpenSSH enforces.
+        refusal = self._door.users.refusal(key, self.source)
+        if refusal is not None:
+            log.warning(
+                "auth_refused", source=self.source, user=identity.user,
+                fingerprint=identity.fingerprint, reason=refusal,
+            )  # fmt: skip
+            return False
         self._candidate = (identity, key)
         return True
 
