@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from drainbus import identity
 from drainbus.identity import UserKeys, read_authorized_keys
 from drainbus.key_options import KeyOptionError, parse_key_options
 from tests.conftest import RunningBus, User, run_ssh
@@ -109,7 +110,7 @@ def test_options_drainbus_cannot_honour_refuse_the_line(options: str, reason: st
 
 
 def test_a_refused_line_is_logged_and_the_files_other_keys_still_work(
-    users_dir: Path, add_user: Callable[[str], User]
+    users_dir: Path, add_user: Callable[[str], User], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """cert-authority (a CA key is no login key) is refused at load with a reason; the rest
     of the file still counts."""
@@ -120,6 +121,8 @@ def test_a_refused_line_is_logged_and_the_files_other_keys_still_work(
     (users_dir / "ca-holder.pub").unlink()
     users = UserKeys(users_dir)
 
+    # A fresh logger: one cached after an earlier test configured logging would bypass capture.
+    monkeypatch.setattr(identity, "log", structlog.get_logger(identity.__name__))
     with structlog.testing.capture_logs() as events:
         users.load()
 
