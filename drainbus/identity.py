@@ -30,6 +30,7 @@ from drainbus.key_options import KeyOptionError, KeyOptions, parse_key_options
 
 __all__ = [
     "HOST_KEY_NAME",
+    "MIN_RSA_BITS",
     "AuthorizedKey",
     "Identity",
     "UserKeys",
@@ -39,6 +40,7 @@ __all__ = [
     "same_user",
     "user_key",
     "valid_user_name",
+    "weak_key_reason",
 ]
 
 log = structlog.get_logger(__name__)
@@ -46,6 +48,34 @@ log = structlog.get_logger(__name__)
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_TYPES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
+
+
+MIN_RSA_BITS = 2048
+"""RSA keys shorter than this are refused, at load and at login (NIST's floor since 2015)."""
+_LOGIN_KEY_TYPES = frozenset(
+    {  # what OpenSSH 10 accepts for user keys (PubkeyAcceptedAlgorithms, by key type)
+        b"ssh-ed25519",
+        b"ecdsa-sha2-nistp256",
+        b"ecdsa-sha2-nistp384",
+        b"ecdsa-sha2-nistp521",
+        b"sk-ssh-ed25519@openssh.com",
+        b"sk-ecdsa-sha2-nistp256@openssh.com",
+        b"ssh-rsa",
+    }
+)
+
+
+def weak_key_reason(key: asyncssh.SSHKey) -> str | None:
+    """Why ``key`` is too weak to log in with (DSA, RSA under 2048 bits, a type OpenSSH no
+    longer accepts); None for a key drainbus accepts."""
+    if key.algorithm == b"ssh-dss":
+        return "DSA keys are refused (1024 bits and SHA-1; OpenSSH 10 removed them)"
+    if key.algorithm not in _LOGIN_KEY_TYPES:
+        return f"{key.algorithm.decode('ascii', 'replace')} keys are not accepted (as in OpenSSH)"
+    bits = int(getattr(key.pyca_key, "key_size", 0)) if key.algorithm == b"ssh-rsa" else 0
+    if key.algorithm == b"ssh-rsa" and bits < MIN_RSA_BITS:
+        return f"RSA keys need at least {MIN_RSA_BITS} bits; this one has {bits}"
+    return None
 
 
 def valid_user_name(name: str) -> bool:
@@ -140,6 +170,7 @@ def read_authorized_keys(text: str, *, source: str) -> list[AuthorizedKey]:
             key = asyncssh.import_public_key(rest.strip())
         except asyncssh.KeyImportError as exc:
             raise ConfigError(f"{source}:{number}: not a valid public key ({exc})") from None
+        refusal = refusal or weak_key_reason(key)
         keys.append(AuthorizedKey(key, number, options, refusal))
     return keys
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -233,6 +234,20 @@ def test_add_refuses_options_drainbus_cannot_honour(
         assert result.exit_code == ExitCode.CONFIG
         assert f"key {key.fingerprint} refused: option {options.partition('=')[0]}" in result.stderr
         assert not (users_dir / "alice.pub").exists()
+
+
+def test_add_refuses_a_weak_rsa_key(run: Run, users_dir: Path, tmp_path: Path) -> None:
+    """An RSA key under 2048 bits exits 78 saying so, and adds nothing."""
+    weak = tmp_path / "rsa1024"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "1024", "-N", "", "-f", str(weak)], check=True
+    )
+
+    result = run("keys", "add", "alice", f"{weak}.pub")
+
+    assert result.exit_code == ExitCode.CONFIG
+    assert "refused: RSA keys need at least 2048 bits; this one has 1024" in result.stderr
+    assert not (users_dir / "alice.pub").exists()
 
 
 def test_add_without_any_key_fails(run: Run, users_dir: Path) -> None:
