@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = [
     "Identity",
     "UserKeys",
     "load_or_create_host_key",
+    "name_conflict",
     "parse_authorized_keys",
     "read_authorized_keys",
     "same_user",
@@ -76,6 +77,48 @@ def weak_key_reason(key: asyncssh.SSHKey) -> str | None:
     if key.algorithm == b"ssh-rsa" and bits < MIN_RSA_BITS:
         return f"RSA keys need at least {MIN_RSA_BITS} bits; this one has {bits}"
     return None
+
+
+def name_conflict(
+    name: str, users: Iterable[str], acl_topics: Iterable[str], owner_separator: str | None
+) -> str | None:
+    """Why user ``name`` would own what is not its own; None if it would not.
+
+    A user owns the topics ``NAME`` and ``NAME/…`` and, with ``owner_separator`` (the drain's,
+    ``-``), the purge keys ``NAME-…``. So ``name`` may not be (or, through a ``*`` in the
+    first segment, match) the first segment of a topic or glob in ``acl_topics`` (a rule
+    governs those topics, and owning them would bypass it), nor fall inside another user's
+    keys (``mallory-corp`` next to ``mallory``), nor take an existing user's name inside its
+    own keys (``acme`` next to ``acme-blog``). Names compare regardless of case.
+    """
+    own = user_key(name)
+    for topic in acl_topics:
+        head = topic.split("/", 1)[0]
+        if head.strip("*") and _segment_glob(head).fullmatch(own):
+            return (
+                f"it would own topic '{topic}' as its own namespace ('{name}' and "
+                f"'{name}/…'), but an [[acl]] rule or the drain governs that topic"
+            )
+    if owner_separator:
+        sep = user_key(owner_separator)
+        for user in users:
+            other = user_key(user)
+            if own.startswith(other + sep):
+                return (
+                    f"it falls inside user '{user}''s scope: '{user}' may purge every key "
+                    f"'{user}{owner_separator}…'"
+                )
+            if other.startswith(own + sep):
+                return (
+                    f"its scope would cover user '{user}': '{name}' could purge every key "
+                    f"'{name}{owner_separator}…'"
+                )
+    return None
+
+
+def _segment_glob(segment: str) -> re.Pattern[str]:
+    """A topic glob's first segment (``*`` any run of characters) as a regex, for user keys."""
+    return re.compile(".*".join(re.escape(user_key(part)) for part in segment.split("*")))
 
 
 def valid_user_name(name: str) -> bool:
@@ -343,15 +386,25 @@ class UserKeys:
             )  # fmt: skip
         return kept
 
-    def add(self, name: str, text: str, *, source: str) -> list[tuple[str, bool]]:
+    def add(
+        self,
+        name: str,
+        text: str,
+        *,
+        source: str,
+        acl_topics: Iterable[str] = (),
+        owner_separator: str | None = None,
+    ) -> list[tuple[str, bool]]:
         """Give user ``name`` the public keys in ``text`` (authorized_keys lines).
 
         Appends the new ones to ``NAME.pub`` (creating the folder and file as needed) and
         returns ``(fingerprint, added)`` per key, ``added`` False for a key the user had.
-        Nothing is written when any check fails: UsageError for an invalid name or one that
-        differs only in case from an existing user; ConfigError for no key in ``text``, an
-        unparsable line, or a key that belongs to another user. ``source`` names ``text`` in
-        messages.
+        Nothing is written when any check fails: UsageError for an invalid name, one that
+        differs only in case from an existing user, or one that would own what is not its
+        own (see :func:`name_conflict`: ``acl_topics`` are the topics and globs the config's
+        rules govern, the drain topic among them; ``owner_separator`` is the drain's);
+        ConfigError for no key in ``text``, an unparsable or refused line, or a key that
+        belongs to another user. ``source`` names ``text`` in messages.
         """
         if not valid_user_name(name):
             raise UsageError(
@@ -374,6 +427,12 @@ class UserKeys:
                 f"user '{clash}' already exists: user names are unique regardless of case, "
                 f"so '{name}' would be the same user; add the key to '{clash}' instead"
             )
+        others = [p.stem for p in self.directory.glob("*.pub") if valid_user_name(p.stem)]
+        conflict = name_conflict(
+            name, [u for u in others if u != name], acl_topics, owner_separator
+        )
+        if conflict is not None:
+            raise UsageError(f"user name '{name}' is refused: {conflict}")
         for key in new_keys:
             owner = self.lookup(key)
             if owner is not None and owner.user != name:

@@ -173,6 +173,60 @@ def test_add_name_differing_only_in_case_is_refused(
     assert sorted(p.name for p in users_dir.iterdir()) == ["acme.pub"]
 
 
+@pytest.fixture
+def run_shared(tmp_path: Path, users_dir: Path) -> Run:
+    """`drainbus keys …` on a shared bus: [[acl]] rules for shared/**, team-*/deploys and **,
+    the drain topic cache-drain (the default), owner separator '-' (the default)."""
+    config = tmp_path / "shared.toml"
+    config.write_text(
+        f'[server]\nusers_dir = "{users_dir}"\n'
+        '[[acl]]\ntopics = ["shared/**", "team-*/deploys"]\npublish = ["*"]\n'
+        '[[acl]]\ntopics = ["**"]\nsubscribe = ["@admins"]\n'
+    )
+
+    def invoke(*args: str, stdin: str | None = None) -> Result:
+        return CliRunner().invoke(cli, ["--config", str(config), *args], obj={}, input=stdin)
+
+    return invoke
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        pytest.param("cache-drain", "it would own topic 'cache-drain'", id="drain-topic"),
+        pytest.param("Cache-Drain", "it would own topic 'cache-drain'", id="drain-topic-case"),
+        pytest.param("shared", "it would own topic 'shared/**'", id="acl-topic"),
+        pytest.param("team-red", "it would own topic 'team-*/deploys'", id="acl-glob"),
+        pytest.param("mallory-corp", "it falls inside user 'mallory''s scope", id="inside-other"),
+        pytest.param("MALLORY-x", "it falls inside user 'mallory''s scope", id="inside-case"),
+        pytest.param("acme", "its scope would cover user 'acme-blog'", id="covers-other"),
+        pytest.param("carol", None, id="unrelated"),
+        pytest.param("malloryx", None, id="no-separator"),
+        pytest.param("team", None, id="glob-needs-more"),
+        pytest.param("acme.blog", None, id="other-punctuation"),
+    ],
+)
+def test_add_refuses_names_that_would_own_what_is_not_theirs(
+    run_shared: Run, users_dir: Path, new_key: NewKey, name: str, reason: str | None
+) -> None:
+    """A name equal to or covering a topic an [[acl]] rule or the drain governs, inside another
+    user's purge scope, or whose own scope covers another user, exits 64 with one line."""
+    for existing in ("mallory", "acme-blog"):
+        assert run_shared("keys", "add", existing, str(new_key().path)).exit_code == 0
+    key = new_key()
+
+    result = run_shared("keys", "add", name, str(key.path))
+
+    if reason is None:
+        assert (result.exit_code, result.stderr) == (0, "")
+        assert (users_dir / f"{name}.pub").exists()
+    else:
+        assert result.exit_code == ExitCode.USAGE
+        assert result.stderr.startswith(f"drainbus: user name '{name}' is refused: {reason}")
+        assert result.stderr.count("\n") == 1
+        assert sorted(p.stem for p in users_dir.iterdir()) == ["acme-blog", "mallory"]
+
+
 @pytest.mark.parametrize(
     "name",
     [
