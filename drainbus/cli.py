@@ -468,7 +468,13 @@ def keys_add(ctx: click.Context, config: str | None, name: str, pubkey_file: Any
     settings = _settings(ctx, config)
     users = UserKeys(settings.server.users_dir, settings.server.admins)
     try:
-        results = users.add(name, pubkey_file.read(), source=pubkey_file.name)
+        results = users.add(
+            name,
+            pubkey_file.read(),
+            source=pubkey_file.name,
+            acl_topics=[t for rule in settings.acl for t in rule.topics] + [settings.drain.topic],
+            owner_separator=settings.drain.owner_separator,
+        )
     except DrainbusError as exc:
         _fail(exc)
         raise  # unreachable: _fail exits

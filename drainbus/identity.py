@@ -1,8 +1,11 @@
 """Who is who: the server's host key and the users' public keys.
 
 Users are files: ``users_dir/NAME.pub`` in OpenSSH authorized_keys format (one or more keys,
-comments and blank lines allowed, options before a key are accepted and ignored). NAME is the
-identity, whatever login name the client sends. A key listed for two different users belongs
+comments and blank lines allowed). NAME is the identity, whatever login name the client sends.
+Options before a key are enforced as OpenSSH does (:mod:`drainbus.key_options`): ``from=``
+and ``expiry-time=`` at login; a line with an option drainbus cannot honour (``command=``,
+``cert-authority``, …) is refused at load with a logged reason, and the file's other keys
+still count. A key listed for two different users belongs
 to neither: it is refused and logged, because guessing would hand one user the other's rights.
 
 User names are unique regardless of case: ``acme`` and ``ACME`` are one user, and every
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +26,22 @@ import structlog
 from asyncssh.public_key import decode_ssh_public_key
 
 from drainbus.errors import ConfigError, UsageError
+from drainbus.key_options import KeyOptionError, KeyOptions, parse_key_options
 
 __all__ = [
     "HOST_KEY_NAME",
+    "MIN_RSA_BITS",
+    "AuthorizedKey",
     "Identity",
     "UserKeys",
     "load_or_create_host_key",
+    "name_conflict",
     "parse_authorized_keys",
+    "read_authorized_keys",
     "same_user",
     "user_key",
     "valid_user_name",
+    "weak_key_reason",
 ]
 
 log = structlog.get_logger(__name__)
@@ -40,6 +49,76 @@ log = structlog.get_logger(__name__)
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_TYPES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
+
+
+MIN_RSA_BITS = 2048
+"""RSA keys shorter than this are refused, at load and at login (NIST's floor since 2015)."""
+_LOGIN_KEY_TYPES = frozenset(
+    {  # what OpenSSH 10 accepts for user keys (PubkeyAcceptedAlgorithms, by key type)
+        b"ssh-ed25519",
+        b"ecdsa-sha2-nistp256",
+        b"ecdsa-sha2-nistp384",
+        b"ecdsa-sha2-nistp521",
+        b"sk-ssh-ed25519@openssh.com",
+        b"sk-ecdsa-sha2-nistp256@openssh.com",
+        b"ssh-rsa",
+    }
+)
+
+
+def weak_key_reason(key: asyncssh.SSHKey) -> str | None:
+    """Why ``key`` is too weak to log in with (DSA, RSA under 2048 bits, a type OpenSSH no
+    longer accepts); None for a key drainbus accepts."""
+    if key.algorithm == b"ssh-dss":
+        return "DSA keys are refused (1024 bits and SHA-1; OpenSSH 10 removed them)"
+    if key.algorithm not in _LOGIN_KEY_TYPES:
+        return f"{key.algorithm.decode('ascii', 'replace')} keys are not accepted (as in OpenSSH)"
+    bits = int(getattr(key.pyca_key, "key_size", 0)) if key.algorithm == b"ssh-rsa" else 0
+    if key.algorithm == b"ssh-rsa" and bits < MIN_RSA_BITS:
+        return f"RSA keys need at least {MIN_RSA_BITS} bits; this one has {bits}"
+    return None
+
+
+def name_conflict(
+    name: str, users: Iterable[str], acl_topics: Iterable[str], owner_separator: str | None
+) -> str | None:
+    """Why user ``name`` would own what is not its own; None if it would not.
+
+    A user owns the topics ``NAME`` and ``NAME/…`` and, with ``owner_separator`` (the drain's,
+    ``-``), the purge keys ``NAME-…``. So ``name`` may not be (or, through a ``*`` in the
+    first segment, match) the first segment of a topic or glob in ``acl_topics`` (a rule
+    governs those topics, and owning them would bypass it), nor fall inside another user's
+    keys (``mallory-corp`` next to ``mallory``), nor take an existing user's name inside its
+    own keys (``acme`` next to ``acme-blog``). Names compare regardless of case.
+    """
+    own = user_key(name)
+    for topic in acl_topics:
+        head = topic.split("/", 1)[0]
+        if head.strip("*") and _segment_glob(head).fullmatch(own):
+            return (
+                f"it would own topic '{topic}' as its own namespace ('{name}' and "
+                f"'{name}/…'), but an [[acl]] rule or the drain governs that topic"
+            )
+    if owner_separator:
+        sep = user_key(owner_separator)
+        for user in users:
+            other = user_key(user)
+            if own.startswith(other + sep):
+                return (
+                    f"it falls inside user '{user}''s scope: '{user}' may purge every key "
+                    f"'{user}{owner_separator}…'"
+                )
+            if other.startswith(own + sep):
+                return (
+                    f"its scope would cover user '{user}': '{name}' could purge every key "
+                    f"'{name}{owner_separator}…'"
+                )
+    return None
+
+
+def _segment_glob(segment: str) -> re.Pattern[str]:
+    """A topic glob's first segment (``*`` any run of characters) as a regex, for user keys."""
+    return re.compile(".*".join(re.escape(user_key(part)) for part in segment.split("*")))
 
 
 def valid_user_name(name: str) -> bool:
@@ -91,15 +170,27 @@ def load_or_create_host_key(directory: Path) -> asyncssh.SSHKey:
         raise ConfigError(f"host key {path} cannot be read: {exc}") from None
 
 
-def parse_authorized_keys(text: str, *, source: str) -> list[asyncssh.SSHKey]:
-    """Parse authorized_keys text into keys. Raises ConfigError naming the bad line."""
-    keys: list[asyncssh.SSHKey] = []
+@dataclass(frozen=True, slots=True)
+class AuthorizedKey:
+    """One key line: its key, what its options require at login, or why it is refused."""
+
+    key: asyncssh.SSHKey
+    line: int
+    options: KeyOptions
+    refusal: str | None = None  # set: this line gives no login, for this reason
+
+
+def read_authorized_keys(text: str, *, source: str) -> list[AuthorizedKey]:
+    """Every key line of authorized_keys ``text``, in order, refused ones included.
+
+    Raises ConfigError naming the line when a line holds no valid public key; a line whose
+    options drainbus refuses or cannot read is returned with its ``refusal``.
+    """
+    keys: list[AuthorizedKey] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        # Options (from="…",no-pty …) may precede the key; asyncssh doesn't enforce them
-        # for us, so we only locate where the key type starts.
         start = next(
             (
                 m.start()
@@ -110,11 +201,28 @@ def parse_authorized_keys(text: str, *, source: str) -> list[asyncssh.SSHKey]:
         )
         if start is None:
             raise ConfigError(f"{source}:{number}: no public key found on this line")
+        options, refusal = KeyOptions(), None
+        if start > 0:
+            try:
+                options, rest = parse_key_options(line)
+            except KeyOptionError as exc:
+                refusal, rest = str(exc), line[start:]
+        else:
+            rest = line
         try:
-            keys.append(asyncssh.import_public_key(line[start:].strip()))
+            key = asyncssh.import_public_key(rest.strip())
         except asyncssh.KeyImportError as exc:
             raise ConfigError(f"{source}:{number}: not a valid public key ({exc})") from None
+        refusal = refusal or weak_key_reason(key)
+        keys.append(AuthorizedKey(key, number, options, refusal))
     return keys
+
+
+def parse_authorized_keys(text: str, *, source: str) -> list[asyncssh.SSHKey]:
+    """The keys of authorized_keys text, refused lines included (see read_authorized_keys).
+
+    Raises ConfigError naming the line that holds no valid key."""
+    return [entry.key for entry in read_authorized_keys(text, source=source)]
 
 
 class UserKeys:
@@ -129,6 +237,7 @@ class UserKeys:
         self.directory = directory
         self.admins = frozenset(user_key(name) for name in admins)
         self._by_key: dict[bytes, tuple[str, str]] = {}
+        self._options: dict[bytes, tuple[KeyOptions, ...]] = {}  # one per line listing the key
         self._by_user: dict[str, list[asyncssh.SSHKey]] = {}
         self._signature: tuple[tuple[str, int, int], ...] | None = None
         self._listeners: list[Callable[[], None]] = []
@@ -154,6 +263,12 @@ class UserKeys:
             return None
         user, fingerprint = found
         return Identity(user=user, fingerprint=fingerprint, is_admin=user_key(user) in self.admins)
+
+    def refusal(self, key: asyncssh.SSHKey, address: str, now: float | None = None) -> str | None:
+        """Why the key line's options refuse a login from ``address`` at ``now``; None when
+        one of the lines listing ``key`` allows it (as OpenSSH reads its lines)."""
+        reasons = [o.refusal(address, now) for o in self._options.get(key.public_data, ())]
+        return None if None in reasons else reasons[0] if reasons else "unknown key"
 
     def _scan(self) -> tuple[tuple[str, int, int], ...]:
         try:
@@ -188,13 +303,24 @@ class UserKeys:
         instead of logging it and keeping that user's previous keys.
         """
         by_user: dict[str, list[asyncssh.SSHKey]] = {}
+        options: dict[bytes, list[KeyOptions]] = {}
         for path in sorted(self.directory.glob("*.pub")):
             user = path.stem
             if not valid_user_name(user):
                 log.warning("user_file_ignored", path=str(path), reason="invalid user name")
                 continue
             try:
-                by_user[user] = parse_authorized_keys(path.read_text(), source=str(path))
+                entries = read_authorized_keys(path.read_text(), source=str(path))
+                by_user[user] = []
+                for entry in entries:
+                    if entry.refusal is not None:
+                        log.error(
+                            "key_refused", path=str(path), line=entry.line, user=user,
+                            fingerprint=entry.key.get_fingerprint(), reason=entry.refusal,
+                        )  # fmt: skip
+                        continue
+                    by_user[user].append(entry.key)
+                    options.setdefault(entry.key.public_data, []).append(entry.options)
             except (OSError, UnicodeDecodeError, ConfigError) as exc:
                 if strict:
                     raise ConfigError(f"user key file {path} cannot be used: {exc}") from None
@@ -203,6 +329,8 @@ class UserKeys:
                 )
                 if user in self._by_user:
                     by_user[user] = self._by_user[user]
+                    for key in by_user[user]:
+                        options[key.public_data] = list(self._options.get(key.public_data, ()))
         by_user = self._without_name_clashes(by_user, strict=strict)
         owners: dict[bytes, set[str]] = {}
         for user, keys in by_user.items():
@@ -222,6 +350,7 @@ class UserKeys:
                     fingerprint=decode_ssh_public_key(data).get_fingerprint(),
                 )
         self._by_user, self._by_key = by_user, by_key
+        self._options = {data: tuple(options[data]) for data in by_key}
         log.info("users_loaded", users=len(by_user), keys=len(by_key))
         for callback in tuple(self._listeners):
             callback()
@@ -257,23 +386,40 @@ class UserKeys:
             )  # fmt: skip
         return kept
 
-    def add(self, name: str, text: str, *, source: str) -> list[tuple[str, bool]]:
+    def add(
+        self,
+        name: str,
+        text: str,
+        *,
+        source: str,
+        acl_topics: Iterable[str] = (),
+        owner_separator: str | None = None,
+    ) -> list[tuple[str, bool]]:
         """Give user ``name`` the public keys in ``text`` (authorized_keys lines).
 
         Appends the new ones to ``NAME.pub`` (creating the folder and file as needed) and
         returns ``(fingerprint, added)`` per key, ``added`` False for a key the user had.
-        Nothing is written when any check fails: UsageError for an invalid name or one that
-        differs only in case from an existing user; ConfigError for no key in ``text``, an
-        unparsable line, or a key that belongs to another user. ``source`` names ``text`` in
-        messages.
+        Nothing is written when any check fails: UsageError for an invalid name, one that
+        differs only in case from an existing user, or one that would own what is not its
+        own (see :func:`name_conflict`: ``acl_topics`` are the topics and globs the config's
+        rules govern, the drain topic among them; ``owner_separator`` is the drain's);
+        ConfigError for no key in ``text``, an unparsable or refused line, or a key that
+        belongs to another user. ``source`` names ``text`` in messages.
         """
         if not valid_user_name(name):
             raise UsageError(
                 f"user name '{name}' is invalid: use 1-64 letters, digits, '.', '_', '-'"
             )
-        new_keys = parse_authorized_keys(text, source=source)
-        if not new_keys:
+        entries = read_authorized_keys(text, source=source)
+        if not entries:
             raise ConfigError(f"{source} holds no public key")
+        for entry in entries:
+            if entry.refusal is not None:
+                raise ConfigError(
+                    f"{source}:{entry.line}: key {entry.key.get_fingerprint()} refused: "
+                    f"{entry.refusal}"
+                )
+        new_keys = [entry.key for entry in entries]
         self.reload()
         clash = next((u for u in self._by_user if same_user(u, name) and u != name), None)
         if clash is not None:
@@ -281,6 +427,12 @@ class UserKeys:
                 f"user '{clash}' already exists: user names are unique regardless of case, "
                 f"so '{name}' would be the same user; add the key to '{clash}' instead"
             )
+        others = [p.stem for p in self.directory.glob("*.pub") if valid_user_name(p.stem)]
+        conflict = name_conflict(
+            name, [u for u in others if u != name], acl_topics, owner_separator
+        )
+        if conflict is not None:
+            raise UsageError(f"user name '{name}' is refused: {conflict}")
         for key in new_keys:
             owner = self.lookup(key)
             if owner is not None and owner.user != name:

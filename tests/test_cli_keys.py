@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -172,6 +173,60 @@ def test_add_name_differing_only_in_case_is_refused(
     assert sorted(p.name for p in users_dir.iterdir()) == ["acme.pub"]
 
 
+@pytest.fixture
+def run_shared(tmp_path: Path, users_dir: Path) -> Run:
+    """`drainbus keys …` on a shared bus: [[acl]] rules for shared/**, team-*/deploys and **,
+    the drain topic cache-drain (the default), owner separator '-' (the default)."""
+    config = tmp_path / "shared.toml"
+    config.write_text(
+        f'[server]\nusers_dir = "{users_dir}"\n'
+        '[[acl]]\ntopics = ["shared/**", "team-*/deploys"]\npublish = ["*"]\n'
+        '[[acl]]\ntopics = ["**"]\nsubscribe = ["@admins"]\n'
+    )
+
+    def invoke(*args: str, stdin: str | None = None) -> Result:
+        return CliRunner().invoke(cli, ["--config", str(config), *args], obj={}, input=stdin)
+
+    return invoke
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        pytest.param("cache-drain", "it would own topic 'cache-drain'", id="drain-topic"),
+        pytest.param("Cache-Drain", "it would own topic 'cache-drain'", id="drain-topic-case"),
+        pytest.param("shared", "it would own topic 'shared/**'", id="acl-topic"),
+        pytest.param("team-red", "it would own topic 'team-*/deploys'", id="acl-glob"),
+        pytest.param("mallory-corp", "it falls inside user 'mallory''s scope", id="inside-other"),
+        pytest.param("MALLORY-x", "it falls inside user 'mallory''s scope", id="inside-case"),
+        pytest.param("acme", "its scope would cover user 'acme-blog'", id="covers-other"),
+        pytest.param("carol", None, id="unrelated"),
+        pytest.param("malloryx", None, id="no-separator"),
+        pytest.param("team", None, id="glob-needs-more"),
+        pytest.param("acme.blog", None, id="other-punctuation"),
+    ],
+)
+def test_add_refuses_names_that_would_own_what_is_not_theirs(
+    run_shared: Run, users_dir: Path, new_key: NewKey, name: str, reason: str | None
+) -> None:
+    """A name equal to or covering a topic an [[acl]] rule or the drain governs, inside another
+    user's purge scope, or whose own scope covers another user, exits 64 with one line."""
+    for existing in ("mallory", "acme-blog"):
+        assert run_shared("keys", "add", existing, str(new_key().path)).exit_code == 0
+    key = new_key()
+
+    result = run_shared("keys", "add", name, str(key.path))
+
+    if reason is None:
+        assert (result.exit_code, result.stderr) == (0, "")
+        assert (users_dir / f"{name}.pub").exists()
+    else:
+        assert result.exit_code == ExitCode.USAGE
+        assert result.stderr.startswith(f"drainbus: user name '{name}' is refused: {reason}")
+        assert result.stderr.count("\n") == 1
+        assert sorted(p.stem for p in users_dir.iterdir()) == ["acme-blog", "mallory"]
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -207,6 +262,45 @@ def test_add_invalid_key_file_fails_naming_file_and_line(
 
     assert result.exit_code == ExitCode.CONFIG
     assert f"drainbus: {bad}:2: not a valid public key" in result.stderr
+    assert not (users_dir / "alice.pub").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "accepted"),
+    [
+        pytest.param('command="/bin/true"', False, id="command"),
+        pytest.param("cert-authority", False, id="cert-authority"),
+        pytest.param('from="10.0.0.0/8",restrict', True, id="from-restrict"),
+    ],
+)
+def test_add_refuses_options_drainbus_cannot_honour(
+    run: Run, users_dir: Path, new_key: NewKey, options: str, accepted: bool
+) -> None:
+    """keys add keeps a key line's options; one it would have to ignore exits 78 with why."""
+    key = new_key()
+
+    result = run("keys", "add", "alice", "-", stdin=f"{options} {key.line}\n")
+
+    if accepted:
+        assert result.exit_code == 0
+        assert lines_of(users_dir / "alice.pub") == [f"{options} {key.line}"]
+    else:
+        assert result.exit_code == ExitCode.CONFIG
+        assert f"key {key.fingerprint} refused: option {options.partition('=')[0]}" in result.stderr
+        assert not (users_dir / "alice.pub").exists()
+
+
+def test_add_refuses_a_weak_rsa_key(run: Run, users_dir: Path, tmp_path: Path) -> None:
+    """An RSA key under 2048 bits exits 78 saying so, and adds nothing."""
+    weak = tmp_path / "rsa1024"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "1024", "-N", "", "-f", str(weak)], check=True
+    )
+
+    result = run("keys", "add", "alice", f"{weak}.pub")
+
+    assert result.exit_code == ExitCode.CONFIG
+    assert "refused: RSA keys need at least 2048 bits; this one has 1024" in result.stderr
     assert not (users_dir / "alice.pub").exists()
 
 

@@ -23,10 +23,20 @@ from typing import Any
 
 import asyncssh
 import pytest
+import structlog
 from asyncssh.kex import get_kex_algs
 
-from drainbus.identity import load_or_create_host_key
-from tests.conftest import Result, RunningBus, Subscriber, User, run_ssh, wait_subscribed
+from drainbus import identity
+from drainbus.identity import UserKeys, load_or_create_host_key
+from tests.conftest import (
+    Result,
+    RunningBus,
+    Subscriber,
+    User,
+    run_ssh,
+    ssh_argv,
+    wait_subscribed,
+)
 
 StartBus = Callable[..., Awaitable[RunningBus]]
 
@@ -343,3 +353,144 @@ async def test_client_over_the_connection_limit_exits_75_and_stores_nothing(
     assert "too many connections for user 'alice' (limit 1)" in result.stderr
     stored = await node.bus.redis.exists(node.bus.keys.stream("alice/t"))
     assert stored == 0
+
+
+# --- algorithms: what current OpenSSH offers, nothing weaker --------------------------------
+
+_OPENSSH_10_KEX = {
+    "mlkem768x25519-sha256", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com",
+    "curve25519-sha256", "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256", "ecdh-sha2-nistp384", "ecdh-sha2-nistp521",
+}  # fmt: skip
+_KEX_MARKERS = {"ext-info-s", "kex-strict-s-v00@openssh.com"}  # not algorithms: extensions
+
+
+async def test_server_offers_openssh_defaults_and_nothing_weaker(start_bus: StartBus) -> None:
+    """Key exchanges are OpenSSH 10's server defaults (no finite-field DH, no SHA-1); MACs
+    hold no SHA-1 or MD5; the ciphers are AES-GCM and AES-CTR."""
+    node = await start_bus()
+    kex, host_key_algs, cipher_cs, cipher_sc, mac_cs, mac_sc, *_ = await asyncio.to_thread(
+        _read_kexinit, node.port
+    )
+    assert set(kex) - _KEX_MARKERS <= _OPENSSH_10_KEX
+    assert "curve25519-sha256" in kex
+    assert host_key_algs == ["ssh-ed25519"]
+    assert cipher_cs == cipher_sc
+    assert set(cipher_cs) <= {"aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                              "aes128-ctr", "aes256-ctr"}  # fmt: skip
+    assert mac_cs == mac_sc
+    assert "hmac-sha2-256-etm@openssh.com" in mac_cs
+    assert [m for m in mac_cs if "sha1" in m or "md5" in m] == []
+
+
+def _openssh_key(tmp_path: Path, kind: str, bits: int | None = None) -> Path:
+    """A key of ``kind`` (rsa, dsa) from the real ssh-keygen."""
+    path = tmp_path / f"{kind}{bits or ''}"
+    size = ["-b", str(bits)] if bits else []
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", kind, *size, "-N", "", "-C", path.name, "-f", str(path)],
+        check=True,
+    )
+    return path
+
+
+def _user_with_key(users_dir: Path, name: str, key: Path) -> User:
+    (users_dir / f"{name}.pub").write_text(key.with_suffix(".pub").read_text())
+    return User(name, key)
+
+
+async def _openssh(node: RunningBus, user: User, *options: str) -> Result:
+    argv = ssh_argv(node.port, user.key_file, "whoami")
+    argv[1:1] = options
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return Result(proc.returncode, out, err.decode(errors="replace"))
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "allowed"),
+    [
+        pytest.param([], "ed25519", True, id="defaults"),
+        pytest.param([], "rsa2048", True, id="rsa-2048-sha2"),
+        pytest.param(["-o", "KexAlgorithms=diffie-hellman-group14-sha1"], "ed25519", False,
+                     id="kex-group14-sha1"),
+        pytest.param(["-o", "Ciphers=aes128-ctr", "-o", "MACs=hmac-sha1"], "ed25519", False,
+                     id="mac-hmac-sha1"),
+        pytest.param(["-o", "PubkeyAcceptedAlgorithms=ssh-rsa"], "rsa2048", False,
+                     id="ssh-rsa-sha1-signature"),
+        pytest.param([], "rsa1024", False, id="rsa-1024-key"),
+        pytest.param(["-o", "PubkeyAcceptedAlgorithms=+ssh-dss"], "dsa", False, id="dsa-key"),
+    ],
+)  # fmt: skip
+async def test_weak_algorithms_and_keys_are_refused_to_openssh(
+    start_bus: StartBus,
+    users_dir: Path,
+    make_key: Callable[[str], Path],
+    tmp_path: Path,
+    options: list[str],
+    key: str,
+    allowed: bool,
+) -> None:
+    """An OpenSSH client that insists on SHA-1 key exchange, MAC or signature, or holds a
+    DSA or RSA-1024 key, cannot log in; the same client with OpenSSH's defaults can."""
+    keys = {
+        "ed25519": lambda: make_key("ed"),
+        "rsa2048": lambda: _openssh_key(tmp_path, "rsa", 2048),
+        "rsa1024": lambda: _openssh_key(tmp_path, "rsa", 1024),
+        "dsa": lambda: _openssh_key(tmp_path, "dsa"),
+    }
+    alice = _user_with_key(users_dir, "alice", keys[key]())
+    node = await start_bus()
+
+    result = await _openssh(node, alice, *options)
+
+    if allowed:
+        assert (result.code, b"user: alice" in result.stdout) == (0, True), result.stderr
+    else:
+        assert result.code == 255
+        assert b"user: alice" not in result.stdout
+
+
+async def test_server_refuses_an_rsa_signature_with_sha1(
+    start_bus: StartBus, users_dir: Path, tmp_path: Path
+) -> None:
+    """A client that signs with ssh-rsa (SHA-1) although the server does not offer it is
+    refused by the server itself, not only by well-behaved clients."""
+    alice = _user_with_key(users_dir, "alice", _openssh_key(tmp_path, "rsa", 2048))
+    node = await start_bus()
+    [keypair] = asyncssh.load_keypairs([str(alice.key_file)])
+    keypair.set_sig_algorithm(b"ssh-rsa")
+    public = _host_key(node).export_public_key().decode()
+
+    with pytest.raises(asyncssh.PermissionDenied):
+        async with asyncssh.connect(
+            "127.0.0.1", node.port, username="anyone", client_keys=[keypair],
+            known_hosts=asyncssh.import_known_hosts(f"[127.0.0.1]:{node.port} {public}"),
+            agent_path=None, config=None, signature_algs=["ssh-rsa"],
+        ):  # fmt: skip
+            pass
+
+
+async def test_weak_keys_are_refused_at_load_with_a_reason(
+    users_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RSA under 2048 bits and DSA keys are logged as key_refused, saying why, and not loaded."""
+    rsa = _openssh_key(tmp_path, "rsa", 1024).with_suffix(".pub").read_text()
+    dsa = _openssh_key(tmp_path, "dsa").with_suffix(".pub").read_text()
+    (users_dir / "alice.pub").write_text(rsa + dsa)
+    users = UserKeys(users_dir)
+
+    # A fresh logger: one cached after an earlier test configured logging would bypass capture.
+    monkeypatch.setattr(identity, "log", structlog.get_logger(identity.__name__))
+    with structlog.testing.capture_logs() as events:
+        users.load()
+
+    reasons = [e["reason"] for e in events if e["event"] == "key_refused"]
+    assert reasons == [
+        "RSA keys need at least 2048 bits; this one has 1024",
+        "DSA keys are refused (1024 bits and SHA-1; OpenSSH 10 removed them)",
+    ]
+    assert users.users == {"alice": []}

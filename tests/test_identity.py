@@ -75,12 +75,12 @@ def later(path: Path) -> None:
         pytest.param("{key}", id="plain"),
         pytest.param("   {key}   ", id="surrounding-spaces"),
         pytest.param('from="1.2.3.4",no-pty {key}', id="options"),
-        pytest.param('command="echo hi there",no-pty,from="10.0.0.0/8" {key}', id="quoted-spaces"),
+        pytest.param('environment="A=hi there",no-pty,from="10.0.0.0/8" {key}', id="quoted-spaces"),
         pytest.param("restrict {key}", id="single-option"),
     ],
 )
 def test_parse_one_key_line(new_key: NewKey, template: str) -> None:
-    """A key line is parsed with or without options before it; the options are ignored."""
+    """A key line is parsed with or without options before it (test_key_options: what they do)."""
     pub = new_key("c")
 
     keys = parse_authorized_keys(template.format(key=pub.line), source="alice.pub")

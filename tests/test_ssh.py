@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from drainbus.terminal import escape_controls
 from tests.conftest import (
     RunningBus,
     Subscriber,
@@ -179,16 +180,88 @@ async def test_oversize_line_is_rejected_and_the_rest_published(
 async def test_raw_publish_is_binary_safe(
     start_bus: StartBus, add_user: Callable[[str], User]
 ) -> None:
-    """pub --raw stores stdin as-is (NULs, no trailing newline) and sub writes it back."""
+    """pub --raw stores stdin as-is (NULs, no trailing newline) and sub --raw writes it back;
+    plain sub shows the same chunk with its control characters escaped, newlines kept."""
     alice = add_user("alice")
     node = await start_bus()
     payload = bytes(range(256)) * 3
     result = await run_ssh(node.port, alice.key_file, "pub", "alice/blob", "--raw", stdin=payload)
     assert result.code == 0
     replay = await run_ssh(
-        node.port, alice.key_file, "sub", "alice/blob", "--since", "all", "--count", "1"
+        node.port, alice.key_file, "sub", "alice/blob", "--since", "all", "--count", "1", "--raw"
     )
     assert replay.stdout == payload
+    shown = await run_ssh(
+        node.port, alice.key_file, "sub", "alice/blob", "--since", "all", "--count", "1"
+    )
+    assert shown.stdout == escape_controls(payload)
+    assert b"\\e" in shown.stdout
+    assert b"\n" in shown.stdout
+    assert b"\x1b" not in shown.stdout
+
+
+_HOSTILE = [
+    b"\x1b]0;you have been pwned\x07",  # window title
+    b"\x1b]52;c;cm0gLXJmIH4=\x07",  # OSC 52: write the viewer's clipboard
+    b"\x1b[2J\x1b[Hfake prompt",  # clear the screen
+    b"evil-purge\rharmless-line",  # hide text behind a carriage return
+    b"c1 csi \xc2\x9b2J and del \x7f, tab\tstays",
+]
+_SHOWN = [
+    b"\\e]0;you have been pwned\\x07",
+    b"\\e]52;c;cm0gLXJmIH4=\\x07",
+    b"\\e[2J\\e[Hfake prompt",
+    b"evil-purge\\x0dharmless-line",
+    b"c1 csi \\xc2\\x9b2J and del \\x7f, tab\tstays",
+]
+
+
+async def test_plain_sub_shows_control_characters_as_escapes(
+    start_bus: StartBus, add_user: Callable[[str], User], subscribe: Subscribe
+) -> None:
+    """Live (the fan-out's express path) and replayed, plain sub never writes a control
+    character but tab and newline; sub --raw writes the bytes as published."""
+    alice = add_user("alice")
+    bob = add_user("bob")
+    node = await start_bus(acl=[{"topics": ["news"], "publish": ["*"], "subscribe": ["*"]}])
+    live = await subscribe(node.port, bob.key_file, "news")
+    live_raw = await subscribe(node.port, bob.key_file, "news", "--raw")
+    await wait_subscribed(node.bus, "news", 2)
+    stdin = b"".join(line + b"\n" for line in _HOSTILE)
+    assert (await run_ssh(node.port, alice.key_file, "pub", "news", stdin=stdin)).code == 0
+    assert await live.lines(len(_SHOWN)) == _SHOWN
+    assert await live_raw.lines(len(_HOSTILE)) == _HOSTILE
+    replay = await run_ssh(
+        node.port, bob.key_file, "sub", "news", "--since", "all", "--count", str(len(_HOSTILE))
+    )
+    assert replay.stdout == b"".join(line + b"\n" for line in _SHOWN)
+
+
+async def test_json_sub_escapes_line_separators_and_c1(
+    start_bus: StartBus, add_user: Callable[[str], User]
+) -> None:
+    """sub --json writes U+2028, U+2029, U+0085, U+FEFF and controls as \\u escapes."""
+    alice = add_user("alice")
+    node = await start_bus()
+    message = "a\u2028b\u2029c\u0085d\ufeffe\x1bf\x7fg"
+    await run_ssh(node.port, alice.key_file, "pub", "alice/j", stdin=message.encode() + b"\n")
+    replay = await run_ssh(
+        node.port, alice.key_file, "sub", "alice/j", "--since", "all", "--count", "1", "--json"
+    )
+    assert json.loads(replay.stdout)["data"] == message
+    assert replay.stdout.isascii()
+    assert all(control not in replay.stdout for control in (b"\x1b", b"\x7f"))
+
+
+async def test_sub_raw_and_json_together_is_a_usage_error(
+    start_bus: StartBus, add_user: Callable[[str], User]
+) -> None:
+    """--raw and --json choose two different outputs: asking for both exits 64."""
+    alice = add_user("alice")
+    node = await start_bus()
+    result = await run_ssh(node.port, alice.key_file, "sub", "alice/j", "--raw", "--json")
+    assert result.code == 64
+    assert "--raw and --json" in result.stderr
 
 
 async def test_json_records_carry_id_time_topic_user_data(
@@ -401,3 +474,20 @@ def _public_key(private: Path) -> object:
     import asyncssh
 
     return asyncssh.read_public_key(private.with_suffix(".pub"))
+
+
+async def test_purge_lines_with_control_characters_are_refused(
+    start_bus: StartBus, add_user: Callable[[str], User]
+) -> None:
+    """pub cache-drain refuses a line holding a control character (exit 65), even one that
+    the purge grammar would strip as whitespace; the clean line is stored."""
+    acme = add_user("acme")
+    node = await start_bus()
+    stdin = b"acme-blog\x0c\n\x1cacme-blog\nacme-docs\x85\nacme-api\n"
+    stdin = stdin.replace(b"\x85", "\x85".encode())  # NEL as UTF-8, as a terminal sends it
+    result = await run_ssh(node.port, acme.key_file, "pub", "cache-drain", stdin=stdin)
+    assert result.code == 65
+    assert "line 1: a purge line may not contain control character '\\x0c'" in result.stderr
+    assert "line 2: a purge line may not contain control character '\\x1c'" in result.stderr
+    assert "line 3: a purge line may not contain control character '\\x85'" in result.stderr
+    assert await node.bus.redis.xlen(node.bus.keys.stream("cache-drain")) == 1

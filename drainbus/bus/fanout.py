@@ -50,6 +50,7 @@ from drainbus.bus.streams import (
     rfc3339,
     stream_info,
 )
+from drainbus.terminal import escape_controls, json_safe
 
 __all__ = ["Batch", "Fanout", "Overflow", "TrimNotice"]
 
@@ -68,7 +69,7 @@ def _page_entries(budget_bytes: int, entry_bytes: int) -> int:
 class Batch:
     """Entries read together; renders them once for every subscriber that wants them."""
 
-    __slots__ = ("_json", "_plain", "entries", "messages", "nbytes", "topic")
+    __slots__ = ("_json", "_plain", "_raw", "entries", "messages", "nbytes", "topic")
 
     def __init__(self, topic: str, entries: list[Entry]) -> None:
         self.topic = topic
@@ -76,6 +77,7 @@ class Batch:
         self.nbytes = sum(len(e.data) + 1 for e in entries)
         self.messages = sum(e.count for e in entries)
         self._plain: bytes | None = None
+        self._raw: bytes | None = None
         self._json: bytes | None = None
 
     @property
@@ -113,14 +115,24 @@ class Batch:
         kept = ([rest] if rest else []) + self.entries[1:]
         return Batch(self.topic, kept) if kept else None
 
+    def raw(self) -> bytes:
+        """What ``sub --raw`` writes: each message followed by a newline, ``pub --raw`` chunks
+        exactly as they came; all bytes as stored."""
+        if self._raw is None:
+            self._raw = b"".join(e.data if e.raw else e.data + b"\n" for e in self.entries)
+        return self._raw
+
     def plain(self) -> bytes:
-        """Each message followed by a newline; ``--raw`` chunks exactly as they came."""
+        """What ``sub`` writes: :meth:`raw` with control characters shown as escapes
+        (:func:`drainbus.terminal.escape_controls`), ``pub --raw`` chunks included."""
         if self._plain is None:
-            self._plain = b"".join(e.data if e.raw else e.data + b"\n" for e in self.entries)
+            self._plain = escape_controls(self.raw())
         return self._plain
 
     def json_lines(self) -> bytes:
-        """One JSON object per message: id, time, topic, user, data (base64 if not UTF-8)."""
+        """One JSON object per message: id, time, topic, user, data (base64 if not UTF-8).
+
+        Control characters, U+2028, U+2029 and U+FEFF are ``\\u`` escapes (json_safe)."""
         if self._json is None:
             lines = []
             for e in self.entries:
@@ -137,7 +149,7 @@ class Batch:
                         record["data"] = base64.b64encode(message).decode("ascii")
                         record["encoding"] = "base64"
                     lines.append(json.dumps(record, ensure_ascii=False))
-            self._json = ("\n".join(lines) + "\n").encode("utf-8")
+            self._json = (json_safe("\n".join(lines)) + "\n").encode("utf-8")
         return self._json
 
 

@@ -425,7 +425,9 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
         return await _sub_receipts(ctx, topic, after, args)
     remaining = args.count
     channel = ctx.process.stdout.channel
-    render = Batch.json_lines if args.json else Batch.plain
+    if args.raw and args.json:
+        raise UsageError("sub: --raw and --json are two different outputs; choose one")
+    render = Batch.json_lines if args.json else Batch.raw if args.raw else Batch.plain
 
     def express(batch: Batch) -> bool:
         # Straight from the topic's reader (see drainbus.bus.fanout), which also counts it:
@@ -479,6 +481,8 @@ async def _sub_receipts(
     if topic != ctx.settings.drain.topic:
         raise UsageError(f"sub --receipts: only the drain topic '{ctx.settings.drain.topic}' "
                          "has receipts")  # fmt: skip
+    if args.raw:
+        raise UsageError("sub --receipts writes drainbus's own lines: --raw does not apply")
     remaining = args.count
     fanout = ctx.bus.fanout
     fanout.count(receipts_topic(topic), +1)
@@ -673,6 +677,12 @@ def _build_commands() -> dict[str, Command]:
     sub.parser.add_argument("--count", type=int, metavar="N", help="stop after N messages")
     sub.parser.add_argument(
         "--json", action="store_true", help="one JSON object per line: id, time, topic, user, data"
+    )
+    sub.parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="write messages as stored, control characters included (without it they show "
+        "as escapes: ESC as \\e, others as \\xNN)",
     )
     sub.parser.add_argument(
         "--receipts",

@@ -17,12 +17,14 @@ from types import TracebackType
 import anyio
 import asyncssh
 import structlog
+from asyncssh.kex import get_kex_algs
+from asyncssh.mac import get_mac_algs
 
 from drainbus.acl import Access
 from drainbus.bus import Bus
 from drainbus.config import Settings
 from drainbus.errors import ExitCode, StartupError
-from drainbus.identity import Identity, UserKeys
+from drainbus.identity import Identity, UserKeys, weak_key_reason
 from drainbus.metrics import SESSIONS
 from drainbus.ssh.commands import LineCheck, SessionContext, command_label, run_command
 
@@ -40,8 +42,7 @@ _CIPHERS = (
     "aes256-ctr",
 )
 
-# Key exchange: asyncssh's default list with curve25519-sha256 moved to the front ("^" is
-# asyncssh's OpenSSH-style "put these first" form, so the list follows asyncssh). Dropbear's
+# Key exchange: OpenSSH's default list (below) with curve25519-sha256 at the front. Dropbear's
 # dbclient sends its key-exchange packet before negotiation ends, guessing its first choice
 # (RFC 4253 section 7, first_kex_packet_follows). Dropbear counts the guess right only when
 # both sides list the same algorithm first (and the same host key algorithm first: ours is
@@ -54,7 +55,53 @@ _CIPHERS = (
 # it both sides count that guess wrong and agree again (tests/test_clients.py is the check).
 # The post-quantum exchanges stay in the list: the negotiated algorithm is the client's first
 # choice that the server offers, so an OpenSSH that prefers mlkem768x25519-sha256 still gets it.
-_KEX_ALGS = "^curve25519-sha256"
+#
+# The rest is what OpenSSH 10's sshd offers by default, limited to what this asyncssh has
+# (sntrup761 needs liboqs): no finite-field Diffie-Hellman (OpenSSH 10 dropped it from the
+# server; diffie-hellman-group14-sha1 is SHA-1), no gss-* (no Kerberos here), no curve448 or
+# secp256k1 (OpenSSH has neither).
+_OPENSSH_KEX = (
+    "curve25519-sha256",
+    "mlkem768x25519-sha256",
+    "sntrup761x25519-sha512",
+    "sntrup761x25519-sha512@openssh.com",
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384",
+    "ecdh-sha2-nistp521",
+)
+_KEX_ALGS = [alg for alg in _OPENSSH_KEX if alg.encode() in get_kex_algs()]
+
+# OpenSSH's default MACs without the SHA-1 ones (hmac-sha1, hmac-sha1-etm), which it still
+# offers. Only the AES-CTR ciphers use a MAC; AES-GCM authenticates itself.
+_OPENSSH_MACS = (
+    "umac-64-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "umac-64@openssh.com",
+    "umac-128@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+)
+_MAC_ALGS = [alg for alg in _OPENSSH_MACS if alg.encode() in get_mac_algs()]
+
+# Client signatures OpenSSH accepts by default (PubkeyAcceptedAlgorithms; webauthn is how a
+# browser's security key signs for an sk-ecdsa key): no ssh-rsa (RSA with SHA-1), no ssh-dss.
+# Advertised in server-sig-algs, and enforced on each key at login (asyncssh checks only that
+# a signature suits the key's type).
+_SIG_ALGS = (
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+    "webauthn-sk-ecdsa-sha2-nistp256@openssh.com",
+    "rsa-sha2-512",
+    "rsa-sha2-256",
+)
+_SIG_ALG_SET = frozenset(alg.encode() for alg in _SIG_ALGS)
 
 
 class _Connection(asyncssh.SSHServer):
@@ -145,6 +192,18 @@ class _Connection(asyncssh.SSHServer):
         if identity is None:
             self._door._failures.add(self.source, key.get_fingerprint())
             return False
+        # The key line's from= and expiry-time= (drainbus.key_options), as OpenSSH enforces;
+        # a weak key is refused when its file is loaded, and here again whatever loaded it.
+        refusal = weak_key_reason(key) or self._door.users.refusal(key, self.source)
+        if refusal is not None:
+            log.warning(
+                "auth_refused", source=self.source, user=identity.user,
+                fingerprint=identity.fingerprint, reason=refusal,
+            )  # fmt: skip
+            return False
+        # asyncssh verifies the signature with this very key object next: restrict it to the
+        # algorithms offered, so an RSA key cannot sign with ssh-rsa (SHA-1).
+        key.all_sig_algorithms = key.all_sig_algorithms & _SIG_ALG_SET
         self._candidate = (identity, key)
         return True
 
@@ -301,6 +360,8 @@ class FrontDoor:
                 reuse_port=self._reuse_port,
                 encryption_algs=_CIPHERS,
                 kex_algs=_KEX_ALGS,
+                mac_algs=_MAC_ALGS,
+                signature_algs=_SIG_ALGS,
             )
         except OSError as exc:
             raise StartupError(f"cannot listen on {server.listen}: {exc.strerror or exc}") from None
