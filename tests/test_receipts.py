@@ -271,3 +271,28 @@ async def test_receipts_older_than_the_retention_are_trimmed(
     ids = [entry_id for entry_id, _ in await node.bus.redis.xrange(receipts)]
     assert f"{ancient_ms}-0".encode() not in ids
     assert len(ids) == 1
+
+
+async def test_receipts_show_control_characters_as_escapes(
+    start_bus: StartNode, add_user: Callable[[str], User]
+) -> None:
+    """A receipt quotes a target's error text: its control characters cannot act on a terminal."""
+    root = add_user("root")
+    node = await start_bus()
+    part = {"target": "pages", "result": "dead-lettered", "count": None, "ms": None,
+            "error": "\x1b]0;pwned\x07 refused\u2028", "reference": None}  # fmt: skip
+    record = {"id": "1-0", "purge": "tag:x", "user": "root", "node": "web1", "role": "local",
+              "targets": [part]}  # fmt: skip
+    await node.bus.redis.xadd(
+        node.bus.keys.stream(receipts_topic("cache-drain")), {"d": json.dumps(record), "u": "root"}
+    )
+    plain = await run_ssh(node.port, root.key_file, "sub", "cache-drain", "--receipts",
+                          "--since", "all", "--count", "1")  # fmt: skip
+    assert plain.stdout.endswith(
+        b"web1 pages: dead-lettered: \\e]0;pwned\\x07 refused\xe2\x80\xa8\n"
+    )
+    assert b"\x1b" not in plain.stdout
+    as_json = await run_ssh(node.port, root.key_file, "sub", "cache-drain", "--receipts",
+                            "--since", "all", "--count", "1", "--json")  # fmt: skip
+    assert b"\\u2028" in as_json.stdout
+    assert json.loads(as_json.stdout)["error"] == "\x1b]0;pwned\x07 refused\u2028"

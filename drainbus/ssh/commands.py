@@ -46,6 +46,7 @@ from drainbus.metrics import (
     record_deliveries,
     topic_label,
 )
+from drainbus.terminal import escape_controls, json_safe
 
 __all__ = ["COMMANDS", "LineCheck", "SessionContext", "parse_since", "run_command"]
 
@@ -225,7 +226,7 @@ async def _wait_for_receipts(
         finally:
             await receipts.aclose()
     lines = wait.report(as_json=as_json, waited=seconds)
-    await ctx.stdout("".join(line + "\n" for line in lines).encode())
+    await ctx.stdout(_receipt_output(lines, as_json=as_json))
     return 0 if wait.ok else int(ExitCode.TEMPFAIL)
 
 
@@ -499,13 +500,22 @@ async def _sub_receipts(
             if remaining is not None:
                 lines = lines[:remaining]
                 remaining -= len(lines)
-            await ctx.stdout("".join(line + "\n" for line in lines).encode())
+            await ctx.stdout(_receipt_output(lines, as_json=args.json))
             if remaining == 0:
                 return 0
     finally:
         await stream.aclose()
         fanout.count(receipts_topic(topic), -1)
     return 0
+
+
+def _receipt_output(lines: list[str], *, as_json: bool) -> bytes:
+    """Receipt lines as written to a terminal: they quote purge lines and targets' error
+    text, so control characters are shown as escapes, as plain ``sub`` shows messages."""
+    text = "".join(line + "\n" for line in lines)
+    if as_json:
+        return json_safe(text).encode()
+    return escape_controls(text.encode("utf-8", "replace"))
 
 
 def _receipt_lines(record: dict[str, object], received_ms: int, as_json: bool) -> list[str]:
