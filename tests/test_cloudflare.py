@@ -14,6 +14,7 @@ import pytest
 import structlog
 from pydantic import SecretStr, ValidationError
 
+import drainbus.drain.cloudflare as cloudflare_module
 from drainbus.drain.cloudflare import (
     CloudflareForwarder,
     CloudflareZoneConfig,
@@ -676,7 +677,10 @@ async def test_urls_with_headers_are_forwarded_unchanged(
 
 
 async def test_the_token_never_appears_in_repr_logs_or_errors(
-    make_fake: MakeFake, forwarder: MakeForwarder, caplog: pytest.LogCaptureFixture
+    make_fake: MakeFake,
+    forwarder: MakeForwarder,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The token stays out of config repr, ValidationError, structlog and stdlib logs, outcomes."""
     secret = "sekrit-0123456789abcdef"
@@ -692,6 +696,9 @@ async def test_the_token_never_appears_in_repr_logs_or_errors(
     fake.fail_next(1, status=503)
     fake.hang_next(1)
     caplog.set_level(logging.DEBUG)
+    # A fresh logger: one cached after an earlier test configured logging would bypass
+    # capture, and this test would then find no token in no events.
+    monkeypatch.setattr(cloudflare_module, "_log", structlog.get_logger(cloudflare_module.__name__))
     with structlog.testing.capture_logs() as events:
         async with forwarder(config, refused) as fwd:
             outcomes = await fwd.forward([urls("https://a.example/x"), urls("https://b.example/y")])

@@ -16,6 +16,7 @@ import pytest
 import structlog
 from pydantic import ValidationError
 
+import drainbus.drain.http_purge as http_purge_module
 from drainbus.drain.http_purge import HttpPurgeConfig, HttpPurger
 from drainbus.drain.purges import Purge
 from drainbus.drain.retry import RetryPolicy
@@ -243,9 +244,15 @@ async def test_a_hard_purge_absorbs_the_same_soft_one(
     ("on_unsupported", "status"), [("skip", "done"), ("permanent", "permanent")]
 )
 async def test_kinds_without_a_template_follow_on_unsupported(
-    cache: RecordingCache, purger: MakePurger, on_unsupported: str, status: str
+    cache: RecordingCache,
+    purger: MakePurger,
+    on_unsupported: str,
+    status: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A tag purge with no tags_url is skipped with a warning, or fails if so configured."""
+    # A fresh logger: one cached after an earlier test configured logging would bypass capture.
+    monkeypatch.setattr(http_purge_module, "_log", structlog.get_logger(http_purge_module.__name__))
     with structlog.testing.capture_logs() as events:
         async with purger(url=cache.base + "{path}", on_unsupported=on_unsupported) as target:
             outcomes = await target.forward([Purge(tags=frozenset({"t"}))])

@@ -15,6 +15,7 @@ import pydantic
 import pytest
 import structlog.testing
 
+import drainbus.drain.nginx as nginx_module
 from drainbus.drain.cache_file import (
     NGINX_CACHE_VERSION,
     expire_cache_file,
@@ -986,10 +987,12 @@ async def test_ambiguous_key_is_still_evicted_by_its_tag(nginx_env: NginxEnv) ->
     ids=["scheme-host", "scheme-colon-host", "host-only"],
 )
 async def test_an_ambiguous_key_template_is_reported_once_at_start(
-    nginx_env: NginxEnv, key: str, warned: bool
+    nginx_env: NginxEnv, key: str, warned: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One warning line with an example key and its readings, and the unambiguous fix."""
     config = NginxCacheConfig(cache_path=nginx_env.cache_path, levels=CACHE_LEVELS, key=key)
+    # A fresh logger: one cached after an earlier test configured logging would bypass capture.
+    monkeypatch.setattr(nginx_module, "log", structlog.get_logger(nginx_module.__name__))
     with structlog.testing.capture_logs() as events:
         async with NginxCache(config):
             pass
