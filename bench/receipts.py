@@ -82,7 +82,7 @@ async def measure(count: int = 50, waiters: int = 200) -> dict[str, Any]:
                     extra_config=_drain_config(env2, cloudflare, "web2"),
                 ),
             ):
-                latencies = await _wait_latencies(one, key, (env1, env2), count)
+                latencies, plain = await _wait_latencies(one, key, (env1, env2), count)
                 cost = await _waiting_cost(one, key, waiters)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -93,15 +93,20 @@ async def measure(count: int = 50, waiters: int = 200) -> dict[str, Any]:
             "p99": _quantile(latencies, 0.99),
             "mean": statistics.fmean(latencies),
         },
+        # The same OpenSSH pub without --wait, alternating with the waits: what the SSH
+        # connection alone costs on this machine at this moment.
+        "plain_pub_ms": {"p50": _quantile(plain, 0.5), "p99": _quantile(plain, 0.99)},
         **cost,
     }
 
 
 async def _wait_latencies(
     server: DrainbusServer, key: Path, envs: tuple[NginxEnv, ...], count: int
-) -> list[float]:
+) -> tuple[list[float], list[float]]:
+    """Milliseconds of each ``pub --wait``, and of a plain ``pub`` run after each."""
     argv = ssh_argv(server.port, key, "pub", "cache-drain", "--wait")
-    latencies = []
+    plain_argv = ssh_argv(server.port, key, "pub", "bench/plain")
+    latencies, plain = [], []
     for n in range(count):
         path = f"/page/{n}"
         for env in envs:
@@ -118,7 +123,16 @@ async def _wait_latencies(
         lines = out.decode().splitlines()
         if proc.returncode != 0 or sum("1 object evicted" in line for line in lines) != 2:
             raise RuntimeError(f"pub --wait ended {proc.returncode}: {out!r} {err!r}")
-    return latencies
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            *plain_argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await proc.communicate(b"x\n")
+        plain.append((time.monotonic() - started) * 1000)
+        if proc.returncode != 0:
+            raise RuntimeError(f"plain pub ended {proc.returncode}: {err!r}")
+    return latencies, plain
 
 
 async def _waiting_cost(server: DrainbusServer, key: Path, waiters: int) -> dict[str, Any]:

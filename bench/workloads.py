@@ -464,6 +464,8 @@ async def receipts(bench: Bench, result: WorkloadResult) -> None:
         Row(f"pub --wait, 2 nginx nodes + Cloudflare (50 ms), p50 of {n}", "ms", wait["p50"]),
         Row(f"pub --wait, 2 nginx nodes + Cloudflare (50 ms), p99 of {n}", "ms", wait["p99"],
             None, Target("value<=", 150)),
+        Row(f"plain OpenSSH pub in the same run, p50 of {n}", "ms",
+            figures["plain_pub_ms"]["p50"], note=f"p99 {figures['plain_pub_ms']['p99']:.1f} ms"),
         Row(f"Redis CPU while {figures['waiters']} pub --wait sessions wait", "% of a core",
             100 * figures["redis_cpu_share_while_waiting"], None, Target("value<=", 1)),
     ]  # fmt: skip
