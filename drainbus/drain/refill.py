@@ -46,7 +46,7 @@ from drainbus.drain.cache_file import CacheHead, read_cache_head
 from drainbus.drain.key_template import KeyParts, KeyTemplate, Reading, url_parts
 from drainbus.drain.purges import Purge, path_under
 
-__all__ = ["DEFAULT_REFILL_WINDOW", "RefillGuard", "RefillWindow"]
+__all__ = ["DEFAULT_REFILL_WINDOW", "RefillGuard", "RefillWindow", "read_validators"]
 
 log = structlog.get_logger("drainbus.drain.nginx")
 
@@ -138,7 +138,11 @@ def _unlink_if_same(path: str, stamp: _Stamp) -> bool:
     return True
 
 
-def _read_validators(paths: Iterable[str]) -> dict[str, set[str | None]]:
+def read_validators(paths: Iterable[str]) -> dict[str, set[str | None]]:
+    """The cache keys of the files at ``paths`` and their validators (blocking: a thread's).
+
+    What :meth:`RefillGuard.armed` takes; files gone or unreadable are left out.
+    """
     evicted: dict[str, set[str | None]] = {}
     for path in paths:
         try:
@@ -235,7 +239,14 @@ class RefillGuard:
         """
         if window is None or window.evicted is not None:
             return
-        evicted = await asyncio.to_thread(_read_validators, list(paths))
+        evicted = await asyncio.to_thread(read_validators, list(paths))
+        self._arm_now(window, evicted)
+
+    def armed(self, window: RefillWindow | None, evicted: dict[str, set[str | None]]) -> None:
+        """:meth:`arm` with the validators already read (:func:`read_validators`, in a worker
+        thread, before the files were deleted): a batch arms all its windows in one trip."""
+        if window is None or window.evicted is not None:
+            return
         self._arm_now(window, evicted)
 
     def file_added(self, path: str, head: CacheHead) -> None:
