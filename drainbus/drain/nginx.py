@@ -198,21 +198,37 @@ def _evict_paths(paths: Iterable[str], soft: bool) -> tuple[int, list[tuple[str,
     return removed, list[tuple[str, Exception]](failed)
 
 
+def _read_validators(job: _Job) -> tuple[dict[str, set[str | None]], list[str]]:
+    """The validators of the job's files (if its window wants them), and the files to evict.
+
+    A file found gone while reading validators is not deleted again: one syscall per absent
+    file, not two. Should nginx put it in place meanwhile, that is a refill the job's window
+    sees (it was opened before), so it is still evicted.
+    """
+    if not job.read_validators:
+        return {}, job.paths
+    present: list[str] = []
+    return read_validators(job.paths, present=present), present
+
+
 def _carry_out_here(jobs: Sequence[_Job]) -> list[_JobOutcome]:
     # Every validator is read before any file is deleted: two purges of a batch may match
     # one file, and each window must know what its purge evicted.
-    validators = [read_validators(job.paths) if job.read_validators else {} for job in jobs]
+    read = [_read_validators(job) for job in jobs]
     outcomes: list[_JobOutcome] = []
-    for job, found in zip(jobs, validators, strict=True):
-        count, failed = _evict_paths(job.paths, job.soft)
+    for job, (found, paths) in zip(jobs, read, strict=True):
+        count, failed = _evict_paths(paths, job.soft)
         outcomes.append((count, found, failed))
     return outcomes
 
 
 def _carry_out_part(
-    jobs: Sequence[_Job], part: int, parts: int
+    jobs: Sequence[_Job], paths: Sequence[list[str]], part: int, parts: int
 ) -> list[tuple[int, list[tuple[str, Exception]]]]:
-    return [_evict_paths(job.paths[part::parts], job.soft) for job in jobs]
+    return [
+        _evict_paths(job_paths[part::parts], job.soft)
+        for job, job_paths in zip(jobs, paths, strict=True)
+    ]
 
 
 async def _carry_out(jobs: Sequence[_Job]) -> list[_JobOutcome]:
@@ -221,14 +237,16 @@ async def _carry_out(jobs: Sequence[_Job]) -> list[_JobOutcome]:
     threads = max(1, min(_UNLINK_THREADS, total // _UNLINK_PER_THREAD_MIN))
     if threads == 1:
         return await asyncio.to_thread(_carry_out_here, jobs)
-    validators = await asyncio.to_thread(
-        lambda: [read_validators(job.paths) if job.read_validators else {} for job in jobs]
-    )
+    read = await asyncio.to_thread(lambda: [_read_validators(job) for job in jobs])
+    paths = [job_paths for _, job_paths in read]
+    # Absent files are known now: only the ones present are worth more threads.
+    total = sum(len(job_paths) for job_paths in paths)
+    threads = max(1, min(_UNLINK_THREADS, total // _UNLINK_PER_THREAD_MIN))
     parts = await asyncio.gather(
-        *(asyncio.to_thread(_carry_out_part, jobs, n, threads) for n in range(threads))
+        *(asyncio.to_thread(_carry_out_part, jobs, paths, n, threads) for n in range(threads))
     )
     outcomes: list[_JobOutcome] = []
-    for number, found in enumerate(validators):
+    for number, (found, _) in enumerate(read):
         count, failed = 0, list[tuple[str, Exception]]()
         for part in parts:
             count += part[number][0]

@@ -138,17 +138,26 @@ def _unlink_if_same(path: str, stamp: _Stamp) -> bool:
     return True
 
 
-def read_validators(paths: Iterable[str]) -> dict[str, set[str | None]]:
+def read_validators(
+    paths: Iterable[str], *, present: list[str] | None = None
+) -> dict[str, set[str | None]]:
     """The cache keys of the files at ``paths`` and their validators (blocking: a thread's).
 
-    What :meth:`RefillGuard.armed` takes; files gone or unreadable are left out.
+    What :meth:`RefillGuard.armed` takes; files gone or unreadable are left out. Every path
+    that is not gone is appended to ``present`` when given.
     """
     evicted: dict[str, set[str | None]] = {}
     for path in paths:
         try:
             head = read_cache_head(path)
-        except OSError:
+        except FileNotFoundError:
             continue
+        except OSError:
+            if present is not None:
+                present.append(path)
+            continue
+        if present is not None:
+            present.append(path)
         if head is not None:
             evicted.setdefault(head.key, set()).add(head.validator)
     return evicted
