@@ -334,6 +334,9 @@ class RefillGuard:
     async def _close(self, window: RefillWindow) -> None:
         if window.evicted is None:  # the purge never got to arm it (cancelled, failed)
             self._arm_now(window, {})
+        if not window.recheck:  # nothing landed to check: most windows; no thread trip
+            self._report(window)
+            return
         try:
             removed = await asyncio.to_thread(_unlink_unchanged, window.recheck)
         except Exception:
@@ -343,6 +346,9 @@ class RefillGuard:
         window.refills_evicted += removed
         if removed:
             self._tell(window, removed)
+        self._report(window)
+
+    def _report(self, window: RefillWindow) -> None:
         if window.refills_evicted or window.recheck:
             log.info(
                 "nginx_refill_window_closed",
