@@ -21,7 +21,8 @@ point is that it must not slow the local group down).
 
 Peak RSS is this process's high-water mark (``VmHWM``, reset before each phase) minus its
 RSS when the phase started (the index and the published burst's client side are in the
-baseline).
+baseline). Memory earlier phases freed stays with the process and is reused, so run the
+backlog alone (``--urls 0 --tags 0``), as ``bench.run`` does, for its growth.
 
     .venv/bin/python -m bench.drain --redis-url URL [--urls N] [--tags N] [--backlog N]
                                     [--cloudflare]
