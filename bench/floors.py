@@ -27,11 +27,13 @@ from pathlib import Path
 from bench.server import make_key
 
 __all__ = [
+    "DrainFloor",
     "FanoutFloor",
     "FloorError",
     "PubSubFloor",
     "floor_dir",
     "handshake_server",
+    "run_drain_floor",
     "run_fanout_floor",
     "run_pubsub_floor",
 ]
@@ -45,6 +47,7 @@ _CONNECT = re.compile(
     r"connect (\d+) subs: ([\d.]+)s \((\d+) conn/s\); server RSS (-?[\d.]+) MB -> (-?[\d.]+) MB "
     r"\((-?[\d.]+) KiB/sub\)"
 )
+_DRAIN = re.compile(r"floor drain: (\d+) url purges in ([\d.]+) s -> ([\d,]+) purges/s")
 _DELIVERY = re.compile(r"delivery latency p50=([\d.]+) ms p99=([\d.]+) ms max=([\d.]+) ms")
 
 
@@ -152,6 +155,29 @@ async def run_fanout_floor(
         kib_per_sub=float(connect[6]),
         p50_ms=float(delivery[1]),
         p99_ms=float(delivery[2]),
+    )
+
+
+@dataclass(frozen=True)
+class DrainFloor:
+    """floor_drain.py's figures: URL purges read, evicted and acknowledged per second."""
+
+    purges: int
+    seconds: float
+    purges_per_s: float
+
+
+async def run_drain_floor(
+    redis_url: str, purges: int, cache_dir: Path, time_limit: float
+) -> DrainFloor:
+    """``floor_drain.py N CACHE_DIR``: read 1,000 at a time, unlink each file, one XACK."""
+    script = "floor_drain.py"
+    out = await _run(
+        script, str(purges), str(cache_dir), redis_url=redis_url, time_limit=time_limit
+    )
+    match = _search(_DRAIN, out, script)
+    return DrainFloor(
+        purges=int(match[1]), seconds=float(match[2]), purges_per_s=float(match[3].replace(",", ""))
     )
 
 

@@ -8,6 +8,7 @@ that server is up, against the same Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -21,12 +22,14 @@ from bench.floors import (
     FloorError,
     PubSubFloor,
     handshake_server,
+    run_drain_floor,
     run_fanout_floor,
     run_pubsub_floor,
 )
 from bench.openssh import PubSubFigures, median, one_shot_publishes, pub_sub_figures
 from bench.report import Row, Target, WorkloadResult
 from bench.server import DrainbusServer, start_drainbus
+from drainbus.bus.embedded import EmbeddedRedis
 
 __all__ = ["WORKLOADS", "Bench", "Sizes", "Workload"]
 
@@ -52,6 +55,8 @@ class Sizes:
     index_repeat: int  # workload 7: cold builds, warm builds and tag purges of each
     receipt_purges: int  # workload 8: pub --wait, one purge at a time
     receipt_waiters: int  # workload 8: pub --wait sessions waiting at once
+    drain_purges: int  # workload 9: url: purges, and tag: purges over as many cache files
+    drain_backlog: int  # workload 9: url: purges in the backlog whose RSS growth is measured
 
 
 FULL = Sizes(
@@ -67,6 +72,8 @@ FULL = Sizes(
     index_repeat=3,
     receipt_purges=100,
     receipt_waiters=200,
+    drain_purges=100_000,
+    drain_backlog=1_000_000,
 )
 QUICK = Sizes(
     n_lat=50,
@@ -81,6 +88,8 @@ QUICK = Sizes(
     index_repeat=1,
     receipt_purges=3,
     receipt_waiters=20,
+    drain_purges=300,
+    drain_backlog=600,
 )
 
 
@@ -471,6 +480,68 @@ async def receipts(bench: Bench, result: WorkloadResult) -> None:
     ]  # fmt: skip
 
 
+async def drain(bench: Bench, result: WorkloadResult) -> None:
+    """9. The drain daemon through a burst: url: and tag: purges/s, beside floor_drain.py.
+
+    bench.drain runs the drain (one nginx target; again with a Free-plan Cloudflare zone in
+    the same config) in a process of its own, against the same Redis the floor then uses:
+    the embedded server, started here, unless ``--redis-url`` is given.
+    """
+    sizes = bench.sizes
+    n, backlog = sizes.drain_purges, sizes.drain_backlog
+    with contextlib.ExitStack() as stack:
+        if bench.redis_url:
+            redis_url = bench.redis_url
+        else:
+            server = stack.enter_context(EmbeddedRedis(bench.workdir / "drain-redis"))
+            redis_url = server.url
+        args = ["--redis-url", redis_url, "--urls", str(n), "--tags", str(n), "--cloudflare"]
+        # Writing the cache files and a large backlog take longer than any floor program.
+        out = await _run_module("bench.drain", args, 4 * sizes.floor_timeout)
+        figures: dict[str, Any] = json.loads(out)
+        if backlog:
+            # A process of its own: after the other phases its allocator would already hold
+            # memory they freed, and the backlog's growth would read too low.
+            args = ["--redis-url", redis_url, "--urls", "0", "--tags", "0"]
+            out = await _run_module(
+                "bench.drain", [*args, "--backlog", str(backlog)], 8 * sizes.floor_timeout
+            )
+            figures.update(json.loads(out))
+        floor_cache = bench.workdir / "floor-drain-cache"
+        floor_cache.mkdir(exist_ok=True)
+        floor = await bench.floor(
+            result, run_drain_floor(redis_url, n, floor_cache, sizes.floor_timeout)
+        )
+    floor_rate = floor.purges_per_s if floor else None
+    url, tag = figures["url"], figures["tag"]
+    url_cf, tag_cf = figures["url_with_cloudflare"], figures["tag_with_cloudflare"]
+    mib = 1024
+    result.rows += [
+        Row(f"url: purges, {n:,} in one burst (files absent)", "purges/s", url["purges_per_s"],
+            floor_rate, Target("ratio>=", 0.25),
+            note="first read to last acknowledgement; floor: floor_drain.py, same Redis"),
+        Row(f"tag: purges, {n:,} over {n:,} cache files (1 each)", "purges/s",
+            tag["purges_per_s"], floor_rate, Target("ratio>=", 0.15),
+            note=f"{tag['evicted']:,} files evicted; floor: floor_drain.py (url: purges)"),
+        Row("url: purges, Free-plan Cloudflare in the same config", "purges/s",
+            url_cf["purges_per_s"], floor_rate, Target("ratio>=", 0.25),
+            note="the nginx group's figure while the cdn group waits out the Free plan"),
+        Row("tag: purges, Free-plan Cloudflare in the same config", "purges/s",
+            tag_cf["purges_per_s"], floor_rate, Target("ratio>=", 0.15)),
+        Row(f"drain peak RSS growth, {n:,} url: burst", "MiB", url["rss_growth_kib"] / mib),
+        Row(f"drain peak RSS growth, {n:,} tag: burst", "MiB", tag["rss_growth_kib"] / mib),
+    ]  # fmt: skip
+    if backlog:
+        growth = figures["backlog"]
+        result.rows.append(
+            Row(f"drain peak RSS growth, {backlog:,}-purge backlog", "MiB",
+                growth["rss_growth_kib"] / mib, None,
+                # The issue's target is for a 1,000,000-purge backlog; --quick is not judged.
+                Target("value<=", 100) if backlog >= 1_000_000 else None,
+                note=f"{growth['purges_per_s']:,.0f} purges/s through it")
+        )  # fmt: skip
+
+
 WORKLOADS: dict[str, tuple[str, Workload]] = {
     "latency": ("1. latency, OpenSSH pub -> sub", latency),
     "throughput": ("2. throughput, OpenSSH pub -> sub", throughput),
@@ -480,4 +551,5 @@ WORKLOADS: dict[str, tuple[str, Workload]] = {
     "purge": ("6. purge path, pub -> nginx / Cloudflare", purge_path),
     "nginx_index": ("7. nginx index, build and tag purge", nginx_index),
     "receipts": ("8. receipts, pub --wait", receipts),
+    "drain": ("9. drain throughput, url: and tag: bursts", drain),
 }

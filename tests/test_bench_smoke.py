@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MEASURED = ("latency", "throughput", "fanout", "oneshot", "capacity", "purge", "nginx_index")
+MEASURED = (
+    "latency",
+    "throughput",
+    "fanout",
+    "oneshot",
+    "capacity",
+    "purge",
+    "nginx_index",
+    "drain",
+)
 # Workloads without a floor program, and figures each must report (the start of their names).
 FLOORLESS = {
     "purge": ("pub returns -> nginx file gone", "pub returns -> Cloudflare call"),

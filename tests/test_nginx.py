@@ -33,7 +33,7 @@ from drainbus.drain.nginx import (
 )
 from drainbus.drain.purges import Purge, ScopeRule, parse_purge
 from drainbus.drain.targets import NginxTarget
-from drainbus.errors import ConfigError, ExitCode
+from drainbus.errors import ConfigError, DataError, ExitCode
 from tests.nginx_env import (
     CACHE_KEY,
     CACHE_LEVELS,
@@ -766,6 +766,34 @@ async def test_unknown_header_version_is_refused_untouched(nginx_env: NginxEnv) 
             await cache.purge(Purge(urls=frozenset({f"http://{BLOG}/"}), soft=True))
     assert failed.value.paths == (str(path),)
     assert path.read_bytes() == data
+
+
+async def test_a_batch_reports_each_purge_and_one_failure_fails_only_its_purge(
+    nginx_env: NginxEnv,
+) -> None:
+    """purge_batch: per-purge counts (a file two purges match counts for the first), and a
+    purge that cannot be carried out is reported in its place while the others are done."""
+    for path in ("/", "/a", "/b"):
+        nginx_env.prime(path, BLOG)
+    refused = cache_file_path(nginx_env.cache_path, CACHE_LEVELS, f"http{BLOG}/b")
+    data = bytearray(refused.read_bytes())
+    data[0] = NGINX_CACHE_VERSION + 1
+    refused.write_bytes(data)
+    purges = [
+        Purge(urls=frozenset({f"http://{BLOG}/"})),
+        Purge(urls=frozenset({f"http://{BLOG}/b"}), soft=True),
+        Purge(urls=frozenset({f"http://{BLOG}/", f"http://{BLOG}/a"})),
+        Purge(urls=frozenset({"http://[bad/"})),
+    ]
+    async with NginxCache(nginx_config(nginx_env)) as cache:
+        first, failed, third, malformed = await cache.purge_batch(purges)
+    assert (first, third) == (1, 1)
+    assert isinstance(failed, CacheEvictionFailed)
+    assert failed.paths == (str(refused),)
+    assert isinstance(malformed, DataError)
+    assert nginx_env.get("/", BLOG).cache == "MISS"
+    assert nginx_env.get("/a", BLOG).cache == "MISS"
+    assert refused.read_bytes() == data
 
 
 async def test_soft_purge_does_not_follow_symlinks(nginx_env: NginxEnv, tmp_path: Path) -> None:

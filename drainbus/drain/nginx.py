@@ -30,7 +30,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, NamedTuple, Self
 
 import structlog
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -41,7 +41,7 @@ from drainbus.drain.key_check import SAMPLE_SIZE, check_keys
 from drainbus.drain.key_template import KeyTemplate, proxy_host_of, template_variables
 from drainbus.drain.nginx_index import CacheIndex
 from drainbus.drain.purges import Purge
-from drainbus.drain.refill import DEFAULT_REFILL_WINDOW, RefillGuard
+from drainbus.drain.refill import DEFAULT_REFILL_WINDOW, RefillGuard, RefillWindow, read_validators
 from drainbus.errors import BackendError, ConfigError, DataError
 
 __all__ = [
@@ -171,22 +171,88 @@ def _unlink(paths: Iterable[str]) -> tuple[int, list[tuple[str, OSError]]]:
     return removed, failed
 
 
-# A large purge is deleted by several threads at once: an unlink waits on the file system's
+# A large batch is deleted by several threads at once: an unlink waits on the file system's
 # journal, not on Python (about 70 us each on ext4), and files in different folders do not
 # contend. 1,000 files took 73 ms in one thread, 49 ms in four.
 _UNLINK_THREADS = 4
 _UNLINK_PER_THREAD_MIN = 128
 
 
-async def _unlink_in_threads(paths: Iterable[str]) -> tuple[int, list[tuple[str, OSError]]]:
-    listed = list(paths)
-    threads = max(1, min(_UNLINK_THREADS, len(listed) // _UNLINK_PER_THREAD_MIN))
+class _Job(NamedTuple):
+    """One purge of a batch: its files, and whether to expire them and read validators."""
+
+    number: int
+    paths: list[str]
+    soft: bool
+    read_validators: bool
+
+
+#: Per job: files evicted, validators read before (for its refill window), failures.
+_JobOutcome = tuple[int, dict[str, set[str | None]], list[tuple[str, Exception]]]
+
+
+def _evict_paths(paths: Iterable[str], soft: bool) -> tuple[int, list[tuple[str, Exception]]]:
+    if soft:
+        return _expire(paths)
+    removed, failed = _unlink(paths)
+    return removed, list[tuple[str, Exception]](failed)
+
+
+def _read_validators(job: _Job) -> tuple[dict[str, set[str | None]], list[str]]:
+    """The validators of the job's files (if its window wants them), and the files to evict.
+
+    A file found gone while reading validators is not deleted again: one syscall per absent
+    file, not two. Should nginx put it in place meanwhile, that is a refill the job's window
+    sees (it was opened before), so it is still evicted.
+    """
+    if not job.read_validators:
+        return {}, job.paths
+    present: list[str] = []
+    return read_validators(job.paths, present=present), present
+
+
+def _carry_out_here(jobs: Sequence[_Job]) -> list[_JobOutcome]:
+    # Every validator is read before any file is deleted: two purges of a batch may match
+    # one file, and each window must know what its purge evicted.
+    read = [_read_validators(job) for job in jobs]
+    outcomes: list[_JobOutcome] = []
+    for job, (found, paths) in zip(jobs, read, strict=True):
+        count, failed = _evict_paths(paths, job.soft)
+        outcomes.append((count, found, failed))
+    return outcomes
+
+
+def _carry_out_part(
+    jobs: Sequence[_Job], paths: Sequence[list[str]], part: int, parts: int
+) -> list[tuple[int, list[tuple[str, Exception]]]]:
+    return [
+        _evict_paths(job_paths[part::parts], job.soft)
+        for job, job_paths in zip(jobs, paths, strict=True)
+    ]
+
+
+async def _carry_out(jobs: Sequence[_Job]) -> list[_JobOutcome]:
+    """Evict every job's files: one worker thread for a small batch, a few for a large one."""
+    total = sum(len(job.paths) for job in jobs)
+    threads = max(1, min(_UNLINK_THREADS, total // _UNLINK_PER_THREAD_MIN))
     if threads == 1:
-        return await asyncio.to_thread(_unlink, listed)
-    results = await asyncio.gather(
-        *(asyncio.to_thread(_unlink, listed[n::threads]) for n in range(threads))
+        return await asyncio.to_thread(_carry_out_here, jobs)
+    read = await asyncio.to_thread(lambda: [_read_validators(job) for job in jobs])
+    paths = [job_paths for _, job_paths in read]
+    # Absent files are known now: only the ones present are worth more threads.
+    total = sum(len(job_paths) for job_paths in paths)
+    threads = max(1, min(_UNLINK_THREADS, total // _UNLINK_PER_THREAD_MIN))
+    parts = await asyncio.gather(
+        *(asyncio.to_thread(_carry_out_part, jobs, paths, n, threads) for n in range(threads))
     )
-    return sum(r for r, _ in results), [failure for _, failed in results for failure in failed]
+    outcomes: list[_JobOutcome] = []
+    for number, (found, _) in enumerate(read):
+        count, failed = 0, list[tuple[str, Exception]]()
+        for part in parts:
+            count += part[number][0]
+            failed += part[number][1]
+        outcomes.append((count, found, failed))
+    return outcomes
 
 
 def _unlink_tree(root: Path) -> tuple[int, list[tuple[str, OSError]]]:
@@ -317,15 +383,52 @@ class NginxCache:
         expired in place, not deleted. Stale copies written back after the purge are evicted
         in its refill window (:attr:`refills_evicted` counts them). Raises
         :class:`CacheEvictionFailed` (retryable) when a file could not be deleted or expired
-        (a header version drainbus does not know is left untouched), after trying all of them.
+        (a header version drainbus does not know is left untouched), after trying all of them;
+        :class:`~drainbus.errors.DataError` for a malformed URL.
         """
-        soft = purge.soft or self.config.mode == "soft"
-        key_hosts = tuple(key_hosts)
+        result = (await self.purge_batch([purge], [tuple(key_hosts)]))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def purge_batch(
+        self, purges: Sequence[Purge], key_hosts: Sequence[Iterable[str]] | None = None
+    ) -> list[int | DataError | CacheEvictionFailed]:
+        """Carry out ``purges`` as :meth:`purge` does each, in order, as one batch.
+
+        ``key_hosts[i]`` are the hosts the caller derived from ``purges[i].keys``. Returns,
+        per purge, how many files it removed or expired (a file two purges match counts for
+        the first), or the error :meth:`purge` would have raised for it: one purge failing
+        never fails the others. The index is synced once, every purge's files are looked
+        up and its refill window opened without an await in between, and the files of the
+        whole batch are deleted (or expired) in one trip to worker threads. Raises only what
+        fails the whole batch (the index cannot be synced).
+        """
+        hosts = [tuple(h) for h in key_hosts] if key_hosts is not None else [()] * len(purges)
+        results: list[int | DataError | CacheEvictionFailed] = [0] * len(purges)
         await self.index.sync()
-        if purge.everything and soft:
-            return await self._expire_all()
-        if purge.everything:
-            return await self.flush_all()
+        pending: list[int] = []
+        for number, purge in enumerate(purges):
+            if not purge.everything:
+                pending.append(number)
+                continue
+            # A whole-folder purge is carried out in its place in the order.
+            if pending:
+                await self._evict(purges, hosts, pending, results)
+                pending = []
+            try:
+                if purge.soft or self.config.mode == "soft":
+                    results[number] = await self._expire_all()
+                else:
+                    results[number] = await self.flush_all()
+            except CacheEvictionFailed as exc:
+                results[number] = exc
+        if pending:
+            await self._evict(purges, hosts, pending, results)
+        return results
+
+    def _lookup(self, purge: Purge, hosts: Iterable[str]) -> set[str]:
+        """The files ``purge`` matches; ``DataError`` for a malformed URL."""
         index = self.index
         paths: set[str] = set()
         try:
@@ -345,19 +448,52 @@ class NginxCache:
             raise DataError(f"purge has a malformed URL ({exc}): expected absolute URLs") from exc
         for tag in purge.tags | purge.keys:
             paths |= index.paths_for_tag(tag)
-        for host in {*purge.hosts, *key_hosts}:
+        for host in hosts:
             paths |= index.paths_for_host(host)
-        # No await since the index lookups: every file nginx puts in place from here on is
-        # seen by the refill window.
-        window = self.refill_guard.open(purge, {*purge.hosts, *key_hosts})
-        await self.refill_guard.arm(window, paths)
-        if soft:
-            expired = self._check(await asyncio.to_thread(_expire, paths), verb="expire")
-            log.debug("nginx_cache_expired", cache=self.name, matched=len(paths), expired=expired)
-            return expired
-        removed = self._check(await _unlink_in_threads(paths))
-        log.debug("nginx_cache_purged", cache=self.name, matched=len(paths), removed=removed)
-        return removed
+        return paths
+
+    async def _evict(
+        self,
+        purges: Sequence[Purge],
+        key_hosts: Sequence[tuple[str, ...]],
+        numbers: list[int],
+        results: list[int | DataError | CacheEvictionFailed],
+    ) -> None:
+        """Look up, open the refill windows of, and evict the purges ``numbers``."""
+        jobs: list[_Job] = []
+        windows: list[RefillWindow | None] = []
+        guard = self.refill_guard
+        for number in numbers:
+            purge = purges[number]
+            hosts = {*purge.hosts, *key_hosts[number]}
+            try:
+                paths = self._lookup(purge, hosts)
+            except DataError as exc:
+                results[number] = exc
+                continue
+            # No await since the index lookups: every file nginx puts in place from here on
+            # is seen by the refill windows.
+            window = guard.open(purge, hosts)
+            windows.append(window)
+            soft = purge.soft or self.config.mode == "soft"
+            jobs.append(_Job(number, list(paths), soft, window is not None))
+        if not jobs:
+            return
+        outcomes = await _carry_out(jobs)
+        for job, window, (count, validators, failed) in zip(jobs, windows, outcomes, strict=True):
+            guard.armed(window, validators)
+            verb = "expire" if job.soft else "delete"
+            try:
+                results[job.number] = self._check((count, failed), verb=verb)
+            except CacheEvictionFailed as exc:
+                results[job.number] = exc
+                continue
+            log.debug(
+                "nginx_cache_expired" if job.soft else "nginx_cache_purged",
+                cache=self.name,
+                matched=len(job.paths),
+                evicted=count,
+            )
 
     async def _expire_all(self) -> int:
         root = self.config.cache_path

@@ -54,7 +54,7 @@ from drainbus.drain.key_template import (
 )
 from drainbus.drain.purges import Purge, fold_tag
 
-__all__ = ["DEFAULT_REFILL_WINDOW", "RefillGuard", "RefillWindow"]
+__all__ = ["DEFAULT_REFILL_WINDOW", "RefillGuard", "RefillWindow", "read_validators"]
 
 log = structlog.get_logger("drainbus.drain.nginx")
 
@@ -143,13 +143,26 @@ def _unlink_if_same(path: str, stamp: _Stamp) -> bool:
     return True
 
 
-def _read_validators(paths: Iterable[str]) -> dict[str, set[str | None]]:
+def read_validators(
+    paths: Iterable[str], *, present: list[str] | None = None
+) -> dict[str, set[str | None]]:
+    """The cache keys of the files at ``paths`` and their validators (blocking: a thread's).
+
+    What :meth:`RefillGuard.armed` takes; files gone or unreadable are left out. Every path
+    that is not gone is appended to ``present`` when given.
+    """
     evicted: dict[str, set[str | None]] = {}
     for path in paths:
         try:
             head = read_cache_head(path)
-        except OSError:
+        except FileNotFoundError:
             continue
+        except OSError:
+            if present is not None:
+                present.append(path)
+            continue
+        if present is not None:
+            present.append(path)
         if head is not None:
             evicted.setdefault(head.key, set()).add(head.validator)
     return evicted
@@ -243,7 +256,14 @@ class RefillGuard:
         """
         if window is None or window.evicted is not None:
             return
-        evicted = await asyncio.to_thread(_read_validators, list(paths))
+        evicted = await asyncio.to_thread(read_validators, list(paths))
+        self._arm_now(window, evicted)
+
+    def armed(self, window: RefillWindow | None, evicted: dict[str, set[str | None]]) -> None:
+        """:meth:`arm` with the validators already read (:func:`read_validators`, in a worker
+        thread, before the files were deleted): a batch arms all its windows in one trip."""
+        if window is None or window.evicted is not None:
+            return
         self._arm_now(window, evicted)
 
     def file_added(self, path: str, head: CacheHead) -> None:
@@ -322,6 +342,9 @@ class RefillGuard:
     async def _close(self, window: RefillWindow) -> None:
         if window.evicted is None:  # the purge never got to arm it (cancelled, failed)
             self._arm_now(window, {})
+        if not window.recheck:  # nothing landed to check: most windows; no thread trip
+            self._report(window)
+            return
         try:
             removed = await asyncio.to_thread(_unlink_unchanged, window.recheck)
         except Exception:
@@ -331,6 +354,9 @@ class RefillGuard:
         window.refills_evicted += removed
         if removed:
             self._tell(window, removed)
+        self._report(window)
+
+    def _report(self, window: RefillWindow) -> None:
         if window.refills_evicted or window.recheck:
             log.info(
                 "nginx_refill_window_closed",

@@ -60,18 +60,23 @@ class NginxTarget:
         self.cache.refill_guard.on_evicted = lambda purge, count: listener(self.name, purge, count)
 
     async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
+        """Carry out the whole batch in one call of the cache (one index sync, one trip to
+        worker threads); a purge that fails is retried later without holding back the rest.
+        """
+        key_hosts = [[h for k in p.keys if (h := key_host_for(self._rule, k))] for p in purges]
+        try:
+            results = await self.cache.purge_batch(purges, key_hosts)
+        except (DrainbusError, OSError) as exc:
+            log.warning("nginx_purge_failed", target=self.name, purges=len(purges), error=str(exc))
+            return [Outcome("retry_later", f"{self.name}: {exc}")] * len(purges)
         outcomes = []
-        for purge in purges:
-            key_hosts = [h for k in purge.keys if (h := key_host_for(self._rule, k))]
-            try:
-                removed = await self.cache.purge(purge, key_hosts=key_hosts)
-            except (DrainbusError, OSError) as exc:
-                log.warning("nginx_purge_failed", target=self.name, error=str(exc))
-                outcomes.append(Outcome("retry_later", f"{self.name}: {exc}"))
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("nginx_purge_failed", target=self.name, error=str(result))
+                outcomes.append(Outcome("retry_later", f"{self.name}: {result}"))
                 continue
-            self.evicted += removed
-            log.info("nginx_purged", target=self.name, removed=removed)
-            outcomes.append(Outcome("done", evicted=removed))
+            self.evicted += result
+            outcomes.append(Outcome("done", evicted=result))
         return outcomes
 
     async def flush_all(self) -> int:
