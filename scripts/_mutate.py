@@ -30,6 +30,8 @@ from mutmut.configuration import config
 # which tests call which function; see the README's "Mutation testing").
 # The SSH tests drive the in-process server with OpenSSH, so they reach the mutated code too.
 _BUS = [
+    "tests/test_streams.py",
+    "tests/test_publisher.py",
     "tests/test_fanout.py",
     "tests/test_bus.py",
     "tests/test_packing.py",
