@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import asyncssh
 import pytest
+from structlog.testing import capture_logs
 
 from drainbus.errors import ConfigError, ExitCode
 from drainbus.identity import (
@@ -383,3 +384,90 @@ def test_user_files_differing_only_in_case_stop_start_up(
         (users_dir / f"{name}.pub").write_text(make_key(name).with_suffix(".pub").read_text())
     with pytest.raises(ConfigError, match="name the same user"):
         UserKeys(users_dir).load()
+
+
+# --- what reloading tells the operator ------------------------------------------------------
+
+
+def test_admins_are_named_in_any_case(users_dir: Path, new_key: NewKey) -> None:
+    """'Alice' in the admins list makes alice.pub's user an admin: names ignore case."""
+    alice, bob = new_key(), new_key()
+    write_user(users_dir, "alice", alice.line)
+    write_user(users_dir, "bob", bob.line)
+    users = UserKeys(users_dir, admins=("Alice",))
+    users.load()
+
+    assert users.lookup(alice.key) == Identity("alice", alice.fingerprint, True)
+    assert users.lookup(bob.key) == Identity("bob", bob.fingerprint, False)
+
+
+def test_a_load_logs_what_it_refused_and_what_it_loaded(users_dir: Path, new_key: NewKey) -> None:
+    """One line per ignored file and per shared key, then the count of users and keys."""
+    shared, alice_own = new_key(), new_key()
+    write_user(users_dir, "alice", shared.line, alice_own.line)
+    write_user(users_dir, "bob", shared.line)
+    stray = write_user(users_dir, "-dash", new_key().line)
+
+    with capture_logs() as logs:
+        UserKeys(users_dir).load()
+
+    assert logs == [
+        {"event": "user_file_ignored", "path": str(stray), "reason": "invalid user name",
+         "log_level": "warning"},
+        {"event": "key_refused_shared", "users": ["alice", "bob"],
+         "fingerprint": shared.fingerprint, "log_level": "error"},
+        {"event": "users_loaded", "users": 2, "keys": 1, "log_level": "info"},
+    ]  # fmt: skip
+
+
+def test_a_reload_logs_a_broken_file_and_a_clash(users_dir: Path, new_key: NewKey) -> None:
+    """A running bus says which file it could not read, and which spelling of a name it refused."""
+    acme = new_key()
+    write_user(users_dir, "acme", acme.line)
+    users = UserKeys(users_dir)
+    users.load()
+    broken = write_user(users_dir, "bob", "not a key")
+    write_user(users_dir, "ACME", new_key().line)
+
+    with capture_logs() as logs:
+        users.reload()
+
+    assert logs == [
+        {"event": "user_file_unreadable", "path": str(broken),
+         "error": f"{broken}:1: no public key found on this line", "log_level": "error"},
+        {"event": "user_name_clash", "files": "ACME.pub, acme.pub", "kept": ["acme"],
+         "refused": ["ACME"], "reason": "user names are unique regardless of case",
+         "log_level": "error"},
+        {"event": "users_loaded", "users": 1, "keys": 1, "log_level": "info"},
+    ]  # fmt: skip
+    assert users.lookup(acme.key) == Identity("acme", acme.fingerprint, False)
+
+
+def test_listeners_hear_every_reload_until_removed(users_dir: Path, new_key: NewKey) -> None:
+    """add_listener's callback runs after each reload; once removed it does not; removing twice
+    is harmless."""
+    heard: list[str] = []
+    users = UserKeys(users_dir)
+
+    def listener() -> None:
+        heard.append("reloaded")
+
+    users.add_listener(listener)
+    users.load()
+    write_user(users_dir, "alice", new_key().line)
+    assert users.reload_if_changed() is True
+    assert heard == ["reloaded", "reloaded"]
+    users.remove_listener(listener)
+    users.remove_listener(listener)
+    users.reload()
+    assert heard == ["reloaded", "reloaded"]
+
+
+def test_a_new_host_key_is_logged(tmp_path: Path) -> None:
+    """Generating the host key is logged with its path; loading an existing one is not."""
+    with capture_logs() as logs:
+        load_or_create_host_key(tmp_path)
+        load_or_create_host_key(tmp_path)
+    assert logs == [
+        {"event": "host_key_generated", "path": str(tmp_path / HOST_KEY_NAME), "log_level": "info"}
+    ]
