@@ -12,8 +12,9 @@ from contextlib import asynccontextmanager
 
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
-from drainbus.bus.fanout import Batch, Fanout, TrimNotice, _Inbox
+from drainbus.bus.fanout import Batch, Fanout, TrimNotice, _Inbox, _RecentIds, _TopicReader
 from drainbus.bus.streams import ZERO_ID, Entry, Keys, StreamId, entry_fields
 
 TOPIC = "alice/express"
@@ -239,3 +240,180 @@ async def test_catching_up_drops_a_retried_append_like_the_live_feed(
                 break
         await stream.aclose()
     assert replayed == [b"a", b"b", b"c"]
+
+
+# --- batches, inboxes and repeats on their own ----------------------------------------------
+
+
+def _entry(ms: int, *messages: bytes) -> Entry:
+    return Entry(
+        id=(ms, 0),
+        data=b"\n".join(messages),
+        user="alice",
+        message_id=f"id{ms}",
+        received_ms=1_700_000_000_000,
+        raw=False,
+        count=len(messages),
+        packed=len(messages) > 1,
+    )
+
+
+def _messages(batch: Batch | None) -> list[bytes]:
+    assert batch is not None
+    assert batch.topic == TOPIC
+    return [m for e in batch.entries for m in e.messages()]
+
+
+def test_batch_cuts_keep_the_topic_and_the_messages_asked_for() -> None:
+    """after, first_messages and skip_into return batches of the same topic, cut exactly."""
+    batch = Batch(TOPIC, [_entry(1, b"a", b"b"), _entry(2, b"c"), _entry(3, b"d", b"e")])
+    assert batch.messages == 5
+    assert _messages(batch.after((1, 0))) == [b"c", b"d", b"e"]
+    assert batch.first_messages(5) is batch
+    assert _messages(batch.first_messages(2)) == [b"a", b"b"]
+    assert len(batch.first_messages(2).entries) == 1
+    assert _messages(batch.first_messages(4)) == [b"a", b"b", b"c", b"d"]
+    assert _messages(batch.skip_into((1, 0), 1)) == [b"b", b"c", b"d", b"e"]
+    assert _messages(batch.skip_into((1, 0), 2)) == [b"c", b"d", b"e"]
+    assert batch.skip_into((2, 0), 1) is batch  # the batch does not start with that entry
+    assert Batch(TOPIC, [_entry(1, b"a", b"b")]).skip_into((1, 0), 2) is None
+
+
+def test_json_lines_render_text_as_is_and_other_bytes_as_base64() -> None:
+    """UTF-8 messages appear as text (not \\u escapes); others as base64, marked so."""
+    batch = Batch(TOPIC, [_entry(1, "café".encode(), b"\xff\xfe")])
+    lines = batch.json_lines().decode("utf-8").splitlines()
+    assert lines == [
+        '{"id": "1-0:0", "time": "2023-11-14T22:13:20.000Z", "topic": "alice/express", '
+        '"user": "alice", "data": "café"}',
+        '{"id": "1-0:1", "time": "2023-11-14T22:13:20.000Z", "topic": "alice/express", '
+        '"user": "alice", "data": "//4=", "encoding": "base64"}',
+    ]
+
+
+def test_trim_notice_names_where_the_stream_now_begins() -> None:
+    """The notice gives the first id left and its time."""
+    assert TrimNotice((1_700_000_000_000, 5)).message("alice/x") == (
+        "note: history of 'alice/x' before 1700000000000-5 (2023-11-14T22:13:20.000Z) "
+        "was trimmed; messages before it are gone"
+    )
+
+
+async def test_an_inbox_holds_batches_up_to_its_limit_in_bytes() -> None:
+    """Batches queue while their bytes fit the limit exactly; one more byte overflows."""
+    one = Batch(TOPIC, [_entry(1, b"123456789")])  # 10 bytes with its newline
+    inbox = _Inbox(limit_bytes=30)
+    assert inbox.offer(one) == 0
+    assert inbox.offer(Batch(TOPIC, [_entry(2, b"123456789")])) == 0
+    assert inbox.offer(Batch(TOPIC, [_entry(3, b"123456789")])) == 0  # 30 bytes: full
+    assert [b.last_id for b in await inbox.take()] == [(1, 0), (2, 0), (3, 0)]
+    assert not inbox.overflowed
+
+    # take() emptied it: the limit holds again from zero.
+    for ms in (4, 5, 6):
+        inbox.offer(Batch(TOPIC, [_entry(ms, b"123456789")]))
+    assert not inbox.overflowed
+    assert inbox.offer(Batch(TOPIC, [_entry(7, b"1")])) == 0
+    assert inbox.overflowed
+    assert inbox.offer(Batch(TOPIC, [_entry(8, b"1")])) == 0
+
+
+async def test_a_big_batch_into_an_empty_inbox_is_queued_not_an_overflow() -> None:
+    """A single batch larger than the limit still goes through: only a backlog overflows."""
+    inbox = _Inbox(limit_bytes=5)
+    inbox.offer(Batch(TOPIC, [_entry(1, b"123456789")]))
+    assert not inbox.overflowed
+    assert [b.last_id for b in await inbox.take()] == [(1, 0)]
+
+
+async def test_express_is_closed_while_the_subscriber_is_not_parked() -> None:
+    """Once take() returned, the subscriber is busy writing: batches queue until it parks."""
+    expressed: list[Batch] = []
+
+    def express(batch: Batch) -> bool:
+        expressed.append(batch)
+        return True
+
+    inbox = _Inbox(limit_bytes=1 << 20, express=express)
+    inbox.offer(Batch(TOPIC, [_entry(1, b"a")]))
+    assert [b.last_id for b in await inbox.take()] == [(1, 0)]
+    assert inbox.offer(Batch(TOPIC, [_entry(2, b"b")])) == 0
+    assert expressed == []
+    assert [b.last_id for b in await inbox.take()] == [(2, 0)]
+
+
+async def test_express_of_nothing_new_takes_nothing() -> None:
+    """A parked subscriber offered only entries it already has takes none of them."""
+    inbox = _Inbox(limit_bytes=1 << 20, express=lambda batch: True)
+    inbox.position = (5, 0)
+    waiting = asyncio.create_task(inbox.take())
+    await asyncio.sleep(0)  # let take() park: that is when the express path is open
+    assert inbox.offer(Batch(TOPIC, [_entry(4, b"old"), _entry(5, b"old")])) == 0
+    assert inbox.position == (5, 0)
+    waiting.cancel()
+
+
+async def test_a_failing_express_is_logged_once_and_turned_off() -> None:
+    """The error is logged with its type; express is then off, so it cannot fail again."""
+    calls = 0
+
+    def broken(batch: Batch) -> bool:
+        nonlocal calls
+        calls += 1
+        raise BrokenPipeError("channel closed")
+
+    inbox = _Inbox(limit_bytes=1 << 20, express=broken)
+    with capture_logs() as logs:
+        for ms in (1, 2):
+            waiting = asyncio.create_task(inbox.take())
+            await asyncio.sleep(0)
+            assert inbox.offer(Batch(TOPIC, [_entry(ms, b"x")])) == 0
+            assert [b.last_id for b in await waiting] == [(ms, 0)]
+    assert calls == 1
+    assert inbox.express is None
+    assert logs == [
+        {"event": "subscriber_express_failed", "error": "BrokenPipeError: channel closed",
+         "log_level": "warning"}
+    ]  # fmt: skip
+
+
+async def test_recent_ids_remember_the_last_4096() -> None:
+    """A message id seen among the last 4096 is a repeat; an older one is forgotten; none is
+    never a repeat."""
+    recent = _RecentIds()
+    assert not recent.is_repeat("")
+    assert not recent.is_repeat("")
+    for n in range(4096):
+        assert not recent.is_repeat(f"m{n}")
+    assert recent.is_repeat("m0")  # still among the last 4096
+    assert not recent.is_repeat("new")  # 4097th: m0 is forgotten now
+    assert not recent.is_repeat("m0")
+    reader = _TopicReader(TOPIC, ZERO_ID)
+    assert not reader.is_repeat("m1")
+    assert reader.is_repeat("m1")
+
+
+async def test_no_trim_notice_when_resuming_from_the_first_entry_left(
+    redis_url: str, namespace: str
+) -> None:
+    """Resuming at the first entry a trimmed stream still has misses nothing: no notice.
+
+    Resuming from before it does miss what was trimmed, and says so.
+    """
+    key = Keys(namespace).stream(TOPIC)
+    async with fanout_on(redis_url, namespace) as (fanout, redis, _heard):
+        for ms in (1, 2, 3):
+            await redis.xadd(key, entry_fields(b"%d" % ms, user="alice", message_id=f"m{ms}",
+                                               raw=False), id=f"{ms}-0")  # fmt: skip
+        await redis.xtrim(key, maxlen=2, approximate=False)
+
+        stream = fanout.follow(TOPIC, (2, 0))
+        first = await anext(stream)
+        await stream.aclose()
+        assert isinstance(first, Batch)
+        assert _messages(first) == [b"3"]
+
+        stream = fanout.follow(TOPIC, (1, 0))
+        first = await anext(stream)
+        await stream.aclose()
+        assert first == TrimNotice((2, 0))
