@@ -124,6 +124,7 @@ class Batch:
         if self._json is None:
             lines = []
             for e in self.entries:
+                # Both lists have e.count items: strict (or not) only guards that invariant.
                 for message_id, message in zip(e.message_ids(), e.messages(), strict=True):
                     record: dict[str, str] = {
                         "id": message_id,
@@ -131,11 +132,13 @@ class Batch:
                         "topic": self.topic,
                         "user": e.user,
                     }
+                    # Codec names ignore case here and below: "UTF-8", "ASCII" are the same codecs.
                     try:
                         record["data"] = message.decode("utf-8")
                     except UnicodeDecodeError:
                         record["data"] = base64.b64encode(message).decode("ascii")
                         record["encoding"] = "base64"
+                    # ensure_ascii=None would be as false as False: the same output.
                     lines.append(json.dumps(record, ensure_ascii=False))
             self._json = ("\n".join(lines) + "\n").encode("utf-8")
         return self._json
@@ -203,8 +206,9 @@ class _Inbox:
                 self.position = fresh.last_id
                 return fresh.messages
         if self._batches and self._bytes + batch.nbytes > self._limit:
+            # An overflowed inbox is done with (follow attaches a new one): only free the
+            # batches; its byte count is never read again.
             self._batches.clear()
-            self._bytes = 0
             self.overflowed = True
         else:
             self._batches.append(batch)
@@ -229,7 +233,7 @@ class _Inbox:
         try:
             await self._ready.wait()
         finally:
-            self._parked = False
+            self._parked = False  # (None would do as well: only its truth is read)
         self._ready.clear()
         if self.overflowed:
             raise Overflow
@@ -255,9 +259,9 @@ class _RecentIds:
             return False
         if message_id in self._ids:
             return True
-        self._ids[message_id] = None
+        self._ids[message_id] = None  # an ordered set: the value is never read
         if len(self._ids) > _RECENT_IDS:
-            self._ids.popitem(last=False)
+            self._ids.popitem(last=False)  # (last=None: as false, the same oldest item)
         return False
 
 
