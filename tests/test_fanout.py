@@ -9,12 +9,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
 import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from drainbus.bus.fanout import Batch, Fanout, TrimNotice, _Inbox, _RecentIds, _TopicReader
+from drainbus.bus.fanout import (
+    Batch,
+    Fanout,
+    TrimNotice,
+    _Inbox,
+    _page_entries,
+    _RecentIds,
+    _TopicReader,
+)
 from drainbus.bus.streams import ZERO_ID, Entry, Keys, StreamId, entry_fields
 
 TOPIC = "alice/express"
@@ -417,3 +426,34 @@ async def test_no_trim_notice_when_resuming_from_the_first_entry_left(
         first = await anext(stream)
         await stream.aclose()
         assert first == TrimNotice((2, 0))
+
+
+@pytest.mark.parametrize(
+    ("budget", "entry_bytes", "entries"),
+    [
+        pytest.param(1 << 20, 65536, 16, id="budget-over-entry-size"),
+        pytest.param(1 << 20, 1 << 20, 1, id="one-entry-fills-it"),
+        pytest.param(100, 1000, 1, id="at-least-one"),
+        pytest.param(1 << 20, 10, 1024, id="at-most-a-page"),
+        pytest.param(1 << 20, 0, 1024, id="empty-entries"),
+    ],
+)
+def test_catch_up_pages_fit_the_inbox_budget(budget: int, entry_bytes: int, entries: int) -> None:
+    """A catch-up page holds as many entries as fit the budget: at least 1, at most 1024."""
+    assert _page_entries(budget, entry_bytes) == entries
+
+
+def test_subscriber_counts_follow_sessions_joining_and_leaving() -> None:
+    """count(+1/-1) keeps a live count per topic, drops topics at zero, and reports each change."""
+    changes: list[dict[str, int]] = []
+    fanout = Fanout(
+        cast(Redis, None), "redis://unused", Keys("t"), inbox_bytes=1,  # count() uses no Redis
+        on_change=lambda: changes.append(fanout.subscriber_counts()),
+    )  # fmt: skip
+    fanout.count("a", 1)
+    fanout.count("a", 1)
+    fanout.count("b", 1)
+    fanout.count("a", -1)
+    fanout.count("a", -1)
+    fanout.count("c", -1)
+    assert changes == [{"a": 1}, {"a": 2}, {"a": 2, "b": 1}, {"a": 1, "b": 1}, {"b": 1}, {"b": 1}]
