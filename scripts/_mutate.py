@@ -26,31 +26,22 @@ from pathlib import Path
 from mutmut.__main__ import cli, status_by_exit_code
 from mutmut.configuration import config
 
-# Module -> the fast in-process test files that cover it (found from mutmut's own record of
-# which tests call which function; see the README's "Mutation testing").
-# The SSH tests drive the in-process server with OpenSSH, so they reach the mutated code too.
-# Left out as too slow to run for every mutant: tests/test_ssh_limits.py (timeouts, floods),
-# and tests/test_bus.py but for the fan-out (its slow-subscriber test is the overflow path).
-_SSH = ["tests/test_packing.py", "tests/test_ssh.py"]
+# Module -> the fast in-process test files that cover it. mutmut runs every test that
+# reaches a surviving mutant's function, so the tests driving OpenSSH (test_ssh, test_packing,
+# test_bus: seconds each) would make a run take hours: they are left out. What they reach
+# beyond these tests (the fan-out's overflow path, the reader loop) is listed in the README.
 MODULES: dict[str, list[str]] = {
-    "drainbus/bus/fanout.py": [
-        "tests/test_fanout.py",
-        "tests/test_streams.py",
-        "tests/test_bus.py",
-        *_SSH,
-    ],
+    "drainbus/bus/fanout.py": ["tests/test_fanout.py", "tests/test_streams.py"],
     "drainbus/bus/streams.py": [
         "tests/test_streams.py",
         "tests/test_publisher.py",
         "tests/test_fanout.py",
-        *_SSH,
     ],
-    "drainbus/bus/publisher.py": ["tests/test_publisher.py", "tests/test_streams.py", *_SSH],
-    "drainbus/acl.py": ["tests/test_acl.py", "tests/test_ssh.py"],
+    "drainbus/bus/publisher.py": ["tests/test_publisher.py", "tests/test_streams.py"],
+    "drainbus/acl.py": ["tests/test_acl.py"],
     "drainbus/identity.py": [
         "tests/test_identity.py",
         "tests/test_acl.py",
-        "tests/test_ssh.py",
         "tests/test_cli_keys.py",
     ],
     # Configured, not yet run: these are being rewritten (see the README's score table).
