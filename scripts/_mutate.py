@@ -111,6 +111,8 @@ def run(module: str, globs: list[str]) -> None:
     cfg = config()
     cfg.only_mutate = [module]
     cfg.pytest_add_cli_args_test_selection = MODULES[module]
+    # These tests take a second or two: a mutant that hangs one is caught in 5 s, not 30.
+    cfg.pytest_add_cli_args = [*cfg.pytest_add_cli_args, "--timeout=5"]
     # One worker: the machine is shared. Naming the mutants re-runs them all, so the score
     # reflects today's tests, not results cached from an earlier run.
     cli(["run", "--max-children", "1", *(globs or [mutant_glob(module)])], standalone_mode=False)
