@@ -422,7 +422,8 @@ def test_a_load_logs_what_it_refused_and_what_it_loaded(users_dir: Path, new_key
 
 def test_a_reload_logs_a_broken_file_and_a_clash(users_dir: Path, new_key: NewKey) -> None:
     """A running bus says which file it could not read, and which spelling of a name it refused."""
-    acme = new_key()
+    acme, aaa = new_key(), new_key()
+    write_user(users_dir, "AAA", aaa.line)  # a name with no clash, checked before acme's
     write_user(users_dir, "acme", acme.line)
     users = UserKeys(users_dir)
     users.load()
@@ -438,7 +439,7 @@ def test_a_reload_logs_a_broken_file_and_a_clash(users_dir: Path, new_key: NewKe
         {"event": "user_name_clash", "files": "ACME.pub, acme.pub", "kept": ["acme"],
          "refused": ["ACME"], "reason": "user names are unique regardless of case",
          "log_level": "error"},
-        {"event": "users_loaded", "users": 1, "keys": 1, "log_level": "info"},
+        {"event": "users_loaded", "users": 2, "keys": 2, "log_level": "info"},
     ]  # fmt: skip
     assert users.lookup(acme.key) == Identity("acme", acme.fingerprint, False)
 
@@ -471,3 +472,47 @@ def test_a_new_host_key_is_logged(tmp_path: Path) -> None:
     assert logs == [
         {"event": "host_key_generated", "path": str(tmp_path / HOST_KEY_NAME), "log_level": "info"}
     ]
+
+
+def test_nobody_is_known_before_the_first_load(users_dir: Path, new_key: NewKey) -> None:
+    """Until load(), no key belongs to anyone and there are no users."""
+    key = new_key()
+    write_user(users_dir, "alice", key.line)
+    users = UserKeys(users_dir)
+    assert users.lookup(key.key) is None
+    assert users.users == {}
+
+
+def test_only_user_files_count_as_a_change(users_dir: Path, new_key: NewKey) -> None:
+    """Other files in the users folder (notes, editor backups) do not trigger a reload."""
+    write_user(users_dir, "alice", new_key().line)
+    users = UserKeys(users_dir)
+    users.load()
+    (users_dir / "README.txt").write_text("who is who\n")
+    assert users.reload_if_changed() is False
+
+
+def test_host_key_goes_into_an_existing_empty_folder(tmp_path: Path) -> None:
+    """A host keys folder that exists already (empty) gets the key; that is not an error."""
+    folder = tmp_path / "host"
+    folder.mkdir()
+    key = load_or_create_host_key(folder)
+    assert (folder / HOST_KEY_NAME).exists()
+    assert key.get_algorithm() == "ssh-ed25519"
+
+
+def test_add_creates_the_users_folder_and_its_parents(tmp_path: Path, new_key: NewKey) -> None:
+    """add() to a users folder that does not exist yet creates it, parents included."""
+    key = new_key()
+    users = UserKeys(tmp_path / "keys" / "users")
+    assert users.add("alice", key.line, source="alice.pub") == [(key.key.get_fingerprint(), True)]
+    assert (tmp_path / "keys" / "users" / "alice.pub").read_text() == f"{key.line}\n"
+
+
+def test_add_appends_without_a_blank_line(users_dir: Path, new_key: NewKey) -> None:
+    """A second key goes on the line after the first: no blank line between them."""
+    first, second = new_key(), new_key()
+    users = UserKeys(users_dir)
+    users.add("alice", first.line, source="-")
+    users.add("alice", second.line, source="-")
+    assert (users_dir / "alice.pub").read_text() == f"{first.line}\n{second.line}\n"
