@@ -78,7 +78,7 @@ def load_or_create_host_key(directory: Path) -> asyncssh.SSHKey:
         # O_EXCL: two nodes starting at once on a shared folder must not overwrite each other.
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        except FileExistsError:  # another node wrote it since exists(): a race no test can stage
             return load_or_create_host_key(directory)
         with os.fdopen(fd, "wb") as handle:
             handle.write(key.export_private_key())
@@ -130,7 +130,7 @@ class UserKeys:
         self.admins = frozenset(user_key(name) for name in admins)
         self._by_key: dict[bytes, tuple[str, str]] = {}
         self._by_user: dict[str, list[asyncssh.SSHKey]] = {}
-        self._signature: tuple[tuple[str, int, int], ...] | None = None
+        self._signature: tuple[tuple[str, int, int], ...] | None = None  # (or "": never equal)
         self._listeners: list[Callable[[], None]] = []
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -289,6 +289,7 @@ class UserKeys:
                 )
         existing = {k.public_data for k in self._by_user.get(name, [])}
         results, lines = [], []
+        # _key_lines reads the lines parse_authorized_keys read: strict only guards that.
         for key, line in zip(new_keys, _key_lines(text), strict=True):
             added = key.public_data not in existing
             existing.add(key.public_data)
