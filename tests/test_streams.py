@@ -170,6 +170,11 @@ def test_message_ids_address_each_message_of_a_packed_entry() -> None:
     assert _packed(b"c", b"d", offset=2).message_ids() == ["9-2:2", "9-2:3"]
 
 
+def test_packed_messages_split_at_newlines_only() -> None:
+    """Messages of a packed entry may hold spaces and tabs: only the newline separates them."""
+    assert _packed(b"a b", b"c\td").messages() == [b"a b", b"c\td"]
+
+
 def test_first_keeps_the_first_messages_and_their_ids() -> None:
     """first(n) cuts after n messages; n at or past the end is the entry itself."""
     entry = _packed(b"a", b"b", b"c", offset=1)
