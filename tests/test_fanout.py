@@ -362,6 +362,7 @@ async def test_express_of_nothing_new_takes_nothing() -> None:
     waiting.cancel()
 
 
+@pytest.mark.usefixtures("fresh_logging")
 async def test_a_failing_express_is_logged_once_and_turned_off() -> None:
     """The error is logged with its type; express is then off, so it cannot fail again."""
     calls = 0

@@ -401,6 +401,7 @@ def test_admins_are_named_in_any_case(users_dir: Path, new_key: NewKey) -> None:
     assert users.lookup(bob.key) == Identity("bob", bob.fingerprint, False)
 
 
+@pytest.mark.usefixtures("fresh_logging")
 def test_a_load_logs_what_it_refused_and_what_it_loaded(users_dir: Path, new_key: NewKey) -> None:
     """One line per ignored file and per shared key, then the count of users and keys."""
     shared, alice_own = new_key(), new_key()
@@ -420,6 +421,7 @@ def test_a_load_logs_what_it_refused_and_what_it_loaded(users_dir: Path, new_key
     ]  # fmt: skip
 
 
+@pytest.mark.usefixtures("fresh_logging")
 def test_a_reload_logs_a_broken_file_and_a_clash(users_dir: Path, new_key: NewKey) -> None:
     """A running bus says which file it could not read, and which spelling of a name it refused."""
     acme, aaa = new_key(), new_key()
@@ -464,6 +466,7 @@ def test_listeners_hear_every_reload_until_removed(users_dir: Path, new_key: New
     assert heard == ["reloaded", "reloaded"]
 
 
+@pytest.mark.usefixtures("fresh_logging")
 def test_a_new_host_key_is_logged(tmp_path: Path) -> None:
     """Generating the host key is logged with its path; loading an existing one is not."""
     with capture_logs() as logs:

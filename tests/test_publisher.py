@@ -135,6 +135,7 @@ async def test_the_topic_is_listed_once_published(redis: Redis, namespace: str) 
     assert await redis.smembers(keys.topics) == {b"bob/pub"}
 
 
+@pytest.mark.usefixtures("fresh_logging")
 async def test_a_housekeeping_failure_is_logged_and_loses_nothing(
     redis: Redis, namespace: str
 ) -> None:
