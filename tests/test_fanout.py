@@ -13,6 +13,8 @@ from typing import cast
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from structlog.testing import capture_logs
 
 from drainbus.bus.fanout import (
@@ -24,7 +26,8 @@ from drainbus.bus.fanout import (
     _RecentIds,
     _TopicReader,
 )
-from drainbus.bus.streams import ZERO_ID, Entry, Keys, StreamId, entry_fields
+from drainbus.bus.streams import ZERO_ID, Entry, Keys, StreamId, entry_fields, parse_id
+from drainbus.errors import BackendUnavailable
 
 TOPIC = "alice/express"
 
@@ -458,3 +461,66 @@ def test_subscriber_counts_follow_sessions_joining_and_leaving() -> None:
     fanout.count("a", -1)
     fanout.count("c", -1)
     assert changes == [{"a": 1}, {"a": 2}, {"a": 2, "b": 1}, {"a": 1, "b": 1}, {"b": 1}, {"b": 1}]
+
+
+def test_plain_is_each_message_and_a_newline_raw_chunks_as_they_came() -> None:
+    """plain() writes a line per message, and a --raw chunk exactly as it was published."""
+    raw = Entry(id=(2, 0), data=b"chunk\x00", user="alice", message_id="r", received_ms=2,
+                raw=True)  # fmt: skip
+    batch = Batch(TOPIC, [_entry(1, b"a", b"b"), raw, _entry(3, b"c")])
+    assert batch.plain() == b"a\nb\nchunk\x00c\n"
+    assert batch.plain() is batch.plain()  # rendered once, for every subscriber
+
+
+@pytest.mark.usefixtures("fresh_logging")
+async def test_an_overflowed_subscriber_catches_up_without_gap_or_repeat(
+    redis_url: str, namespace: str
+) -> None:
+    """A subscriber that stops reading overflows its inbox, is logged as lagging, and then
+    reads the rest from the stream: every message once, in order."""
+    key = Keys(namespace).stream(TOPIC)
+    redis = Redis.from_url(redis_url)
+    try:
+        async with Fanout(redis, redis_url, Keys(namespace), inbox_bytes=64) as fanout:
+            stream = fanout.follow(TOPIC, None)
+            first = asyncio.create_task(anext(stream))
+            n = 0
+            while not first.done():  # publish until the subscriber is live and got one
+                await publish(redis, namespace, b"warm-%d" % n)
+                n += 1
+                await asyncio.wait([first], timeout=0.05)
+            assert isinstance(first.result(), Batch)
+            sent = [b"m%03d" % i for i in range(100)]  # ~500 bytes: far over the inbox
+            await publish(redis, namespace, *sent)
+            last = (await redis.xrevrange(key, count=1))[0][0]
+            while fanout._readers[TOPIC].position != parse_id(last):
+                await asyncio.sleep(0.01)  # until the reader has offered all of them
+            with capture_logs() as logs:
+                got: list[bytes] = []
+                while sent[-1] not in got:
+                    item = await anext(stream)
+                    assert isinstance(item, Batch)
+                    got += [m for e in item.entries for m in e.messages()]
+            await stream.aclose()
+    finally:
+        await redis.aclose()
+    assert [m for m in got if not m.startswith(b"warm")] == sent
+    assert fanout.lagged == 1
+    [lagging] = [log for log in logs if log["event"] == "subscriber_lagging"]
+    assert lagging["topic"] == TOPIC
+    assert parse_id(lagging["position"]) < parse_id(last)
+
+
+async def test_following_without_redis_is_backend_unavailable(namespace: str) -> None:
+    """If Redis cannot be reached when a subscriber starts, it is told so at once (exit 69)."""
+    dead = Redis(unix_socket_path="/nonexistent/redis.sock", retry=Retry(NoBackoff(), 0))
+    try:
+        async with Fanout(dead, "unix:///nonexistent/redis.sock", Keys(namespace),
+                          inbox_bytes=1 << 20) as fanout:  # fmt: skip
+            with pytest.raises(BackendUnavailable) as caught:
+                await anext(fanout.follow(TOPIC, None))
+    finally:
+        await dead.aclose()
+    assert str(caught.value).startswith(
+        f"backend unavailable: Redis did not answer while subscribing to '{TOPIC}' ("
+    )
