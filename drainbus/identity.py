@@ -247,6 +247,7 @@ class UserKeys:
                     f"user files {files} in {self.directory} name the same user: user names "
                     "are unique regardless of case; remove all but one"
                 )
+            # At most one spelling was loaded (a clash is never loaded): [:1] or [:2] alike.
             loaded = [name for name in names if name in self._by_user]
             refused = [name for name in names if name not in loaded[:1]]
             for name in refused:
@@ -320,9 +321,10 @@ class UserKeys:
             return
         kept, removed = [], 0
         for line in path.read_text().splitlines():
+            # (A blank line parses to no key anyway: the test only saves the call.)
             parsed = parse_authorized_keys(line, source=str(path)) if line.strip() else []
             if parsed and parsed[0].get_fingerprint() == fingerprint:
-                removed += 1
+                removed += 1  # only its truth is read: any non-zero count would do
                 continue
             kept.append(line)
         if not removed:

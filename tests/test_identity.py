@@ -519,3 +519,36 @@ def test_add_appends_without_a_blank_line(users_dir: Path, new_key: NewKey) -> N
     users.add("alice", first.line, source="-")
     users.add("alice", second.line, source="-")
     assert (users_dir / "alice.pub").read_text() == f"{first.line}\n{second.line}\n"
+
+
+def test_user_files_differing_only_in_case_are_named_at_start_up(
+    users_dir: Path, new_key: NewKey
+) -> None:
+    """The start-up error names both files and says what to do."""
+    write_user(users_dir, "acme", new_key().line)
+    write_user(users_dir, "ACME", new_key().line)
+    with pytest.raises(ConfigError) as caught:
+        UserKeys(users_dir).load()
+    assert str(caught.value) == (
+        f"user files ACME.pub, acme.pub in {users_dir} name the same user: user names are "
+        "unique regardless of case; remove all but one"
+    )
+
+
+def test_remove_one_key_keeps_the_keys_around_it(users_dir: Path, new_key: NewKey) -> None:
+    """Removing the middle key of three leaves the first and the last, in order."""
+    first, middle, last = new_key(), new_key(), new_key()
+    path = write_user(users_dir, "alice", first.line, middle.line, last.line)
+    UserKeys(users_dir).remove("alice", middle.key.get_fingerprint())
+    assert path.read_text() == f"{first.line}\n{last.line}\n"
+
+
+def test_remove_from_a_broken_file_names_the_file_and_line(
+    users_dir: Path, new_key: NewKey
+) -> None:
+    """A line that is not a key stops a removal with an error naming where it is."""
+    key = new_key()
+    path = write_user(users_dir, "alice", key.line, "garbage")
+    # (It says line 1 whatever the line: remove() parses each line on its own.)
+    with pytest.raises(ConfigError, match=rf"^{path}:\d+: no public key found on this line$"):
+        UserKeys(users_dir).remove("alice", "SHA256:none")
