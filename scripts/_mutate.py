@@ -101,6 +101,8 @@ def score(module: str) -> tuple[int, int, list[str]]:
     """(killed, total, names of the others) for MODULE, from mutmut's results file."""
     meta = json.loads((Path("mutants") / f"{module}.meta").read_text())
     statuses = {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
+    # Not run, when only some mutants were named: not part of this score.
+    statuses = {name: s for name, s in statuses.items() if s != "not checked"}
     # A timeout is a mutant the tests stopped (pytest-timeout fails a hung test first).
     caught = {"killed", "timeout"}
     others = sorted(f"{name}: {s}" for name, s in statuses.items() if s not in caught)
