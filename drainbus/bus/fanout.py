@@ -189,6 +189,7 @@ class _Inbox:
         self._bytes = 0
         self._limit = limit_bytes
         self._ready = asyncio.Event()
+        # Only the truth of these two is read: None would do as well as False.
         self._parked = False  # the subscriber waits in take(): all it took is written
         self.express = express
         self.overflowed = False
