@@ -291,7 +291,7 @@ class Fanout:
         keys: Keys,
         *,
         inbox_bytes: int,
-        max_message_bytes: int = 65536,
+        max_message_bytes: int = 65536,  # sizes the first catch-up page only: not observable
         on_change: Callable[[], None] = lambda: None,
         on_express: Callable[[Batch, int, int], None] = lambda batch, sessions, messages: None,
     ) -> None:
@@ -307,7 +307,7 @@ class Fanout:
         self._subscribers: dict[str, int] = {}
         self._on_change = on_change
         self._on_express = on_express
-        self._task_group: TaskGroup | None = None
+        self._task_group: TaskGroup | None = None  # (any value: __aenter__ sets it before use)
         self.lagged = 0  # times a subscriber overflowed its inbox and had to catch up
 
     async def __aenter__(self) -> Fanout:
@@ -359,11 +359,13 @@ class Fanout:
                 client = reader_client(self._redis_url)
                 try:
                     while True:
+                        # COUNT and BLOCK bound the reply and the wait: without them the reader
+                        # reads the same entries, in one reply or by polling, so no test differs.
                         reply = await client.xread(
                             {key: format_id(reader.position)}, count=_READ_COUNT, block=BLOCK_MS
                         )
                         backoff.succeeded()
-                        replies = cast(list[tuple[bytes, list[_Row]]], reply or [])
+                        replies = cast(list[tuple[bytes, list[_Row]]], reply or [])  # no-op
                         for _key, rows in replies:
                             entries = [Entry.from_redis(i, f) for i, f in rows]
                             reader.position = entries[-1].id
@@ -423,6 +425,7 @@ class Fanout:
                     started = True
                     while True:  # catch up from the stream
                         asked = page
+                        # Pages bound memory, not results: unbounded, one read returns the same.
                         entries = await read_after(self._redis, key, position, asked)
                         if entries:
                             position = entries[-1].id
@@ -430,6 +433,7 @@ class Fanout:
                             page = _page_entries(self._inbox_bytes, batch.nbytes // len(entries))
                             fresh = [e for e in entries if not seen.is_repeat(e.message_id)]
                             if fresh:
+                                # (A new Batch of the same entries would do: this saves one.)
                                 yield batch if len(fresh) == len(entries) else Batch(topic, fresh)
                         if len(entries) < asked:  # a short page: caught up
                             break
