@@ -527,3 +527,21 @@ async def test_following_without_redis_is_backend_unavailable(namespace: str) ->
         f"backend unavailable: Redis did not answer while subscribing to '{TOPIC}' ("
     )
     assert "No such file or directory" in str(caught.value)
+
+
+async def test_the_live_feed_drops_a_retried_append_and_keeps_the_topic(
+    redis_url: str, namespace: str
+) -> None:
+    """Live, an entry stored twice (same message id) reaches a subscriber once, under its topic."""
+    key = Keys(namespace).stream(TOPIC)
+    topics: list[str] = []
+    async with fanout_on(redis_url, namespace) as (fanout, redis, _heard):
+        sub = Subscriber(fanout, lambda batch: topics.append(batch.topic) is None)
+        await attach(redis, namespace, sub)
+        for data, message_id in [(b"a", "r1"), (b"a", "r1"), (b"b", "r2")]:
+            await redis.xadd(key, entry_fields(data, user="alice", message_id=message_id,
+                                               raw=False))  # fmt: skip
+        await sub.wait_for(b"b")
+        await sub.stop()
+    assert sorted(m for m in sub.received if not m.startswith(b"warm")) == [b"a", b"b"]
+    assert set(topics) == {TOPIC}
