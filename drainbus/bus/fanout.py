@@ -353,6 +353,9 @@ class Fanout:
 
     async def _read_loop(self, reader: _TopicReader) -> None:
         key = self._keys.stream(reader.topic)
+        # The retry path (this backoff, the except and the shielded close below) runs only when
+        # Redis fails mid-read: tests/test_bus.py restarts Redis under a subscriber, through
+        # OpenSSH, too slowly for scripts/mutate; its mutants are left to that test.
         backoff = Backoff("stream_reader_retry")
         with reader.scope:
             while True:
@@ -403,6 +406,8 @@ class Fanout:
         key = self._keys.stream(topic)
         position = after
         started = False
+        # As in _read_loop, the retry path (backoff, `started`, the last except) is left to
+        # tests/test_bus.py's Redis restart: too slow a test for scripts/mutate.
         backoff = Backoff("subscriber_retry")
         # A retried XADD can store one message twice (see streams.py): the live feed drops
         # such repeats by message id (_TopicReader), and so does catching up.
