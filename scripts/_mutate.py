@@ -9,7 +9,7 @@ runs, for each mutant, only the tests of those that call the mutated function.
 Usage: scripts/mutate [MODULE...] [-- MUTANT_GLOB...]
     MODULE is a path (drainbus/acl.py) or a short name (acl, fanout). No MODULE: the modules
     in DEFAULT. MUTANT_GLOB narrows the run (drainbus.acl.x_glob_to_regex*).
-Prints killed/total per module and lists the survivors (``mutmut show NAME`` shows one).
+Prints each survivor as a diff, then killed/total per module and the survivors' names.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from mutmut.configuration import config
 # Module -> the fast in-process test files that cover it. mutmut runs every test that
 # reaches a surviving mutant's function, so the tests driving OpenSSH (test_ssh, test_packing,
 # test_bus: seconds each) would make a run take hours: they are left out. What they reach
-# beyond these tests (the fan-out's overflow path, the reader loop) is listed in the README.
+# beyond these tests (the fan-out's retry paths when Redis fails) is listed in the README.
 MODULES: dict[str, list[str]] = {
     "drainbus/bus/fanout.py": ["tests/test_fanout.py", "tests/test_streams.py"],
     "drainbus/bus/streams.py": [
