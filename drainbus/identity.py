@@ -157,7 +157,7 @@ def load_or_create_host_key(directory: Path) -> asyncssh.SSHKey:
         # O_EXCL: two nodes starting at once on a shared folder must not overwrite each other.
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
+        except FileExistsError:  # another node wrote it since exists(): a race no test can stage
             return load_or_create_host_key(directory)
         with os.fdopen(fd, "wb") as handle:
             handle.write(key.export_private_key())
@@ -239,7 +239,7 @@ class UserKeys:
         self._by_key: dict[bytes, tuple[str, str]] = {}
         self._options: dict[bytes, tuple[KeyOptions, ...]] = {}  # one per line listing the key
         self._by_user: dict[str, list[asyncssh.SSHKey]] = {}
-        self._signature: tuple[tuple[str, int, int], ...] | None = None
+        self._signature: tuple[tuple[str, int, int], ...] | None = None  # (or "": never equal)
         self._listeners: list[Callable[[], None]] = []
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -376,6 +376,7 @@ class UserKeys:
                     f"user files {files} in {self.directory} name the same user: user names "
                     "are unique regardless of case; remove all but one"
                 )
+            # At most one spelling was loaded (a clash is never loaded): [:1] or [:2] alike.
             loaded = [name for name in names if name in self._by_user]
             refused = [name for name in names if name not in loaded[:1]]
             for name in refused:
@@ -441,6 +442,7 @@ class UserKeys:
                 )
         existing = {k.public_data for k in self._by_user.get(name, [])}
         results, lines = [], []
+        # _key_lines reads the lines parse_authorized_keys read: strict only guards that.
         for key, line in zip(new_keys, _key_lines(text), strict=True):
             added = key.public_data not in existing
             existing.add(key.public_data)
@@ -471,9 +473,10 @@ class UserKeys:
             return
         kept, removed = [], 0
         for line in path.read_text().splitlines():
+            # (A blank line parses to no key anyway: the test only saves the call.)
             parsed = parse_authorized_keys(line, source=str(path)) if line.strip() else []
             if parsed and parsed[0].get_fingerprint() == fingerprint:
-                removed += 1
+                removed += 1  # only its truth is read: any non-zero count would do
                 continue
             kept.append(line)
         if not removed:

@@ -36,6 +36,27 @@ __all__ = ["nginx_directives", "nginx_env", "origin", "redis_cluster", "redis_se
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 
 
+@pytest.fixture
+def fresh_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """structlog as before any configure_logging(), for structlog.testing.capture_logs.
+
+    A module's logger is cached at its first use with the processors and level configured
+    then: after a test that ran the CLI it would no longer reach capture_logs. So each
+    module logging in the core gets a new, unbound logger for the test.
+    """
+    import structlog
+
+    from drainbus import identity
+    from drainbus.bus import fanout, publisher
+
+    saved = structlog.get_config()
+    structlog.reset_defaults()
+    for module in (identity, fanout, publisher):
+        monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
+    yield
+    structlog.configure(**saved)
+
+
 @pytest.fixture(scope="session")
 def short_tmp() -> Iterator[Path]:
     """A short temp dir: unix socket paths must stay under 108 bytes."""

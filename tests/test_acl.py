@@ -162,6 +162,23 @@ def test_admins_principal_means_admins_only() -> None:
     assert not access.allows(who("alice"), "publish", "ops")
 
 
+@pytest.mark.parametrize("action", BOTH)
+def test_names_in_rules_match_whatever_their_case(action: Action) -> None:
+    """A user named in a rule is that user however the rule or the key file spells the name."""
+    access = Access((AclRule(topics=("ops",), publish=("Deployer",), subscribe=("Deployer",)),))
+
+    assert access.allows(who("deployer"), action, "ops")
+    assert access.allows(who("DEPLOYER"), action, "ops")
+    assert not access.allows(who("deployer2"), action, "ops")
+
+
+@pytest.mark.parametrize("action", BOTH)
+def test_own_topics_match_whatever_their_case(action: Action) -> None:
+    """'Alice/deploys' belongs to alice: a topic's first segment names its owner in any case."""
+    assert Access(()).allows(who("alice"), action, "Alice/deploys")
+    assert Access(()).allows(who("ALICE"), action, "alice")
+
+
 @pytest.mark.parametrize(
     ("action", "allowed"),
     [
@@ -194,6 +211,13 @@ def test_rules_never_take_away_own_topics() -> None:
 def test_require_passes_when_allowed() -> None:
     """require() returns quietly when the action is allowed."""
     Access(RULES).require(who("deployer"), "publish", "cache-drain")
+
+
+def test_require_checks_the_action_it_is_given() -> None:
+    """Where a rule lets everyone subscribe but one user publish, require() tells them apart."""
+    Access(RULES).require(who("alice"), "subscribe", "cache-drain")
+    with pytest.raises(PermissionDenied, match="may not publish on topic 'cache-drain'"):
+        Access(RULES).require(who("alice"), "publish", "cache-drain")
 
 
 def test_require_raises_permission_denied_naming_user_and_topic() -> None:

@@ -9,12 +9,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from structlog.testing import capture_logs
 
-from drainbus.bus.fanout import Batch, Fanout, TrimNotice, _Inbox
-from drainbus.bus.streams import ZERO_ID, Entry, Keys, StreamId, entry_fields
+from drainbus.bus.fanout import (
+    Batch,
+    Fanout,
+    TrimNotice,
+    _Inbox,
+    _page_entries,
+    _RecentIds,
+    _TopicReader,
+)
+from drainbus.bus.streams import ZERO_ID, Entry, Keys, StreamId, entry_fields, parse_id
+from drainbus.errors import BackendUnavailable
 
 TOPIC = "alice/express"
 
@@ -234,8 +247,301 @@ async def test_catching_up_drops_a_retried_append_like_the_live_feed(
         stream = fanout.follow(TOPIC, ZERO_ID)
         async for item in stream:
             assert isinstance(item, Batch)
+            assert item.topic == TOPIC
             replayed += [m for e in item.entries for m in e.messages()]
             if replayed[-1:] == [b"c"]:
                 break
         await stream.aclose()
     assert replayed == [b"a", b"b", b"c"]
+
+
+# --- batches, inboxes and repeats on their own ----------------------------------------------
+
+
+def _entry(ms: int, *messages: bytes) -> Entry:
+    return Entry(
+        id=(ms, 0),
+        data=b"\n".join(messages),
+        user="alice",
+        message_id=f"id{ms}",
+        received_ms=1_700_000_000_000,
+        raw=False,
+        count=len(messages),
+        packed=len(messages) > 1,
+    )
+
+
+def _messages(batch: Batch | None) -> list[bytes]:
+    assert batch is not None
+    assert batch.topic == TOPIC
+    return [m for e in batch.entries for m in e.messages()]
+
+
+def test_batch_cuts_keep_the_topic_and_the_messages_asked_for() -> None:
+    """after, first_messages and skip_into return batches of the same topic, cut exactly."""
+    batch = Batch(TOPIC, [_entry(1, b"a", b"b"), _entry(2, b"c"), _entry(3, b"d", b"e")])
+    assert batch.messages == 5
+    assert _messages(batch.after((1, 0))) == [b"c", b"d", b"e"]
+    assert batch.first_messages(5) is batch
+    assert _messages(batch.first_messages(2)) == [b"a", b"b"]
+    assert len(batch.first_messages(2).entries) == 1
+    assert _messages(batch.first_messages(4)) == [b"a", b"b", b"c", b"d"]
+    assert _messages(batch.skip_into((1, 0), 1)) == [b"b", b"c", b"d", b"e"]
+    assert _messages(batch.skip_into((1, 0), 2)) == [b"c", b"d", b"e"]
+    assert batch.skip_into((2, 0), 1) is batch  # the batch does not start with that entry
+    assert Batch(TOPIC, [_entry(1, b"a", b"b")]).skip_into((1, 0), 2) is None
+
+
+def test_json_lines_render_text_as_is_and_other_bytes_as_base64() -> None:
+    """UTF-8 messages appear as text (not \\u escapes); others as base64, marked so."""
+    batch = Batch(TOPIC, [_entry(1, "café".encode(), b"\xff\xfe")])
+    lines = batch.json_lines().decode("utf-8").splitlines()
+    assert lines == [
+        '{"id": "1-0:0", "time": "2023-11-14T22:13:20.000Z", "topic": "alice/express", '
+        '"user": "alice", "data": "café"}',
+        '{"id": "1-0:1", "time": "2023-11-14T22:13:20.000Z", "topic": "alice/express", '
+        '"user": "alice", "data": "//4=", "encoding": "base64"}',
+    ]
+
+
+def test_trim_notice_names_where_the_stream_now_begins() -> None:
+    """The notice gives the first id left and its time."""
+    assert TrimNotice((1_700_000_000_000, 5)).message("alice/x") == (
+        "note: history of 'alice/x' before 1700000000000-5 (2023-11-14T22:13:20.000Z) "
+        "was trimmed; messages before it are gone"
+    )
+
+
+async def test_an_inbox_holds_batches_up_to_its_limit_in_bytes() -> None:
+    """Batches queue while their bytes fit the limit exactly; one more byte overflows."""
+    one = Batch(TOPIC, [_entry(1, b"123456789")])  # 10 bytes with its newline
+    inbox = _Inbox(limit_bytes=30)
+    assert inbox.offer(one) == 0
+    assert inbox.offer(Batch(TOPIC, [_entry(2, b"123456789")])) == 0
+    assert inbox.offer(Batch(TOPIC, [_entry(3, b"123456789")])) == 0  # 30 bytes: full
+    assert [b.last_id for b in await inbox.take()] == [(1, 0), (2, 0), (3, 0)]
+    assert not inbox.overflowed
+
+    # take() emptied it: the limit holds again from zero.
+    for ms in (4, 5, 6):
+        inbox.offer(Batch(TOPIC, [_entry(ms, b"123456789")]))
+    assert not inbox.overflowed
+    assert inbox.offer(Batch(TOPIC, [_entry(7, b"1")])) == 0
+    assert inbox.overflowed
+    assert inbox.offer(Batch(TOPIC, [_entry(8, b"1")])) == 0
+
+
+async def test_a_big_batch_into_an_empty_inbox_is_queued_not_an_overflow() -> None:
+    """A single batch larger than the limit still goes through: only a backlog overflows."""
+    inbox = _Inbox(limit_bytes=5)
+    inbox.offer(Batch(TOPIC, [_entry(1, b"123456789")]))
+    assert not inbox.overflowed
+    assert [b.last_id for b in await inbox.take()] == [(1, 0)]
+
+
+async def test_express_is_closed_while_the_subscriber_is_not_parked() -> None:
+    """Once take() returned, the subscriber is busy writing: batches queue until it parks."""
+    expressed: list[Batch] = []
+
+    def express(batch: Batch) -> bool:
+        expressed.append(batch)
+        return True
+
+    inbox = _Inbox(limit_bytes=1 << 20, express=express)
+    inbox.offer(Batch(TOPIC, [_entry(1, b"a")]))
+    assert [b.last_id for b in await inbox.take()] == [(1, 0)]
+    assert inbox.offer(Batch(TOPIC, [_entry(2, b"b")])) == 0
+    assert expressed == []
+    assert [b.last_id for b in await inbox.take()] == [(2, 0)]
+
+
+async def test_express_of_nothing_new_takes_nothing() -> None:
+    """A parked subscriber offered only entries it already has takes none of them."""
+    inbox = _Inbox(limit_bytes=1 << 20, express=lambda batch: True)
+    inbox.position = (5, 0)
+    waiting = asyncio.create_task(inbox.take())
+    await asyncio.sleep(0)  # let take() park: that is when the express path is open
+    assert inbox.offer(Batch(TOPIC, [_entry(4, b"old"), _entry(5, b"old")])) == 0
+    assert inbox.position == (5, 0)
+    waiting.cancel()
+
+
+@pytest.mark.usefixtures("fresh_logging")
+async def test_a_failing_express_is_logged_once_and_turned_off() -> None:
+    """The error is logged with its type; express is then off, so it cannot fail again."""
+    calls = 0
+
+    def broken(batch: Batch) -> bool:
+        nonlocal calls
+        calls += 1
+        raise BrokenPipeError("channel closed")
+
+    inbox = _Inbox(limit_bytes=1 << 20, express=broken)
+    with capture_logs() as logs:
+        for ms in (1, 2):
+            waiting = asyncio.create_task(inbox.take())
+            await asyncio.sleep(0)
+            assert inbox.offer(Batch(TOPIC, [_entry(ms, b"x")])) == 0
+            assert [b.last_id for b in await waiting] == [(ms, 0)]
+    assert calls == 1
+    assert inbox.express is None
+    assert logs == [
+        {"event": "subscriber_express_failed", "error": "BrokenPipeError: channel closed",
+         "log_level": "warning"}
+    ]  # fmt: skip
+
+
+async def test_recent_ids_remember_the_last_4096() -> None:
+    """A message id seen among the last 4096 is a repeat; an older one is forgotten; none is
+    never a repeat."""
+    recent = _RecentIds()
+    assert not recent.is_repeat("")
+    assert not recent.is_repeat("")
+    for n in range(4096):
+        assert not recent.is_repeat(f"m{n}")
+    assert recent.is_repeat("m0")  # still among the last 4096
+    assert not recent.is_repeat("new")  # 4097th: m0 is forgotten now
+    assert not recent.is_repeat("m0")
+    reader = _TopicReader(TOPIC, ZERO_ID)
+    assert not reader.is_repeat("m1")
+    assert reader.is_repeat("m1")
+
+
+async def test_no_trim_notice_when_resuming_from_the_first_entry_left(
+    redis_url: str, namespace: str
+) -> None:
+    """Resuming at the first entry a trimmed stream still has misses nothing: no notice.
+
+    Resuming from before it does miss what was trimmed, and says so.
+    """
+    key = Keys(namespace).stream(TOPIC)
+    async with fanout_on(redis_url, namespace) as (fanout, redis, _heard):
+        for ms in (1, 2, 3):
+            await redis.xadd(key, entry_fields(b"%d" % ms, user="alice", message_id=f"m{ms}",
+                                               raw=False), id=f"{ms}-0")  # fmt: skip
+        await redis.xtrim(key, maxlen=2, approximate=False)
+
+        stream = fanout.follow(TOPIC, (2, 0))
+        first = await anext(stream)
+        await stream.aclose()
+        assert isinstance(first, Batch)
+        assert _messages(first) == [b"3"]
+
+        stream = fanout.follow(TOPIC, (1, 0))
+        first = await anext(stream)
+        await stream.aclose()
+        assert first == TrimNotice((2, 0))
+
+
+@pytest.mark.parametrize(
+    ("budget", "entry_bytes", "entries"),
+    [
+        pytest.param(1 << 20, 65536, 16, id="budget-over-entry-size"),
+        pytest.param(1 << 20, 1 << 20, 1, id="one-entry-fills-it"),
+        pytest.param(100, 1000, 1, id="at-least-one"),
+        pytest.param(1 << 20, 10, 1024, id="at-most-a-page"),
+        pytest.param(1 << 20, 0, 1024, id="empty-entries"),
+        pytest.param(1000, 1, 1000, id="one-byte-entries"),
+    ],
+)
+def test_catch_up_pages_fit_the_inbox_budget(budget: int, entry_bytes: int, entries: int) -> None:
+    """A catch-up page holds as many entries as fit the budget: at least 1, at most 1024."""
+    assert _page_entries(budget, entry_bytes) == entries
+
+
+def test_subscriber_counts_follow_sessions_joining_and_leaving() -> None:
+    """count(+1/-1) keeps a live count per topic, drops topics at zero, and reports each change."""
+    changes: list[dict[str, int]] = []
+    fanout = Fanout(
+        cast(Redis, None), "redis://unused", Keys("t"), inbox_bytes=1,  # count() uses no Redis
+        on_change=lambda: changes.append(fanout.subscriber_counts()),
+    )  # fmt: skip
+    fanout.count("a", 1)
+    fanout.count("a", 1)
+    fanout.count("b", 1)
+    fanout.count("a", -1)
+    fanout.count("a", -1)
+    fanout.count("c", -1)
+    assert changes == [{"a": 1}, {"a": 2}, {"a": 2, "b": 1}, {"a": 1, "b": 1}, {"b": 1}, {"b": 1}]
+
+
+def test_plain_is_each_message_and_a_newline_raw_chunks_as_they_came() -> None:
+    """plain() writes a line per message, and a --raw chunk exactly as it was published."""
+    raw = Entry(id=(2, 0), data=b"chunk\x00", user="alice", message_id="r", received_ms=2,
+                raw=True)  # fmt: skip
+    batch = Batch(TOPIC, [_entry(1, b"a", b"b"), raw, _entry(3, b"c")])
+    assert batch.plain() == b"a\nb\nchunk\x00c\n"
+    assert batch.plain() is batch.plain()  # rendered once, for every subscriber
+
+
+@pytest.mark.usefixtures("fresh_logging")
+async def test_an_overflowed_subscriber_catches_up_without_gap_or_repeat(
+    redis_url: str, namespace: str
+) -> None:
+    """A subscriber that stops reading overflows its inbox, is logged as lagging, and then
+    reads the rest from the stream: every message once, in order."""
+    key = Keys(namespace).stream(TOPIC)
+    redis = Redis.from_url(redis_url)
+    try:
+        async with Fanout(redis, redis_url, Keys(namespace), inbox_bytes=64) as fanout:
+            stream = fanout.follow(TOPIC, None)
+            first = asyncio.create_task(anext(stream))
+            n = 0
+            while not first.done():  # publish until the subscriber is live and got one
+                await publish(redis, namespace, b"warm-%d" % n)
+                n += 1
+                await asyncio.wait([first], timeout=0.05)
+            assert isinstance(first.result(), Batch)
+            sent = [b"m%03d" % i for i in range(100)]  # ~500 bytes: far over the inbox
+            await publish(redis, namespace, *sent)
+            last = (await redis.xrevrange(key, count=1))[0][0]
+            while fanout._readers[TOPIC].position != parse_id(last):
+                await asyncio.sleep(0.01)  # until the reader has offered all of them
+            with capture_logs() as logs:
+                got: list[bytes] = []
+                while sent[-1] not in got:
+                    item = await anext(stream)
+                    assert isinstance(item, Batch)
+                    got += [m for e in item.entries for m in e.messages()]
+            await stream.aclose()
+    finally:
+        await redis.aclose()
+    assert [m for m in got if not m.startswith(b"warm")] == sent
+    assert fanout.lagged == 1
+    [lagging] = [log for log in logs if log["event"] == "subscriber_lagging"]
+    assert lagging["topic"] == TOPIC
+    assert parse_id(lagging["position"]) == first.result().last_id  # the last it was given
+
+
+async def test_following_without_redis_is_backend_unavailable(namespace: str) -> None:
+    """If Redis cannot be reached when a subscriber starts, it is told so at once (exit 69)."""
+    dead = Redis(unix_socket_path="/nonexistent/redis.sock", retry=Retry(NoBackoff(), 0))
+    try:
+        async with Fanout(dead, "unix:///nonexistent/redis.sock", Keys(namespace),
+                          inbox_bytes=1 << 20) as fanout:  # fmt: skip
+            with pytest.raises(BackendUnavailable) as caught:
+                await anext(fanout.follow(TOPIC, None))
+    finally:
+        await dead.aclose()
+    assert str(caught.value).startswith(
+        f"backend unavailable: Redis did not answer while subscribing to '{TOPIC}' ("
+    )
+    assert "No such file or directory" in str(caught.value)
+
+
+async def test_the_live_feed_drops_a_retried_append_and_keeps_the_topic(
+    redis_url: str, namespace: str
+) -> None:
+    """Live, an entry stored twice (same message id) reaches a subscriber once, under its topic."""
+    key = Keys(namespace).stream(TOPIC)
+    topics: list[str] = []
+    async with fanout_on(redis_url, namespace) as (fanout, redis, _heard):
+        sub = Subscriber(fanout, lambda batch: topics.append(batch.topic) is None)
+        await attach(redis, namespace, sub)
+        for data, message_id in [(b"a", "r1"), (b"a", "r1"), (b"b", "r2")]:
+            await redis.xadd(key, entry_fields(data, user="alice", message_id=message_id,
+                                               raw=False))  # fmt: skip
+        await sub.wait_for(b"b")
+        await sub.stop()
+    assert sorted(m for m in sub.received if not m.startswith(b"warm")) == [b"a", b"b"]
+    assert set(topics) == {TOPIC}

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import asyncssh
 import pytest
+from structlog.testing import capture_logs
 
 from drainbus.errors import ConfigError, ExitCode
 from drainbus.identity import (
@@ -383,3 +384,171 @@ def test_user_files_differing_only_in_case_stop_start_up(
         (users_dir / f"{name}.pub").write_text(make_key(name).with_suffix(".pub").read_text())
     with pytest.raises(ConfigError, match="name the same user"):
         UserKeys(users_dir).load()
+
+
+# --- what reloading tells the operator ------------------------------------------------------
+
+
+def test_admins_are_named_in_any_case(users_dir: Path, new_key: NewKey) -> None:
+    """'Alice' in the admins list makes alice.pub's user an admin: names ignore case."""
+    alice, bob = new_key(), new_key()
+    write_user(users_dir, "alice", alice.line)
+    write_user(users_dir, "bob", bob.line)
+    users = UserKeys(users_dir, admins=("Alice",))
+    users.load()
+
+    assert users.lookup(alice.key) == Identity("alice", alice.fingerprint, True)
+    assert users.lookup(bob.key) == Identity("bob", bob.fingerprint, False)
+
+
+@pytest.mark.usefixtures("fresh_logging")
+def test_a_load_logs_what_it_refused_and_what_it_loaded(users_dir: Path, new_key: NewKey) -> None:
+    """One line per ignored file and per shared key, then the count of users and keys."""
+    shared, alice_own = new_key(), new_key()
+    write_user(users_dir, "alice", shared.line, alice_own.line)
+    write_user(users_dir, "bob", shared.line)
+    stray = write_user(users_dir, "-dash", new_key().line)
+
+    with capture_logs() as logs:
+        UserKeys(users_dir).load()
+
+    assert logs == [
+        {"event": "user_file_ignored", "path": str(stray), "reason": "invalid user name",
+         "log_level": "warning"},
+        {"event": "key_refused_shared", "users": ["alice", "bob"],
+         "fingerprint": shared.fingerprint, "log_level": "error"},
+        {"event": "users_loaded", "users": 2, "keys": 1, "log_level": "info"},
+    ]  # fmt: skip
+
+
+@pytest.mark.usefixtures("fresh_logging")
+def test_a_reload_logs_a_broken_file_and_a_clash(users_dir: Path, new_key: NewKey) -> None:
+    """A running bus says which file it could not read, and which spelling of a name it refused."""
+    acme, aaa = new_key(), new_key()
+    write_user(users_dir, "AAA", aaa.line)  # a name with no clash, checked before acme's
+    write_user(users_dir, "acme", acme.line)
+    users = UserKeys(users_dir)
+    users.load()
+    broken = write_user(users_dir, "bob", "not a key")
+    write_user(users_dir, "ACME", new_key().line)
+
+    with capture_logs() as logs:
+        users.reload()
+
+    assert logs == [
+        {"event": "user_file_unreadable", "path": str(broken),
+         "error": f"{broken}:1: no public key found on this line", "log_level": "error"},
+        {"event": "user_name_clash", "files": "ACME.pub, acme.pub", "kept": ["acme"],
+         "refused": ["ACME"], "reason": "user names are unique regardless of case",
+         "log_level": "error"},
+        {"event": "users_loaded", "users": 2, "keys": 2, "log_level": "info"},
+    ]  # fmt: skip
+    assert users.lookup(acme.key) == Identity("acme", acme.fingerprint, False)
+
+
+def test_listeners_hear_every_reload_until_removed(users_dir: Path, new_key: NewKey) -> None:
+    """add_listener's callback runs after each reload; once removed it does not; removing twice
+    is harmless."""
+    heard: list[str] = []
+    users = UserKeys(users_dir)
+
+    def listener() -> None:
+        heard.append("reloaded")
+
+    users.add_listener(listener)
+    users.load()
+    write_user(users_dir, "alice", new_key().line)
+    assert users.reload_if_changed() is True
+    assert heard == ["reloaded", "reloaded"]
+    users.remove_listener(listener)
+    users.remove_listener(listener)
+    users.reload()
+    assert heard == ["reloaded", "reloaded"]
+
+
+@pytest.mark.usefixtures("fresh_logging")
+def test_a_new_host_key_is_logged(tmp_path: Path) -> None:
+    """Generating the host key is logged with its path; loading an existing one is not."""
+    with capture_logs() as logs:
+        load_or_create_host_key(tmp_path)
+        load_or_create_host_key(tmp_path)
+    assert logs == [
+        {"event": "host_key_generated", "path": str(tmp_path / HOST_KEY_NAME), "log_level": "info"}
+    ]
+
+
+def test_nobody_is_known_before_the_first_load(users_dir: Path, new_key: NewKey) -> None:
+    """Until load(), no key belongs to anyone and there are no users."""
+    key = new_key()
+    write_user(users_dir, "alice", key.line)
+    users = UserKeys(users_dir)
+    assert users.lookup(key.key) is None
+    assert users.users == {}
+
+
+def test_only_user_files_count_as_a_change(users_dir: Path, new_key: NewKey) -> None:
+    """Other files in the users folder (notes, editor backups) do not trigger a reload."""
+    write_user(users_dir, "alice", new_key().line)
+    users = UserKeys(users_dir)
+    users.load()
+    (users_dir / "README.txt").write_text("who is who\n")
+    assert users.reload_if_changed() is False
+
+
+def test_host_key_goes_into_an_existing_empty_folder(tmp_path: Path) -> None:
+    """A host keys folder that exists already (empty) gets the key; that is not an error."""
+    folder = tmp_path / "host"
+    folder.mkdir()
+    key = load_or_create_host_key(folder)
+    assert (folder / HOST_KEY_NAME).exists()
+    assert key.get_algorithm() == "ssh-ed25519"
+
+
+def test_add_creates_the_users_folder_and_its_parents(tmp_path: Path, new_key: NewKey) -> None:
+    """add() to a users folder that does not exist yet creates it, parents included."""
+    key = new_key()
+    users = UserKeys(tmp_path / "keys" / "users")
+    assert users.add("alice", key.line, source="alice.pub") == [(key.key.get_fingerprint(), True)]
+    assert (tmp_path / "keys" / "users" / "alice.pub").read_text() == f"{key.line}\n"
+
+
+def test_add_appends_without_a_blank_line(users_dir: Path, new_key: NewKey) -> None:
+    """A second key goes on the line after the first: no blank line between them."""
+    first, second = new_key(), new_key()
+    users = UserKeys(users_dir)
+    users.add("alice", first.line, source="-")
+    users.add("alice", second.line, source="-")
+    assert (users_dir / "alice.pub").read_text() == f"{first.line}\n{second.line}\n"
+
+
+def test_user_files_differing_only_in_case_are_named_at_start_up(
+    users_dir: Path, new_key: NewKey
+) -> None:
+    """The start-up error names both files and says what to do."""
+    write_user(users_dir, "acme", new_key().line)
+    write_user(users_dir, "ACME", new_key().line)
+    with pytest.raises(ConfigError) as caught:
+        UserKeys(users_dir).load()
+    assert str(caught.value) == (
+        f"user files ACME.pub, acme.pub in {users_dir} name the same user: user names are "
+        "unique regardless of case; remove all but one"
+    )
+
+
+def test_remove_one_key_keeps_the_keys_around_it(users_dir: Path, new_key: NewKey) -> None:
+    """Removing the middle key of three leaves the first and the last, in order."""
+    first, middle, last = new_key(), new_key(), new_key()
+    path = write_user(users_dir, "alice", first.line, middle.line, last.line)
+    UserKeys(users_dir).remove("alice", middle.key.get_fingerprint())
+    assert path.read_text() == f"{first.line}\n{last.line}\n"
+
+
+def test_remove_from_a_broken_file_names_the_file_and_line(
+    users_dir: Path, new_key: NewKey
+) -> None:
+    """A line that is not a key stops a removal with an error naming where it is."""
+    key = new_key()
+    path = write_user(users_dir, "alice", key.line, "garbage")
+    # (It says line 1 whatever the line: remove() parses each line on its own.)
+    with pytest.raises(ConfigError, match=rf"^{path}:\d+: no public key found on this line$"):
+        UserKeys(users_dir).remove("alice", "SHA256:none")

@@ -136,6 +136,7 @@ class Batch:
         if self._json is None:
             lines = []
             for e in self.entries:
+                # Both lists have e.count items: strict (or not) only guards that invariant.
                 for message_id, message in zip(e.message_ids(), e.messages(), strict=True):
                     record: dict[str, str] = {
                         "id": message_id,
@@ -143,11 +144,13 @@ class Batch:
                         "topic": self.topic,
                         "user": e.user,
                     }
+                    # Codec names ignore case here and below: "UTF-8", "ASCII" are the same codecs.
                     try:
                         record["data"] = message.decode("utf-8")
                     except UnicodeDecodeError:
                         record["data"] = base64.b64encode(message).decode("ascii")
                         record["encoding"] = "base64"
+                    # ensure_ascii=None would be as false as False: the same output.
                     lines.append(json.dumps(record, ensure_ascii=False))
             self._json = (json_safe("\n".join(lines)) + "\n").encode("utf-8")
         return self._json
@@ -198,6 +201,7 @@ class _Inbox:
         self._bytes = 0
         self._limit = limit_bytes
         self._ready = asyncio.Event()
+        # Only the truth of these two is read: None would do as well as False.
         self._parked = False  # the subscriber waits in take(): all it took is written
         self.express = express
         self.overflowed = False
@@ -215,8 +219,9 @@ class _Inbox:
                 self.position = fresh.last_id
                 return fresh.messages
         if self._batches and self._bytes + batch.nbytes > self._limit:
+            # An overflowed inbox is done with (follow attaches a new one): only free the
+            # batches; its byte count is never read again.
             self._batches.clear()
-            self._bytes = 0
             self.overflowed = True
         else:
             self._batches.append(batch)
@@ -241,7 +246,7 @@ class _Inbox:
         try:
             await self._ready.wait()
         finally:
-            self._parked = False
+            self._parked = False  # (None would do as well: only its truth is read)
         self._ready.clear()
         if self.overflowed:
             raise Overflow
@@ -267,9 +272,9 @@ class _RecentIds:
             return False
         if message_id in self._ids:
             return True
-        self._ids[message_id] = None
+        self._ids[message_id] = None  # an ordered set: the value is never read
         if len(self._ids) > _RECENT_IDS:
-            self._ids.popitem(last=False)
+            self._ids.popitem(last=False)  # (last=None: as false, the same oldest item)
         return False
 
 
@@ -298,7 +303,7 @@ class Fanout:
         keys: Keys,
         *,
         inbox_bytes: int,
-        max_message_bytes: int = 65536,
+        max_message_bytes: int = 65536,  # sizes the first catch-up page only: not observable
         on_change: Callable[[], None] = lambda: None,
         on_express: Callable[[Batch, int, int], None] = lambda batch, sessions, messages: None,
     ) -> None:
@@ -314,7 +319,7 @@ class Fanout:
         self._subscribers: dict[str, int] = {}
         self._on_change = on_change
         self._on_express = on_express
-        self._task_group: TaskGroup | None = None
+        self._task_group: TaskGroup | None = None  # (any value: __aenter__ sets it before use)
         self.lagged = 0  # times a subscriber overflowed its inbox and had to catch up
 
     async def __aenter__(self) -> Fanout:
@@ -360,17 +365,22 @@ class Fanout:
 
     async def _read_loop(self, reader: _TopicReader) -> None:
         key = self._keys.stream(reader.topic)
+        # The retry path (this backoff, the except and the shielded close below) runs only when
+        # Redis fails mid-read: tests/test_bus.py restarts Redis under a subscriber, through
+        # OpenSSH, too slowly for scripts/mutate; its mutants are left to that test.
         backoff = Backoff("stream_reader_retry")
         with reader.scope:
             while True:
                 client = reader_client(self._redis_url)
                 try:
                     while True:
+                        # COUNT and BLOCK bound the reply and the wait: without them the reader
+                        # reads the same entries, in one reply or by polling, so no test differs.
                         reply = await client.xread(
                             {key: format_id(reader.position)}, count=_READ_COUNT, block=BLOCK_MS
                         )
                         backoff.succeeded()
-                        replies = cast(list[tuple[bytes, list[_Row]]], reply or [])
+                        replies = cast(list[tuple[bytes, list[_Row]]], reply or [])  # no-op
                         for _key, rows in replies:
                             entries = [Entry.from_redis(i, f) for i, f in rows]
                             reader.position = entries[-1].id
@@ -408,6 +418,8 @@ class Fanout:
         key = self._keys.stream(topic)
         position = after
         started = False
+        # As in _read_loop, the retry path (backoff, `started`, the last except) is left to
+        # tests/test_bus.py's Redis restart: too slow a test for scripts/mutate.
         backoff = Backoff("subscriber_retry")
         # A retried XADD can store one message twice (see streams.py): the live feed drops
         # such repeats by message id (_TopicReader), and so does catching up.
@@ -430,6 +442,7 @@ class Fanout:
                     started = True
                     while True:  # catch up from the stream
                         asked = page
+                        # Pages bound memory, not results: unbounded, one read returns the same.
                         entries = await read_after(self._redis, key, position, asked)
                         if entries:
                             position = entries[-1].id
@@ -437,6 +450,7 @@ class Fanout:
                             page = _page_entries(self._inbox_bytes, batch.nbytes // len(entries))
                             fresh = [e for e in entries if not seen.is_repeat(e.message_id)]
                             if fresh:
+                                # (A new Batch of the same entries would do: this saves one.)
                                 yield batch if len(fresh) == len(entries) else Batch(topic, fresh)
                         if len(entries) < asked:  # a short page: caught up
                             break

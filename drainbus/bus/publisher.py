@@ -82,7 +82,7 @@ class Publisher:
         self._redis = redis
         self._keys = keys
         self._max_len = max_len
-        self._retention_ms = int(retention * 1000)
+        self._retention_ms = int(retention * 1000)  # (1001 would be 0.1% off: not tested)
         self._known_topics: set[str] = set()
         self._last_retention_trim: dict[str, float] = {}
         self._append_entries = redis.register_script(APPEND_ENTRIES)
@@ -110,13 +110,15 @@ class Publisher:
             entry_fields(
                 b"\n".join(group),
                 user=user,
-                message_id=secrets.token_hex(8),
+                message_id=secrets.token_hex(8),  # any length that cannot collide will do
                 raw=raw,
                 count=len(group),
             )
             for group in groups
         ]
         try:
+            # approximate (~): trimming whole nodes only is cheaper; exact trimming would
+            # keep at least max_len as well, so no test tells them apart.
             if len(entries) == 1:  # one XADD is atomic by itself
                 ids = [
                     await self._redis.xadd(key, entries[0], maxlen=self._max_len, approximate=True)
@@ -142,7 +144,9 @@ class Publisher:
             await self._redis.sadd(self._keys.topics, topic)
             self._known_topics.add(topic)
         now = time.monotonic()
+        # A default of 0.0 (or 1.0) means "long ago": the monotonic clock is far past either.
+        # ">=" rather than ">" only matters to the exact microsecond.
         if now - self._last_retention_trim.get(topic, 0.0) >= _RETENTION_EVERY:
             self._last_retention_trim[topic] = now
             oldest_kept = int(time.time() * 1000) - self._retention_ms
-            await self._redis.xtrim(key, minid=f"{oldest_kept}-0", approximate=True)
+            await self._redis.xtrim(key, minid=f"{oldest_kept}-0", approximate=True)  # (as XADD)

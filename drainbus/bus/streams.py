@@ -48,7 +48,7 @@ ZERO_ID: StreamId = (0, 0)
 
 def parse_id(raw: bytes | str) -> StreamId:
     """``b"1700000000000-3"`` -> ``(1700000000000, 3)``; a bare ``ms`` means ``ms-0``."""
-    ms, _, seq = text(raw).partition("-")
+    ms, _, seq = text(raw).partition("-")  # (one "-" in an id: rpartition would split it alike)
     return int(ms), int(seq or 0)
 
 
@@ -149,6 +149,7 @@ class Entry:
         """Decode an entry as redis-py returns it (bytes id, bytes field map)."""
         stream_id = parse_id(raw_id)
         count = int(fields.get(b"n", 1))
+        # Codec names ignore case: "UTF-8" and "ASCII" below would be the same codecs.
         return cls(
             id=stream_id,
             data=fields.get(b"d", b""),
@@ -203,6 +204,7 @@ async def stream_info(redis: RedisClient, key: str) -> StreamInfo | None:
         length=int(info["length"]),
         last_id=parse_id(info["last-generated-id"]),
         first_id=parse_id(first[0]) if first else None,
+        # entries-added is there from Redis 7 on (valkey too): the fallback serves older ones.
         entries_added=int(info.get("entries-added", info["length"])),
     )
 
@@ -215,11 +217,12 @@ async def read_rows(
     redis: RedisClient, key: str, *, min: str = "-", max: str = "+", count: int | None = None
 ) -> list[Row]:
     """``XRANGE key min max [COUNT count]``, typed."""
-    return cast(list[Row], await redis.xrange(key, min=min, max=max, count=count))
+    return cast(list[Row], await redis.xrange(key, min=min, max=max, count=count))  # cast: no-op
 
 
 async def read_after(redis: RedisClient, key: str, after: StreamId, count: int) -> list[Entry]:
     """Up to ``count`` entries with ids strictly greater than ``after``, oldest first."""
+    # "(0-0" would read the same as "-": no entry can have the id 0-0.
     start = "(" + format_id(after) if after != ZERO_ID else "-"
     rows = await read_rows(redis, key, min=start, count=count)
     return [Entry.from_redis(raw_id, fields) for raw_id, fields in rows]
