@@ -466,12 +466,15 @@ def test_subscriber_counts_follow_sessions_joining_and_leaving() -> None:
 
 
 def test_plain_is_each_message_and_a_newline_raw_chunks_as_they_came() -> None:
-    """plain() writes a line per message, and a --raw chunk exactly as it was published."""
+    """raw() writes a line per message and a --raw chunk exactly as it was published;
+    plain() is the same with control characters shown as escapes."""
     raw = Entry(id=(2, 0), data=b"chunk\x00", user="alice", message_id="r", received_ms=2,
                 raw=True)  # fmt: skip
     batch = Batch(TOPIC, [_entry(1, b"a", b"b"), raw, _entry(3, b"c")])
-    assert batch.plain() == b"a\nb\nchunk\x00c\n"
+    assert batch.raw() == b"a\nb\nchunk\x00c\n"
+    assert batch.plain() == b"a\nb\nchunk\\x00c\n"
     assert batch.plain() is batch.plain()  # rendered once, for every subscriber
+    assert batch.raw() is batch.raw()
 
 
 @pytest.mark.usefixtures("fresh_logging")
