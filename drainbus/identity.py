@@ -471,8 +471,10 @@ class UserKeys:
         if fingerprint is None:
             path.unlink()
             return
+        text = path.read_text()
+        read_authorized_keys(text, source=str(path))  # a bad line: ConfigError naming its number
         kept, removed = [], 0
-        for line in path.read_text().splitlines():
+        for line in text.splitlines():
             # (A blank line parses to no key anyway: the test only saves the call.)
             parsed = parse_authorized_keys(line, source=str(path)) if line.strip() else []
             if parsed and parsed[0].get_fingerprint() == fingerprint:
