@@ -47,6 +47,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.exceptions import RedisError, ResponseError
 
+from drainbus.backoff import Backoff
 from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader_client
 from drainbus.bus.publisher import APPEND_ENTRIES, append_args
 from drainbus.bus.streams import Keys, entry_fields, parse_id, stream_info, text
@@ -298,7 +299,7 @@ class Drain:
     # --- the loop ----------------------------------------------------------------------
 
     async def _consume(self, role: Role) -> None:
-        failures = 0
+        backoff = Backoff("drain_redis_retry", base=0.1, cap=5.0)
         next_claim = 0.0
         busy = False  # the last read found entries: the bus is busy, not idle
         while True:
@@ -329,23 +330,14 @@ class Drain:
                     if rows and role.busy_for is not None and len(rows) == _READ_COUNT:
                         rows += await self._gather(client, role, len(rows))
                     busy = bool(rows)
-                    failures = 0
+                    backoff.succeeded()
                     if rows:
                         await self._handle(role, rows)
             except (RedisError, OSError) as exc:
                 if "NOGROUP" in str(exc) and await self._recreate_group(role):
-                    failures = 0
+                    backoff.succeeded()
                     continue
-                failures += 1
-                delay = min(5.0, 0.1 * 2**failures)
-                log.warning(
-                    "drain_redis_retry",
-                    group=role.group,
-                    attempt=failures,
-                    delay=delay,
-                    error=str(exc),
-                )
-                await anyio.sleep(delay)
+                await backoff.failed(exc, group=role.group)
             finally:
                 with anyio.CancelScope(shield=True):
                     await client.aclose()
