@@ -53,7 +53,7 @@ from drainbus.bus.publisher import APPEND_ENTRIES, append_args
 from drainbus.bus.streams import Keys, entry_fields, parse_id, stream_info, text
 from drainbus.config import DrainSettings
 from drainbus.drain.purges import Purge, check_scope, parse_purge
-from drainbus.drain.receipts import receipt, receipts_topic, target_receipt
+from drainbus.drain.receipts import receipt, receipts_topic, target_part, target_receipt
 from drainbus.drain.retry import Outcome, merge_outcomes
 from drainbus.drain.targets import LocalCacheTarget, NginxTarget, Target
 from drainbus.errors import DataError, PermissionDenied, StartupError
@@ -667,15 +667,16 @@ class Drain:
     ) -> None:
         async for target, purge, count in refills:
             rows = self._recent_local.get(purge, (0.0, []))[1]
-            part = {"target": target, "result": "evicted", "count": count, "ms": None,
-                    "error": None, "reference": None}  # fmt: skip
+            part = target_part(target, "evicted", count=count)
             records = [
-                {
-                    **receipt(
-                        entry_id=i, fields=f, node=self.consumer, role="local", targets=[part]
-                    ),
-                    "refill": True,
-                }
+                receipt(
+                    entry_id=i,
+                    fields=f,
+                    node=self.consumer,
+                    role="local",
+                    targets=[part],
+                    refill=True,
+                )
                 for i, f in rows
             ]
             try:
@@ -711,8 +712,7 @@ class Drain:
     ) -> None:
         entry_id, fields = row
         if not receipt_written:
-            part = {"target": "(drain)", "result": "dead-lettered", "count": None, "ms": None,
-                    "error": error[:2000], "reference": None}  # fmt: skip
+            part = target_part("(drain)", "dead-lettered", error=error[:2000])
             await self._write_receipts(role, [(row, [part])])
         record: dict[Any, Any] = {
             **fields,

@@ -45,6 +45,7 @@ __all__ = [
     "receipts_topic",
     "render_line",
     "result_of",
+    "target_part",
     "target_receipt",
 ]
 
@@ -74,16 +75,25 @@ def result_of(outcome: Outcome) -> Result:
     return "evicted" if outcome.evicted > 0 else "none-cached"
 
 
+def target_part(
+    target: str,
+    result: Result,
+    *,
+    count: int | None = None,
+    ms: float | None = None,
+    error: str | None = None,
+    reference: str | None = None,
+) -> dict[str, Any]:
+    """One target's part of a receipt: what ``target`` did with the purge."""
+    return {"target": target, "result": result, "count": count,
+            "ms": None if ms is None else round(ms, 1), "error": error,
+            "reference": reference}  # fmt: skip
+
+
 def target_receipt(target: str, outcome: Outcome, ms: float) -> dict[str, Any]:
-    """One target's part of a receipt."""
-    return {
-        "target": target,
-        "result": result_of(outcome),
-        "count": outcome.evicted,
-        "ms": round(ms, 1),
-        "error": outcome.error,
-        "reference": outcome.reference,
-    }
+    """One target's part of a receipt, from its outcome and how long the target took."""
+    return target_part(target, result_of(outcome), count=outcome.evicted, ms=ms,
+                       error=outcome.error, reference=outcome.reference)  # fmt: skip
 
 
 def receipt(
@@ -93,9 +103,11 @@ def receipt(
     node: str,
     role: str,
     targets: Sequence[Mapping[str, Any]],
+    refill: bool = False,
 ) -> dict[str, Any]:
-    """The receipt of stream entry ``entry_id`` (its raw ``fields``) on ``node``."""
-    return {
+    """The receipt of stream entry ``entry_id`` (its raw ``fields``) on ``node``; ``refill``
+    marks the later receipt of a stale refill evicted in the purge's refill window."""
+    record: dict[str, Any] = {
         "id": text(entry_id),
         "purge": fields.get(b"d", b"").decode("utf-8", "replace"),
         "user": fields.get(b"u", b"").decode("utf-8", "replace"),
@@ -103,6 +115,9 @@ def receipt(
         "role": role,
         "targets": list(targets),
     }
+    if refill:
+        record["refill"] = True
+    return record
 
 
 @dataclass(frozen=True)
@@ -162,11 +177,6 @@ def render_line(record: Mapping[str, Any], part: Mapping[str, Any]) -> str:
     if result == "dead-lettered":
         return f"{head}: dead-lettered: {part.get('error') or 'refused'}"
     return f"{head}: not confirmed: {part.get('error') or 'unknown error'}"
-
-
-def _unanswered(target: str, error: str) -> dict[str, Any]:
-    return {"target": target, "result": "failed", "count": None, "ms": None,
-            "error": error, "reference": None}  # fmt: skip
 
 
 @dataclass
@@ -260,7 +270,7 @@ class ReceiptWait:
                     )
                     if last is not None and last.get("error"):
                         error = f"last try failed ({last['error']}); it will be retried"
-                    parts.append(_unanswered(target, error))
+                    parts.append(target_part(target, "failed", error=error))
             for part in parts:
                 if as_json:
                     lines.append(
