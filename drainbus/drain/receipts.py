@@ -40,6 +40,7 @@ __all__ = [
     "DrainNode",
     "ReceiptWait",
     "Result",
+    "answered_by",
     "live_drain_nodes",
     "receipt",
     "receipts_topic",
@@ -159,9 +160,14 @@ def _count_text(part: Mapping[str, Any]) -> str:
     return f"{count} {noun}"
 
 
+def answered_by(record: Mapping[str, Any]) -> str:
+    """Who a receipt is from, as lines name it: the node, or ``cdn`` for the shared group."""
+    return "cdn" if record.get("role") == "cdn" else str(record.get("node"))
+
+
 def render_line(record: Mapping[str, Any], part: Mapping[str, Any]) -> str:
     """One human line for one target's part of a receipt (no purge text, no newline)."""
-    where = "cdn" if record.get("role") == "cdn" else str(record.get("node"))
+    where = answered_by(record)
     target, result, ms = part.get("target"), part.get("result"), part.get("ms")
     head = f"{where} {target}"
     if record.get("refill"):
@@ -227,7 +233,7 @@ class ReceiptWait:
         """Take one receipt; True if it was owed (a later one replaces an earlier one)."""
         if record.get("refill"):  # later news, not the answer being waited for
             return False
-        node = "cdn" if record.get("role") == "cdn" else str(record.get("node"))
+        node = answered_by(record)
         owed = self.owed.get((str(record.get("id")), node))
         if owed is None:
             return False

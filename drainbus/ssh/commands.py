@@ -29,7 +29,13 @@ from drainbus.bus.connection import backend_error
 from drainbus.bus.fanout import Batch, TrimNotice
 from drainbus.bus.streams import MAX_SEQ, ZERO_ID, StreamId, parse_id, rfc3339
 from drainbus.config import Settings, parse_duration
-from drainbus.drain.receipts import ReceiptWait, live_drain_nodes, receipts_topic, render_line
+from drainbus.drain.receipts import (
+    ReceiptWait,
+    answered_by,
+    live_drain_nodes,
+    receipts_topic,
+    render_line,
+)
 from drainbus.drain.status import drain_health
 from drainbus.errors import (
     BackendError,
@@ -521,7 +527,7 @@ def _receipt_output(lines: list[str], *, as_json: bool) -> bytes:
 def _receipt_lines(record: dict[str, object], received_ms: int, as_json: bool) -> list[str]:
     parts = cast(list[dict[str, object]], record.get("targets") or [])
     if as_json:
-        node = "cdn" if record.get("role") == "cdn" else record.get("node")
+        node = answered_by(record)
         common = {"id": record.get("id"), "purge": record.get("purge"), "user": record.get("user"),
                   "node": node, "time": rfc3339(received_ms),
                   "refill": bool(record.get("refill"))}  # fmt: skip
