@@ -23,6 +23,10 @@ from drainbus.identity import user_key
 
 __all__ = ["Drain", "open_drain"]
 
+# A cdn batch holds what the rate limit sends in about this long: a purge read behind it
+# (another publisher's, say) waits about that long for its turn, not for a whole backlog.
+_CDN_BATCH_SECONDS = 0.25
+
 
 @asynccontextmanager
 async def open_drain(
@@ -44,6 +48,7 @@ async def open_drain(
         cdn: list[Target] = []
         window = 0.0
         busy_for = None
+        batch_size = 4096
         if drain.cloudflare:
             forwarder = await stack.enter_async_context(
                 CloudflareForwarder(drain.cloudflare, scope_rule=rule)
@@ -51,6 +56,7 @@ async def open_drain(
             target = CloudflareTarget(forwarder)
             window = target.batch_window
             busy_for = target.busy_for
+            batch_size = target.batch_size(_CDN_BATCH_SECONDS)
             cdn.append(target)
         yield Drain(
             drain,
@@ -64,4 +70,5 @@ async def open_drain(
             receipts_max_len=settings.topics.max_len,
             receipts_retention=settings.topics.retention,
             cdn_busy_for=busy_for,
+            cdn_batch_size=batch_size,
         )

@@ -22,12 +22,16 @@ Before an entry is acknowledged (or dead-lettered), its receipt (what each targe
 it: see :mod:`drainbus.drain.receipts`) is appended to the topic's receipt stream, so a crash
 cannot lose the receipt of an acknowledged purge.
 
+Each role reads ahead of its work, up to ``read_ahead`` entries, into a backlog that serves the
+publishers round-robin (:mod:`drainbus.drain.fair`): one user's burst cannot sit in front of
+another user's purge. Batches are taken from the backlog, at most ``Role.batch_size`` entries.
+
 The cdn role batches like Nagle's algorithm, not on a timer: a purge read while nothing is in
 flight goes to Cloudflare at once, with whatever else is already waiting in the stream. While
 a batch is being carried out (a call in flight, or waiting for rate-limit tokens) the loop
-reads nothing, so what arrives meanwhile waits in the stream (where another node's idle
-consumer may take it) and the next read takes all of it: one call carries everything that
-piled up, packed to the per-call item limits by the target. After a batch, if the bucket it
+reads nothing, so what arrives meanwhile waits in the stream and the next read takes all of
+it; a cdn batch is what the rate limit sends in about a quarter of a second, so a purge read
+behind it is not held for a whole backlog's calls. After a batch, if the bucket it
 spent from has no room (``Role.busy_for``), the loop may wait up to ``Role.batch_window`` for
 room before reading, so the next call gathers what arrives meanwhile; an idle bus never waits.
 """
@@ -52,6 +56,7 @@ from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader
 from drainbus.bus.publisher import APPEND_ENTRIES, append_args
 from drainbus.bus.streams import Keys, entry_fields, parse_id, stream_info, text
 from drainbus.config import DrainSettings
+from drainbus.drain.fair import FairBacklog, Row, keep_claimed
 from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.receipts import receipt, receipts_topic, target_part, target_receipt
 from drainbus.drain.retry import Outcome, merge_outcomes
@@ -64,9 +69,9 @@ __all__ = ["Drain", "DrainStats", "Role"]
 
 log = structlog.get_logger(__name__)
 
-_Row = tuple[bytes, dict[bytes, bytes]]
-# One read takes up to this many entries, and they are carried out as one batch: each
-# target gets the whole batch in one call, and one XACK acknowledges it.
+_Row = Row
+# A local batch holds up to this many entries: each target gets the whole batch in one
+# call, and one XACK acknowledges it. Also the page size of reads of pending entries.
 _READ_COUNT = 1000
 # At most this many entries join one cdn batch; a backlog is read on in the next one.
 _GATHER_MAX = 4096
@@ -90,6 +95,8 @@ class Role:
     name: str
     group: str
     targets: Sequence[Target]
+    backlog: FairBacklog
+    batch_size: int = _READ_COUNT
     batch_window: float = 0.0
     busy_for: Callable[[], float] | None = None
     flush_if_missed: bool = False
@@ -130,9 +137,11 @@ class Drain:
         receipts_max_len: int = 100_000,
         receipts_retention: float = 7 * 86400.0,
         cdn_busy_for: Callable[[], float] | None = None,
+        cdn_batch_size: int = _GATHER_MAX,
     ) -> None:
         """``receipts_max_len`` and ``receipts_retention`` (seconds): how many receipts the
-        receipt stream keeps (about), and for how long, like the topic's stream."""
+        receipt stream keeps (about), and for how long, like the topic's stream.
+        ``cdn_batch_size``: most purges per cdn batch (at most 4,096)."""
         self.settings = settings
         self.consumer = settings.node
         self.stats = DrainStats()
@@ -154,7 +163,13 @@ class Drain:
         self.roles: list[Role] = []
         if local_targets:
             self.roles.append(
-                Role("local", f"node-{settings.node}", local_targets, flush_if_missed=True)
+                Role(
+                    "local",
+                    f"node-{settings.node}",
+                    local_targets,
+                    FairBacklog(settings.read_ahead),
+                    flush_if_missed=True,
+                )
             )
         if cdn_targets:
             self.roles.append(
@@ -162,6 +177,8 @@ class Drain:
                     "cdn",
                     "cdn",
                     cdn_targets,
+                    FairBacklog(settings.read_ahead),
+                    batch_size=max(1, min(cdn_batch_size, _GATHER_MAX)),
                     batch_window=cdn_batch_window,
                     busy_for=cdn_busy_for or _never_busy,
                 )
@@ -185,6 +202,7 @@ class Drain:
         async with anyio.create_task_group() as tg:
             for role in self.roles:
                 tg.start_soon(self._consume, role)
+                tg.start_soon(self._keep_claimed, role, role.backlog.ids)
             self._refills_out, refills_in = anyio.create_memory_object_stream[
                 tuple[str, Purge, int]
             ](_REFILL_RECEIPTS_QUEUED)
@@ -294,7 +312,9 @@ class Drain:
                 await self._missed(role)
             if rows:
                 log.info("drain_resuming_pending", group=role.group, entries=len(rows))
-                await self._handle(role, await self._dead_letter_exhausted(role, rows))
+                # Into the backlog, not carried out here: a read-ahead's worth of entries
+                # would hold up the start (and the other role) for as long as they take.
+                role.backlog.add(await self._dead_letter_exhausted(role, rows))
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -315,20 +335,8 @@ class Drain:
                     # Before every read: once XREADGROUP jumps a trimmed gap, Redis counts the
                     # gap as read and the loss can no longer be seen.
                     await self._check_missed(role)
-                    wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
-                    rows = _rows(
-                        await client.xreadgroup(
-                            role.group,
-                            self.consumer,
-                            {self._stream: ">"},
-                            count=_READ_COUNT,
-                            block=wait_ms,
-                        )
-                    )
-                    if rows:
-                        role.gap_handled = False
-                    if rows and role.busy_for is not None and len(rows) == _READ_COUNT:
-                        rows += await self._gather(client, role, len(rows))
+                    await self._read_ahead(client, role, next_claim)
+                    rows = role.backlog.take(role.batch_size)
                     busy = bool(rows)
                     backoff.succeeded()
                     if rows:
@@ -357,6 +365,7 @@ class Drain:
             reason="the consumer group vanished from Redis (a failover lost writes not yet "
             "replicated, Redis restarted empty, or the stream was deleted); recreating it",
         )
+        role.backlog.clear()  # their pending entries went with the group: none can be acked
         try:
             await self._prepare(role)
             await self._missed(role)
@@ -378,21 +387,31 @@ class Drain:
             log.debug("drain_waiting_for_rate_limit", group=role.group, seconds=round(wait, 3))
             await anyio.sleep(wait)
 
-    async def _gather(self, client: RedisClient, role: Role, have: int) -> list[_Row]:
-        """The entries already waiting behind a full read of ``have``, up to ``_GATHER_MAX``
-        in all, so one batch (and the target's calls, packed to their item limits) carries
-        them all.
+    async def _read_ahead(self, client: RedisClient, role: Role, next_claim: float) -> None:
+        """Read every entry waiting, up to the backlog's room, into the backlog; block (until
+        the next reclaim at most) only when the backlog is empty.
 
-        Nothing waits for more to arrive: what arrives while the batch is carried out is
-        read next (Nagle's algorithm, with the batch in flight as the unacknowledged data).
-        One read, not many pages: each await lets a busy publisher in the same process run,
-        and page by page a burst's second batch started seconds late.
+        All that waits, not one batch's worth: a purge behind another user's burst must be
+        in the backlog to get its turn. One read, not many pages: each await lets a busy
+        publisher in the same process run, and page by page a burst's second batch started
+        seconds late.
         """
-        return _rows(
+        backlog = role.backlog
+        if not backlog.room:
+            return
+        wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
+        rows = _rows(
             await client.xreadgroup(
-                role.group, self.consumer, {self._stream: ">"}, count=_GATHER_MAX - have
+                role.group,
+                self.consumer,
+                {self._stream: ">"},
+                count=backlog.room,
+                block=None if backlog else wait_ms,
             )
         )
+        if rows:
+            role.gap_handled = False
+            backlog.add(rows)
 
     async def _reclaim(self, role: Role) -> None:
         """Claim entries idle for ``retry_after`` (failed here, or on a dead consumer)."""
@@ -419,9 +438,9 @@ class Drain:
                 await self._missed(role)
             if rows:
                 self.stats.retries += len(rows)
-                await self._handle(role, await self._dead_letter_exhausted(role, rows))
-            if cursor == "0-0":
-                return
+                role.backlog.add(await self._dead_letter_exhausted(role, rows))
+            if cursor == "0-0" or not role.backlog.room:
+                return  # a full backlog: the rest is claimed on a later round
 
     async def _dead_letter_exhausted(self, role: Role, rows: list[_Row]) -> list[_Row]:
         """Move entries delivered more than ``max_deliveries`` times; return the rest."""
@@ -467,7 +486,7 @@ class Drain:
             return
         purges = list(batch)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_claimed, role, [r[0] for r in rows])
+            tg.start_soon(self._keep_claimed, role, lambda: [r[0] for r in rows])
             outcomes, parts = await self._apply(role, purges)
             tg.cancel_scope.cancel()
         await self._write_receipts(
@@ -696,16 +715,12 @@ class Drain:
             return None
         return purge
 
-    async def _keep_claimed(self, role: Role, ids: list[bytes]) -> None:
-        # Resets the entries' idle time so no other consumer reclaims them mid-flight.
-        while True:
-            await anyio.sleep(self.settings.retry_after / 3)
-            try:
-                await self._redis.xclaim(
-                    self._stream, role.group, self.consumer, 0, list[Any](ids), justid=True
-                )
-            except (RedisError, OSError) as exc:
-                log.warning("drain_heartbeat_failed", group=role.group, error=str(exc))
+    async def _keep_claimed(self, role: Role, ids: Callable[[], Sequence[bytes]]) -> None:
+        # Resets the entries' idle time so no consumer reclaims them while held or in flight.
+        await keep_claimed(
+            self._redis, self._stream, group=role.group, consumer=self.consumer, ids=ids,
+            every=self.settings.retry_after / 3,
+        )  # fmt: skip
 
     async def _dead_letter(
         self, role: Role, row: _Row, error: str, *, receipt_written: bool = False
