@@ -57,6 +57,8 @@ class Sizes:
     receipt_waiters: int  # workload 8: pub --wait sessions waiting at once
     drain_purges: int  # workload 9: url: purges, and tag: purges over as many cache files
     drain_backlog: int  # workload 9: url: purges in the backlog whose RSS growth is measured
+    fair_burst: int  # workload 10: one user's url: purges queued ahead of another's one
+    fair_rounds: int  # workload 10: rounds, each on a fresh stream
 
 
 FULL = Sizes(
@@ -74,6 +76,8 @@ FULL = Sizes(
     receipt_waiters=200,
     drain_purges=100_000,
     drain_backlog=1_000_000,
+    fair_burst=20_000,
+    fair_rounds=3,
 )
 QUICK = Sizes(
     n_lat=50,
@@ -90,6 +94,8 @@ QUICK = Sizes(
     receipt_waiters=20,
     drain_purges=300,
     drain_backlog=600,
+    fair_burst=2000,
+    fair_rounds=1,
 )
 
 
@@ -542,6 +548,36 @@ async def drain(bench: Bench, result: WorkloadResult) -> None:
         )  # fmt: skip
 
 
+async def fairness(bench: Bench, result: WorkloadResult) -> None:
+    """10. Fair drain: one user's purge behind another user's burst, to nginx and Cloudflare.
+
+    bench.fairness runs the drain (nginx plus a Free-plan Cloudflare stand-in answering in
+    50 ms) in a process of its own, on the embedded server started here unless
+    ``--redis-url`` is given.
+    """
+    result.has_floor = False
+    result.notes.append(NO_FLOOR)
+    sizes = bench.sizes
+    burst, rounds = sizes.fair_burst, sizes.fair_rounds
+    with contextlib.ExitStack() as stack:
+        if bench.redis_url:
+            redis_url = bench.redis_url
+        else:
+            redis_url = stack.enter_context(EmbeddedRedis(bench.workdir / "fair-redis")).url
+        args = ["--redis-url", redis_url, "--burst", str(burst), "--rounds", str(rounds)]
+        figures = json.loads(await _run_module("bench.fairness", args, sizes.floor_timeout))
+    nginx, cdn, before = figures["nginx_ms"], figures["cloudflare_ms"], figures["burst_done_before"]
+    spread = f"median of {rounds}, worst {{:,.0f}} ms"
+    result.rows += [
+        Row(f"another user's purge behind a {burst:,}-purge burst -> nginx", "ms",
+            nginx["median"], None, Target("value<=", 200), note=spread.format(nginx["max"])),
+        Row(f"another user's purge behind a {burst:,}-purge burst -> Cloudflare (Free)", "ms",
+            cdn["median"], None, Target("value<=", 1000), note=spread.format(cdn["max"])),
+        Row("the burst's purges carried out on nginx before it", "purges", before["median"],
+            note=f"of {burst:,}; in stream order it would be all of them"),
+    ]  # fmt: skip
+
+
 WORKLOADS: dict[str, tuple[str, Workload]] = {
     "latency": ("1. latency, OpenSSH pub -> sub", latency),
     "throughput": ("2. throughput, OpenSSH pub -> sub", throughput),
@@ -552,4 +588,5 @@ WORKLOADS: dict[str, tuple[str, Workload]] = {
     "nginx_index": ("7. nginx index, build and tag purge", nginx_index),
     "receipts": ("8. receipts, pub --wait", receipts),
     "drain": ("9. drain throughput, url: and tag: bursts", drain),
+    "fairness": ("10. fair drain, a purge behind another user's burst", fairness),
 }
