@@ -30,7 +30,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -80,6 +80,9 @@ MAX_URL_HEADERS = 32
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True, slots=True)
 class Purge:
     """One purge request, as parsed from one line of the `cache-drain` topic.
@@ -99,12 +102,14 @@ class Purge:
     Cloudflare forwards the headers unchanged.
     """
 
-    keys: frozenset[str] = field(default_factory=frozenset)
-    tags: frozenset[str] = field(default_factory=frozenset)
-    urls: frozenset[str] = field(default_factory=frozenset)
-    url_headers: frozenset[UrlHeaders] = field(default_factory=frozenset)
-    prefixes: frozenset[str] = field(default_factory=frozenset)
-    hosts: frozenset[str] = field(default_factory=frozenset)
+    # One shared empty set, not one each (216 bytes apiece): a busy drain holds the purges
+    # of the last refill window, tens of thousands of them, nearly every set empty.
+    keys: frozenset[str] = _NONE
+    tags: frozenset[str] = _NONE
+    urls: frozenset[str] = _NONE
+    url_headers: frozenset[UrlHeaders] = frozenset[UrlHeaders]()
+    prefixes: frozenset[str] = _NONE
+    hosts: frozenset[str] = _NONE
     everything: bool = False
     soft: bool = False
 
