@@ -41,14 +41,12 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.exceptions import RedisError, ResponseError
 
 from drainbus.backoff import Backoff
@@ -59,6 +57,7 @@ from drainbus.config import DrainSettings
 from drainbus.drain.fair import FairBacklog, Row, keep_claimed
 from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.receipts import receipt, receipts_topic, target_part, target_receipt
+from drainbus.drain.refill_receipts import RefillReceipts
 from drainbus.drain.retry import Outcome, merge_outcomes
 from drainbus.drain.targets import LocalCacheTarget, NginxTarget, Target
 from drainbus.errors import DataError, PermissionDenied, StartupError
@@ -78,8 +77,6 @@ _GATHER_MAX = 4096
 _DEAD_LETTER_MAX = 100_000
 _RECEIPTS_TRIM_EVERY = 30.0  # seconds between trims of the receipt stream by age
 _RECEIPTS_PER_CALL = 1000
-_REFILL_RECEIPTS_QUEUED = 1024  # refill receipts waiting to be written, at most
-_REFILL_SLACK_S = 5.0  # how much longer than the refill window a purge is remembered
 
 
 @dataclass
@@ -184,17 +181,15 @@ class Drain:
                 )
             )
         self.ready = anyio.Event()
-        # Purges this node carried out locally, kept for as long as a stale refill of theirs
-        # can still be evicted, so that eviction can be added to their receipts.
-        # Oldest first (insertion order), so forgetting is popping from the front.
-        self._recent_local: OrderedDict[Purge, tuple[float, list[_Row]]] = OrderedDict()
-        self._watch_refills = settings.refill_window > 0 and any(
-            isinstance(t, NginxTarget) for t in local_targets
-        )
-        self._refills_out: MemoryObjectSendStream[tuple[str, Purge, int]] | None = None
-        for target in local_targets:
-            if isinstance(target, NginxTarget):
-                target.watch_refills(self._refill_evicted)
+        # A stale refill evicted later is added to its purge's receipts: see refill_receipts.
+        self._refills: RefillReceipts | None = None
+        if settings.refill_window > 0 and any(isinstance(t, NginxTarget) for t in local_targets):
+            self._refills = RefillReceipts(
+                settings.refill_window, node=self.consumer, append=self._append_receipts
+            )
+            for target in local_targets:
+                if isinstance(target, NginxTarget):
+                    target.watch_refills(self._refills.evicted)
 
     async def run(self) -> None:
         """Consume until cancelled. ``ready`` is set once every group is being read."""
@@ -203,10 +198,8 @@ class Drain:
             for role in self.roles:
                 tg.start_soon(self._consume, role)
                 tg.start_soon(self._keep_claimed, role, role.backlog.ids)
-            self._refills_out, refills_in = anyio.create_memory_object_stream[
-                tuple[str, Purge, int]
-            ](_REFILL_RECEIPTS_QUEUED)
-            tg.start_soon(self._write_refill_receipts, refills_in)
+            if self._refills is not None:
+                tg.start_soon(self._refills.run)
             self.ready.set()
 
     # --- start-up ----------------------------------------------------------------------
@@ -534,8 +527,8 @@ class Drain:
                 error=retry_errors[0],
                 retry_after=self.settings.retry_after,
             )
-        if role.name == "local":
-            self._remember_local(
+        if role.name == "local" and self._refills is not None:
+            self._refills.remember(
                 [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"], batch
             )
         if acked:
@@ -646,62 +639,6 @@ class Drain:
             # Exact, every 30 s: it removes only what aged out since, and a small stream
             # would never lose a whole node to approximate trimming.
             await self._redis.xtrim(self._receipts, minid=f"{oldest_kept}-0", approximate=False)
-
-    def _remember_local(self, purges: list[Purge], batch: dict[Purge, list[_Row]]) -> None:
-        if not self._watch_refills:
-            return
-        now = time.monotonic()
-        horizon = now - self.settings.refill_window - _REFILL_SLACK_S
-        recent = self._recent_local
-        while recent and next(iter(recent.values()))[0] < horizon:
-            recent.popitem(last=False)
-        for purge in purges:
-            recent[purge] = (now, batch[purge])
-            recent.move_to_end(purge)
-
-    def _refill_evicted(self, target: str, purge: Purge, count: int) -> None:
-        # Called by a refill guard on the event loop: queue it, never block the guard.
-        if self._refills_out is None:  # not running
-            return
-        try:
-            self._refills_out.send_nowait((target, purge, count))
-        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            log.warning(
-                "drain_refill_receipt_dropped",
-                target=target,
-                count=count,
-                reason="too many refill receipts queued; the count is in stats",
-            )
-
-    async def _write_refill_receipts(
-        self, refills: MemoryObjectReceiveStream[tuple[str, Purge, int]]
-    ) -> None:
-        """Add each stale refill a local target evicted to its purge's receipts."""
-        assert self._refills_out is not None
-        async with self._refills_out, refills:
-            await self._write_refills(refills)
-
-    async def _write_refills(
-        self, refills: MemoryObjectReceiveStream[tuple[str, Purge, int]]
-    ) -> None:
-        async for target, purge, count in refills:
-            rows = self._recent_local.get(purge, (0.0, []))[1]
-            part = target_part(target, "evicted", count=count)
-            records = [
-                receipt(
-                    entry_id=i,
-                    fields=f,
-                    node=self.consumer,
-                    role="local",
-                    targets=[part],
-                    refill=True,
-                )
-                for i, f in rows
-            ]
-            try:
-                await self._append_receipts(records)
-            except (RedisError, OSError) as exc:  # the eviction happened; only the news is lost
-                log.warning("drain_refill_receipt_failed", target=target, error=str(exc))
 
     async def _parse(self, role: Role, row: _Row) -> Purge | None:
         """The entry's purge, checked again against its publisher's scope; None if invalid."""
