@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.drain import publish
 from drainbus.bus.connection import command_client
-from drainbus.bus.streams import Keys, entry_fields
+from drainbus.bus.streams import Keys
 from drainbus.config import Settings
 from drainbus.drain.build import open_drain
 from drainbus.drain.receipts import receipts_topic
@@ -49,7 +50,6 @@ __all__ = ["measure"]
 
 BURST_USER, SINGLE_USER = "burst", "single"
 SINGLE_URL = "https://single.pages.example/changed"
-_PUBLISH_CHUNK = 1000  # entries per pipeline, as a pub's batches
 _API_LATENCY = 0.05  # seconds the stand-in takes to answer a call
 
 
@@ -62,17 +62,6 @@ def _settings(namespace: str, cache: Path, api_base: str) -> Settings:
         ],
     }
     return Settings(namespace=namespace, server={"admins": [BURST_USER, SINGLE_USER]}, drain=drain)
-
-
-async def _publish(redis: Any, stream: str, user: str, lines: list[str]) -> None:
-    for start in range(0, len(lines), _PUBLISH_CHUNK):
-        async with redis.pipeline(transaction=False) as pipe:
-            for line in lines[start : start + _PUBLISH_CHUNK]:
-                fields = entry_fields(
-                    line.encode(), user=user, message_id=secrets.token_hex(8), raw=False
-                )
-                pipe.xadd(stream, fields)
-            await pipe.execute()
 
 
 async def _local_receipt(redis: Any, receipts: str) -> tuple[float, int]:
@@ -109,9 +98,9 @@ async def _round(redis_url: str, cache: Path, burst: int) -> dict[str, float]:
                 runner = tg.create_task(drain.run())
                 await drain.ready.wait()
                 watcher = tg.create_task(_local_receipt(redis, receipts))
-                await _publish(redis, stream, BURST_USER, lines)
+                await publish(redis, stream, lines, BURST_USER)
                 published = time.monotonic()
-                await _publish(redis, stream, SINGLE_USER, [f"url:{SINGLE_URL}"])
+                await publish(redis, stream, [f"url:{SINGLE_URL}"], SINGLE_USER)
                 nginx_at, before = await watcher
                 calls = await asyncio.to_thread(
                     api.wait_until, lambda r: any(SINGLE_URL in c.items for c in r), 60

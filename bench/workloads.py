@@ -127,6 +127,13 @@ class Bench:
         ) as server:
             yield server
 
+    def own_redis(self, stack: contextlib.ExitStack, name: str) -> str:
+        """``--redis-url``, else the URL of an embedded server of the workload's own, named
+        ``name`` in the work dir and stopped with ``stack``."""
+        if self.redis_url:
+            return self.redis_url
+        return stack.enter_context(EmbeddedRedis(self.workdir / name)).url
+
     async def floor(self, result: WorkloadResult, run: Awaitable[T]) -> T | None:
         """Run a floor program; on failure note why and return None (the column stays empty)."""
         if not self.floors:
@@ -496,11 +503,7 @@ async def drain(bench: Bench, result: WorkloadResult) -> None:
     sizes = bench.sizes
     n, backlog = sizes.drain_purges, sizes.drain_backlog
     with contextlib.ExitStack() as stack:
-        if bench.redis_url:
-            redis_url = bench.redis_url
-        else:
-            server = stack.enter_context(EmbeddedRedis(bench.workdir / "drain-redis"))
-            redis_url = server.url
+        redis_url = bench.own_redis(stack, "drain-redis")
         args = ["--redis-url", redis_url, "--urls", str(n), "--tags", str(n), "--cloudflare"]
         # Writing the cache files and a large backlog take longer than any floor program.
         out = await _run_module("bench.drain", args, 4 * sizes.floor_timeout)
@@ -560,10 +563,7 @@ async def fairness(bench: Bench, result: WorkloadResult) -> None:
     sizes = bench.sizes
     burst, rounds = sizes.fair_burst, sizes.fair_rounds
     with contextlib.ExitStack() as stack:
-        if bench.redis_url:
-            redis_url = bench.redis_url
-        else:
-            redis_url = stack.enter_context(EmbeddedRedis(bench.workdir / "fair-redis")).url
+        redis_url = bench.own_redis(stack, "fair-redis")
         args = ["--redis-url", redis_url, "--burst", str(burst), "--rounds", str(rounds)]
         figures = json.loads(await _run_module("bench.fairness", args, sizes.floor_timeout))
     nginx, cdn, before = figures["nginx_ms"], figures["cloudflare_ms"], figures["burst_done_before"]
