@@ -24,7 +24,8 @@ cannot lose the receipt of an acknowledged purge.
 
 Each role reads ahead of its work, up to ``read_ahead`` entries, into a backlog that serves the
 publishers round-robin (:mod:`drainbus.drain.fair`): one user's burst cannot sit in front of
-another user's purge. Batches are taken from the backlog, at most ``Role.batch_size`` entries.
+another user's purge. Batches are taken from the backlog, at most ``Role.batch_size`` entries
+(``Role.shared_batch_size`` while several publishers wait).
 
 The cdn role batches like Nagle's algorithm, not on a timer: a purge read while nothing is in
 flight goes to Cloudflare at once, with whatever else is already waiting in the stream. While
@@ -72,6 +73,9 @@ _Row = Row
 # A local batch holds up to this many entries: each target gets the whole batch in one
 # call, and one XACK acknowledges it. Also the page size of reads of pending entries.
 _READ_COUNT = 1000
+# A local batch while several publishers wait: a purge that just got its turn is carried out
+# after a quarter of a batch's work, not a whole one (the batch's receipts come at its end).
+_SHARED_BATCH = 250
 # At most this many entries join one cdn batch; a backlog is read on in the next one.
 _GATHER_MAX = 4096
 _DEAD_LETTER_MAX = 100_000
@@ -94,6 +98,7 @@ class Role:
     targets: Sequence[Target]
     backlog: FairBacklog
     batch_size: int = _READ_COUNT
+    shared_batch_size: int = _SHARED_BATCH
     batch_window: float = 0.0
     busy_for: Callable[[], float] | None = None
     flush_if_missed: bool = False
@@ -169,13 +174,17 @@ class Drain:
                 )
             )
         if cdn_targets:
+            cdn_size = max(1, min(cdn_batch_size, _GATHER_MAX))
             self.roles.append(
                 Role(
                     "cdn",
                     "cdn",
                     cdn_targets,
                     FairBacklog(settings.read_ahead),
-                    batch_size=max(1, min(cdn_batch_size, _GATHER_MAX)),
+                    batch_size=cdn_size,
+                    # Already what the rate limit sends in a moment; smaller calls would
+                    # waste the per-call bucket of tag and host purges.
+                    shared_batch_size=cdn_size,
                     batch_window=cdn_batch_window,
                     busy_for=cdn_busy_for or _never_busy,
                 )
@@ -329,7 +338,9 @@ class Drain:
                     # gap as read and the loss can no longer be seen.
                     await self._check_missed(role)
                     await self._read_ahead(client, role, next_claim)
-                    rows = role.backlog.take(role.batch_size)
+                    backlog = role.backlog
+                    shared = backlog.users > 1
+                    rows = backlog.take(role.shared_batch_size if shared else role.batch_size)
                     busy = bool(rows)
                     backoff.succeeded()
                     if rows:

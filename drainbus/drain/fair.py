@@ -53,6 +53,11 @@ class FairBacklog:
         return self._size
 
     @property
+    def users(self) -> int:
+        """How many publishers have entries waiting."""
+        return len(self._queues)
+
+    @property
     def room(self) -> int:
         """How many more entries the consumer may read ahead now (0 when full)."""
         return max(0, self.limit - self._size)
