@@ -37,6 +37,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from drainbus.acl import glob_to_regex
 from drainbus.backend_url import parse_url
 from drainbus.drain.cloudflare import CloudflareZoneConfig
 from drainbus.drain.http_purge import HttpPurgeConfig
@@ -45,7 +46,13 @@ from drainbus.drain.purges import ScopeRule
 from drainbus.drain.refill import DEFAULT_REFILL_WINDOW
 from drainbus.errors import ConfigError
 from drainbus.hooks.settings import HooksSettings
-from drainbus.values import Duration, parse_duration, parse_listen
+from drainbus.values import (
+    Durability,
+    Duration,
+    PositiveDuration,
+    parse_duration,
+    parse_listen,
+)
 
 __all__ = [
     "AclRule",
@@ -160,10 +167,30 @@ class ServerSettings(_Section):
 
 
 class TopicSettings(_Section):
-    """How much history each topic's stream keeps."""
+    """How much history each topic's stream keeps, and how durable ``pub`` makes it.
+
+    ``durability``: topic name or glob -> ``"os"`` (default), ``"fsync"`` or ``"replica"``
+    (see :mod:`drainbus.bus.persistence`); the first matching pattern decides. A bare mode
+    applies to every topic. ``durability_timeout``: how long ``pub`` waits for the fsync or
+    the replica before it exits 75.
+    """
 
     max_len: int = Field(100_000, ge=1)
     retention: Duration = 7 * 86400.0
+    durability: dict[str, Durability] = {}
+    durability_timeout: PositiveDuration = Field(5.0, le=9.0)  # below the socket timeout (10 s)
+
+    @field_validator("durability", mode="before")
+    @classmethod
+    def _one_mode_for_all(cls, value: object) -> object:
+        return {"**": value} if isinstance(value, str) else value
+
+    def durability_for(self, topic: str) -> Durability:
+        """The mode of the first pattern matching ``topic``; ``"os"`` if none does."""
+        for pattern, mode in self.durability.items():
+            if glob_to_regex(pattern).match(topic):
+                return mode
+        return "os"
 
 
 class AclRule(_Section):

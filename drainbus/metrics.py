@@ -29,6 +29,7 @@ from drainbus.errors import StartupError
 
 if TYPE_CHECKING:
     from drainbus.bus.fanout import Batch, Fanout
+    from drainbus.bus.persistence import Persistence
     from drainbus.drain.daemon import Drain
     from drainbus.ssh.server import FrontDoor
 
@@ -111,11 +112,13 @@ class NodeCollector(Collector):
         door: FrontDoor | None = None,
         fanout: Fanout | None = None,
         drain: Drain | None = None,
+        persistence: Persistence | None = None,
     ) -> None:
         self._name = name
         self._door = door
         self._fanout = fanout
         self._drain = drain
+        self._persistence = persistence
 
     def collect(self) -> Iterator[Metric]:
         name = self._name
@@ -128,6 +131,10 @@ class NodeCollector(Collector):
             yield from _fanout_metrics(self._fanout, name)
         if self._drain is not None:
             yield from _drain_metrics(self._drain, name)
+        if self._persistence is not None:
+            yield _gauge("drainbus_persistence_ok", "1 while Redis reports no persistence write "
+                         "error (AOF write, RDB save), else 0: pub then exits 75", name,
+                         int(self._persistence.state.ok))  # fmt: skip
 
 
 def _fanout_metrics(fanout: Fanout, name: str) -> Iterator[Metric]:

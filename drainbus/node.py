@@ -77,7 +77,8 @@ async def open_node(settings: Settings, *, worker: int | None = None) -> AsyncIt
             task_group.start_soon(drain.run)
             await drain.ready.wait()
         task_group.start_soon(_reload_users, users, settings.server.users_reload_interval)
-        collector = NodeCollector(settings.drain.node, door=door, fanout=bus.fanout, drain=drain)
+        collector = NodeCollector(settings.drain.node, door=door, fanout=bus.fanout, drain=drain,
+                                  persistence=bus.persistence)  # fmt: skip
         metrics_port = stack.enter_context(serve_metrics(settings.metrics_listen, collector))
         yield Node(bus, door, users, drain, metrics_port)
 

@@ -1,7 +1,7 @@
 """The distributed part of drainbus, on Redis streams. It knows nothing of SSH.
 
 :class:`Bus` owns the Redis clients (and the embedded server when no URL is configured), the
-publisher, the per-topic fan-out and the presence heartbeat.
+publisher, the per-topic fan-out, the presence heartbeat and the persistence watch.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from drainbus.bus.connection import RedisClient, backend_error, command_client, redacted_url
 from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.bus.fanout import Fanout
+from drainbus.bus.persistence import Persistence
 from drainbus.bus.presence import Presence
 from drainbus.bus.publisher import Publisher
 from drainbus.bus.streams import Keys
@@ -67,11 +68,16 @@ class Bus:
                 await self.redis.ping()
             except (RedisError, OSError) as exc:
                 raise backend_error(exc, f"connecting to {redacted_url(self.url)}") from exc
+            topics = self.settings.topics
+            self.persistence = Persistence(self.redis, timeout=topics.durability_timeout)
+            await self.persistence.check_support(set(topics.durability.values()))
             self.publisher = Publisher(
                 self.redis,
                 self.keys,
-                max_len=self.settings.topics.max_len,
-                retention=self.settings.topics.retention,
+                max_len=topics.max_len,
+                retention=topics.retention,
+                persistence=self.persistence,
+                durability=topics.durability_for,
             )
             self.fanout = await stack.enter_async_context(
                 Fanout(
@@ -90,6 +96,7 @@ class Bus:
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
             task_group.start_soon(self.presence.run)
+            task_group.start_soon(self.persistence.run)
         except BaseException as exc:
             await stack.__aexit__(type(exc), exc, exc.__traceback__)
             raise

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT, FieldT
 
 from drainbus.bus.connection import RedisClient, backend_error
+from drainbus.bus.persistence import Persistence, is_misconf
 from drainbus.bus.streams import Keys, StreamId, entry_fields, parse_id
+from drainbus.values import Durability
 
 __all__ = ["APPEND_ENTRIES", "Publisher", "append_args"]
 
@@ -78,10 +81,23 @@ def pack_messages(messages: Sequence[bytes]) -> list[list[bytes]]:
 class Publisher:
     """Appends messages to topics; one per process, shared by every session."""
 
-    def __init__(self, redis: RedisClient, keys: Keys, *, max_len: int, retention: float) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        *,
+        max_len: int,
+        retention: float,
+        persistence: Persistence | None = None,
+        durability: Callable[[str], Durability] = lambda topic: "os",
+    ) -> None:
+        """``persistence``: confirms each batch is durable as ``durability(topic)`` says
+        (without one, Redis's reply is taken as stored, as the tests of trimming do)."""
         self._redis = redis
         self._keys = keys
         self._max_len = max_len
+        self._persistence = persistence
+        self._durability = durability
         self._retention_ms = int(retention * 1000)  # (1001 would be 0.1% off: not tested)
         self._known_topics: set[str] = set()
         self._last_retention_trim: dict[str, float] = {}
@@ -99,8 +115,9 @@ class Publisher:
         """Store ``messages`` on ``topic`` as one atomic batch; return the entries' ids.
 
         With ``pack`` (lines without ``\\n``, not raw), several messages share an entry.
-        Returns only once Redis acknowledged every XADD. Raises BackendUnavailable if Redis
-        cannot be reached; then none of this batch was stored.
+        Returns only once Redis acknowledged every XADD and the batch is durable as its topic's
+        durability mode says. Raises BackendUnavailable if Redis cannot be reached (then none
+        of this batch was stored), NotDurable if Redis took it but could not make it durable.
         """
         if not messages:
             return []
@@ -116,21 +133,40 @@ class Publisher:
             )
             for group in groups
         ]
+        persistence = self._persistence
+        mode = self._durability(topic) if persistence else "os"
         try:
-            # approximate (~): trimming whole nodes only is cheaper; exact trimming would
-            # keep at least max_len as well, so no test tells them apart.
-            if len(entries) == 1:  # one XADD is atomic by itself
-                ids = [
-                    await self._redis.xadd(key, entries[0], maxlen=self._max_len, approximate=True)
-                ]
-            else:
-                ids = await self._append_entries(
-                    keys=[key], args=append_args(self._max_len, entries)
-                )
+            if mode == "os":
+                ids = await self._append(self._redis, key, entries)
+            else:  # the wait must follow the write on the same connection: a pipeline
+                assert persistence is not None
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    await self._append(pipe, key, entries)
+                    pipe.execute_command(*persistence.wait_args(mode))
+                    ids, waited = await pipe.execute()
+                ids = [ids] if len(entries) == 1 else ids
+                persistence.check_wait(mode, waited, topic)
+        except ResponseError as exc:
+            if persistence is not None and is_misconf(exc):
+                raise persistence.misconf(exc, topic) from exc
+            raise backend_error(exc, f"publishing to '{topic}'") from exc
         except (RedisError, OSError) as exc:
             raise backend_error(exc, f"publishing to '{topic}'") from exc
+        if persistence is not None and (mode == "os" or not persistence.waitaof):
+            await persistence.confirm(topic)  # the reply came before the AOF write's outcome
         await self._housekeeping(topic, key)
         return [parse_id(i) for i in ids]
+
+    async def _append(self, client: Any, key: str, entries: list[dict[FieldT, EncodableT]]) -> Any:
+        """Store ``entries`` with ``client`` (or queue them on a pipeline): their ids."""
+        # approximate (~): trimming whole nodes only is cheaper; exact trimming would
+        # keep at least max_len as well, so no test tells them apart.
+        if len(entries) == 1:  # one XADD is atomic by itself
+            one = client.xadd(key, entries[0], maxlen=self._max_len, approximate=True)
+            return [await one] if client is self._redis else one
+        return await self._append_entries(
+            keys=[key], args=append_args(self._max_len, entries), client=client
+        )
 
     async def _housekeeping(self, topic: str, key: str) -> None:
         """Register the topic and apply time retention; failures here lose nothing."""

@@ -594,10 +594,13 @@ async def _stats(ctx: SessionContext, args: argparse.Namespace) -> int:
     if not ctx.identity.is_admin:
         raise PermissionDenied("stats is for admins (server.admins)", user=ctx.identity.user)
     health = await drain_health(ctx.bus.redis, ctx.bus.keys, ctx.settings.drain.topic)
+    persistence = await ctx.bus.persistence.refresh()
     if args.json:
+        health["persistence"] = persistence.as_dict()
         await ctx.stdout(json.dumps(health).encode() + b"\n")
         return 0
     lines = [
+        f"persistence: {persistence.summary()}",
         f"topic {health['topic']}: {health['messages']} message(s), last "
         f"{health['last_message'] or '-'}, dead letters {health['dead_letters']}",
         "",
