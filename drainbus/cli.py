@@ -11,7 +11,6 @@ import gc
 import importlib.util
 import json
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -30,6 +29,7 @@ from drainbus.identity import (
     user_key,
 )
 from drainbus.log import configure_logging
+from drainbus.signals import wait_for_stop
 from drainbus.sysexits_click import SysexitsGroup
 from drainbus.systemd import notify as notify_systemd
 
@@ -248,6 +248,7 @@ async def _serve(settings: Settings, worker: WorkerLink | None = None) -> None:
     """One node in this process; ``worker``: it is one of a supervisor's workers."""
     # Imported here so `drainbus keys …` starts without loading the server stack.
     from drainbus.node import open_node
+    from drainbus.state_dump import dump_node
 
     try:
         async with open_node(settings, worker=worker.index if worker else None) as node:
@@ -263,34 +264,12 @@ async def _serve(settings: Settings, worker: WorkerLink | None = None) -> None:
                 else:
                     worker.ready()
 
-            await _wait_for_stop(node.users, ready=ready)
+            await wait_for_stop(reload=node.users.reload, dump=lambda: dump_node(node), ready=ready)
     except* DrainbusError as group:
         if worker is not None:  # the supervisor ends with this worker's message and code
             worker.failed(_first_leaf(group))
         raise
     log.info("stopped")
-
-
-async def _wait_for_stop(
-    users: UserKeys | None = None, *, ready: Callable[[], None] | None = None
-) -> None:
-    """Return on SIGINT or SIGTERM; reload the users folder on SIGHUP.
-
-    ``ready`` is called once the signals are ours: a SIGTERM or SIGHUP sent in answer to
-    READY must not meet the default action, which ends the process.
-    """
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        if ready is not None:
-            ready()
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                log.info("reload", reason="SIGHUP")
-                if users is not None:
-                    users.reload()
-                continue
-            log.info("shutting_down", signal=signal.Signals(signum).name)
-            notify_systemd("STOPPING=1")
-            return
 
 
 @cli.command()
@@ -327,6 +306,7 @@ def drain(
 async def _drain(settings: Settings) -> None:
     from drainbus.drain.build import open_drain
     from drainbus.metrics import NodeCollector, serve_metrics
+    from drainbus.state_dump import dump_drain
 
     async with (
         _tool_redis(settings) as (redis, url),
@@ -344,7 +324,7 @@ async def _drain(settings: Settings) -> None:
                 topic=settings.drain.topic,
                 roles=[r.name for r in daemon.roles],
             )
-            await _wait_for_stop()
+            await wait_for_stop(dump=lambda: dump_drain(daemon))
             task_group.cancel_scope.cancel()
     log.info("stopped")
 
