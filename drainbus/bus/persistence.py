@@ -113,10 +113,10 @@ class Persistence:
                 f"topics.durability {sorted(modes - {'os'})} is not supported on Redis "
                 'Cluster yet: use "os", or one server / Sentinel'
             )
-        found = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-            "COMMAND", "INFO", "WAITAOF"
-        )
-        self.waitaof = bool(found and found[0])
+        try:  # asks for nothing, so it returns at once, even with appendonly no
+            await self._redis.execute_command("WAITAOF", 0, 0, 0)  # type: ignore[no-untyped-call]
+        except ResponseError:  # unknown command: Redis < 7.2
+            self.waitaof = False
         if "fsync" in modes and not self.waitaof:
             raise ConfigError(
                 'topics.durability "fsync" needs WAITAOF (Redis >= 7.2 or Valkey); this '
