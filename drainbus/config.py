@@ -271,6 +271,8 @@ class Settings(BaseSettings):
     model_config = _settings_config
 
     redis_url: str | None = Field(None, repr=False)  # may hold a password
+    # Pooled Redis connections unused this long are closed (0: kept open for good).
+    redis_idle_timeout: Duration = 60.0
     data_dir: Path = Path("data")
     namespace: str = Field("drainbus", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     server: ServerSettings = ServerSettings()

@@ -4,7 +4,7 @@ and a server that cannot do what is configured stops the node at start with 78."
 from __future__ import annotations
 
 import shutil
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -14,39 +14,10 @@ from drainbus.config import Settings
 from drainbus.errors import ConfigError, ExitCode
 from drainbus.node import Node
 from tests.conftest import User, run_ssh
-from tests.redis_topology import Server, binaries, free_ports, replicated, wait_until
+from tests.redis_topology import MakeServers, Server, binaries
 
 StartNode = Callable[..., Awaitable[Node]]
 REDIS_7_0 = shutil.which("redis-server")  # Debian 12's 7.0: WAIT, but no WAITAOF
-
-
-MakeServers = Callable[..., list[Server]]
-
-
-@pytest.fixture
-def make_servers(tmp_path: Path) -> Iterator[MakeServers]:
-    """Start a primary (and its replica) on free ports; killed after the test's nodes stop
-    (ask for this fixture before ``start_bus``)."""
-    started: list[Server] = []
-
-    def start(binary: Path, *, appendonly: str, replica: bool = False) -> list[Server]:
-        ports = free_ports(2)
-        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly]
-        base = tmp_path / f"servers{len(started)}"
-        pair = [Server(binary, ports[0], base / "primary", ["--port", str(ports[0]), *common])]
-        if replica:
-            args = ["--port", str(ports[1]), *common, "--replicaof", "127.0.0.1", str(ports[0])]
-            pair.append(Server(binary, ports[1], base / "replica", args))
-        for server in pair:
-            started.append(server)
-            server.start()
-        if replica:
-            wait_until(lambda: replicated(*pair), "the replica to sync")
-        return pair
-
-    yield start
-    for server in started:
-        server.kill()
 
 
 def calls(server: Server, command: str) -> int:

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from drainbus.bus.connection import RedisClient, backend_error, command_client, redacted_url
 from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.bus.fanout import Fanout
+from drainbus.bus.idle_pool import prune_idle_forever
 from drainbus.bus.persistence import Persistence
 from drainbus.bus.presence import Presence
 from drainbus.bus.publisher import Publisher
@@ -97,6 +98,10 @@ class Bus:
             stack.callback(task_group.cancel_scope.cancel)
             task_group.start_soon(self.presence.run)
             task_group.start_soon(self.persistence.run)
+            if self.settings.redis_idle_timeout:
+                task_group.start_soon(
+                    prune_idle_forever, self.redis, self.settings.redis_idle_timeout
+                )
         except BaseException as exc:
             await stack.__aexit__(type(exc), exc, exc.__traceback__)
             raise
