@@ -42,6 +42,7 @@ from drainbus.errors import (
     DataError,
     DrainbusError,
     ExitCode,
+    NotDurable,
     PermissionDenied,
     UsageError,
 )
@@ -340,9 +341,11 @@ class _LinePublisher:
                     pack=self.check is None,  # checked lines stay one entry each (the drain's unit)
                 )
             except BackendError as exc:
+                # Not durable: the server may hold (and subscribers may have seen) the batch,
+                # but it would not survive a restart, so it does not count as stored.
+                rest = "the rest are not" if isinstance(exc, NotDurable) else "none after"
                 exc.message += (
-                    f"; {self.published} message(s) of this session were stored before it, "
-                    "none after"
+                    f"; {self.published} message(s) of this session were stored before it, {rest}"
                 )
                 raise
             self.published += len(batch)
