@@ -10,6 +10,8 @@ from pathlib import Path
 from tests.conftest import ServeProcess, Subscriber, User, run_ssh, serve_process
 from tests.test_serve import write_config
 
+Subscribe = Callable[..., Awaitable[Subscriber]]
+
 
 async def still_serves(server: ServeProcess, user: User) -> None:
     result = await run_ssh(server.port, user.key_file, "whoami")
@@ -18,12 +20,9 @@ async def still_serves(server: ServeProcess, user: User) -> None:
 
 
 async def test_sigusr1_logs_sessions_and_readers_and_stray_signals_are_ignored(
-    tmp_path: Path,
-    users_dir: Path,
-    add_user: Callable[[str], User],
-    redis_url: str,
-    subscribe: Callable[..., Awaitable[Subscriber]],
-) -> None:
+    tmp_path: Path, users_dir: Path, add_user: Callable[[str], User], redis_url: str,
+    subscribe: Subscribe,
+) -> None:  # fmt: skip
     """With a live `sub`, SIGUSR1 logs the node, the user's connection and session, and the
     topic's reader; SIGUSR2 and SIGPIPE leave `serve` serving."""
     alice = add_user("alice")
