@@ -127,3 +127,19 @@ async def test_fsync_on_a_server_that_cannot_fsync_stops_the_start_with_78(
     assert expected in raised.value.message
     assert "\n" not in raised.value.message
     assert raised.value.exit_code == ExitCode.CONFIG
+
+
+async def test_a_redis_user_without_info_stops_the_start_with_78(
+    make_servers: MakeServers, settings_for: Callable[..., Settings]
+) -> None:
+    """pub cannot tell what is durable without INFO: say so at start, not with 75 per pub."""
+    (primary,) = make_servers(binaries()[0], appendonly="yes")
+    with primary.client() as admin:
+        admin.acl_setuser("bus", enabled=True, passwords=["+secret"], keys=["*"],
+                          channels=["*"], commands=["+@all", "-info"])  # fmt: skip
+    settings = settings_for(redis_url=f"redis://bus:secret@{primary.address}")
+    with pytest.raises(ConfigError) as raised:
+        async with Bus(settings):
+            pass
+    assert "ACL: +info" in raised.value.message
+    assert "secret" not in raised.value.message

@@ -104,8 +104,15 @@ class Persistence:
         self.state = PersistenceState()
 
     async def check_support(self, modes: set[Durability]) -> None:
-        """Read the state; raise ConfigError if the server cannot give a configured mode."""
-        await self.refresh()
+        """Read the state; raise ConfigError if the server cannot give a configured mode,
+        or does not let drainbus read its state (then every pub would fail with 75)."""
+        try:
+            self._set(_state_from_info(await self._redis.info("persistence")))
+        except ResponseError as exc:  # NOPERM, or INFO renamed away
+            raise ConfigError(
+                f"Redis refuses INFO persistence ({str(exc).split('. ', 1)[0]}): pub needs it "
+                "to know what is durable; allow it (ACL: +info) for drainbus's Redis user"
+            ) from None
         if not modes - {"os"}:
             return
         if isinstance(self._redis, RedisCluster):
