@@ -177,17 +177,20 @@ class TopicSettings(_Section):
 
     max_len: int = Field(100_000, ge=1)
     retention: Duration = 7 * 86400.0
-    durability: dict[str, Durability] = {}
+    # (a union, not a dict a validator fills from a bare mode: so the environment may say
+    # DRAINBUS_TOPICS__DURABILITY=fsync, where a dict alone would have to be JSON)
+    durability: dict[str, Durability] | Durability = {}
     durability_timeout: PositiveDuration = Field(5.0, le=9.0)  # below the socket timeout (10 s)
 
-    @field_validator("durability", mode="before")
-    @classmethod
-    def _one_mode_for_all(cls, value: object) -> object:
-        return {"**": value} if isinstance(value, str) else value
+    @property
+    def durability_patterns(self) -> dict[str, Durability]:
+        """``durability`` as pattern -> mode (a bare mode is every topic's: ``**``)."""
+        modes = self.durability
+        return {"**": modes} if isinstance(modes, str) else modes
 
     def durability_for(self, topic: str) -> Durability:
         """The mode of the first pattern matching ``topic``; ``"os"`` if none does."""
-        for pattern, mode in self.durability.items():
+        for pattern, mode in self.durability_patterns.items():
             if glob_to_regex(pattern).match(topic):
                 return mode
         return "os"

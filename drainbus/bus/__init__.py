@@ -71,7 +71,7 @@ class Bus:
                 raise backend_error(exc, f"connecting to {redacted_url(self.url)}") from exc
             topics = self.settings.topics
             self.persistence = Persistence(self.redis, timeout=topics.durability_timeout)
-            await self.persistence.check_support(set(topics.durability.values()))
+            await self.persistence.check_support(set(topics.durability_patterns.values()))
             self.publisher = Publisher(
                 self.redis,
                 self.keys,
