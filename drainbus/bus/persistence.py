@@ -137,6 +137,11 @@ class Persistence:
 
     async def refresh(self) -> PersistenceState:
         """Read the state now (a server that cannot be asked is failing until it answers)."""
+        # Under the lock, as confirm's reads: a read in flight must not be taken as done.
+        async with self._lock:
+            return await self._read()
+
+    async def _read(self) -> PersistenceState:
         self._reads_started += 1
         try:
             info = await self._redis.info("persistence")
@@ -155,12 +160,9 @@ class Persistence:
         """
         asked = self._reads_started
         async with self._lock:
-            state = self.state if self._reads_started > asked else await self.refresh()
+            state = self.state if self._reads_started > asked else await self._read()
         if not state.ok:
-            raise NotDurable(
-                f"not durable: the server reports {state.summary()} (its disk is full or "
-                "failing)", topic=topic,
-            )  # fmt: skip
+            raise NotDurable(f"not durable: Redis persistence is {state.summary()}", topic=topic)
 
     def misconf(self, exc: ResponseError, topic: str) -> NotDurable:
         """The error for a write the server refused with MISCONF; marks the state failing."""
