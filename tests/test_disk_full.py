@@ -100,6 +100,8 @@ async def test_a_full_disk_fails_pub_with_75_and_loses_nothing_it_reported_store
             assert "0 message(s) of this session were stored" in again.stderr
             stats = await run_ssh(server.port, root.key_file, "stats", "--json")
             assert json.loads(stats.stdout)["persistence"]["ok"] is False
+            text = await run_ssh(server.port, root.key_file, "stats")
+            assert text.stdout.startswith(b"persistence: failing: "), text.stdout
             port = (await server.wait_for_event("metrics_listening"))["listen"].rsplit(":", 1)[1]
             metrics = await asyncio.to_thread(_scrape, int(port))
             assert re.search(r"^drainbus_persistence_ok\{node=.*\} 0\.0$", metrics, re.M)
