@@ -11,6 +11,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis.asyncio as aredis
@@ -47,7 +48,7 @@ async def stored_lines(socket_path: Path, topic_key: str) -> set[bytes]:
     """Every message line the stream holds (packed entries split into their lines)."""
     client = aredis.Redis(unix_socket_path=str(socket_path))
     try:
-        rows = await client.xrange(topic_key)
+        rows = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(topic_key))
     finally:
         await client.aclose()
     return {line for _id, fields in rows for line in fields[b"d"].split(b"\n")}
@@ -123,4 +124,5 @@ def _scrape(port: int) -> str:
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
+        body: bytes = response.read()
+    return body.decode()
