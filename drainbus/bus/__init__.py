@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from drainbus.bus.connection import RedisClient, backend_error, command_client, redacted_url
 from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.bus.fanout import Fanout
+from drainbus.bus.limits import publish_limits
 from drainbus.bus.presence import Presence
 from drainbus.bus.publisher import Publisher
 from drainbus.bus.streams import Keys
@@ -57,7 +58,9 @@ class Bus:
         await stack.__aenter__()
         try:
             if not self.settings.redis_url:
-                self.embedded = EmbeddedRedis(self.settings.data_dir)
+                self.embedded = EmbeddedRedis(
+                    self.settings.data_dir, maxmemory=self.settings.embedded_maxmemory
+                )
                 self.embedded.start()
                 stack.callback(self.embedded.stop)
                 self.url = self.embedded.url
@@ -72,7 +75,9 @@ class Bus:
                 self.keys,
                 max_len=self.settings.topics.max_len,
                 retention=self.settings.topics.retention,
+                limits=publish_limits(self.settings),
             )
+            stack.callback(self.publisher.refusals.close)
             self.fanout = await stack.enter_async_context(
                 Fanout(
                     self.redis,

@@ -1,10 +1,12 @@
 """Appending messages to a topic's stream.
 
-A batch of messages is stored whole or not at all (one XADD, or one script of several), so
-after a failure the publisher can say exactly how many messages were stored. With ``pack``,
-lines share entries of up to ``ENTRY_BYTES`` (see :mod:`drainbus.bus.streams`). Each XADD trims the
-stream approximately to ``max_len``; time retention (``XTRIM MINID``) runs at most once per
-``_RETENTION_EVERY`` seconds per topic, which is plenty for a retention measured in hours.
+A batch of messages is stored by one script (:data:`drainbus.bus.limits.APPEND`), so after a
+failure the publisher can say exactly how many messages were stored: all of them, none (Redis
+failed), or the first ones when the rest were over a limit (:class:`PublishRefused`). With
+``pack``, lines share entries of up to ``ENTRY_BYTES`` (see :mod:`drainbus.bus.streams`). Each
+XADD trims the stream approximately to ``max_len``, and to ``topics.max_bytes``; time retention
+(``XTRIM MINID``) runs at most once per ``_RETENTION_EVERY`` seconds per topic, which is plenty
+for a retention measured in hours.
 """
 
 from __future__ import annotations
@@ -14,10 +16,20 @@ import time
 from collections.abc import Mapping, Sequence
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.typing import EncodableT, FieldT
 
 from drainbus.bus.connection import RedisClient, backend_error
+from drainbus.bus.limits import (
+    APPEND,
+    CREDIT,
+    ENTRY_OVERHEAD,
+    RESERVE,
+    Limits,
+    PublishRefused,
+    RefusalLog,
+    human_bytes,
+)
 from drainbus.bus.streams import Keys, StreamId, entry_fields, parse_id
 
 __all__ = ["APPEND_ENTRIES", "Publisher", "append_args"]
@@ -28,7 +40,9 @@ _RETENTION_EVERY = 30.0
 ENTRY_BYTES = 64 * 1024
 """How much a packed entry holds (a single longer message gets an entry of its own)."""
 
-# Appends a batch of entries in one command, atomically like MULTI/EXEC of the XADDs. One
+
+# Appends a batch of entries in one command, atomically like MULTI/EXEC of the XADDs (the
+# drain's receipts; topics go through drainbus.bus.limits.APPEND, which also counts bytes). One
 # command matters on Redis Cluster, where redis-py runs a transaction one command per round
 # trip: 1,000 entries took 238 ms that way and take 13 ms so (12 vs 16 ms on one server).
 # KEYS[1]: the stream. ARGV[1]: MAXLEN (approximate). Then per entry: how many fields, then
@@ -76,16 +90,33 @@ def pack_messages(messages: Sequence[bytes]) -> list[list[bytes]]:
 
 
 class Publisher:
-    """Appends messages to topics; one per process, shared by every session."""
+    """Appends messages to topics; one per process, shared by every session.
 
-    def __init__(self, redis: RedisClient, keys: Keys, *, max_len: int, retention: float) -> None:
+    ``limits`` (the rate limit and storage quotas, see :mod:`drainbus.bus.limits`) apply to
+    every caller alike: SSH ``pub``, hooks, and anything else that publishes through here.
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        *,
+        max_len: int,
+        retention: float,
+        limits: Limits | None = None,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._max_len = max_len
         self._retention_ms = int(retention * 1000)  # (1001 would be 0.1% off: not tested)
+        self._limits = limits or Limits()
         self._known_topics: set[str] = set()
         self._last_retention_trim: dict[str, float] = {}
-        self._append_entries = redis.register_script(APPEND_ENTRIES)
+        self._append = redis.register_script(APPEND)
+        self._reserve = redis.register_script(RESERVE)
+        self._credit = redis.register_script(CREDIT)
+        self.refusals = RefusalLog()
+        """Refused publishes, logged aggregated; closed with the bus."""
 
     async def publish(
         self,
@@ -96,57 +127,152 @@ class Publisher:
         raw: bool = False,
         pack: bool = False,
     ) -> list[StreamId]:
-        """Store ``messages`` on ``topic`` as one atomic batch; return the entries' ids.
+        """Store ``messages`` on ``topic`` as one batch; return the entries' ids.
 
         With ``pack`` (lines without ``\\n``, not raw), several messages share an entry.
         Returns only once Redis acknowledged every XADD. Raises BackendUnavailable if Redis
-        cannot be reached; then none of this batch was stored.
+        cannot be reached (then none of this batch was stored), and PublishRefused (exit 75)
+        when the batch is over the rate limit, a storage quota or the server's memory: then
+        its first ``stored`` messages were stored, and the rest were not.
         """
         if not messages:
             return []
-        key = self._keys.stream(topic)
         groups = pack_messages(messages) if pack and not raw else [[m] for m in messages]
+        data = [b"\n".join(group) for group in groups]
         entries = [
             entry_fields(
-                b"\n".join(group),
+                d,
                 user=user,
                 message_id=secrets.token_hex(8),  # any length that cannot collide will do
                 raw=raw,
                 count=len(group),
             )
-            for group in groups
+            for d, group in zip(data, groups, strict=True)
         ]
+        sizes = [len(d) + ENTRY_OVERHEAD for d in data]
+        owner = self._limits.owner_of(topic)
+        granted, refusal, reserved = len(entries), "", 0
         try:
-            # approximate (~): trimming whole nodes only is cheaper; exact trimming would
-            # keep at least max_len as well, so no test tells them apart.
-            if len(entries) == 1:  # one XADD is atomic by itself
-                ids = [
-                    await self._redis.xadd(key, entries[0], maxlen=self._max_len, approximate=True)
-                ]
-            else:
-                ids = await self._append_entries(
-                    keys=[key], args=append_args(self._max_len, entries)
-                )
+            if owner is not None:
+                granted, refusal = await self._reserve_bytes(owner, topic, user, sizes)
+                reserved = sum(sizes[:granted])
+            reply = await self._append_entries(topic, user, groups, entries[:granted], sizes)
+        except ResponseError as exc:
+            await self._give_back(owner, topic, reserved)
+            if not isinstance(exc, OutOfMemoryError):
+                raise backend_error(exc, f"publishing to '{topic}'") from exc
+            raise self._refused(topic, user, "memory", groups) from None
         except (RedisError, OSError) as exc:
+            await self._give_back(owner, topic, reserved)
             raise backend_error(exc, f"publishing to '{topic}'") from exc
-        await self._housekeeping(topic, key)
-        return [parse_id(i) for i in ids]
+        appended, trimmed, wait_ms, stored_ids = reply
+        # Bytes reserved but not appended (refused by the rate limit), and bytes trimmed.
+        await self._give_back(owner, topic, trimmed + sum(sizes[appended:granted]))
+        await self._housekeeping(topic)
+        if appended < len(entries):
+            reason = "rate" if appended < granted else refusal
+            retry = wait_ms / 1000 if reason == "rate" else None
+            raise self._refused(topic, user, reason, groups, ids=stored_ids, retry_after=retry)
+        return stored_ids
 
-    async def _housekeeping(self, topic: str, key: str) -> None:
-        """Register the topic and apply time retention; failures here lose nothing."""
+    async def _reserve_bytes(
+        self, owner: str, topic: str, user: str, sizes: list[int]
+    ) -> tuple[int, str]:
+        quota = -1 if self._limits.exempt(user) else self._limits.max_user_bytes
+        granted, _used, reason = await self._reserve(
+            keys=[self._keys.usage(owner)],
+            args=[topic, quota, self._limits.max_topics_per_user, *sizes],
+        )
+        return int(granted), reason.decode() if isinstance(reason, bytes) else str(reason)
+
+    async def _append_entries(
+        self,
+        topic: str,
+        user: str,
+        groups: list[list[bytes]],
+        entries: list[dict[FieldT, EncodableT]],
+        sizes: list[int],
+    ) -> tuple[int, int, int, list[StreamId]]:
+        """Append ``entries``; return (how many, bytes trimmed, ms to wait, their ids)."""
+        rate, burst = self._limits.rate_for(topic, user)
+        minid = self._retention_due(topic)
+        args: list[EncodableT] = [self._max_len, self._limits.max_topic_bytes, repr(rate), burst]
+        args.append(minid)
+        for group, fields, size in zip(groups, entries, sizes, strict=False):
+            args += [len(group), size, len(fields)]
+            for name, value in fields.items():
+                args += [name, value]
+        keys = [
+            self._keys.stream(topic),
+            self._keys.stream_bytes(topic),
+            self._keys.purge_bucket(topic, user),
+        ]
+        appended, trimmed, wait_ms, *ids = await self._append(keys=keys, args=args)
+        return int(appended), int(trimmed), int(wait_ms), [parse_id(i) for i in ids]
+
+    async def _give_back(self, owner: str | None, topic: str, size: int) -> None:
+        """Credit ``size`` bytes no longer stored to ``owner``; a failure only over-counts."""
+        if owner is None or size <= 0:
+            return
         try:
-            await self._register_and_trim(topic, key)
+            await self._credit(keys=[self._keys.usage(owner)], args=[topic, size])
         except (RedisError, OSError) as exc:
-            log.warning("topic_housekeeping_failed", topic=topic, error=str(exc))
+            log.warning("quota_credit_failed", topic=topic, bytes=size, error=str(exc))
 
-    async def _register_and_trim(self, topic: str, key: str) -> None:
-        if topic not in self._known_topics:
-            await self._redis.sadd(self._keys.topics, topic)
-            self._known_topics.add(topic)
+    def refuse_more(self, refusal: PublishRefused, count: int) -> None:
+        """Count ``count`` more messages refused after ``refusal`` (the rest of a session's
+        input, never offered to Redis once one batch was refused), in its log and metrics."""
+        refusal.refused += count
+        self.refusals.add(refusal, count)
+
+    def _refused(
+        self,
+        topic: str,
+        user: str,
+        reason: str,
+        groups: list[list[bytes]],
+        *,
+        ids: list[StreamId] | None = None,
+        retry_after: float | None = None,
+    ) -> PublishRefused:
+        ids = ids or []
+        limits = self._limits
+        owner = limits.owner_of(topic) or ""
+        message = {
+            "rate": f"over user {user}'s purge rate limit (drain.max_purges_per_user: "
+            f"{limits.purges_per_minute} per minute, bursts of {limits.purge_burst})",
+            "bytes": f"over the storage quota of {owner}'s topics (server.max_user_bytes: "
+            f"{human_bytes(limits.max_user_bytes)}); older messages make room as retention "
+            "trims them",
+            "topics": f"'{owner}' already stores {limits.max_topics_per_user} topics "
+            "(server.max_topics_per_user); a topic stops counting once nothing of it is stored",
+            "memory": "the bus's Redis is out of memory (maxmemory); retry later",
+        }[reason]
+        stored = sum(map(len, groups[: len(ids)]))
+        refusal = PublishRefused(
+            message, reason=reason, user=user, topic=topic, ids=ids, stored=stored,
+            refused=sum(map(len, groups)) - stored, retry_after=retry_after,
+        )  # fmt: skip
+        self.refusals.add(refusal, refusal.refused)
+        return refusal
+
+    def _retention_due(self, topic: str) -> str:
+        """The MINID that time retention trims ``topic`` to, when due ("" when not)."""
         now = time.monotonic()
         # A default of 0.0 (or 1.0) means "long ago": the monotonic clock is far past either.
         # ">=" rather than ">" only matters to the exact microsecond.
-        if now - self._last_retention_trim.get(topic, 0.0) >= _RETENTION_EVERY:
-            self._last_retention_trim[topic] = now
-            oldest_kept = int(time.time() * 1000) - self._retention_ms
-            await self._redis.xtrim(key, minid=f"{oldest_kept}-0", approximate=True)  # (as XADD)
+        if now - self._last_retention_trim.get(topic, 0.0) < _RETENTION_EVERY:
+            return ""
+        self._last_retention_trim[topic] = now
+        return f"{int(time.time() * 1000) - self._retention_ms}-0"
+
+    async def _housekeeping(self, topic: str) -> None:
+        """Register the topic (for ``ls``); a failure here loses nothing."""
+        if topic in self._known_topics:
+            return
+        try:
+            await self._redis.sadd(self._keys.topics, topic)
+        except (RedisError, OSError) as exc:
+            log.warning("topic_housekeeping_failed", topic=topic, error=str(exc))
+        else:
+            self._known_topics.add(topic)

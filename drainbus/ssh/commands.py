@@ -27,6 +27,7 @@ from drainbus.bus import Bus
 from drainbus.bus.catalog import describe_topics, known_topics
 from drainbus.bus.connection import backend_error
 from drainbus.bus.fanout import Batch, TrimNotice
+from drainbus.bus.limits import PublishRefused
 from drainbus.bus.streams import MAX_SEQ, ZERO_ID, StreamId, parse_id, rfc3339
 from drainbus.config import Settings, parse_duration
 from drainbus.drain.receipts import (
@@ -254,6 +255,7 @@ class _LinePublisher:
         self.published = 0
         self.rejected = 0
         self.worst = ExitCode.OK
+        self.refusal: PublishRefused | None = None  # over a limit: nothing more is stored
 
     def feed(self, chunk: bytes) -> None:
         if self.check is None and not self.skipping and self._feed_fast(chunk):
@@ -330,6 +332,9 @@ class _LinePublisher:
     async def flush(self) -> None:
         while self.pending:
             batch, self.pending = self.pending[:_BATCH_LINES], self.pending[_BATCH_LINES:]
+            if self.refusal:  # the rest of stdin is refused unseen, and counted
+                self.ctx.bus.publisher.refuse_more(self.refusal, len(batch))
+                continue
             started = time.perf_counter()
             try:
                 ids = await self.ctx.bus.publisher.publish(
@@ -339,6 +344,8 @@ class _LinePublisher:
                     raw=self.raw,
                     pack=self.check is None,  # checked lines stay one entry each (the drain's unit)
                 )
+            except PublishRefused as exc:  # its first exc.stored lines were stored
+                self.refusal, ids, batch = exc, exc.ids, batch[: exc.stored]
             except BackendError as exc:
                 exc.message += (
                     f"; {self.published} message(s) of this session were stored before it, "
@@ -352,6 +359,9 @@ class _LinePublisher:
             MESSAGES_PUBLISHED.labels(topic_label(self.topic)).inc(len(batch))
 
     def report(self) -> int:
+        if self.refusal:
+            self.ctx.stderr(self.refusal.summary(self.published, self.refusal.refused))
+            return int(ExitCode.TEMPFAIL)
         if self.rejected:
             self.ctx.stderr(
                 f"drainbus: {self.published} message(s) published, {self.rejected} line(s) rejected"
