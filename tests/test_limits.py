@@ -233,6 +233,27 @@ async def test_topic_byte_cap_trims_the_oldest_and_gives_the_owner_room_back(
     assert int(usage[b"alice/log"]) <= 8 * 1024 + 64 * 4  # sizes count 64 bytes per entry
 
 
+async def test_a_leaked_reservation_is_recounted_before_it_refuses(
+    redis_url: str, namespace: str
+) -> None:
+    """A batch cut off between reserving and appending leaves its bytes counted; before that
+    refuses anyone, the owner's streams are counted again, and the publish goes through."""
+    client = Redis.from_url(redis_url)
+    keys = Keys(namespace)
+    limits = Limits(max_user_bytes=10_000)
+    publisher = Publisher(client, keys, max_len=1000, retention=3600, limits=limits)
+    try:
+        await publisher.publish("alice/x", [b"a" * 1000], user="alice")
+        await client.hincrby(keys.usage("alice"), "alice/x", 50_000)  # a batch cut off
+
+        await publisher.publish("alice/x", [b"b" * 1000], user="alice")
+
+        assert await client.hgetall(keys.usage("alice")) == {b"alice/x": b"%d" % (2 * 1064)}
+        assert await client.xlen(keys.stream("alice/x")) == 2
+    finally:
+        await client.aclose()
+
+
 # --- the embedded server's memory -----------------------------------------------------------
 
 

@@ -16,7 +16,10 @@ atomically by one script per publish batch; no process keeps a budget of its own
   a hash per owner (``{OWNER}:usage``, topic -> bytes) in the owner's slot. A topic's stream is
   in its own slot (Redis Cluster cannot touch both in one script), so a batch first reserves
   its bytes there (:data:`RESERVE`), then appends, then gives back what trimming freed
-  (:data:`CREDIT`). A topic leaves the count once nothing of it is stored.
+  (:data:`CREDIT`). A topic leaves the count once nothing of it is stored. A batch cut off
+  between the steps (a crash, a timeout) leaves the hash off by that batch, so an owner who
+  is refused has it counted again from the streams (:func:`recount_usage`) before the
+  refusal stands, at most once a minute per process.
 
 A size is the message bytes of an entry plus :data:`ENTRY_OVERHEAD` for its other fields, so
 tiny entries cannot hide their cost. A message is "owned" by the first segment of its topic
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from drainbus.bus.connection import RedisClient
+from drainbus.bus.streams import Keys, read_rows
 from drainbus.config import Settings
 from drainbus.errors import LimitExceeded
 from drainbus.metrics import PUBLISH_REFUSED
@@ -46,6 +51,7 @@ __all__ = [
     "RefusalLog",
     "human_bytes",
     "publish_limits",
+    "recount_usage",
 ]
 
 log = structlog.get_logger(__name__)
@@ -208,6 +214,24 @@ class Limits:
     def exempt(self, user: str) -> bool:
         """True for an admin: never refused (what they store still counts)."""
         return user.casefold() in self.admins
+
+
+async def recount_usage(redis: RedisClient, keys: Keys, owner: str) -> None:
+    """Set ``owner``'s usage hash to what their topics' streams hold now.
+
+    Not atomic across slots: a batch reserved but not yet appended while this runs is left
+    out, so the hash may then be short by the batches in flight at that moment.
+    """
+    usage = keys.usage(owner)
+    for raw in await redis.hkeys(usage):
+        topic = raw.decode() if isinstance(raw, bytes) else str(raw)
+        total = int(await redis.get(keys.stream_bytes(topic)) or 0)
+        first = await read_rows(redis, keys.stream(topic), count=1)
+        held = total - int(first[0][1].get(b"o", 0)) if first else 0
+        if held > 0:
+            await redis.hset(usage, topic, held)
+        else:
+            await redis.hdel(usage, topic)
 
 
 def publish_limits(settings: Settings) -> Limits:

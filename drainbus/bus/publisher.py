@@ -29,6 +29,7 @@ from drainbus.bus.limits import (
     PublishRefused,
     RefusalLog,
     human_bytes,
+    recount_usage,
 )
 from drainbus.bus.streams import Keys, StreamId, entry_fields, parse_id
 
@@ -37,6 +38,7 @@ __all__ = ["APPEND_ENTRIES", "Publisher", "append_args"]
 log = structlog.get_logger(__name__)
 
 _RETENTION_EVERY = 30.0
+_RECOUNT_EVERY = 60.0  # seconds between recounts of one owner's usage, per process
 ENTRY_BYTES = 64 * 1024
 """How much a packed entry holds (a single longer message gets an entry of its own)."""
 
@@ -112,6 +114,7 @@ class Publisher:
         self._limits = limits or Limits()
         self._known_topics: set[str] = set()
         self._last_retention_trim: dict[str, float] = {}
+        self._last_recount: dict[str, float] = {}
         self._append = redis.register_script(APPEND)
         self._reserve = redis.register_script(RESERVE)
         self._credit = redis.register_script(CREDIT)
@@ -179,10 +182,15 @@ class Publisher:
         self, owner: str, topic: str, user: str, sizes: list[int]
     ) -> tuple[int, str]:
         quota = -1 if self._limits.exempt(user) else self._limits.max_user_bytes
-        granted, _used, reason = await self._reserve(
-            keys=[self._keys.usage(owner)],
-            args=[topic, quota, self._limits.max_topics_per_user, *sizes],
-        )
+        args: list[EncodableT] = [topic, quota, self._limits.max_topics_per_user, *sizes]
+        granted, _used, reason = await self._reserve(keys=[self._keys.usage(owner)], args=args)
+        now = time.monotonic()
+        if reason and now - self._last_recount.get(owner, -_RECOUNT_EVERY) >= _RECOUNT_EVERY:
+            # Before refusing, make sure the count is not off (see recount_usage); the
+            # recount also replaces what this call just reserved for the topic.
+            self._last_recount[owner] = now
+            await recount_usage(self._redis, self._keys, owner)
+            granted, _used, reason = await self._reserve(keys=[self._keys.usage(owner)], args=args)
         return int(granted), reason.decode() if isinstance(reason, bytes) else str(reason)
 
     async def _append_entries(
