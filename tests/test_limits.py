@@ -17,9 +17,18 @@ from drainbus.bus.embedded import EmbeddedRedis, default_maxmemory
 from drainbus.bus.limits import Limits, PublishRefused, RefusalLog
 from drainbus.bus.publisher import Publisher
 from drainbus.bus.streams import Keys
+from drainbus.hooks.watch import Attempt, Watcher
 from drainbus.metrics import PUBLISH_REFUSED
 from tests.conftest import RunningBus, User, run_ssh
-from tests.test_hooks import bus_args, clean_env, drainbus, known_hosts_for
+from tests.test_hooks import (
+    bus_args,
+    clean_env,
+    drainbus,
+    hooks_settings,
+    known_hosts_for,
+    next_delivery,
+    running,
+)
 
 StartBus = Callable[..., Awaitable[RunningBus]]
 AddUser = Callable[[str], User]
@@ -130,6 +139,33 @@ async def test_drainbus_pub_and_git_hook_see_the_same_refusal(
     assert hook.code == 75
     assert "0 message(s) stored, 1 refused" in hook.stderr
     assert await stored_by(node, "cache-drain", "acme") == 5
+
+
+async def test_hook_watch_resends_only_what_the_rate_limit_refused(
+    start_bus: StartBus, add_user: AddUser, tmp_path: Path
+) -> None:
+    """A watcher's batch over the burst: the keys stored leave the spool, only the refused
+    ones are sent again, so each changed site is purged once and none is lost."""
+    acme = add_user("acme")
+    node = await start_bus(drain={"max_purges_per_user": 600, "purge_burst_per_user": 5})
+    keys = [f"acme-s{n}" for n in range(8)]
+    settings = hooks_settings(node.port, acme, tmp_path)
+    settings.spool_path.parent.mkdir(parents=True)
+    settings.spool_path.write_text("\n".join(keys) + "\n")  # one batch of 8 at start
+    (tmp_path / "sites").mkdir()
+    attempts: asyncio.Queue[Attempt] = asyncio.Queue()
+    watcher = Watcher(
+        tmp_path / "sites", settings, on_attempt=attempts.put_nowait, retry_initial=0.3
+    )
+
+    async with running(watcher):
+        first = await attempts.get()
+        await next_delivery(attempts)
+
+    assert (first.exit_code, first.stored) == (75, 5)
+    rows = await node.bus.redis.xrange(node.bus.keys.stream("cache-drain"))
+    assert sorted(fields[b"d"].decode() for _, fields in rows) == keys
+    assert settings.spool_path.read_text() == ""
 
 
 def test_refusals_are_logged_per_user_topic_and_interval() -> None:
