@@ -20,6 +20,7 @@ from drainbus.bus.streams import Keys
 from drainbus.hooks.watch import Attempt, Watcher
 from drainbus.metrics import PUBLISH_REFUSED
 from tests.conftest import RunningBus, User, run_ssh
+from tests.redis_topology import Cluster
 from tests.test_hooks import (
     bus_args,
     clean_env,
@@ -288,6 +289,34 @@ async def test_a_leaked_reservation_is_recounted_before_it_refuses(
         assert await client.xlen(keys.stream("alice/x")) == 2
     finally:
         await client.aclose()
+
+
+async def test_quotas_hold_on_redis_cluster(
+    start_bus: StartBus, add_user: AddUser, redis_cluster: Cluster
+) -> None:
+    """On Redis Cluster a user's topics and their usage are in different slots: the bytes are
+    reserved first, and the quotas hold the same way."""
+    alice = add_user("alice")
+    node = await start_bus(
+        redis_url=redis_cluster.url,
+        server={"max_user_bytes": 4096, "max_topics_per_user": 2},
+    )
+    chunk = b"c" * 1500 + b"\n"
+
+    fits = [
+        (await run_ssh(node.port, alice.key_file, "pub", topic, stdin=chunk)).code
+        for topic in ("alice/a", "alice/b")
+    ]
+    over_bytes = await run_ssh(node.port, alice.key_file, "pub", "alice/b", stdin=chunk)
+    over_topics = await run_ssh(node.port, alice.key_file, "pub", "alice/c", stdin=b"m\n")
+
+    assert fits == [0, 0]
+    assert over_bytes.code == 75
+    assert "0 message(s) stored, 1 refused" in over_bytes.stderr
+    assert "server.max_user_bytes" in over_bytes.stderr
+    assert over_topics.code == 75
+    assert "server.max_topics_per_user" in over_topics.stderr
+    assert [await stored_by(node, t) for t in ("alice/a", "alice/b", "alice/c")] == [1, 1, 0]
 
 
 # --- the embedded server's memory -----------------------------------------------------------

@@ -13,10 +13,11 @@ atomically by one script per publish batch; no process keeps a budget of its own
   ``XRANGE - + COUNT 1``, whatever trimmed it. Over the cap, the script trims the oldest
   entries by id (``XTRIM MINID``), reading them 100 at a time, and always keeps the newest.
 - **Bytes and topics per user** (``server.max_user_bytes``, ``server.max_topics_per_user``):
-  a hash per owner (``{OWNER}:usage``, topic -> bytes) in the owner's slot. A topic's stream is
-  in its own slot (Redis Cluster cannot touch both in one script), so a batch first reserves
-  its bytes there (:data:`RESERVE`), then appends, then gives back what trimming freed
-  (:data:`CREDIT`). A topic leaves the count once nothing of it is stored. A batch cut off
+  a hash per owner (``{OWNER}:usage``, topic -> bytes) in the owner's slot. On one server the
+  append script checks and counts it in the same call. On Redis Cluster a topic's stream is
+  in another slot than the hash, so a batch first reserves its bytes there (:data:`RESERVE`),
+  then appends, then gives back what trimming freed (:data:`CREDIT`). A topic leaves the count
+  once nothing of it is stored. A batch cut off
   between the steps (a crash, a timeout) leaves the hash off by that batch, so an owner who
   is refused has it counted again from the streams (:func:`recount_usage`) before the
   refusal stands, at most once a minute per process.
@@ -59,14 +60,34 @@ log = structlog.get_logger(__name__)
 ENTRY_OVERHEAD = 64
 """Bytes an entry counts beyond its message: its id, user, message id and time fields."""
 
-# KEYS[1] stream, KEYS[2] its byte count, KEYS[3] the publisher's token bucket.
+# Bytes ``topic``'s owner may still store on it (math.huge: no quota; -1: it would be a
+# topic over max_topics). quota < 0 counts without refusing (an admin).
+_ROOM = """
+local function room(usage, topic, quota, max_topics)
+  if quota < 0 then return math.huge end
+  if redis.call('HEXISTS', usage, topic) == 0 and redis.call('HLEN', usage) >= max_topics then
+    return -1
+  end
+  local used = 0
+  for _, v in ipairs(redis.call('HVALS', usage)) do used = used + tonumber(v) end
+  return quota - used
+end
+"""
+
+# KEYS[1] stream, KEYS[2] its byte count, KEYS[3] the publisher's token bucket, and KEYS[4]
+# the owner's usage hash when it is in the same server (not Redis Cluster): then the quota
+# is checked and counted here, in the same round trip.
 # ARGV: MAXLEN (~), byte cap (0: none), tokens per ms (0: no rate limit), burst, MINID (~)
-# for time retention ("": not this time); then per entry: its cost in tokens (lines), its
-# size, how many fields, field, value, ...
-# Returns {entries stored, bytes trimmed, ms until the next refused entry fits, ids...}.
-APPEND = """
-local stream, count_key, bucket = KEYS[1], KEYS[2], KEYS[3]
+# for time retention ("": not this time), topic, byte quota, topic quota; then per entry:
+# its cost in tokens (lines), its size, how many fields, field, value, ...
+# Returns {entries stored, bytes trimmed, ms until the next refused entry fits,
+# "" | "rate" | "bytes" | "topics", ids...}.
+APPEND = (
+    _ROOM
+    + """
+local stream, count_key, bucket, usage = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local cap, rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local topic = ARGV[6]
 
 local function offset(row)
   for f = 1, #row[2], 2 do
@@ -83,6 +104,8 @@ end
 
 local total = tonumber(redis.call('GET', count_key) or '0')
 local before = held(total)
+local free = math.huge
+if usage then free = room(usage, topic, tonumber(ARGV[7]), tonumber(ARGV[8])) end
 local tokens, now = -1, 0
 if rate > 0 then
   local t = redis.call('TIME')
@@ -92,11 +115,13 @@ if rate > 0 then
   tokens = math.min(burst, tokens + math.max(0, now - (tonumber(state[2]) or now)) * rate)
 end
 
-local ids, added, wait, i = {}, 0, 0, 6
+local ids, added, wait, refused, i = {}, 0, 0, '', 9
 while i <= #ARGV do
   local cost, size, fields = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  if free < 0 then refused = 'topics' break end
+  if added + size > free then refused = 'bytes' break end
   if tokens >= 0 and tokens < cost then
-    wait = math.ceil((cost - tokens) / rate)
+    refused, wait = 'rate', math.ceil((cost - tokens) / rate)
     break
   end
   if tokens >= 0 then tokens = tokens - cost end
@@ -134,35 +159,38 @@ if cap > 0 and after > cap then
   after = held(total)
 end
 
-local reply = {#ids, before + added - after, wait}
+local trimmed = before + added - after
+if usage and added ~= trimmed then
+  if redis.call('HINCRBY', usage, topic, added - trimmed) <= 0 then
+    redis.call('HDEL', usage, topic)
+  end
+end
+local reply = {#ids, trimmed, wait, refused}
 for _, id in ipairs(ids) do reply[#reply + 1] = id end
 return reply
 """
+)
 
-# KEYS[1]: the owner's usage hash. ARGV: topic, byte quota (-1: count but never refuse),
-# topic quota, then each entry's size. Reserves the longest prefix that fits.
-# Returns {entries granted, bytes in use before, "" | "bytes" | "topics"}.
-RESERVE = """
+# Redis Cluster, where the usage hash is in another slot than the stream: reserve first.
+# KEYS[1]: the owner's usage hash. ARGV: topic, byte quota, topic quota, then each entry's
+# size. Reserves the longest prefix that fits.
+# Returns {entries granted, "" | "bytes" | "topics"}.
+RESERVE = (
+    _ROOM
+    + """
 local usage, topic = KEYS[1], ARGV[1]
-local quota, max_topics = tonumber(ARGV[2]), tonumber(ARGV[3])
-local used = 0
-for _, v in ipairs(redis.call('HVALS', usage)) do used = used + tonumber(v) end
-if quota >= 0 and redis.call('HEXISTS', usage, topic) == 0
-    and redis.call('HLEN', usage) >= max_topics then
-  return {0, used, 'topics'}
-end
-local granted, bytes = 0, 0
+local free = room(usage, topic, tonumber(ARGV[2]), tonumber(ARGV[3]))
+if free < 0 then return {0, 'topics'} end
+local granted, bytes, refused = 0, 0, ''
 for i = 4, #ARGV do
   local size = tonumber(ARGV[i])
-  if quota >= 0 and used + bytes + size > quota then
-    if granted > 0 then redis.call('HINCRBY', usage, topic, bytes) end
-    return {granted, used, 'bytes'}
-  end
+  if bytes + size > free then refused = 'bytes' break end
   granted, bytes = granted + 1, bytes + size
 end
-redis.call('HINCRBY', usage, topic, bytes)
-return {granted, used, ''}
+if granted > 0 then redis.call('HINCRBY', usage, topic, bytes) end
+return {granted, refused}
 """
+)
 
 # KEYS[1]: the owner's usage hash. ARGV: topic, bytes no longer stored (trimmed, or reserved
 # and then not appended). Allowed when out of memory: it only ever frees.

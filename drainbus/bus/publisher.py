@@ -14,9 +14,11 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import structlog
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import OutOfMemoryError, RedisError
 from redis.typing import EncodableT, FieldT
 
 from drainbus.bus.connection import RedisClient, backend_error
@@ -31,7 +33,7 @@ from drainbus.bus.limits import (
     human_bytes,
     recount_usage,
 )
-from drainbus.bus.streams import Keys, StreamId, entry_fields, parse_id
+from drainbus.bus.streams import Keys, StreamId, entry_fields, parse_id, text
 
 __all__ = ["APPEND_ENTRIES", "Publisher", "append_args"]
 
@@ -91,6 +93,26 @@ def pack_messages(messages: Sequence[bytes]) -> list[list[bytes]]:
     return entries
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """One publish call's entries: their messages, fields and sizes, in order."""
+
+    topic: str
+    user: str
+    owner: str | None  # whose storage quota the topic counts against
+    groups: list[list[bytes]]
+    entries: list[dict[FieldT, EncodableT]]
+    sizes: list[int]
+
+    def first(self, n: int) -> _Batch:
+        """This batch's first ``n`` entries."""
+        return replace(self, groups=self.groups[:n], entries=self.entries[:n], sizes=self.sizes[:n])
+
+    def after(self, n: int) -> _Batch:
+        """This batch without its first ``n`` entries."""
+        return replace(self, groups=self.groups[n:], entries=self.entries[n:], sizes=self.sizes[n:])
+
+
 class Publisher:
     """Appends messages to topics; one per process, shared by every session.
 
@@ -115,6 +137,8 @@ class Publisher:
         self._known_topics: set[str] = set()
         self._last_retention_trim: dict[str, float] = {}
         self._last_recount: dict[str, float] = {}
+        # On Redis Cluster a topic and its owner's usage hash are in different slots.
+        self._cluster = isinstance(redis, RedisCluster)
         self._append = redis.register_script(APPEND)
         self._reserve = redis.register_script(RESERVE)
         self._credit = redis.register_script(CREDIT)
@@ -154,59 +178,80 @@ class Publisher:
         ]
         sizes = [len(d) + ENTRY_OVERHEAD for d in data]
         owner = self._limits.owner_of(topic)
-        granted, refusal, reserved = len(entries), "", 0
+        batch = _Batch(topic, user, owner, groups, entries, sizes)
+        ids, wait_ms, reason = await self._store(batch)
+        if reason in {"bytes", "topics"} and self._recount_due(owner):
+            # Before a quota refusal stands, make sure the count is not off (recount_usage).
+            assert owner is not None
+            try:
+                await recount_usage(self._redis, self._keys, owner)
+            except (RedisError, OSError) as exc:  # then the refusal stands as counted
+                log.warning("quota_recount_failed", owner=owner, error=str(exc))
+            else:
+                more, wait_ms, reason = await self._store(batch.after(len(ids)))
+                ids += more
+        await self._housekeeping(topic)
+        if len(ids) < len(entries):
+            retry = wait_ms / 1000 if reason == "rate" else None
+            raise self._refused(topic, user, reason, groups, ids=ids, retry_after=retry)
+        return ids
+
+    async def _store(self, batch: _Batch) -> tuple[list[StreamId], int, str]:
+        """Store what fits of ``batch``: (the ids stored, ms until a refused entry fits, why
+        the rest was refused: "" none was, "rate", "bytes", "topics" or "memory")."""
+        owner, topic = batch.owner, batch.topic
+        reserve_first = owner is not None and self._cluster
+        granted, refusal, reserved = len(batch.entries), "", 0
         try:
-            if owner is not None:
-                granted, refusal = await self._reserve_bytes(owner, topic, user, sizes)
-                reserved = sum(sizes[:granted])
-            reply = await self._append_entries(topic, user, groups, entries[:granted], sizes)
-        except ResponseError as exc:
-            await self._give_back(owner, topic, reserved)
-            if not isinstance(exc, OutOfMemoryError):
-                raise backend_error(exc, f"publishing to '{topic}'") from exc
-            raise self._refused(topic, user, "memory", groups) from None
+            if reserve_first:
+                assert owner is not None
+                granted, refusal = await self._reserve_bytes(owner, topic, batch.user, batch.sizes)
+                reserved = sum(batch.sizes[:granted])
+            appended, trimmed, wait_ms, reason, ids = await self._append_entries(
+                batch.first(granted), usage=None if reserve_first else owner
+            )
         except (RedisError, OSError) as exc:
             await self._give_back(owner, topic, reserved)
+            if isinstance(exc, OutOfMemoryError):
+                return [], 0, "memory"
             raise backend_error(exc, f"publishing to '{topic}'") from exc
-        appended, trimmed, wait_ms, stored_ids = reply
-        # Bytes reserved but not appended (refused by the rate limit), and bytes trimmed.
-        await self._give_back(owner, topic, trimmed + sum(sizes[appended:granted]))
-        await self._housekeeping(topic)
-        if appended < len(entries):
-            reason = "rate" if appended < granted else refusal
-            retry = wait_ms / 1000 if reason == "rate" else None
-            raise self._refused(topic, user, reason, groups, ids=stored_ids, retry_after=retry)
-        return stored_ids
+        if reserve_first:  # give back what was reserved but not appended, and what was trimmed
+            await self._give_back(owner, topic, trimmed + sum(batch.sizes[appended:granted]))
+        return ids, wait_ms, reason or refusal
+
+    def _recount_due(self, owner: str | None) -> bool:
+        now = time.monotonic()
+        if owner is None or now - self._last_recount.get(owner, -_RECOUNT_EVERY) < _RECOUNT_EVERY:
+            return False
+        self._last_recount[owner] = now
+        return True
 
     async def _reserve_bytes(
         self, owner: str, topic: str, user: str, sizes: list[int]
     ) -> tuple[int, str]:
-        quota = -1 if self._limits.exempt(user) else self._limits.max_user_bytes
-        args: list[EncodableT] = [topic, quota, self._limits.max_topics_per_user, *sizes]
-        granted, _used, reason = await self._reserve(keys=[self._keys.usage(owner)], args=args)
-        now = time.monotonic()
-        if reason and now - self._last_recount.get(owner, -_RECOUNT_EVERY) >= _RECOUNT_EVERY:
-            # Before refusing, make sure the count is not off (see recount_usage); the
-            # recount also replaces what this call just reserved for the topic.
-            self._last_recount[owner] = now
-            await recount_usage(self._redis, self._keys, owner)
-            granted, _used, reason = await self._reserve(keys=[self._keys.usage(owner)], args=args)
-        return int(granted), reason.decode() if isinstance(reason, bytes) else str(reason)
+        """Redis Cluster: reserve the longest prefix of ``sizes`` in the owner's quota."""
+        args: list[EncodableT] = [topic, self._quota(user), self._limits.max_topics_per_user]
+        args += sizes
+        granted, reason = await self._reserve(keys=[self._keys.usage(owner)], args=args)
+        return int(granted), text(reason)
+
+    def _quota(self, user: str) -> int:
+        """``user``'s byte quota as the scripts take it: -1 counts without refusing."""
+        return -1 if self._limits.exempt(user) else self._limits.max_user_bytes
 
     async def _append_entries(
-        self,
-        topic: str,
-        user: str,
-        groups: list[list[bytes]],
-        entries: list[dict[FieldT, EncodableT]],
-        sizes: list[int],
-    ) -> tuple[int, int, int, list[StreamId]]:
-        """Append ``entries``; return (how many, bytes trimmed, ms to wait, their ids)."""
+        self, batch: _Batch, *, usage: str | None
+    ) -> tuple[int, int, int, str, list[StreamId]]:
+        """Append what fits of ``batch`` (checking ``usage``'s quota too, when given);
+        return (how many, bytes trimmed, ms to wait, why the rest was refused, their ids)."""
+        topic, user = batch.topic, batch.user
         rate, burst = self._limits.rate_for(topic, user)
-        minid = self._retention_due(topic)
-        args: list[EncodableT] = [self._max_len, self._limits.max_topic_bytes, repr(rate), burst]
-        args.append(minid)
-        for group, fields, size in zip(groups, entries, sizes, strict=False):
+        args: list[EncodableT] = [
+            self._max_len, self._limits.max_topic_bytes, repr(rate), burst,
+            self._retention_due(topic), topic, self._quota(user),
+            self._limits.max_topics_per_user,
+        ]  # fmt: skip
+        for group, fields, size in zip(batch.groups, batch.entries, batch.sizes, strict=True):
             args += [len(group), size, len(fields)]
             for name, value in fields.items():
                 args += [name, value]
@@ -215,8 +260,10 @@ class Publisher:
             self._keys.stream_bytes(topic),
             self._keys.purge_bucket(topic, user),
         ]
-        appended, trimmed, wait_ms, *ids = await self._append(keys=keys, args=args)
-        return int(appended), int(trimmed), int(wait_ms), [parse_id(i) for i in ids]
+        if usage is not None:
+            keys.append(self._keys.usage(usage))
+        appended, trimmed, wait_ms, reason, *ids = await self._append(keys=keys, args=args)
+        return (int(appended), int(trimmed), int(wait_ms), text(reason), [parse_id(i) for i in ids])
 
     async def _give_back(self, owner: str | None, topic: str, size: int) -> None:
         """Credit ``size`` bytes no longer stored to ``owner``; a failure only over-counts."""
