@@ -17,10 +17,9 @@ atomically by one script per publish batch; no process keeps a budget of its own
   append script checks and counts it in the same call. On Redis Cluster a topic's stream is
   in another slot than the hash, so a batch first reserves its bytes there (:data:`RESERVE`),
   then appends, then gives back what trimming freed (:data:`CREDIT`). A topic leaves the count
-  once nothing of it is stored. A batch cut off
-  between the steps (a crash, a timeout) leaves the hash off by that batch, so an owner who
-  is refused has it counted again from the streams (:func:`recount_usage`) before the
-  refusal stands, at most once a minute per process.
+  once nothing of it is stored. A count can drift (a batch cut off between those steps, a
+  timeout after a script ran), so before a quota refusal stands the owner's usage is counted
+  again from the streams (:func:`recount_usage`), at most once a minute per owner and process.
 
 A size is the message bytes of an entry plus :data:`ENTRY_OVERHEAD` for its other fields, so
 tiny entries cannot hide their cost. A message is "owned" by the first segment of its topic
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 import structlog
 
 from drainbus.bus.connection import RedisClient
-from drainbus.bus.streams import Keys, read_rows
+from drainbus.bus.streams import Keys, read_rows, text
 from drainbus.config import Settings
 from drainbus.errors import LimitExceeded
 from drainbus.metrics import PUBLISH_REFUSED
@@ -56,6 +55,8 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+_REFUSALS_REMEMBERED = 10_000  # (user, topic, reason) whose last log time RefusalLog keeps
 
 ENTRY_OVERHEAD = 64
 """Bytes an entry counts beyond its message: its id, user, message id and time fields."""
@@ -252,7 +253,7 @@ async def recount_usage(redis: RedisClient, keys: Keys, owner: str) -> None:
     """
     usage = keys.usage(owner)
     for raw in await redis.hkeys(usage):
-        topic = raw.decode() if isinstance(raw, bytes) else str(raw)
+        topic = text(raw)
         total = int(await redis.get(keys.stream_bytes(topic)) or 0)
         first = await read_rows(redis, keys.stream(topic), count=1)
         held = total - int(first[0][1].get(b"o", 0)) if first else 0
@@ -331,6 +332,8 @@ class RefusalLog:
         self._pending[key] = self._pending.get(key, 0) + count
         now = time.monotonic()
         if now - self._last.get(key, -math.inf) >= self._interval:
+            if len(self._last) > _REFUSALS_REMEMBERED:  # forget the quiet ones: bounded
+                self._last = {k: t for k, t in self._last.items() if now - t < self._interval}
             self._last[key] = now
             self._log(key)
 
