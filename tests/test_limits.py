@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from drainbus.bus.embedded import EmbeddedRedis, default_maxmemory
 from drainbus.bus.limits import Limits, PublishRefused, RefusalLog
 from drainbus.bus.publisher import Publisher
-from drainbus.bus.streams import Keys
+from drainbus.bus.streams import Keys, Row, read_rows
 from drainbus.hooks.watch import Attempt, Watcher
 from drainbus.metrics import PUBLISH_REFUSED
 from tests.conftest import RunningBus, User, run_ssh
@@ -42,9 +42,14 @@ def purges(user: str, n: int) -> bytes:
     return b"".join(b"%s-site%d\n" % (user.encode(), i) for i in range(n))
 
 
+async def rows_of(node: RunningBus, topic: str) -> list[Row]:
+    """The entries of ``topic``'s stream, as stored."""
+    return await read_rows(node.bus.redis, node.bus.keys.stream(topic))
+
+
 async def stored_by(node: RunningBus, topic: str, user: str | None = None) -> int:
     """How many entries ``topic``'s stream holds (from ``user`` only, if given)."""
-    rows = await node.bus.redis.xrange(node.bus.keys.stream(topic))
+    rows = await rows_of(node, topic)
     return sum(1 for _, fields in rows if user is None or fields[b"u"] == user.encode())
 
 
@@ -93,7 +98,7 @@ async def test_a_refused_session_refuses_the_rest_of_its_input_and_counts_it(
 
     assert result.code == 75
     assert "5 message(s) stored, 4995 refused" in result.stderr
-    rows = await node.bus.redis.xrange(node.bus.keys.stream("cache-drain"))
+    rows = await rows_of(node, "cache-drain")
     assert [fields[b"d"] for _, fields in rows] == purges("acme", 5).split()
 
 
@@ -164,7 +169,7 @@ async def test_hook_watch_resends_only_what_the_rate_limit_refused(
         await next_delivery(attempts)
 
     assert (first.exit_code, first.stored) == (75, 5)
-    rows = await node.bus.redis.xrange(node.bus.keys.stream("cache-drain"))
+    rows = await rows_of(node, "cache-drain")
     assert sorted(fields[b"d"].decode() for _, fields in rows) == keys
     assert settings.spool_path.read_text() == ""
 
@@ -216,9 +221,7 @@ async def test_raw_publisher_filling_their_quota_is_refused_and_others_still_pub
     stored = await stored_by(node, "alice/blob")
     assert 0 < stored < 64  # 16 KiB chunks: the quota holds a few, far from all 64
     assert f"{stored} message(s) stored" in line
-    held = sum(
-        len(f[b"d"]) for _, f in await node.bus.redis.xrange(node.bus.keys.stream("alice/blob"))
-    )
+    held = sum(len(f[b"d"]) for _, f in await rows_of(node, "alice/blob"))
     assert held <= 256 * 1024
     assert again.code == 75
     assert "server.max_user_bytes" in again.stderr
@@ -263,7 +266,7 @@ async def test_topic_byte_cap_trims_the_oldest_and_gives_the_owner_room_back(
     ]
 
     assert [r.code for r in results] == [0] * 10
-    rows = await node.bus.redis.xrange(node.bus.keys.stream("alice/log"))
+    rows = await rows_of(node, "alice/log")
     held = sum(len(f[b"d"]) for _, f in rows)
     assert 4000 <= held <= 8 * 1024
     usage = await node.bus.redis.hgetall(node.bus.keys.usage("alice"))
