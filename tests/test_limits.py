@@ -251,6 +251,23 @@ async def test_topic_count_per_user_is_limited(start_bus: StartBus, add_user: Ad
     assert first_again.code == 0
 
 
+async def test_admin_is_never_refused_but_what_they_store_counts(
+    start_bus: StartBus, add_user: AddUser
+) -> None:
+    """An admin writing into alice's topic goes past her quota; the bytes are hers, so
+    alice is refused after it."""
+    root, alice = add_user("root"), add_user("alice")
+    node = await start_bus(server={"max_user_bytes": 4096})
+
+    by_admin = await run_ssh(node.port, root.key_file, "pub", "alice/x", stdin=b"r" * 6000)
+    by_alice = await run_ssh(node.port, alice.key_file, "pub", "alice/x", stdin=b"a\n")
+
+    assert (by_admin.code, by_admin.stderr) == (0, "")
+    assert by_alice.code == 75
+    assert "server.max_user_bytes" in by_alice.stderr
+    assert await stored_by(node, "alice/x") == 1
+
+
 async def test_topic_byte_cap_trims_the_oldest_and_gives_the_owner_room_back(
     start_bus: StartBus, add_user: AddUser
 ) -> None:

@@ -61,17 +61,18 @@ _REFUSALS_REMEMBERED = 10_000  # (user, topic, reason) whose last log time Refus
 ENTRY_OVERHEAD = 64
 """Bytes an entry counts beyond its message: its id, user, message id and time fields."""
 
-# Bytes ``topic``'s owner may still store on it (math.huge: no quota; -1: it would be a
-# topic over max_topics). quota < 0 counts without refusing (an admin).
+# Bytes ``topic``'s owner may still store on it, and the quota that says so: "topics" (none
+# at all: it would be a topic over max_topics) or "bytes". quota < 0 counts without refusing
+# (an admin).
 _ROOM = """
 local function room(usage, topic, quota, max_topics)
-  if quota < 0 then return math.huge end
+  if quota < 0 then return math.huge, '' end
   if redis.call('HEXISTS', usage, topic) == 0 and redis.call('HLEN', usage) >= max_topics then
-    return -1
+    return -1, 'topics'
   end
   local used = 0
   for _, v in ipairs(redis.call('HVALS', usage)) do used = used + tonumber(v) end
-  return quota - used
+  return quota - used, 'bytes'
 end
 """
 
@@ -105,8 +106,8 @@ end
 
 local total = tonumber(redis.call('GET', count_key) or '0')
 local before = held(total)
-local free = math.huge
-if usage then free = room(usage, topic, tonumber(ARGV[7]), tonumber(ARGV[8])) end
+local free, quota_name = math.huge, ''
+if usage then free, quota_name = room(usage, topic, tonumber(ARGV[7]), tonumber(ARGV[8])) end
 local tokens, now = -1, 0
 if rate > 0 then
   local t = redis.call('TIME')
@@ -119,8 +120,7 @@ end
 local ids, added, wait, refused, i = {}, 0, 0, '', 9
 while i <= #ARGV do
   local cost, size, fields = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  if free < 0 then refused = 'topics' break end
-  if added + size > free then refused = 'bytes' break end
+  if added + size > free then refused = quota_name break end
   if tokens >= 0 and tokens < cost then
     refused, wait = 'rate', math.ceil((cost - tokens) / rate)
     break
@@ -180,12 +180,11 @@ RESERVE = (
     _ROOM
     + """
 local usage, topic = KEYS[1], ARGV[1]
-local free = room(usage, topic, tonumber(ARGV[2]), tonumber(ARGV[3]))
-if free < 0 then return {0, 'topics'} end
+local free, quota_name = room(usage, topic, tonumber(ARGV[2]), tonumber(ARGV[3]))
 local granted, bytes, refused = 0, 0, ''
 for i = 4, #ARGV do
   local size = tonumber(ARGV[i])
-  if bytes + size > free then refused = 'bytes' break end
+  if bytes + size > free then refused = quota_name break end
   granted, bytes = granted + 1, bytes + size
 end
 if granted > 0 then redis.call('HINCRBY', usage, topic, bytes) end
