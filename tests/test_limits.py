@@ -98,6 +98,7 @@ async def test_a_refused_session_refuses_the_rest_of_its_input_and_counts_it(
 
     assert result.code == 75
     assert "5 message(s) stored, 4995 refused" in result.stderr
+    assert "(all 4995 fit in about 4995 min at 1 a minute)" in result.stderr
     rows = await rows_of(node, "cache-drain")
     assert [fields[b"d"] for _, fields in rows] == purges("acme", 5).split()
 

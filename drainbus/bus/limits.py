@@ -278,7 +278,8 @@ def publish_limits(settings: Settings) -> Limits:
 class PublishRefused(LimitExceeded):
     """Part of a batch was over a limit: the first ``stored`` messages were stored (``ids``),
     the other ``refused`` were not. ``reason`` is ``rate``, ``bytes``, ``topics`` or
-    ``memory``; ``retry_after`` the seconds until a retry can succeed (None: unknown)."""
+    ``memory``; ``retry_after`` the seconds until a retry can succeed (None: unknown), and
+    ``per_minute`` how many lines the rate limit lets through a minute (rate refusals)."""
 
     def __init__(
         self,
@@ -291,6 +292,7 @@ class PublishRefused(LimitExceeded):
         refused: int,
         ids: list[tuple[int, int]],
         retry_after: float | None = None,
+        per_minute: int | None = None,
     ) -> None:
         super().__init__(message, topic=topic, user=user)
         self.reason = reason
@@ -298,14 +300,16 @@ class PublishRefused(LimitExceeded):
         self.refused = refused
         self.ids = ids
         self.retry_after = retry_after
+        self.per_minute = per_minute
 
     def summary(self, stored: int, refused: int) -> str:
         """One line for the publisher: ``stored``/``refused`` counted over the whole session."""
-        retry = (
-            f"; retry the refused ones in {math.ceil(self.retry_after)}s or later"
-            if self.retry_after is not None
-            else ""
-        )
+        retry = ""
+        if self.retry_after is not None:
+            retry = f"; retry the refused ones in {math.ceil(self.retry_after)}s or later"
+        if self.per_minute and refused > 1:  # a retry of all of them at once would be cut again
+            minutes = math.ceil(refused / self.per_minute)
+            retry += f" (all {refused} fit in about {minutes} min at {self.per_minute} a minute)"
         return (
             f"drainbus: {stored} message(s) stored, {refused} refused (every line from the "
             f"first refused one on): {self.message}{retry}"

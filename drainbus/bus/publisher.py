@@ -307,6 +307,7 @@ class Publisher:
         refusal = PublishRefused(
             message, reason=reason, user=user, topic=topic, ids=ids, stored=stored,
             refused=sum(map(len, groups)) - stored, retry_after=retry_after,
+            per_minute=limits.purges_per_minute if reason == "rate" else None,
         )  # fmt: skip
         self.refusals.add(refusal, refusal.refused)
         return refusal
