@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from drainbus.bus.connection import RedisClient
 from drainbus.bus.streams import Keys, format_id, rfc3339, stream_info, text
 
-__all__ = ["GroupSummary", "TopicSummary", "describe_topics", "known_topics", "topics_table"]
+__all__ = ["GroupSummary", "TopicSummary", "describe_topics", "known_topics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,29 +71,3 @@ async def describe_topics(
             )
         )
     return summaries
-
-
-def topics_table(summaries: list[TopicSummary]) -> str:
-    """The ``ls`` table: a header, then one aligned row per topic (groups last, unpadded)."""
-    rows = [("TOPIC", "ENTRIES", "LAST MESSAGE", "SUBSCRIBERS", "DEAD", "GROUPS")]
-    for s in summaries:
-        groups = ", ".join(
-            f"{g.name} (lag {'?' if g.lag is None else g.lag}, pending {g.pending})"
-            for g in s.groups
-        )
-        rows.append(
-            (
-                s.topic,
-                str(s.entries),
-                s.last_time or "-",
-                str(s.subscribers),
-                str(s.dead_letters),
-                groups or "-",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1]
-        for r in rows
-    ]
-    return "\n".join(lines) + "\n"

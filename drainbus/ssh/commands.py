@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from drainbus.acl import Access, check_topic_name
 from drainbus.bus import Bus
-from drainbus.bus.catalog import describe_topics, known_topics, topics_table
+from drainbus.bus.catalog import describe_topics, known_topics
 from drainbus.bus.connection import backend_error
 from drainbus.bus.fanout import Batch, TrimNotice
 from drainbus.bus.limits import PublishRefused
@@ -565,7 +565,28 @@ async def _ls(ctx: SessionContext, args: argparse.Namespace) -> int:
     if args.json:
         await ctx.stdout(b"".join(json.dumps(asdict(s)).encode() + b"\n" for s in summaries))
         return 0
-    await ctx.stdout(topics_table(summaries).encode())
+    rows = [("TOPIC", "ENTRIES", "LAST MESSAGE", "SUBSCRIBERS", "DEAD", "GROUPS")]
+    for s in summaries:
+        groups = ", ".join(
+            f"{g.name} (lag {'?' if g.lag is None else g.lag}, pending {g.pending})"
+            for g in s.groups
+        )
+        rows.append(
+            (
+                s.topic,
+                str(s.entries),
+                s.last_time or "-",
+                str(s.subscribers),
+                str(s.dead_letters),
+                groups or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1]
+        for r in rows
+    ]
+    await ctx.stdout(("\n".join(lines) + "\n").encode())
     return 0
 
 
