@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import NoReturn, TypeAlias, cast
+from typing import TypeAlias, cast
 
 import anyio
 import asyncssh
@@ -53,6 +53,7 @@ from drainbus.metrics import (
     record_deliveries,
     topic_label,
 )
+from drainbus.ssh.parsing import CommandParser, HelpRequested
 from drainbus.terminal import escape_controls, json_safe
 
 __all__ = ["COMMANDS", "LineCheck", "SessionContext", "parse_since", "run_command"]
@@ -96,35 +97,6 @@ class SessionContext:
         await self.process.stdout.drain()
 
 
-class _HelpRequested(Exception):
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing and exiting."""
-
-    def __init__(self, prog: str, description: str, epilog: str) -> None:
-        super().__init__(
-            prog=prog,
-            description=description,
-            epilog=epilog,
-            allow_abbrev=False,
-            exit_on_error=False,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
-
-    def print_help(self, file: object = None) -> None:
-        raise _HelpRequested(self.format_help())
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise UsageError(message or f"{self.prog}: invalid arguments")
-
-
 @dataclass(frozen=True)
 class Command:
     """A command: its one-line summary, an example, its parser and what it does."""
@@ -132,7 +104,7 @@ class Command:
     name: str
     summary: str
     example: str
-    parser: _Parser
+    parser: CommandParser
     run: Callable[[SessionContext, argparse.Namespace], Awaitable[int]]
 
 
@@ -657,7 +629,7 @@ def _command(
     example: str,
     run: Callable[[SessionContext, argparse.Namespace], Awaitable[int]],
 ) -> Command:
-    parser = _Parser(f"ssh bus {name}", summary, f"example:\n  {example}")
+    parser = CommandParser(f"ssh bus {name}", summary, f"example:\n  {example}")
     return Command(name, summary, example, parser, run)
 
 
@@ -777,7 +749,7 @@ async def run_command(ctx: SessionContext, command_line: str | None) -> int:
         except argparse.ArgumentError as exc:
             raise UsageError(f"{command.parser.prog}: {exc}") from None
         return await command.run(ctx, args)
-    except _HelpRequested as shown:
+    except HelpRequested as shown:
         await ctx.stdout(shown.text.encode())
         return 0
     except UsageError as exc:
