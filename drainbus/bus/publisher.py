@@ -139,9 +139,9 @@ class Publisher:
         self._last_recount: dict[str, float] = {}
         # On Redis Cluster a topic and its owner's usage hash are in different slots.
         self._cluster = isinstance(redis, RedisCluster)
-        self._append = redis.register_script(APPEND)
-        self._reserve = redis.register_script(RESERVE)
-        self._credit = redis.register_script(CREDIT)
+        self._append_script = redis.register_script(APPEND)
+        self._reserve_script = redis.register_script(RESERVE)
+        self._credit_script = redis.register_script(CREDIT)
         self.refusals = RefusalLog()
         """Refused publishes, logged aggregated; closed with the bus."""
 
@@ -207,7 +207,7 @@ class Publisher:
                 assert owner is not None
                 granted, refusal = await self._reserve_bytes(owner, topic, batch.user, batch.sizes)
                 reserved = sum(batch.sizes[:granted])
-            appended, trimmed, wait_ms, reason, ids = await self._append_entries(
+            appended, trimmed, wait_ms, reason, ids = await self._append_batch(
                 batch.first(granted), usage=None if reserve_first else owner
             )
         except (RedisError, OSError) as exc:
@@ -232,14 +232,14 @@ class Publisher:
         """Redis Cluster: reserve the longest prefix of ``sizes`` in the owner's quota."""
         args: list[EncodableT] = [topic, self._quota(user), self._limits.max_topics_per_user]
         args += sizes
-        granted, reason = await self._reserve(keys=[self._keys.usage(owner)], args=args)
+        granted, reason = await self._reserve_script(keys=[self._keys.usage(owner)], args=args)
         return int(granted), text(reason)
 
     def _quota(self, user: str) -> int:
         """``user``'s byte quota as the scripts take it: -1 counts without refusing."""
         return -1 if self._limits.exempt(user) else self._limits.max_user_bytes
 
-    async def _append_entries(
+    async def _append_batch(
         self, batch: _Batch, *, usage: str | None
     ) -> tuple[int, int, int, str, list[StreamId]]:
         """Append what fits of ``batch`` (checking ``usage``'s quota too, when given);
@@ -262,7 +262,7 @@ class Publisher:
         ]
         if usage is not None:
             keys.append(self._keys.usage(usage))
-        appended, trimmed, wait_ms, reason, *ids = await self._append(keys=keys, args=args)
+        appended, trimmed, wait_ms, reason, *ids = await self._append_script(keys=keys, args=args)
         return (int(appended), int(trimmed), int(wait_ms), text(reason), [parse_id(i) for i in ids])
 
     async def _give_back(self, owner: str | None, topic: str, size: int) -> None:
@@ -270,7 +270,7 @@ class Publisher:
         if owner is None or size <= 0:
             return
         try:
-            await self._credit(keys=[self._keys.usage(owner)], args=[topic, size])
+            await self._credit_script(keys=[self._keys.usage(owner)], args=[topic, size])
         except (RedisError, OSError) as exc:
             log.warning("quota_credit_failed", topic=topic, bytes=size, error=str(exc))
 
