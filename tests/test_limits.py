@@ -250,6 +250,9 @@ async def test_topic_count_per_user_is_limited(start_bus: StartBus, add_user: Ad
     assert "0 message(s) stored" in third.stderr
     assert await stored_by(node, "alice/c") == 0
     assert first_again.code == 0
+    listed = await run_ssh(node.port, alice.key_file, "ls")
+    assert b"alice/a" in listed.stdout
+    assert b"alice/c" not in listed.stdout  # refused whole: not a topic
 
 
 async def test_admin_is_never_refused_but_what_they_store_counts(

@@ -190,7 +190,8 @@ class Publisher:
             else:
                 more, wait_ms, reason = await self._store(batch.after(len(ids)))
                 ids += more
-        await self._housekeeping(topic)
+        if ids:  # a topic whose first publish was refused whole is not listed (ls)
+            await self._housekeeping(topic)
         if len(ids) < len(entries):
             retry = wait_ms / 1000 if reason == "rate" else None
             raise self._refused(topic, user, reason, groups, ids=ids, retry_after=retry)
