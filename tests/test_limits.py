@@ -343,6 +343,28 @@ async def test_quotas_hold_on_redis_cluster(
     assert [await stored_by(node, t) for t in ("alice/a", "alice/b", "alice/c")] == [1, 1, 0]
 
 
+async def test_a_lowered_byte_cap_trims_many_entries_at_once_keeping_the_newest(
+    redis_url: str, namespace: str
+) -> None:
+    """Lowering topics.max_bytes under what a stream holds cuts it back at the next publish:
+    exactly the newest entries that fit stay, however many have to go."""
+    client = Redis.from_url(redis_url)
+    keys = Keys(namespace)
+    uncapped = Publisher(client, keys, max_len=1000, retention=3600)
+    capped = Publisher(
+        client, keys, max_len=1000, retention=3600, limits=Limits(max_topic_bytes=10 * 164)
+    )
+    try:
+        for n in range(60):
+            await uncapped.publish("t/log", [b"%03d" % n + b"x" * 97], user="alice")
+        await capped.publish("t/log", [b"new" + b"x" * 97], user="alice")
+
+        kept = [fields[b"d"][:3] for _, fields in await read_rows(client, keys.stream("t/log"))]
+        assert kept == [b"%03d" % n for n in range(51, 60)] + [b"new"]  # 10 of 164 bytes each
+    finally:
+        await client.aclose()
+
+
 # --- the embedded server's memory -----------------------------------------------------------
 
 

@@ -11,7 +11,8 @@ atomically by one script per publish batch; no process keeps a budget of its own
   the stream had taken in before it, and ``{TOPIC}:bytes`` counts the bytes taken in so far.
   What a stream holds is then that count minus the first entry's ``o``: one GET and one
   ``XRANGE - + COUNT 1``, whatever trimmed it. Over the cap, the script trims the oldest
-  entries by id (``XTRIM MINID``), reading them 100 at a time, and always keeps the newest.
+  entries by id (``XTRIM MINID``), reading 2, 4, … 128 at a time to find where to cut, and
+  always keeps the newest.
 - **Bytes and topics per user** (``server.max_user_bytes``, ``server.max_topics_per_user``):
   a hash per owner (``{OWNER}:usage``, topic -> bytes) in the owner's slot. On one server the
   append script checks and counts it in the same call. On Redis Cluster a topic's stream is
@@ -145,9 +146,12 @@ if ARGV[5] ~= '' then redis.call('XTRIM', stream, 'MINID', '~', ARGV[5]) end
 local after = held(total)
 if cap > 0 and after > cap then
   -- The first entry kept is the oldest whose offset leaves at most cap bytes after it.
-  local need, start, cut = total - cap, '-', nil
+  -- Rows come with their messages (up to 64 KiB each): read few first, as usually only one
+  -- or two entries go, then more each time.
+  local need, start, cut, count = total - cap, '-', nil, 2
   while not cut do
-    local rows = redis.call('XRANGE', stream, start, '+', 'COUNT', 100)
+    local rows = redis.call('XRANGE', stream, start, '+', 'COUNT', count)
+    count = math.min(count * 2, 128)
     if #rows == 0 then break end
     for _, row in ipairs(rows) do
       local o = offset(row)
