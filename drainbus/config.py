@@ -123,6 +123,10 @@ class ServerSettings(_Section):
     keepalive_interval: Duration = 15.0
     keepalive_count_max: int = Field(3, ge=1)
     max_message_bytes: int = Field(65536, ge=1, le=64 * 1024 * 1024)
+    # Storage quotas per user, over the topics they own (NAME, NAME/…); admins are exempt.
+    # Over them, pub stores what fits and exits 75. max_user_bytes 0 turns both off.
+    max_user_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    max_topics_per_user: int = Field(100, ge=1)
     subscriber_buffer_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
     users_reload_interval: Duration = 2.0
     shutdown_grace: Duration = 5.0
@@ -176,6 +180,8 @@ class TopicSettings(_Section):
     """
 
     max_len: int = Field(100_000, ge=1)
+    # Bytes a topic's stream keeps at most: the oldest entries go first, as for max_len (0: no cap).
+    max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     retention: Duration = 7 * 86400.0
     # (a union, not a dict a validator fills from a bare mode: so the environment may say
     # DRAINBUS_TOPICS__DURABILITY=fsync, where a dict alone would have to be JSON)
@@ -224,6 +230,10 @@ class DrainSettings(_Section):
     key_host: str | None = None
     owner_separator: str = Field("-", min_length=1, max_length=8)
     max_deliveries: int = Field(5, ge=1)
+    # Purge lines a user may publish per minute, in bursts of up to purge_burst_per_user: one
+    # budget per user across every node and worker (kept in Redis); admins are exempt; 0: off.
+    max_purges_per_user: int = Field(1000, ge=0)
+    purge_burst_per_user: int = Field(5000, ge=1)
     retry_after: Duration = 10.0
     # How long after a purge the nginx targets evict stale copies that requests in flight
     # during the purge write back (drainbus.drain.refill); at least the origin's response
@@ -277,6 +287,9 @@ class Settings(BaseSettings):
     # Pooled Redis connections unused this long are closed (0: kept open for good).
     redis_idle_timeout: Duration = 60.0
     data_dir: Path = Path("data")
+    # The embedded server's maxmemory in bytes; unset: a quarter of this machine's memory (or of
+    # the cgroup's limit). It runs with maxmemory-policy noeviction: full means refused writes.
+    embedded_maxmemory: int | None = Field(None, ge=1024 * 1024)
     namespace: str = Field("drainbus", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     server: ServerSettings = ServerSettings()
     topics: TopicSettings = TopicSettings()

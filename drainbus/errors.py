@@ -10,6 +10,8 @@ command ends with when the error reaches it::
     ├── PermissionDenied      77  EX_NOPERM     topic or purge outside the user's rights
     ├── ConfigError           78  EX_CONFIG     bad config file, key file or setting
     ├── LimitExceeded         75  EX_TEMPFAIL   too many sessions: try again later
+    │   └── PublishRefused                      over a rate limit, quota or maxmemory
+    │                                           (drainbus.bus.limits: says what was stored)
     ├── StartupError          71  EX_OSERR      cannot bind, cannot start the embedded server
     └── BackendError          69  EX_UNAVAILABLE
         ├── BackendUnavailable                  Redis cannot be reached (retryable)
@@ -93,7 +95,8 @@ class ConfigError(DrainbusError):
 
 
 class LimitExceeded(DrainbusError):
-    """A configured limit (connections, sessions per user) was reached; retry later."""
+    """A configured limit (connections, sessions, purge rate, storage) was reached; retry
+    later."""
 
     exit_code = ExitCode.TEMPFAIL
 

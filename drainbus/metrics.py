@@ -37,6 +37,7 @@ __all__ = [
     "DELIVERY_SECONDS",
     "MESSAGES_DELIVERED",
     "MESSAGES_PUBLISHED",
+    "PUBLISH_REFUSED",
     "PUBLISH_SECONDS",
     "PURGE_SECONDS",
     "REGISTRY",
@@ -64,6 +65,10 @@ MESSAGES_DELIVERED = Counter(
 PUBLISH_SECONDS = Histogram(
     "drainbus_publish_seconds", "Time to store one batch of messages in Redis",
     buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+PUBLISH_REFUSED = Counter(
+    "drainbus_publish_refused", "Messages pub refused, by the limit they were over: rate, "
+    "bytes, topics, memory", ["reason"], registry=REGISTRY,
 )  # fmt: skip
 DELIVERY_SECONDS = Histogram(
     "drainbus_delivery_seconds", "From a message's receipt to its write to a subscriber",

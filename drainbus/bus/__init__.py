@@ -20,6 +20,7 @@ from drainbus.bus.connection import RedisClient, backend_error, command_client, 
 from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.bus.fanout import Fanout
 from drainbus.bus.idle_pool import prune_idle_forever
+from drainbus.bus.limits import publish_limits
 from drainbus.bus.persistence import Persistence
 from drainbus.bus.presence import Presence
 from drainbus.bus.publisher import Publisher
@@ -59,7 +60,9 @@ class Bus:
         await stack.__aenter__()
         try:
             if not self.settings.redis_url:
-                self.embedded = EmbeddedRedis(self.settings.data_dir)
+                self.embedded = EmbeddedRedis(
+                    self.settings.data_dir, maxmemory=self.settings.embedded_maxmemory
+                )
                 self.embedded.start()
                 stack.callback(self.embedded.stop)
                 self.url = self.embedded.url
@@ -79,7 +82,9 @@ class Bus:
                 retention=topics.retention,
                 persistence=self.persistence,
                 durability=topics.durability_for,
+                limits=publish_limits(self.settings),
             )
+            stack.callback(self.publisher.refusals.close)
             self.fanout = await stack.enter_async_context(
                 Fanout(
                     self.redis,

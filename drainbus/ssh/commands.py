@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import NoReturn, TypeAlias, cast
+from typing import TypeAlias, cast
 
 import anyio
 import asyncssh
@@ -27,6 +27,7 @@ from drainbus.bus import Bus
 from drainbus.bus.catalog import describe_topics, known_topics
 from drainbus.bus.connection import backend_error
 from drainbus.bus.fanout import Batch, TrimNotice
+from drainbus.bus.limits import PublishRefused
 from drainbus.bus.streams import MAX_SEQ, ZERO_ID, StreamId, parse_id, rfc3339
 from drainbus.config import Settings, parse_duration
 from drainbus.drain.receipts import (
@@ -53,6 +54,7 @@ from drainbus.metrics import (
     record_deliveries,
     topic_label,
 )
+from drainbus.ssh.parsing import CommandParser, HelpRequested
 from drainbus.terminal import escape_controls, json_safe
 
 __all__ = ["COMMANDS", "LineCheck", "SessionContext", "parse_since", "run_command"]
@@ -96,35 +98,6 @@ class SessionContext:
         await self.process.stdout.drain()
 
 
-class _HelpRequested(Exception):
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing and exiting."""
-
-    def __init__(self, prog: str, description: str, epilog: str) -> None:
-        super().__init__(
-            prog=prog,
-            description=description,
-            epilog=epilog,
-            allow_abbrev=False,
-            exit_on_error=False,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
-
-    def print_help(self, file: object = None) -> None:
-        raise _HelpRequested(self.format_help())
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise UsageError(message or f"{self.prog}: invalid arguments")
-
-
 @dataclass(frozen=True)
 class Command:
     """A command: its one-line summary, an example, its parser and what it does."""
@@ -132,7 +105,7 @@ class Command:
     name: str
     summary: str
     example: str
-    parser: _Parser
+    parser: CommandParser
     run: Callable[[SessionContext, argparse.Namespace], Awaitable[int]]
 
 
@@ -255,6 +228,7 @@ class _LinePublisher:
         self.published = 0
         self.rejected = 0
         self.worst = ExitCode.OK
+        self.refusal: PublishRefused | None = None  # over a limit: nothing more is stored
 
     def feed(self, chunk: bytes) -> None:
         if self.check is None and not self.skipping and self._feed_fast(chunk):
@@ -331,6 +305,9 @@ class _LinePublisher:
     async def flush(self) -> None:
         while self.pending:
             batch, self.pending = self.pending[:_BATCH_LINES], self.pending[_BATCH_LINES:]
+            if self.refusal:  # the rest of stdin is refused unseen, and counted
+                self.ctx.bus.publisher.refuse_more(self.refusal, len(batch))
+                continue
             started = time.perf_counter()
             try:
                 ids = await self.ctx.bus.publisher.publish(
@@ -340,6 +317,8 @@ class _LinePublisher:
                     raw=self.raw,
                     pack=self.check is None,  # checked lines stay one entry each (the drain's unit)
                 )
+            except PublishRefused as exc:  # its first exc.stored lines were stored
+                self.refusal, ids, batch = exc, exc.ids, batch[: exc.stored]
             except BackendError as exc:
                 # Not durable: the server may hold (and subscribers may have seen) the batch,
                 # but it would not survive a restart, so it does not count as stored.
@@ -355,6 +334,9 @@ class _LinePublisher:
             MESSAGES_PUBLISHED.labels(topic_label(self.topic)).inc(len(batch))
 
     def report(self) -> int:
+        if self.refusal:
+            self.ctx.stderr(self.refusal.summary(self.published, self.refusal.refused))
+            return int(ExitCode.TEMPFAIL)
         if self.rejected:
             self.ctx.stderr(
                 f"drainbus: {self.published} message(s) published, {self.rejected} line(s) rejected"
@@ -653,7 +635,7 @@ def _command(
     example: str,
     run: Callable[[SessionContext, argparse.Namespace], Awaitable[int]],
 ) -> Command:
-    parser = _Parser(f"ssh bus {name}", summary, f"example:\n  {example}")
+    parser = CommandParser(f"ssh bus {name}", summary, f"example:\n  {example}")
     return Command(name, summary, example, parser, run)
 
 
@@ -773,7 +755,7 @@ async def run_command(ctx: SessionContext, command_line: str | None) -> int:
         except argparse.ArgumentError as exc:
             raise UsageError(f"{command.parser.prog}: {exc}") from None
         return await command.run(ctx, args)
-    except _HelpRequested as shown:
+    except HelpRequested as shown:
         await ctx.stdout(shown.text.encode())
         return 0
     except UsageError as exc:
