@@ -46,12 +46,8 @@ from drainbus.errors import (
     UsageError,
 )
 from drainbus.identity import Identity
-from drainbus.metrics import (
-    MESSAGES_PUBLISHED,
-    PUBLISH_SECONDS,
-    record_deliveries,
-    topic_label,
-)
+from drainbus.metrics import record_deliveries
+from drainbus.publishing import publish_as
 from drainbus.terminal import escape_controls, json_safe
 
 __all__ = ["COMMANDS", "LineCheck", "SessionContext", "parse_since", "run_command"]
@@ -330,9 +326,9 @@ class _LinePublisher:
     async def flush(self) -> None:
         while self.pending:
             batch, self.pending = self.pending[:_BATCH_LINES], self.pending[_BATCH_LINES:]
-            started = time.perf_counter()
             try:
-                ids = await self.ctx.bus.publisher.publish(
+                ids = await publish_as(
+                    self.ctx.bus,
                     self.topic,
                     batch,
                     user=self.ctx.identity.user,
@@ -348,8 +344,6 @@ class _LinePublisher:
             self.published += len(batch)
             if self.keep_ids:  # checked lines are never packed: one entry id per line
                 self.stored += zip(ids, (m.decode("utf-8", "replace") for m in batch), strict=True)
-            PUBLISH_SECONDS.observe(time.perf_counter() - started)
-            MESSAGES_PUBLISHED.labels(topic_label(self.topic)).inc(len(batch))
 
     def report(self) -> int:
         if self.rejected:
