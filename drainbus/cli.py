@@ -16,7 +16,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import click
@@ -25,10 +25,8 @@ import structlog
 from drainbus.config import Settings, load_settings
 from drainbus.errors import ConfigError, DrainbusError, UsageError
 from drainbus.hooks.commands import hook, pub
-from drainbus.identity import (
-    UserKeys,
-    user_key,
-)
+from drainbus.http.commands import http_listen_option, tokens
+from drainbus.identity import UserKeys, user_key
 from drainbus.log import configure_logging
 from drainbus.sysexits_click import SysexitsGroup
 from drainbus.systemd import notify as notify_systemd
@@ -43,7 +41,7 @@ __all__ = ["main"]
 log = structlog.get_logger(__name__)
 
 
-def _fail(exc: DrainbusError) -> None:
+def _fail(exc: DrainbusError) -> NoReturn:
     click.echo(f"drainbus: {exc.message}", err=True)
     sys.exit(int(exc.exit_code))
 
@@ -57,7 +55,6 @@ def _settings(ctx: click.Context, config: str | None = None, **overrides: Any) -
         return load_settings(Path(config) if config else None, overrides)
     except ConfigError as exc:
         _fail(exc)
-        raise  # unreachable: _fail exits
 
 
 config_option = click.option(
@@ -121,6 +118,7 @@ _metrics_option = click.option(
     "no supervisor (env DRAINBUS_SERVER__WORKERS).",
 )
 @_metrics_option
+@http_listen_option
 # Set by the supervisor on the processes it starts (see drainbus.supervisor).
 @click.option("--worker", type=click.IntRange(min=0), hidden=True)
 @click.option("--ready-fd", type=click.IntRange(min=0), hidden=True)
@@ -133,6 +131,7 @@ def serve(
     data_dir: str | None,
     workers: int | None,
     metrics_listen: str | None,
+    http_listen: str | None,
     worker: int | None,
     ready_fd: int | None,
 ) -> None:
@@ -144,6 +143,7 @@ def serve(
         data_dir=data_dir,
         metrics_listen=metrics_listen,
         server={"listen": listen, "workers": workers},
+        http={"listen": http_listen},
     )
     if worker is not None and ready_fd is not None:
         from drainbus.supervisor import WorkerLink
@@ -165,7 +165,6 @@ def _worker_count(settings: Settings) -> int:
         return settings.server.worker_count
     except ConfigError as exc:  # several workers asked for off Linux
         _fail(exc)
-        raise  # unreachable: _fail exits
 
 
 def _worker_command(ctx: click.Context) -> list[str]:
@@ -477,7 +476,6 @@ def keys_add(ctx: click.Context, config: str | None, name: str, pubkey_file: Any
         )
     except DrainbusError as exc:
         _fail(exc)
-        raise  # unreachable: _fail exits
     for fingerprint, added in results:
         click.echo(
             f"{name}: added {fingerprint}" if added else f"{name}: {fingerprint} already present"
@@ -516,6 +514,7 @@ def keys_rm(ctx: click.Context, config: str | None, name: str, fingerprint: str 
 
 cli.add_command(pub)
 cli.add_command(hook)
+cli.add_command(tokens)
 
 
 def main() -> None:
