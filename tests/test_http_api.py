@@ -25,8 +25,10 @@ from drainbus.errors import BackendUnavailable, LimitExceeded
 from drainbus.http.app import _as_fault
 from drainbus.http.tokens import TokenStore
 from drainbus.node import Node
+from tests.conftest import serve_process
 from tests.nginx_env import NginxEnv
 from tests.test_drain import PAGES, cache_states, drain_config, prime, wait_drained
+from tests.test_serve import write_config
 
 StartNode = Callable[..., Awaitable[Node]]
 ZONE = "023e105f4ecef8ad9ca31a8372d0c353"
@@ -312,3 +314,26 @@ def test_non_loopback_plain_http_is_allowed_when_asked() -> None:
     assert load_settings(None, {"http": insecure}).http.listen == "0.0.0.0:8452"
     tls = {"listen": "0.0.0.0:8452", "tls_cert": "c.pem", "tls_key": "k.pem"}
     assert load_settings(None, {"http": tls}).http.tls
+
+
+async def test_under_workers_only_worker_0_serves_http(
+    tmp_path: Path, users_dir: Path, redis_url: str
+) -> None:
+    """serve --workers 2: one HTTP listener (worker 0's), which purges through the bus."""
+    token = make_token(users_dir, "acme")
+    config = write_config(tmp_path, users_dir, '[[acl]]\ntopics = ["cache-drain"]\npublish = ["*"]')
+    args = ("--config", str(config), "--workers", "2", "--http-listen", "127.0.0.1:0")
+    env = {"DRAINBUS_REDIS_URL": redis_url, "DRAINBUS_HTTP__ZONES": f'["{ZONE}"]'}
+    async with serve_process(*args, env=env) as server:
+        await server.wait_for_event("serving", workers=2)
+        listening = [e for e in server.log if e["event"] == "http_listening"]
+        assert [e["worker"] for e in listening] == [0]
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                listening[0]["listen"] + f"/client/v4/zones/{ZONE}/purge_cache",
+                json={"tags": ["acme-blog"]},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert response.json()["success"] is True, response.text
+        purge = await server.wait_for_event("http_purge")
+        assert (purge["worker"], purge["id"]) == (0, response.json()["result"]["id"])
