@@ -13,6 +13,7 @@ import anyio
 import structlog
 
 from drainbus.bus import Bus
+from drainbus.bus.persistence import watch_persistence
 from drainbus.config import Settings
 from drainbus.drain.build import open_drain
 from drainbus.drain.daemon import Drain
@@ -27,6 +28,8 @@ from drainbus.ssh.server import FrontDoor
 __all__ = ["Node", "open_node"]
 
 log = structlog.get_logger(__name__)
+
+_PERSISTENCE_EVERY = 15.0  # seconds between reads of INFO persistence: about a scrape interval
 
 
 @dataclass
@@ -84,6 +87,7 @@ async def open_node(settings: Settings, *, worker: int | None = None) -> AsyncIt
             task_group.start_soon(drain.run)
             await drain.ready.wait()
         task_group.start_soon(_reload_users, users, tokens, settings.server.users_reload_interval)
+        task_group.start_soon(watch_persistence, bus.redis, _PERSISTENCE_EVERY)
         collector = NodeCollector(settings.drain.node, door=door, fanout=bus.fanout, drain=drain)
         metrics_port = stack.enter_context(serve_metrics(settings.metrics_listen, collector))
         http_port = None
