@@ -15,14 +15,16 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
 import structlog
 
-from drainbus.config import Settings, load_settings
+from drainbus.click_common import config_option
+from drainbus.click_common import fail as _fail
+from drainbus.click_common import load_cli_settings as _settings
+from drainbus.config import Settings
 from drainbus.errors import ConfigError, DrainbusError, UsageError
 from drainbus.hooks.commands import hook, pub
 from drainbus.http.commands import http_listen_option, tokens
@@ -39,31 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 log = structlog.get_logger(__name__)
-
-
-def _fail(exc: DrainbusError) -> NoReturn:
-    click.echo(f"drainbus: {exc.message}", err=True)
-    sys.exit(int(exc.exit_code))
-
-
-def _settings(ctx: click.Context, config: str | None = None, **overrides: Any) -> Settings:
-    """Load settings; a subcommand's ``--config`` beats the group's."""
-    if config:
-        ctx.obj["config"] = config
-    config = ctx.obj.get("config")
-    try:
-        return load_settings(Path(config) if config else None, overrides)
-    except ConfigError as exc:
-        _fail(exc)
-
-
-config_option = click.option(
-    "--config",
-    "config",
-    envvar="DRAINBUS_CONFIG",
-    type=click.Path(dir_okay=False),
-    help="TOML config file (env DRAINBUS_CONFIG).",
-)
 
 
 @click.group(cls=SysexitsGroup, context_settings={"help_option_names": ["-h", "--help"]})

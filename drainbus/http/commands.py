@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from typing import NoReturn
-
 import click
 
-from drainbus.config import Settings, load_settings
+from drainbus.click_common import config_option, fail, load_cli_settings
+from drainbus.config import Settings
 from drainbus.errors import DrainbusError
 from drainbus.http.tokens import TokenStore
 from drainbus.identity import user_key
 from drainbus.sysexits_click import SysexitsCommand, SysexitsGroup
 
 __all__ = ["http_listen_option", "tokens"]
-
-_config_option = click.option(
-    "--config",
-    "config",
-    envvar="DRAINBUS_CONFIG",
-    type=click.Path(dir_okay=False),
-    help="TOML config file (env DRAINBUS_CONFIG).",
-)
 
 http_listen_option = click.option(
     "--http-listen",
@@ -33,18 +22,8 @@ http_listen_option = click.option(
 """``serve --http-listen``, defined here to keep the HTTP endpoint's surface in one package."""
 
 
-def _fail(exc: DrainbusError) -> NoReturn:
-    click.echo(f"drainbus: {exc.message}", err=True)
-    sys.exit(int(exc.exit_code))
-
-
 def _store(ctx: click.Context, config: str | None) -> tuple[Settings, TokenStore]:
-    root = (ctx.find_root().obj or {}).get("config")
-    path = config or root
-    try:
-        settings = load_settings(Path(path) if path else None)
-    except DrainbusError as exc:
-        _fail(exc)
+    settings = load_cli_settings(ctx, config)
     return settings, TokenStore(settings.server.users_dir, settings.server.admins)
 
 
@@ -54,7 +33,7 @@ def tokens() -> None:
 
 
 @tokens.command("add", cls=SysexitsCommand)
-@_config_option
+@config_option
 @click.argument("name")
 @click.pass_context
 def tokens_add(ctx: click.Context, config: str | None, name: str) -> None:
@@ -67,7 +46,7 @@ def tokens_add(ctx: click.Context, config: str | None, name: str) -> None:
             owner_separator=settings.drain.owner_separator,
         )
     except DrainbusError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(token)
     click.echo(
         f"{name}: token added; it is shown only now, keep it as a secret (Authorization: Bearer …)",
@@ -76,7 +55,7 @@ def tokens_add(ctx: click.Context, config: str | None, name: str) -> None:
 
 
 @tokens.command("ls", cls=SysexitsCommand)
-@_config_option
+@config_option
 @click.pass_context
 def tokens_ls(ctx: click.Context, config: str | None) -> None:
     """List each user's tokens: id and creation time (never the token)."""
@@ -88,7 +67,7 @@ def tokens_ls(ctx: click.Context, config: str | None) -> None:
 
 
 @tokens.command("rm", cls=SysexitsCommand)
-@_config_option
+@config_option
 @click.argument("name")
 @click.argument("token_id", required=False)
 @click.pass_context
@@ -98,5 +77,5 @@ def tokens_rm(ctx: click.Context, config: str | None, name: str, token_id: str |
     try:
         count = store.remove(name, token_id)
     except DrainbusError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(f"{name}: removed {count} token(s)" + (f" ({token_id})" if token_id else ""))

@@ -29,6 +29,7 @@ from pathlib import Path
 import structlog
 
 from drainbus.errors import UsageError
+from drainbus.folder_watch import FolderWatch
 from drainbus.identity import Identity, name_conflict, same_user, user_key, valid_user_name
 
 __all__ = ["TOKEN_PREFIX", "StoredToken", "TokenStore", "hash_token"]
@@ -69,7 +70,7 @@ class TokenStore:
         self.directory = directory
         self.admins = frozenset(user_key(name) for name in admins)
         self._tokens: tuple[StoredToken, ...] = ()
-        self._signature: tuple[tuple[str, int, int], ...] | None = None
+        self._watch = FolderWatch(directory, _SUFFIX)
 
     @property
     def tokens(self) -> tuple[StoredToken, ...]:
@@ -89,10 +90,8 @@ class TokenStore:
 
     def reload_if_changed(self) -> bool:
         """Reload when a tokens file was added, removed or changed; True if it reloaded."""
-        signature = self._scan()
-        if signature == self._signature:
+        if not self._watch.changed():
             return False
-        self._signature = signature
         self.reload()
         return True
 
@@ -119,17 +118,6 @@ class TokenStore:
                     continue
                 tokens.append(StoredToken(user, match[1], match[2] or ""))
         self._tokens = tuple(tokens)
-
-    def _scan(self) -> tuple[tuple[str, int, int], ...]:
-        try:
-            entries = sorted(os.scandir(self.directory), key=lambda e: e.name)
-        except FileNotFoundError:
-            return ()
-        return tuple(
-            (e.name, e.stat().st_mtime_ns, e.stat().st_size)
-            for e in entries
-            if e.name.endswith(_SUFFIX) and e.is_file()
-        )
 
     def add(self, name: str, *, acl_topics: Iterable[str], owner_separator: str | None) -> str:
         """Make a new token for user ``name``, store its hash, and return the token.
