@@ -68,6 +68,7 @@ async def open_node(settings: Settings, *, worker: int | None = None) -> AsyncIt
     users.load()
     tokens = TokenStore(settings.server.users_dir, settings.server.admins)
     tokens.reload_if_changed()
+    users.add_listener(tokens.reload)  # SIGHUP re-reads the tokens with the keys
     # pub on the drain topic checks every line, whether or not this node runs the drain.
     checks = {settings.drain.topic: purge_line_check(settings.drain.scope_rule)}
     async with AsyncExitStack() as stack:

@@ -230,6 +230,20 @@ async def test_removed_token_stops_working_without_restart(
     assert len(await stored(node)) >= 1
 
 
+async def test_sighup_reload_drops_a_removed_token_at_once(
+    start_bus: StartNode, users_dir: Path, sdk: Any
+) -> None:
+    """The reload SIGHUP runs (UserKeys.reload) re-reads the tokens too, with no poll."""
+    token = make_token(users_dir, "acme")
+    node = await start_bus(http=http_config(), server={"users_reload_interval": 3600})
+    client = sdk(node, token)
+    assert await client.cache.purge(zone_id=ZONE, tags=["acme-blog"]) is not None
+    TokenStore(users_dir).remove("acme")
+    node.users.reload()  # what cli._wait_for_stop does on SIGHUP
+    with pytest.raises(cloudflare.AuthenticationError):
+        await client.cache.purge(zone_id=ZONE, tags=["acme-blog"])
+
+
 @pytest.mark.usefixtures("fresh_logging")
 async def test_tokens_never_reach_the_logs(
     start_bus: StartNode, users_dir: Path, sdk: Any, caplog: pytest.LogCaptureFixture
