@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,10 +22,11 @@ import pytest
 import structlog
 
 from drainbus import cloudflare_codes as codes
-from drainbus.errors import BackendUnavailable, LimitExceeded
+from drainbus.config import Settings
+from drainbus.errors import BackendUnavailable, ConfigError, LimitExceeded
 from drainbus.http.app import _as_fault
 from drainbus.http.tokens import TokenStore
-from drainbus.node import Node
+from drainbus.node import Node, open_node
 from tests.conftest import serve_process
 from tests.nginx_env import NginxEnv
 from tests.test_drain import PAGES, cache_states, drain_config, prime, wait_drained
@@ -204,11 +206,76 @@ async def test_faults_answer_as_cloudflare_does(
 
 
 def test_drainbus_errors_map_to_cloudflare_answers() -> None:
-    """A per-user limit (exit 75) is Cloudflare's 429 with code 1134; Redis down is 503."""
+    """A per-user limit (exit 75) is Cloudflare's 429 with code 1134 and the limit's wait;
+    Redis down is 503."""
     limited = _as_fault(LimitExceeded("publish rate limit for acme: 10 a second"))
-    assert (limited.status, limited.code) == (429, codes.RATE_LIMITED)
+    assert (limited.status, limited.code, limited.retry_after) == (429, codes.RATE_LIMITED, 1)
     assert "acme" in limited.message
+    slow = LimitExceeded("quota for acme")
+    slow.retry_after = 2.5  # type: ignore[attr-defined]  # as a limit that knows may say
+    assert _as_fault(slow).retry_after == 3
     assert _as_fault(BackendUnavailable("Redis is unreachable")).status == 503
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with cryptography (asyncssh's)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_tls_files_serve_https(start_bus: StartNode, users_dir: Path, tmp_path: Path) -> None:
+    """With tls_cert and tls_key the endpoint speaks HTTPS (and may listen off loopback)."""
+    cert, key = self_signed(tmp_path)
+    token = make_token(users_dir, "acme")
+    node = await start_bus(http=http_config(tls_cert=str(cert), tls_key=str(key)))
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=cert)) as client:
+        response = await client.post(
+            f"https://127.0.0.1:{node.http_port}/client/v4/zones/{ZONE}/purge_cache",
+            json={"tags": ["acme-blog"]},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert response.json()["success"] is True
+
+
+async def test_unreadable_tls_files_stop_start_up(
+    settings_for: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """A TLS file that cannot be loaded is a ConfigError (78) naming the settings."""
+    (tmp_path / "empty.pem").write_text("")
+    broken = http_config(tls_cert=str(tmp_path / "empty.pem"), tls_key=str(tmp_path / "empty.pem"))
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(ConfigError, match=r"http.tls_cert / http.tls_key cannot be loaded"),
+        flatten_subgroups=True,
+    ):
+        async with open_node(settings_for(http=broken)):
+            pass
 
 
 async def test_removed_token_stops_working_without_restart(

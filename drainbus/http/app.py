@@ -23,6 +23,7 @@ a retry-later refusal is Cloudflare's 429). ``result.id`` is the stream id of th
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -137,7 +138,7 @@ class _PurgeApi:
             entry_id = await self._publish(identity, line)
         except CloudflareFault as fault:
             bound.info("http_refused", endpoint=endpoint, status=fault.status, reason=fault.message)
-            headers = {"Retry-After": "1"} if fault.status == 429 else {}
+            headers = {"Retry-After": str(fault.retry_after)} if fault.status == 429 else {}
             return _failure(fault, headers=headers)
         bound.info("http_purge", endpoint=endpoint, id=entry_id)
         return JSONResponse(_envelope({"id": entry_id}, []))
@@ -173,8 +174,13 @@ def _as_fault(exc: DrainbusError) -> CloudflareFault:
     if exc.exit_code in (ExitCode.DATAERR, ExitCode.USAGE):
         return CloudflareFault(400, codes.INVALID_FIELD, exc.message)
     if exc.exit_code == ExitCode.TEMPFAIL:
+        # A limit that says when it frees up (a retry_after in seconds) is passed on.
+        wait = getattr(exc, "retry_after", None)
         return CloudflareFault(
-            429, codes.RATE_LIMITED, f"{codes.MESSAGES[codes.RATE_LIMITED]}: {exc.message}"
+            429,
+            codes.RATE_LIMITED,
+            f"{codes.MESSAGES[codes.RATE_LIMITED]}: {exc.message}",
+            retry_after=max(1, math.ceil(wait)) if isinstance(wait, int | float) else 1,
         )
     return CloudflareFault(503, 503, exc.message)  # Cloudflare has no code for this
 

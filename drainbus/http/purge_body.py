@@ -28,11 +28,12 @@ _AS_DRAINBUS = {"files": "urls", "tags": "tags", "hosts": "hosts", "prefixes": "
 class CloudflareFault(Exception):
     """A request Cloudflare would refuse: the HTTP status, its error code and message."""
 
-    def __init__(self, status: int, code: int, message: str) -> None:
+    def __init__(self, status: int, code: int, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # seconds, sent as Retry-After with a 429
 
 
 def purge_line(raw: bytes, *, soft: bool, max_items: int, max_files: int) -> bytes:

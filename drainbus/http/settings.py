@@ -18,6 +18,7 @@ or ``allow_insecure_http`` says the network is trusted. This module imports noth
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -25,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from drainbus.values import parse_listen
 
 __all__ = ["HttpSettings", "is_loopback"]
+
+_ZONE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # one path segment, as Cloudflare's 32 hex digits
 
 
 def is_loopback(host: str) -> bool:
@@ -54,6 +57,14 @@ class HttpSettings(BaseModel):
         if value:
             parse_listen(value)
         return value or None
+
+    @field_validator("zones")
+    @classmethod
+    def _check_zones(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for zone in value:
+            if not _ZONE_ID.fullmatch(zone):
+                raise ValueError(f"{zone!r} is not a zone id: letters, digits, '_' and '-'")
+        return value
 
     @model_validator(mode="after")
     def _check_transport(self) -> HttpSettings:
