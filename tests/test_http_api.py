@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 import shutil
 import ssl
 import subprocess
@@ -66,8 +68,14 @@ async def sdk() -> AsyncIterator[Callable[[Node, str], cloudflare.AsyncCloudflar
 
 async def stored(node: Node) -> list[tuple[str, dict[bytes, bytes]]]:
     """Every entry on cache-drain: (id, fields)."""
-    entries = await node.bus.redis.xrange(node.bus.keys.stream("cache-drain"))
+    entries: Any = await node.bus.redis.xrange(node.bus.keys.stream("cache-drain"))
     return [(entry_id.decode(), fields) for entry_id, fields in entries]
+
+
+def errors(exc: cloudflare.APIStatusError) -> list[dict[str, Any]]:
+    """The ``errors`` of the answer the SDK raised for."""
+    body: Any = exc.body
+    return list(body["errors"])
 
 
 async def test_sdk_tag_purge_evicts_from_nginx(
@@ -110,7 +118,7 @@ async def test_sdk_bad_token_is_an_authentication_error(
     with pytest.raises(cloudflare.AuthenticationError) as caught:
         await sdk(node, "dbt_not-a-token").cache.purge(zone_id=ZONE, tags=["acme-blog"])
     assert caught.value.status_code == 401
-    assert caught.value.body["errors"][0]["code"] == codes.AUTHENTICATION_ERROR
+    assert errors(caught.value)[0]["code"] == codes.AUTHENTICATION_ERROR
     assert await stored(node) == []
 
 
@@ -123,7 +131,7 @@ async def test_sdk_purge_outside_scope_is_permission_denied(
     with pytest.raises(cloudflare.PermissionDeniedError) as caught:
         await sdk(node, token).cache.purge(zone_id=ZONE, tags=["acme-blog", "other"])
     assert caught.value.status_code == 403
-    assert "other" in caught.value.body["errors"][0]["message"]
+    assert "other" in errors(caught.value)[0]["message"]
     assert await stored(node) == []
 
 
@@ -145,7 +153,7 @@ async def test_unknown_zone_is_not_found(start_bus: StartNode, users_dir: Path, 
     node = await start_bus(http=http_config())
     with pytest.raises(cloudflare.NotFoundError) as caught:
         await sdk(node, token).cache.purge(zone_id="f" * 32, tags=["acme-blog"])
-    assert [e["code"] for e in caught.value.body["errors"]] == [
+    assert [e["code"] for e in errors(caught.value)] == [
         codes.ROUTE_INVALID,
         codes.NO_ROUTE,
     ]
@@ -344,25 +352,37 @@ async def test_tokens_never_reach_the_logs(
     assert wrong not in logged
 
 
+def readme_curl_line() -> str:
+    """The curl command of the README's "Use your existing Cloudflare integration"."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Use your existing Cloudflare integration", 1)[1]
+    return re.search(r"`(curl -X POST [^`]+)`", section)[1]  # type: ignore[index]
+
+
 async def test_curl_as_the_readme_shows(start_bus: StartNode, users_dir: Path) -> None:
-    """The README's curl line purges and prints Cloudflare's success envelope."""
+    """The README's curl line, pointed at a test bus, purges and prints Cloudflare's envelope."""
     curl = shutil.which("curl")
     if curl is None:
         pytest.skip("curl is not installed")
     token = make_token(users_dir, "acme")
-    node = await start_bus(drain={"key_host": KEY_HOST}, http=http_config())
+    node = await start_bus(http=http_config())
+    command = (
+        readme_curl_line()
+        .replace("https://bus.example", f"http://127.0.0.1:{node.http_port}")
+        .replace("$ZONE", ZONE)
+        .replace("$TOKEN", token)
+    )
+    argv = shlex.split(command)
     proc = await asyncio.create_subprocess_exec(
-        curl, "-sS", "-X", "POST",
-        f"http://127.0.0.1:{node.http_port}/client/v4/zones/{ZONE}/purge_cache",
-        "-H", f"Authorization: Bearer {token}",
-        "-H", "Content-Type: application/json",
-        "--data", '{"files": ["https://acme-blog.pages.example/post/1"]}',
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    answer = json.loads(out)
-    [(entry_id, _)] = await stored(node)
-    assert answer == {"success": True, "errors": [], "messages": [], "result": {"id": entry_id}}
+        curl, "-sS", *argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    [(entry_id, fields)] = await stored(node)
+    assert json.loads(out) == {
+        "success": True, "errors": [], "messages": [], "result": {"id": entry_id}
+    }  # fmt: skip
+    assert fields[b"u"] == b"acme"
 
 
 async def test_requests_are_counted_by_status(
