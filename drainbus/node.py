@@ -95,7 +95,12 @@ async def open_node(settings: Settings, *, worker: int | None = None) -> AsyncIt
         if settings.http.listen and worker in (None, 0):
             app = build_app(settings, bus, tokens, door.access, checks)
             http_port = await stack.enter_async_context(
-                serve_http(settings.http, app, grace=settings.server.shutdown_grace)
+                serve_http(
+                    settings.http,
+                    app,
+                    grace=settings.server.shutdown_grace,
+                    limit=settings.server.max_connections,
+                )
             )
         yield Node(bus, door, users, drain, metrics_port, http_port)
 

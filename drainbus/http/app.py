@@ -119,7 +119,9 @@ class _PurgeApi:
         zone = request.path_params["zone"]
         identity = self._identity(request)
         if identity is None:
-            log.info("http_refused", endpoint=endpoint, zone=zone, reason="no valid token")
+            client = request.client.host if request.client else None
+            log.info("http_refused", endpoint=endpoint, zone=zone, client=client,
+                     reason="no valid token")  # fmt: skip
             code = codes.AUTHENTICATION_ERROR
             return _failure(CloudflareFault(401, code, codes.MESSAGES[code]))
         bound = log.bind(user=identity.user, token=identity.fingerprint, zone=zone)

@@ -41,10 +41,14 @@ class _Server(uvicorn.Server):
 
 
 @asynccontextmanager
-async def serve_http(settings: HttpSettings, app: ASGIApp, *, grace: float) -> AsyncIterator[int]:
+async def serve_http(
+    settings: HttpSettings, app: ASGIApp, *, grace: float, limit: int
+) -> AsyncIterator[int]:
     """Serve ``app`` on ``settings.listen`` while the block runs; yield the bound port.
 
-    The socket listens before this yields, so a client may connect at once. Raises
+    ``grace``: seconds requests in flight get at shutdown; ``limit``: most connections and
+    requests at once. The socket listens before this yields, so a client may connect at
+    once. Raises
     StartupError when the address cannot be bound, ConfigError when the TLS files cannot be
     loaded.
     """
@@ -68,6 +72,9 @@ async def serve_http(settings: HttpSettings, app: ASGIApp, *, grace: float) -> A
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=max(1, round(grace)),
+            # A bound on what a flood of connections can hold (uvicorn answers 503 beyond
+            # it); purge clients are few and their requests short.
+            limit_concurrency=limit,
             ssl_certfile=settings.tls_cert,
             ssl_keyfile=settings.tls_key,
         )
