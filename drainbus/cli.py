@@ -14,20 +14,20 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
 import structlog
 
-from drainbus.config import Settings, load_settings
+from drainbus.click_common import config_option
+from drainbus.click_common import fail as _fail
+from drainbus.click_common import load_cli_settings as _settings
+from drainbus.config import Settings
 from drainbus.errors import ConfigError, DrainbusError, UsageError
 from drainbus.hooks.commands import hook, pub
-from drainbus.identity import (
-    UserKeys,
-    user_key,
-)
+from drainbus.http.commands import http_listen_option, tokens
+from drainbus.identity import UserKeys, user_key
 from drainbus.log import configure_logging
 from drainbus.signals import wait_for_stop
 from drainbus.sysexits_click import SysexitsGroup
@@ -41,32 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 log = structlog.get_logger(__name__)
-
-
-def _fail(exc: DrainbusError) -> None:
-    click.echo(f"drainbus: {exc.message}", err=True)
-    sys.exit(int(exc.exit_code))
-
-
-def _settings(ctx: click.Context, config: str | None = None, **overrides: Any) -> Settings:
-    """Load settings; a subcommand's ``--config`` beats the group's."""
-    if config:
-        ctx.obj["config"] = config
-    config = ctx.obj.get("config")
-    try:
-        return load_settings(Path(config) if config else None, overrides)
-    except ConfigError as exc:
-        _fail(exc)
-        raise  # unreachable: _fail exits
-
-
-config_option = click.option(
-    "--config",
-    "config",
-    envvar="DRAINBUS_CONFIG",
-    type=click.Path(dir_okay=False),
-    help="TOML config file (env DRAINBUS_CONFIG).",
-)
 
 
 @click.group(cls=SysexitsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,6 +95,7 @@ _metrics_option = click.option(
     "no supervisor (env DRAINBUS_SERVER__WORKERS).",
 )
 @_metrics_option
+@http_listen_option
 # Set by the supervisor on the processes it starts (see drainbus.supervisor).
 @click.option("--worker", type=click.IntRange(min=0), hidden=True)
 @click.option("--ready-fd", type=click.IntRange(min=0), hidden=True)
@@ -133,6 +108,7 @@ def serve(
     data_dir: str | None,
     workers: int | None,
     metrics_listen: str | None,
+    http_listen: str | None,
     worker: int | None,
     ready_fd: int | None,
 ) -> None:
@@ -144,6 +120,7 @@ def serve(
         data_dir=data_dir,
         metrics_listen=metrics_listen,
         server={"listen": listen, "workers": workers},
+        http={"listen": http_listen},
     )
     if worker is not None and ready_fd is not None:
         from drainbus.supervisor import WorkerLink
@@ -165,7 +142,6 @@ def _worker_count(settings: Settings) -> int:
         return settings.server.worker_count
     except ConfigError as exc:  # several workers asked for off Linux
         _fail(exc)
-        raise  # unreachable: _fail exits
 
 
 def _worker_command(ctx: click.Context) -> list[str]:
@@ -457,7 +433,6 @@ def keys_add(ctx: click.Context, config: str | None, name: str, pubkey_file: Any
         )
     except DrainbusError as exc:
         _fail(exc)
-        raise  # unreachable: _fail exits
     for fingerprint, added in results:
         click.echo(
             f"{name}: added {fingerprint}" if added else f"{name}: {fingerprint} already present"
@@ -496,6 +471,7 @@ def keys_rm(ctx: click.Context, config: str | None, name: str, fingerprint: str 
 
 cli.add_command(pub)
 cli.add_command(hook)
+cli.add_command(tokens)
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ from drainbus.drain.purges import ScopeRule
 from drainbus.drain.refill import DEFAULT_REFILL_WINDOW
 from drainbus.errors import ConfigError
 from drainbus.hooks.settings import HooksSettings
+from drainbus.http.settings import HttpSettings
 from drainbus.values import (
     Durability,
     Duration,
@@ -296,6 +297,7 @@ class Settings(BaseSettings):
     acl: tuple[AclRule, ...] = ()
     drain: DrainSettings = DrainSettings()
     hooks: HooksSettings = HooksSettings()
+    http: HttpSettings = HttpSettings()  # the Cloudflare-compatible purge endpoint
     # HOST:PORT for Prometheus; off when unset. Under a supervisor (server.workers > 1) worker
     # K serves on PORT+K (port 0 stays 0: each worker picks a free port).
     metrics_listen: str | None = None

@@ -132,6 +132,9 @@ class NodeCollector(Collector):
                          self._door.connections)  # fmt: skip
             yield _gauge("drainbus_connections_starting", "SSH connections still logging in",
                          name, self._door.startups)  # fmt: skip
+            # The limit beside the count: an alert on their ratio needs no copy of the config.
+            yield _gauge("drainbus_connections_max", "server.max_connections of this process",
+                         name, self._door.settings.server.max_connections)  # fmt: skip
         if self._fanout is not None:
             yield from _fanout_metrics(self._fanout, name)
         if self._drain is not None:

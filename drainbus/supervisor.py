@@ -215,6 +215,8 @@ class _Supervisor:
             "DRAINBUS_REDIS_URL": redis_url,
             "DRAINBUS_DATA_DIR": str(settings.data_dir),
         }
+        if settings.http.listen:  # worker 0 serves it (drainbus.http.server says why)
+            self._env["DRAINBUS_HTTP__LISTEN"] = settings.http.listen
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._waits: dict[int, anyio.CancelScope] = {}
         self._ready: set[int] = set()

@@ -35,7 +35,7 @@ from drainbus.errors import ConfigError, NotDurable
 from drainbus.systemd import notify as notify_systemd
 from drainbus.values import Durability
 
-__all__ = ["Persistence", "PersistenceState", "is_misconf"]
+__all__ = ["Persistence", "PersistenceState", "is_misconf", "state_from_info"]
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +75,7 @@ class PersistenceState:
                 "failures": list(self.failures), "checked": self.checked}  # fmt: skip
 
 
-def _state_from_info(info: Mapping[str, Any]) -> PersistenceState:
+def state_from_info(info: Mapping[str, Any]) -> PersistenceState:
     # A cluster client answers INFO from every node: one mapping per node. The bus is
     # failing if any node is.
     nodes = [v for v in info.values() if isinstance(v, Mapping)] or [info]
@@ -107,7 +107,7 @@ class Persistence:
         """Read the state; raise ConfigError if the server cannot give a configured mode,
         or does not let drainbus read its state (then every pub would fail with 75)."""
         try:
-            self._set(_state_from_info(await self._redis.info("persistence")))
+            self._set(state_from_info(await self._redis.info("persistence")))
         except ResponseError as exc:  # NOPERM, or INFO renamed away
             raise ConfigError(
                 f"Redis refuses INFO persistence ({str(exc).split('. ', 1)[0]}): pub needs it "
@@ -150,7 +150,7 @@ class Persistence:
             unknown = (f"cannot read INFO persistence ({exc})",)
             self._set(replace(self.state, failures=unknown, checked=time.time()))
         else:
-            self._set(_state_from_info(info))
+            self._set(state_from_info(info))
         return self.state
 
     async def confirm(self, topic: str) -> None:

@@ -48,12 +48,8 @@ from drainbus.errors import (
     UsageError,
 )
 from drainbus.identity import Identity
-from drainbus.metrics import (
-    MESSAGES_PUBLISHED,
-    PUBLISH_SECONDS,
-    record_deliveries,
-    topic_label,
-)
+from drainbus.metrics import record_deliveries
+from drainbus.publishing import publish_as
 from drainbus.ssh.parsing import CommandParser, HelpRequested
 from drainbus.terminal import escape_controls, json_safe
 
@@ -308,9 +304,9 @@ class _LinePublisher:
             if self.refusal:  # the rest of stdin is refused unseen, and counted
                 self.ctx.bus.publisher.refuse_more(self.refusal, len(batch))
                 continue
-            started = time.perf_counter()
             try:
-                ids = await self.ctx.bus.publisher.publish(
+                ids = await publish_as(
+                    self.ctx.bus,
                     self.topic,
                     batch,
                     user=self.ctx.identity.user,
@@ -330,8 +326,6 @@ class _LinePublisher:
             self.published += len(batch)
             if self.keep_ids:  # checked lines are never packed: one entry id per line
                 self.stored += zip(ids, (m.decode("utf-8", "replace") for m in batch), strict=True)
-            PUBLISH_SECONDS.observe(time.perf_counter() - started)
-            MESSAGES_PUBLISHED.labels(topic_label(self.topic)).inc(len(batch))
 
     def report(self) -> int:
         if self.refusal:
