@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench.durability import durability
 from bench.floors import (
     FloorError,
     PubSubFloor,
@@ -29,6 +30,7 @@ from bench.floors import (
 from bench.openssh import PubSubFigures, median, one_shot_publishes, pub_sub_figures
 from bench.report import Row, Target, WorkloadResult
 from bench.server import DrainbusServer, start_drainbus
+from bench.sessions import short_sessions
 from drainbus.bus.embedded import EmbeddedRedis
 
 __all__ = ["WORKLOADS", "Bench", "Sizes", "Workload"]
@@ -57,8 +59,8 @@ class Sizes:
     receipt_waiters: int  # workload 8: pub --wait sessions waiting at once
     drain_purges: int  # workload 9: url: purges, and tag: purges over as many cache files
     drain_backlog: int  # workload 9: url: purges in the backlog whose RSS growth is measured
-    fair_burst: int  # workload 10: one user's url: purges queued ahead of another's one
-    fair_rounds: int  # workload 10: rounds, each on a fresh stream
+    fair_burst: int  # workload 12: one user's url: purges queued ahead of another's one
+    fair_rounds: int  # workload 12: rounds, each on a fresh stream
 
 
 FULL = Sizes(
@@ -551,8 +553,19 @@ async def drain(bench: Bench, result: WorkloadResult) -> None:
         )  # fmt: skip
 
 
+async def durability_modes(bench: Bench, result: WorkloadResult) -> None:
+    """10. What each ``topics.durability`` mode adds to a publish (bench/durability.py)."""
+    await durability(bench.workdir / "durability", result, quick=bench.sizes is QUICK)
+
+
+async def sessions(bench: Bench, result: WorkloadResult) -> None:
+    """11. serve's memory over many short sessions (bench/sessions.py)."""
+    async with bench.drainbus("sessions") as server:
+        await short_sessions(server, bench.key, result, quick=bench.sizes is QUICK)
+
+
 async def fairness(bench: Bench, result: WorkloadResult) -> None:
-    """10. Fair drain: one user's purge behind another user's burst, to nginx and Cloudflare.
+    """12. Fair drain: one user's purge behind another user's burst, to nginx and Cloudflare.
 
     bench.fairness runs the drain (nginx plus a Free-plan Cloudflare stand-in answering in
     50 ms) in a process of its own, on the embedded server started here unless
@@ -588,5 +601,7 @@ WORKLOADS: dict[str, tuple[str, Workload]] = {
     "nginx_index": ("7. nginx index, build and tag purge", nginx_index),
     "receipts": ("8. receipts, pub --wait", receipts),
     "drain": ("9. drain throughput, url: and tag: bursts", drain),
-    "fairness": ("10. fair drain, a purge behind another user's burst", fairness),
+    "durability": ("10. durability modes, publish cost", durability_modes),
+    "sessions": ("11. short sessions, serve RSS", sessions),
+    "fairness": ("12. fair drain, a purge behind another user's burst", fairness),
 }

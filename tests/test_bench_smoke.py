@@ -26,6 +26,8 @@ MEASURED = (
     "purge",
     "nginx_index",
     "drain",
+    "durability",
+    "sessions",
 )
 # Workloads without a floor program, and figures each must report (the start of their names).
 FLOORLESS = {
@@ -33,6 +35,8 @@ FLOORLESS = {
     "nginx_index": ("index build, cold", "index build, warm", "tag lookup", "tag purge"),
     "receipts": ("pub --wait, 2 nginx nodes", "Redis CPU while"),
     "fairness": ("another user's purge behind", "the burst's purges carried out"),
+    "durability": ("publish p50, os", "publish p50, fsync", "publish p50, replica"),
+    "sessions": ("serve RSS growth, sessions", "short sessions per second"),
 }
 
 
