@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from drainbus.bus.connection import RedisClient
 from drainbus.bus.streams import Keys
 from drainbus.config import Settings
-from drainbus.drain.cloudflare import CloudflareForwarder
+from drainbus.drain.cloudflare import PLAN_LIMITS, CloudflareForwarder, CloudflareZoneConfig
 from drainbus.drain.daemon import Drain
 from drainbus.drain.http_purge import HttpPurger
 from drainbus.drain.nginx import NginxCache
@@ -56,7 +56,7 @@ async def open_drain(
             target = CloudflareTarget(forwarder)
             window = target.batch_window
             busy_for = target.busy_for
-            batch_size = target.batch_size(_CDN_BATCH_SECONDS)
+            batch_size = _cdn_batch_size(drain.cloudflare)
             cdn.append(target)
         yield Drain(
             drain,
@@ -72,3 +72,11 @@ async def open_drain(
             cdn_busy_for=busy_for,
             cdn_batch_size=batch_size,
         )
+
+
+def _cdn_batch_size(zones: Sequence[CloudflareZoneConfig]) -> int:
+    """Purges per cdn batch: what the slowest zone's plan purges by URL in
+    ``_CDN_BATCH_SECONDS``, and at least one full call."""
+    limits = [PLAN_LIMITS[zone.plan] for zone in zones]
+    per_call = max(plan.files_per_call for plan in limits)
+    return max(per_call, int(min(plan.urls_per_second for plan in limits) * _CDN_BATCH_SECONDS))

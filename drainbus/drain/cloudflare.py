@@ -598,14 +598,6 @@ class CloudflareForwarder:
         """
         return min(zone.config.batch_window for zone in self._zones)
 
-    def batch_size(self, seconds: float) -> int:
-        """How many purges to hand :meth:`forward` at once: what the slowest account's URL
-        rate sends in about ``seconds``, and at least one full call. A purge read after the
-        batch started then waits about that long, not for a whole backlog's calls.
-        """
-        calls = max(zone.limits.files_per_call for zone in self._zones)
-        return max(calls, int(min(a.urls.rate for a in self._accounts) * seconds))
-
     def busy_for(self) -> float:
         """Seconds until a rate-limit bucket the last :meth:`forward` spent from has room for
         a call; 0 if one has room now (or no call was made yet).

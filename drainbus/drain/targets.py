@@ -135,10 +135,6 @@ class CloudflareTarget:
         """Seconds until the rate limit has room for a call; 0 if it has room now."""
         return self.forwarder.busy_for()
 
-    def batch_size(self, seconds: float) -> int:
-        """How many purges one batch should hold to be sent in about ``seconds``."""
-        return self.forwarder.batch_size(seconds)
-
     async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
         return await self.forwarder.forward(purges)
 
