@@ -478,11 +478,7 @@ class NginxCache:
         # seen by the batch's refill window.
         window = guard.open_batch(watched)
         outcomes = await _carry_out(jobs)
-        evicted: dict[str, set[str | None]] = {}
-        for _, validators, _ in outcomes:
-            for key, found in validators.items():
-                evicted.setdefault(key, set()).update(found)
-        guard.armed(window, evicted)
+        guard.armed(window, (validators for _, validators, _ in outcomes))
         for job, (count, _, failed) in zip(jobs, outcomes, strict=True):
             verb = "expire" if job.soft else "delete"
             try:

@@ -78,9 +78,7 @@ MAX_URL_HEADERS = 32
 """Most headers on one JSON ``urls`` entry."""
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
-
-
-_NONE: frozenset[str] = frozenset()
+_NONE: frozenset[str] = frozenset()  # Purge's defaults share it: 216 bytes each otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +100,6 @@ class Purge:
     Cloudflare forwards the headers unchanged.
     """
 
-    # One shared empty set, not one each (216 bytes apiece): a busy drain holds the purges
-    # of the last refill window, tens of thousands of them, nearly every set empty.
     keys: frozenset[str] = _NONE
     tags: frozenset[str] = _NONE
     urls: frozenset[str] = _NONE

@@ -176,6 +176,14 @@ def read_validators(
     return evicted
 
 
+def _merged(found: Iterable[dict[str, set[str | None]]]) -> dict[str, set[str | None]]:
+    merged: dict[str, set[str | None]] = {}
+    for validators in found:
+        for key, values in validators.items():
+            merged.setdefault(key, set()).update(values)
+    return merged
+
+
 def _unlink_unchanged(recheck: dict[str, _Stamp]) -> list[str]:
     return [path for path, stamp in recheck.items() if _unlink_if_same(path, stamp)]
 
@@ -338,12 +346,14 @@ class RefillGuard:
         evicted = await asyncio.to_thread(read_validators, list(paths))
         self._arm_now(window, evicted)
 
-    def armed(self, window: RefillWindow | None, evicted: dict[str, set[str | None]]) -> None:
-        """:meth:`arm` with the validators already read (:func:`read_validators`, in a worker
-        thread, before the files were deleted): a batch arms all its windows in one trip."""
+    def armed(
+        self, window: RefillWindow | None, found: Iterable[dict[str, set[str | None]]]
+    ) -> None:
+        """:meth:`arm` with the validators already read (:func:`read_validators` of each purge
+        of the window, in a worker thread, before the files were deleted)."""
         if window is None or window.evicted is not None:
             return
-        self._arm_now(window, evicted)
+        self._arm_now(window, _merged(found))
 
     def file_added(self, path: str, head: CacheHead) -> None:
         """The index's ``on_file_added``: judge a file nginx put in place (on the loop)."""
