@@ -50,6 +50,7 @@ from drainbus.errors import (
 from drainbus.identity import Identity
 from drainbus.metrics import record_deliveries
 from drainbus.publishing import publish_as
+from drainbus.ssh.durable import durable_cursor, durable_listing, durable_table
 from drainbus.ssh.parsing import CommandParser, HelpRequested
 from drainbus.terminal import escape_controls, json_safe
 
@@ -406,53 +407,59 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
     ctx.access.require(ctx.identity, "subscribe", topic)
     if args.count is not None and args.count < 1:
         raise UsageError("sub: --count must be a positive number")
-    after, resume_inside = parse_since(args.since) if args.since else (None, None)
-    if args.receipts:
-        return await _sub_receipts(ctx, topic, after, args)
-    remaining = args.count
-    channel = ctx.process.stdout.channel
-    if args.raw and args.json:
-        raise UsageError("sub: --raw and --json are two different outputs; choose one")
-    render = Batch.json_lines if args.json else Batch.raw if args.raw else Batch.plain
+    since = parse_since(args.since) if args.since else None
+    async with durable_cursor(ctx, topic, args.durable, since, receipts=args.receipts) as cursor:
+        if cursor is not None:  # resume where the last session's bytes reached the client
+            since = parse_since(cursor.confirmed or "")
+        after, resume_inside = since or (None, None)
+        if args.receipts:
+            return await _sub_receipts(ctx, topic, after, args)
+        remaining = args.count
+        channel = ctx.process.stdout.channel
+        if args.raw and args.json:
+            raise UsageError("sub: --raw and --json are two different outputs; choose one")
+        render = Batch.json_lines if args.json else Batch.raw if args.raw else Batch.plain
 
-    def express(batch: Batch) -> bool:
-        # Straight from the topic's reader (see drainbus.bus.fanout), which also counts it:
-        # only a plain live batch, and only while the channel has nothing waiting, so
-        # backpressure still applies.
-        if remaining is not None or resume_inside is not None:
-            return False
-        if channel.is_closing() or channel.get_write_buffer_size():
-            return False
-        ctx.write(render(batch))
-        return True
+        def express(batch: Batch) -> bool:
+            # Straight from the topic's reader (see drainbus.bus.fanout), which also counts it:
+            # only a plain live batch, and only while the channel has nothing waiting, so
+            # backpressure still applies. A durable sub records each batch: the slow way.
+            if remaining is not None or resume_inside is not None or cursor is not None:
+                return False
+            if channel.is_closing() or channel.get_write_buffer_size():
+                return False
+            ctx.write(render(batch))
+            return True
 
-    fanout = ctx.bus.fanout
-    fanout.count(topic, +1)
-    try:
-        stream = fanout.follow(topic, after, express=express)
+        fanout = ctx.bus.fanout
+        fanout.count(topic, +1)
         try:
-            async for item in stream:
-                if isinstance(item, TrimNotice):
-                    ctx.stderr(item.message(topic))
-                    continue
-                batch: Batch | None = item
-                if resume_inside is not None:
-                    batch = item.skip_into(*resume_inside)
-                    resume_inside = None
-                if batch is None:
-                    continue
-                if remaining is not None:
-                    batch = batch.first_messages(remaining)
-                await ctx.stdout(render(batch))
-                record_deliveries(batch, sessions=1, messages=batch.messages)
-                if remaining is not None:
-                    remaining -= batch.messages
-                    if remaining == 0:
-                        return 0
+            stream = fanout.follow(topic, after, express=express)
+            try:
+                async for item in stream:
+                    if isinstance(item, TrimNotice):
+                        ctx.stderr(item.message(topic))
+                        continue
+                    batch: Batch | None = item
+                    if resume_inside is not None:
+                        batch = item.skip_into(*resume_inside)
+                        resume_inside = None
+                    if batch is None:
+                        continue
+                    if remaining is not None:
+                        batch = batch.first_messages(remaining)
+                    await ctx.stdout(render(batch))
+                    if cursor is not None:
+                        cursor.sent(batch)
+                    record_deliveries(batch, sessions=1, messages=batch.messages)
+                    if remaining is not None:
+                        remaining -= batch.messages
+                        if remaining == 0:
+                            return 0
+            finally:
+                await stream.aclose()
         finally:
-            await stream.aclose()
-    finally:
-        fanout.count(topic, -1)
+            fanout.count(topic, -1)
     return 0
 
 
@@ -531,8 +538,10 @@ async def _ls(ctx: SessionContext, args: argparse.Namespace) -> int:
         if t.startswith(args.prefix or "") and ctx.access.allows(ctx.identity, "subscribe", t)
     ]
     summaries = await describe_topics(bus.redis, bus.keys, topics, await bus.presence.subscribers())
+    durables = await durable_listing(ctx, [s.topic for s in summaries])
     if args.json:
-        await ctx.stdout(b"".join(json.dumps(asdict(s)).encode() + b"\n" for s in summaries))
+        await ctx.stdout(b"".join(json.dumps({**asdict(s), "durable": durables.get(s.topic, [])})
+                                  .encode() + b"\n" for s in summaries))  # fmt: skip
         return 0
     rows = [("TOPIC", "ENTRIES", "LAST MESSAGE", "SUBSCRIBERS", "DEAD", "GROUPS")]
     for s in summaries:
@@ -554,7 +563,7 @@ async def _ls(ctx: SessionContext, args: argparse.Namespace) -> int:
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1]
         for r in rows
-    ]
+    ] + durable_table(durables)
     await ctx.stdout(("\n".join(lines) + "\n").encode())
     return 0
 
@@ -673,6 +682,13 @@ def _build_commands() -> dict[str, Command]:
         "2h, 7d), an RFC 3339 time, or 'all'",
     )
     sub.parser.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    sub.parser.add_argument(
+        "--durable",
+        metavar="NAME",
+        help="resume where your last 'sub --durable NAME' on this topic stopped (kept on the "
+        "server; --since only sets where a new NAME starts); messages in flight when a "
+        "connection dies can come twice: drop repeats by the --json id",
+    )
     sub.parser.add_argument(
         "--json", action="store_true", help="one JSON object per line: id, time, topic, user, data"
     )
