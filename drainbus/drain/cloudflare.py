@@ -94,6 +94,7 @@ from drainbus.drain.purges import (
 )
 from drainbus.drain.retry import (
     Clock,
+    OnSettled,
     Outcome,
     RateInfo,
     RetryPolicy,
@@ -635,12 +636,17 @@ class CloudflareForwarder:
             last_error=self._last_error,
         )
 
-    async def forward(self, purges: Sequence[Purge]) -> list[Outcome]:
+    async def forward(
+        self, purges: Sequence[Purge], on_settled: OnSettled | None = None
+    ) -> list[Outcome]:
         """Purge a batch on Cloudflare; return one :class:`Outcome` per purge, in order.
 
         Never raises for a purge's failure (that is in its outcome); raises
         :class:`RuntimeError` outside ``async with``. Cancellation propagates; calls already
         answered stay done, which is harmless because purges are idempotent.
+        ``on_settled(outcomes)``, awaited after each call, gets the purges (index: outcome)
+        whose last call that was, before the lane's next call is sent: so the caller can
+        acknowledge them while the rest of the batch is still going.
         """
         if self._client is None:
             raise RuntimeError("CloudflareForwarder.forward() called outside 'async with'")
@@ -659,10 +665,18 @@ class CloudflareForwarder:
         if buckets:
             self._last_buckets = list(buckets.values())
 
+        calls_left = Counter(i for call in calls for i in call.purges)
+
         async def run_lane(lane: list[_Call]) -> None:
             for call in lane:
+                settled = {}
                 for i, outcome in (await self._execute(call)).items():
                     parts[i].append(outcome)
+                    calls_left[i] -= 1
+                    if calls_left[i] == 0:
+                        settled[i] = merge_outcomes(parts[i])
+                if settled and on_settled is not None:
+                    await on_settled(settled)
 
         async with asyncio.TaskGroup() as group:
             for lane in lanes.values():
