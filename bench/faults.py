@@ -414,8 +414,7 @@ async def disk_full(ctx: Context) -> Row:
         redis.start()
         try:
             async with start_drainbus(ctx.root("disk-serve"), ctx.key, redis_url=redis.url) as s:
-                with contextlib.suppress(OSError):  # leave about 2 MiB free
-                    filler.write_bytes(b"\0" * (14 << 20))
+                await asyncio.to_thread(_fill, filler, 256 << 10)
                 traffic = Traffic(ctx.key, lambda: [s.port], ctx.sizes)
                 traffic.subs = []
                 await traffic.start()
@@ -433,10 +432,22 @@ async def disk_full(ctx: Context) -> Row:
         row.published, row.acknowledged = traffic.published, len(traffic.acked)
         row.received = len(traffic.acked.keys() & got)
         row.lost = row.acknowledged - row.received
+        row.note = f"{row.published - row.acknowledged} refused while full"
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(mount)], check=False)
     row.status = "LOSS" if row.lost else "ok"
     return row
+
+
+def _fill(path: Path, leave: int) -> None:
+    """Fill ``path``'s file system to the last byte, then free ``leave`` bytes of it."""
+    with path.open("wb", buffering=0) as out:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(b"\0" * size)
+    with path.open("r+b") as out:
+        out.truncate(max(0, path.stat().st_size - leave))
 
 
 async def _read_all(port: int, key: Path) -> set[str]:
