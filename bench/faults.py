@@ -322,12 +322,11 @@ class _Node:
 
 
 async def _purges(name: str, ctx: Context, storm: Callable[[_Node], Awaitable[None]],
-                  **fake_options: float) -> Row:  # fmt: skip
+                  fake: FakeCloudflare) -> Row:  # fmt: skip
     """Publish purge lines through serve's drain to the fake Cloudflare; ``storm(node)``
     breaks something; count what Cloudflare purged, once or twice."""
     row = Row(name)
     lines = [f"fault-{i}" for i in range(ctx.sizes.purges)]
-    fake = FakeCloudflare(plan="enterprise", **fake_options)
     fake.start()
     try:
         async with AsyncExitStack() as stack:
@@ -381,7 +380,9 @@ async def cloudflare_storm(ctx: Context) -> Row:
         fake.hang_next(2)
         fake.fail_next(3, status=503)
 
-    return await _purges("cloudflare-storm", ctx, storm, hang_seconds=2.0)
+    return await _purges(
+        "cloudflare-storm", ctx, storm, FakeCloudflare(plan="enterprise", hang_seconds=2.0)
+    )
 
 
 async def drain_kill(ctx: Context) -> Row:
@@ -393,7 +394,9 @@ async def drain_kill(ctx: Context) -> Row:
         await node.server.proc.wait()
         await node.restart(ctx.key)
 
-    return await _purges("drain-kill", ctx, storm, answer_delay=0.2)
+    return await _purges(
+        "drain-kill", ctx, storm, FakeCloudflare(plan="enterprise", answer_delay=0.2)
+    )
 
 
 async def disk_full(ctx: Context) -> Row:

@@ -193,8 +193,8 @@ async def test_a_durable_sub_in_a_restart_loop_loses_nothing_when_workers_die(
         reader.cancel()
     assert len(sessions) >= 3, "the sub survived the kills: nothing was tested"
     first_seen: dict[str, str] = {}
-    for message in received:
-        first_seen.setdefault(message["id"], message["data"])
+    for delivery in received:
+        first_seen.setdefault(delivery["id"], delivery["data"])
     data = [d.encode() for d in first_seen.values()]
     # A pub cut off by a kill may have been stored and then sent again: the same data
     # twice, under two ids. Its first copy keeps its place.
