@@ -120,12 +120,14 @@ class DurableCursor:
         while self._written and self._written[0][0] <= channel_sent:
             self._in_transport = self._written.popleft()[1]
         conn = self._channel.get_connection()
-        # asyncssh does not expose its transport's buffer; the asyncio transport does.
+        # asyncssh exposes neither its transport's buffer nor its held packets: private names.
         transport = getattr(conn, "_transport", None)
         if transport is None:
             return  # the connection is gone: what it still held is lost, not sent
         counters = _tcp_sent_and_acked(conn.get_extra_info("socket"))
-        if self._in_transport is not None and transport.get_write_buffer_size() == 0:
+        # During a key exchange asyncssh holds packets back (_deferred_packets): not sent.
+        held = bool(getattr(conn, "_deferred_packets", None))
+        if self._in_transport is not None and not held and transport.get_write_buffer_size() == 0:
             mark = counters[0] if counters else 0
             self._in_kernel.append((mark, self._in_transport))
             self._in_transport = None
