@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import RunningBus, User, run_ssh, ssh_argv
+from tests.conftest import RunningBus, User, run_ssh, serve_process, ssh_argv
 from tests.test_serve import write_config
 from tests.test_workers import two_workers
 
@@ -127,11 +129,12 @@ async def test_a_durable_position_expires_after_the_retention_unused(
     assert 3_500_000 < ttl <= 3_600_000
 
 
-async def _durable_reader(port: int, key: Path, received: list[dict[str, str]],
+async def _durable_reader(port: Callable[[], int], key: Path, received: list[dict[str, str]],
                           sessions: list[int], stop: asyncio.Event) -> None:  # fmt: skip
-    """``ssh bus sub … --durable audit --json`` in a restart loop, as an operator would run it."""
+    """``ssh bus sub … --durable audit --json`` in a restart loop, as an operator would run it
+    (``port()``: where the bus listens now)."""
     while not stop.is_set():
-        argv = ssh_argv(port, key, "sub", "shared/audit", "--durable", "audit", "--json")
+        argv = ssh_argv(port(), key, "sub", "shared/audit", "--durable", "audit", "--json")
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
@@ -153,44 +156,40 @@ async def _publish_until_stored(port: int, key: Path, data: bytes) -> None:
         await asyncio.sleep(0.05)  # the pause before trying again, not a wait for a state
 
 
-@pytest.mark.timeout(90)  # two rounds of killing both workers, waiting out their restarts
-async def test_a_durable_sub_in_a_restart_loop_loses_nothing_when_workers_die(
-    tmp_path: Path, users_dir: Path, add_user: Callable[[str], User], redis_url: str
-) -> None:
-    """Workers killed twice mid-stream: every published message arrives, in order; repeats
-    carry the id they had, so dropping repeats by id leaves exactly what was published."""
-    alice = add_user("alice")
-    config = write_config(tmp_path, users_dir)
+@asynccontextmanager
+async def _reading(
+    port: Callable[[], int], key: Path, redis_url: str, namespace: str
+) -> AsyncIterator[tuple[list[dict[str, str]], list[int]]]:
+    """A durable reader in a restart loop, once its position exists; stopped on exit."""
     received: list[dict[str, str]] = []
     sessions: list[int] = []
-    published = [f"m{i}".encode() for i in range(60)]
     stop = asyncio.Event()
-    async with two_workers(config, env={"DRAINBUS_REDIS_URL": redis_url}) as server:
-        # The first session creates the position at the newest message: wait for it.
-        await _publish_until_stored(server.port, alice.key_file, b"before\n")
-        reader = asyncio.create_task(
-            _durable_reader(server.port, alice.key_file, received, sessions, stop)
-        )
-        redis = Redis.from_url(redis_url)
-        async with asyncio.timeout(15):
-            while not await redis.exists(f"{tmp_path.name}:{{shared/audit}}:durable:alice:audit"):
-                await asyncio.sleep(0.02)
-        await redis.aclose()
-        rounds = 0
-        for i, message in enumerate(published):
-            await _publish_until_stored(server.port, alice.key_file, message + b"\n")
-            if i in (20, 40):
-                starts = [e for e in server.log if e["event"] == "worker_started"]
-                for pid in {e["worker"]: e["pid"] for e in starts}.values():
-                    os.kill(pid, signal.SIGKILL)
-                rounds += 1
-                for index in (0, 1):
-                    await server.wait_for_events("serving", 1 + rounds, timeout=30, worker=index)
-        async with asyncio.timeout(30):
-            while not {m["data"].encode() for m in received} >= set(published):
-                await asyncio.sleep(0.05)
+    # Its first session creates the position at the newest message: wait for it.
+    await _publish_until_stored(port(), key, b"before\n")
+    reader = asyncio.create_task(_durable_reader(port, key, received, sessions, stop))
+    redis = Redis.from_url(redis_url)
+    async with asyncio.timeout(15):
+        while not await redis.exists(f"{namespace}:{{shared/audit}}:durable:alice:audit"):
+            await asyncio.sleep(0.02)
+    await redis.aclose()
+    try:
+        yield received, sessions
+    finally:
         stop.set()
         reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+async def _all_arrived(received: list[dict[str, str]], published: list[bytes]) -> None:
+    async with asyncio.timeout(30):
+        while not {m["data"].encode() for m in received} >= set(published):
+            await asyncio.sleep(0.05)
+
+
+def _assert_once_each_in_order(
+    received: list[dict[str, str]], sessions: list[int], published: list[bytes]
+) -> None:
     assert len(sessions) >= 3, "the sub survived the kills: nothing was tested"
     first_seen: dict[str, str] = {}
     for delivery in received:
@@ -201,3 +200,59 @@ async def test_a_durable_sub_in_a_restart_loop_loses_nothing_when_workers_die(
     assert list(dict.fromkeys(data)) == published
     ids = list(first_seen)
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split(":")[0].split("-"))))
+
+
+@pytest.mark.timeout(90)  # two rounds of killing both workers, waiting out their restarts
+async def test_a_durable_sub_in_a_restart_loop_loses_nothing_when_workers_die(
+    tmp_path: Path, users_dir: Path, add_user: Callable[[str], User], redis_url: str
+) -> None:
+    """Workers killed twice mid-stream: every published message arrives, in order; repeats
+    carry the id they had, so dropping repeats by id leaves exactly what was published."""
+    alice = add_user("alice")
+    config = write_config(tmp_path, users_dir)
+    published = [f"m{i}".encode() for i in range(60)]
+    env = {"DRAINBUS_REDIS_URL": redis_url}
+    async with (
+        two_workers(config, env=env) as server,
+        _reading(lambda: server.port, alice.key_file, redis_url, tmp_path.name) as (got, sessions),
+    ):
+        rounds = 0
+        for i, message in enumerate(published):
+            await _publish_until_stored(server.port, alice.key_file, message + b"\n")
+            if i in (20, 40):
+                starts = [e for e in server.log if e["event"] == "worker_started"]
+                for pid in {e["worker"]: e["pid"] for e in starts}.values():
+                    os.kill(pid, signal.SIGKILL)
+                rounds += 1
+                for index in (0, 1):
+                    await server.wait_for_events("serving", 1 + rounds, timeout=30, worker=index)
+        await _all_arrived(got, published)
+    _assert_once_each_in_order(got, sessions, published)
+
+
+@pytest.mark.timeout(90)  # two kill -9s of serve, each waiting for a new one to start
+async def test_a_durable_sub_in_a_restart_loop_loses_nothing_when_serve_is_killed(
+    tmp_path: Path, users_dir: Path, add_user: Callable[[str], User], redis_url: str
+) -> None:
+    """serve killed twice mid-stream and started again (on a new port, as a new node): the
+    reader's next session resumes where the last one's bytes reached it."""
+    alice = add_user("alice")
+    config = write_config(tmp_path, users_dir)
+    env = {"DRAINBUS_REDIS_URL": redis_url}
+    published = [f"m{i}".encode() for i in range(45)]
+    async with AsyncExitStack() as stack:
+        servers = [await stack.enter_async_context(serve_process("--config", str(config), env=env))]
+
+        def port() -> int:  # the newest serve's
+            return servers[-1].port
+
+        async with _reading(port, alice.key_file, redis_url, tmp_path.name) as (got, sessions):
+            for i, message in enumerate(published):
+                await _publish_until_stored(port(), alice.key_file, message + b"\n")
+                if i in (15, 30):
+                    servers[-1].proc.kill()
+                    await servers[-1].proc.wait()
+                    servers.append(await stack.enter_async_context(
+                        serve_process("--config", str(config), env=env)))  # fmt: skip
+            await _all_arrived(got, published)
+    _assert_once_each_in_order(got, sessions, published)
