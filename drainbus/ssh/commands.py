@@ -50,7 +50,7 @@ from drainbus.errors import (
 from drainbus.identity import Identity
 from drainbus.metrics import record_deliveries
 from drainbus.publishing import publish_as
-from drainbus.ssh.durable import durable_cursor, durable_listing, durable_table
+from drainbus.ssh.durable import DurableCursor, durable_cursor, durable_listing, durable_table
 from drainbus.ssh.parsing import CommandParser, HelpRequested
 from drainbus.terminal import escape_controls, json_safe
 
@@ -411,55 +411,60 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
     async with durable_cursor(ctx, topic, args.durable, since, receipts=args.receipts) as cursor:
         if cursor is not None:  # resume where the last session's bytes reached the client
             since = parse_since(cursor.confirmed or "")
-        after, resume_inside = since or (None, None)
-        if args.receipts:
-            return await _sub_receipts(ctx, topic, after, args)
-        remaining = args.count
-        channel = ctx.process.stdout.channel
-        if args.raw and args.json:
-            raise UsageError("sub: --raw and --json are two different outputs; choose one")
-        render = Batch.json_lines if args.json else Batch.raw if args.raw else Batch.plain
+        return await _follow(ctx, topic, since, cursor, args)
 
-        def express(batch: Batch) -> bool:
-            # Straight from the topic's reader (see drainbus.bus.fanout), which also counts it:
-            # only a plain live batch, and only while the channel has nothing waiting, so
-            # backpressure still applies. A durable sub records each batch: the slow way.
-            if remaining is not None or resume_inside is not None or cursor is not None:
-                return False
-            if channel.is_closing() or channel.get_write_buffer_size():
-                return False
-            ctx.write(render(batch))
-            return True
 
-        fanout = ctx.bus.fanout
-        fanout.count(topic, +1)
+async def _follow(ctx: SessionContext, topic: str, since: Since | None,
+                  cursor: DurableCursor | None, args: argparse.Namespace) -> int:  # fmt: skip
+    after, resume_inside = since or (None, None)
+    if args.receipts:
+        return await _sub_receipts(ctx, topic, after, args)
+    remaining = args.count
+    channel = ctx.process.stdout.channel
+    if args.raw and args.json:
+        raise UsageError("sub: --raw and --json are two different outputs; choose one")
+    render = Batch.json_lines if args.json else Batch.raw if args.raw else Batch.plain
+
+    def express(batch: Batch) -> bool:
+        # Straight from the topic's reader (see drainbus.bus.fanout), which also counts it:
+        # only a plain live batch, and only while the channel has nothing waiting, so
+        # backpressure still applies. A durable sub records each batch: the slow way.
+        if remaining is not None or resume_inside is not None or cursor is not None:
+            return False
+        if channel.is_closing() or channel.get_write_buffer_size():
+            return False
+        ctx.write(render(batch))
+        return True
+
+    fanout = ctx.bus.fanout
+    fanout.count(topic, +1)
+    try:
+        stream = fanout.follow(topic, after, express=express)
         try:
-            stream = fanout.follow(topic, after, express=express)
-            try:
-                async for item in stream:
-                    if isinstance(item, TrimNotice):
-                        ctx.stderr(item.message(topic))
-                        continue
-                    batch: Batch | None = item
-                    if resume_inside is not None:
-                        batch = item.skip_into(*resume_inside)
-                        resume_inside = None
-                    if batch is None:
-                        continue
-                    if remaining is not None:
-                        batch = batch.first_messages(remaining)
-                    await ctx.stdout(render(batch))
-                    if cursor is not None:
-                        cursor.sent(batch)
-                    record_deliveries(batch, sessions=1, messages=batch.messages)
-                    if remaining is not None:
-                        remaining -= batch.messages
-                        if remaining == 0:
-                            return 0
-            finally:
-                await stream.aclose()
+            async for item in stream:
+                if isinstance(item, TrimNotice):
+                    ctx.stderr(item.message(topic))
+                    continue
+                batch: Batch | None = item
+                if resume_inside is not None:
+                    batch = item.skip_into(*resume_inside)
+                    resume_inside = None
+                if batch is None:
+                    continue
+                if remaining is not None:
+                    batch = batch.first_messages(remaining)
+                await ctx.stdout(render(batch))
+                if cursor is not None:
+                    cursor.sent(batch)
+                record_deliveries(batch, sessions=1, messages=batch.messages)
+                if remaining is not None:
+                    remaining -= batch.messages
+                    if remaining == 0:
+                        return 0
         finally:
-            fanout.count(topic, -1)
+            await stream.aclose()
+    finally:
+        fanout.count(topic, -1)
     return 0
 
 
@@ -682,13 +687,8 @@ def _build_commands() -> dict[str, Command]:
         "2h, 7d), an RFC 3339 time, or 'all'",
     )
     sub.parser.add_argument("--count", type=int, metavar="N", help="stop after N messages")
-    sub.parser.add_argument(
-        "--durable",
-        metavar="NAME",
-        help="resume where your last 'sub --durable NAME' on this topic stopped (kept on the "
-        "server; --since only sets where a new NAME starts); messages in flight when a "
-        "connection dies can come twice: drop repeats by the --json id",
-    )
+    sub.parser.add_argument("--durable", metavar="NAME", help="resume where your last 'sub "
+                            "--durable NAME' here stopped; drop repeats by --json id")  # fmt: skip
     sub.parser.add_argument(
         "--json", action="store_true", help="one JSON object per line: id, time, topic, user, data"
     )
