@@ -85,6 +85,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from drainbus import cloudflare_codes as codes
+from drainbus.drain.lanes import run_lanes
 from drainbus.drain.purges import (
     MAX_PREFIX_SEPARATORS,
     MAX_TOKEN_LENGTH,
@@ -644,9 +645,7 @@ class CloudflareForwarder:
         Never raises for a purge's failure (that is in its outcome); raises
         :class:`RuntimeError` outside ``async with``. Cancellation propagates; calls already
         answered stay done, which is harmless because purges are idempotent.
-        ``on_settled(outcomes)``, awaited after each call, gets the purges (index: outcome)
-        whose last call that was, before the lane's next call is sent: so the caller can
-        acknowledge them while the rest of the batch is still going.
+        ``on_settled``: see :func:`drainbus.drain.lanes.run_lanes`.
         """
         if self._client is None:
             raise RuntimeError("CloudflareForwarder.forward() called outside 'async with'")
@@ -665,22 +664,7 @@ class CloudflareForwarder:
         if buckets:
             self._last_buckets = list(buckets.values())
 
-        calls_left = Counter(i for call in calls for i in call.purges)
-
-        async def run_lane(lane: list[_Call]) -> None:
-            for call in lane:
-                settled = {}
-                for i, outcome in (await self._execute(call)).items():
-                    parts[i].append(outcome)
-                    calls_left[i] -= 1
-                    if calls_left[i] == 0:
-                        settled[i] = merge_outcomes(parts[i])
-                if settled and on_settled is not None:
-                    await on_settled(settled)
-
-        async with asyncio.TaskGroup() as group:
-            for lane in lanes.values():
-                group.create_task(run_lane(lane))
+        await run_lanes(lanes.values(), self._execute, parts, on_settled)
         return [merge_outcomes(parts[i]) for i in range(len(purges))]
 
     def _route(self, host: str) -> list[_Zone]:
