@@ -36,8 +36,9 @@ from redis.exceptions import RedisError
 from drainbus.bus.connection import backend_error
 from drainbus.bus.durable import LAG_CAP, DurableStore, check_durable_name
 from drainbus.bus.fanout import Batch
-from drainbus.bus.streams import StreamId, format_id, stream_info
+from drainbus.bus.streams import format_id, stream_info
 from drainbus.errors import UsageError
+from drainbus.ssh.since import Since
 
 if TYPE_CHECKING:
     from drainbus.ssh.commands import SessionContext
@@ -50,8 +51,6 @@ _TICK = 0.05  # seconds between looks at the buffers
 _SAVE_EVERY = 0.1  # seconds: at most this often a save, however fast messages go
 _FINAL_WAIT = 2.0  # seconds a session that ends by itself waits for its last bytes to land
 _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (Linux >= 4.1)
-
-Since = tuple[StreamId, tuple[StreamId, int] | None]
 
 
 def _tcp_sent_and_acked(sock: Any) -> tuple[int, int] | None:
