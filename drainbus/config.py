@@ -39,7 +39,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from drainbus.acl import glob_to_regex
 from drainbus.backend_url import parse_url
-from drainbus.drain.cloudflare import CloudflareZoneConfig
+from drainbus.drain.cloudflare_zones import CloudflareZoneConfig
 from drainbus.drain.http_purge import HttpPurgeConfig
 from drainbus.drain.nginx import NginxCacheConfig
 from drainbus.drain.purges import ScopeRule

@@ -2,24 +2,8 @@
 
 How a batch becomes API calls
 -----------------------------
-1. Each purge is checked first against rules Cloudflare would refuse it for (a tag over
-   1,024 characters or with a space or comma, a prefix with a query string or more than 31
-   path separators, a host that is an IP address, a URL that is not ``http(s)``); ``pub``
-   refuses them already, this catches entries stored before it did. Such a
-   purge is ``permanent`` without a call, so it cannot fail a call shared with its neighbours.
-2. Items are routed to zones. ``keys`` (sent as tags), ``tags`` and ``everything`` go to every
-   zone. A URL, host or prefix goes to the zones whose ``hosts`` match its host most
-   specifically (an exact name beats the longest ``*.suffix`` wildcard); with no match, to
-   the catch-all zones (``hosts = []``); with no catch-all zone, nowhere: the host is not
-   behind any configured zone, so nothing is cached there and the purge part is ``done``
-   (counted as ``unrouted`` and logged).
-3. Per zone and endpoint (``purge_cache``; ``invalidate_cache`` for ``soft`` purges and for
-   zones in ``mode="invalidate"``) items of one kind are deduplicated and packed into calls
-   of at most 100 items (files: 500 on Enterprise). A prefix at a host's root is sent as a
-   host purge, and a scheme is never sent. URLs and prefixes keep a port that is not the
-   scheme's default and drop one that is (one rule for both, see :func:`_authority`). A hard
-   ``purge_everything`` for a zone absorbs every other call for that zone; a soft one
-   absorbs the zone's other soft calls.
+1.-3. Each purge is checked, routed to zones, coalesced and packed into calls:
+   :mod:`drainbus.drain.cloudflare_plan` says how.
 4. Calls run in lanes, one per account and bucket (URL calls, other calls). A lane is
    sequential, so each response's rate headers are read before the next call is paced;
    lanes run concurrently, so slow tag calls on a Free plan never hold up URL calls.
@@ -66,33 +50,29 @@ httpx exceptions are turned into plain messages (class and text), never re-raise
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import json
-import os
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Literal, Self
-from urllib.parse import urlsplit
+from typing import Final, Self
 
 import httpx
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from drainbus import cloudflare_codes as codes
-from drainbus.drain.lanes import run_lanes
-from drainbus.drain.purges import (
-    MAX_PREFIX_SEPARATORS,
-    MAX_TOKEN_LENGTH,
-    Purge,
-    ScopeRule,
-    key_hosts,
+from drainbus.drain.cloudflare_plan import FILE_KINDS, MAX_TAG_LENGTH, Account, Call, Planner, Zone
+from drainbus.drain.cloudflare_zones import (
+    PLAN_LIMITS,
+    PLAN_ORDER,
+    CloudflareZoneConfig,
+    Plan,
+    PlanLimits,
+    ZoneConfigError,
 )
+from drainbus.drain.lanes import run_lanes
+from drainbus.drain.purges import Purge, ScopeRule
 from drainbus.drain.retry import (
     Clock,
     OnSettled,
@@ -111,7 +91,6 @@ from drainbus.drain.retry import (
     transport_verdict,
 )
 from drainbus.errors import ConfigError
-from drainbus.values import Duration, PositiveDuration
 
 __all__ = [
     "MAX_TAG_LENGTH",
@@ -129,152 +108,8 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
-Plan = Literal["free", "pro", "business", "enterprise"]
-# "file_objects": files sent as {"url", "headers"} objects (a call never mixes them with
-# plain URL strings, the two forms of ``files`` in Cloudflare's schema).
-_Kind = Literal["files", "file_objects", "tags", "hosts", "prefixes", "purge_everything"]
-_FILE_KINDS: Final = frozenset({"files", "file_objects"})
-_Endpoint = Literal["purge_cache", "invalidate_cache"]
-
-TOKEN_ENV: Final = "CLOUDFLARE_API_TOKEN"  # noqa: S105 - the variable's name, not a secret
-MAX_TAG_LENGTH: Final = MAX_TOKEN_LENGTH  # one limit for keys and tags, Cloudflare's
-_PLAN_ORDER: Final[tuple[Plan, ...]] = ("free", "pro", "business", "enterprise")
 # Refusals that may be caused by one item among many: worth bisecting the call.
 _SPLITTABLE: Final = frozenset({400, 413, 422})
-
-
-@dataclass(frozen=True, slots=True)
-class PlanLimits:
-    """Cloudflare's purge limits for one plan, applied per account.
-
-    ``calls_per_second`` and ``calls_bucket``: tag/host/prefix/everything calls.
-    ``urls_per_second``: URLs purged per second (the bucket holds one second's worth).
-    ``items_per_call`` and ``files_per_call``: most items in one call.
-    """
-
-    calls_per_second: float
-    calls_bucket: float
-    urls_per_second: float
-    items_per_call: int = 100
-    files_per_call: int = 100
-
-
-PLAN_LIMITS: Final[Mapping[Plan, PlanLimits]] = {
-    "free": PlanLimits(calls_per_second=5 / 60, calls_bucket=25, urls_per_second=800),
-    "pro": PlanLimits(calls_per_second=5, calls_bucket=25, urls_per_second=1500),
-    "business": PlanLimits(calls_per_second=10, calls_bucket=50, urls_per_second=1500),
-    "enterprise": PlanLimits(
-        calls_per_second=50, calls_bucket=500, urls_per_second=3000, files_per_call=500
-    ),
-}
-
-
-class ZoneConfigError(ConfigError):
-    """A Cloudflare zone's settings cannot be used; ``zone`` is the zone id."""
-
-    def __init__(self, message: str, *, zone: str) -> None:
-        super().__init__(message)
-        self.zone = zone
-
-
-_ZONE_ID = re.compile(r"[A-Za-z0-9_-]+")
-_HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
-
-
-def _normalise_host(host: str) -> str:
-    return host.strip().lower().rstrip(".")
-
-
-class CloudflareZoneConfig(BaseModel):
-    """One Cloudflare zone drainbus purges, and how.
-
-    ``hosts`` are the host names the zone serves (``*.example.com`` matches any subdomain of
-    example.com, not example.com itself); an empty list makes the zone a catch-all for URL,
-    host and prefix purges no other zone claims. Zones with the same ``account`` share one
-    rate-limit budget; with ``account`` unset, zones share it when they share a token.
-    ``batch_window`` and ``timeout`` are seconds. ``batch_window`` is the longest the daemon
-    holds purges back to gather more while the rate limit leaves no room for a call; an idle
-    bus never waits for it (see :meth:`CloudflareForwarder.busy_for`). 0, the default, never
-    holds back: purges that arrive while a call is in flight or waits for the rate limit
-    are coalesced into the next call all the same.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
-
-    zone_id: str
-    api_token: SecretStr | None = None
-    api_token_file: Path | None = None
-    hosts: list[str] = Field(default_factory=list)
-    plan: Plan = "free"
-    api_base: str = "https://api.cloudflare.com/client/v4"
-    mode: Literal["purge", "invalidate"] = "purge"
-    batch_window: Duration = 0.0
-    timeout: PositiveDuration = 10.0
-    account: str | None = None
-
-    @field_validator("zone_id")
-    @classmethod
-    def _check_zone_id(cls, value: str) -> str:
-        if not _ZONE_ID.fullmatch(value):
-            raise ValueError("zone_id must be the zone's id: letters, digits, '_' and '-'")
-        return value
-
-    @field_validator("hosts")
-    @classmethod
-    def _check_hosts(cls, value: list[str]) -> list[str]:
-        hosts = []
-        for raw in value:
-            host = _normalise_host(raw)
-            labels = host.removeprefix("*.").split(".")
-            if not host or not all(_HOST_LABEL.fullmatch(label) for label in labels):
-                raise ValueError(
-                    f"host {raw!r} is invalid: use a host name like 'www.example.com' or"
-                    " '*.example.com' (no scheme, port or path; IDNs in punycode)"
-                )
-            hosts.append(host)
-        return hosts
-
-    @field_validator("api_base")
-    @classmethod
-    def _check_api_base(cls, value: str) -> str:
-        if not value.startswith(("https://", "http://")):
-            raise ValueError(f"api_base {value!r} must be an http(s) URL")
-        return value.rstrip("/")
-
-    def resolve_token(self, environ: Mapping[str, str] | None = None) -> SecretStr:
-        """The API token: ``api_token``, else ``api_token_file`` (stripped), else the
-        ``CLOUDFLARE_API_TOKEN`` environment variable.
-
-        Raises :class:`ZoneConfigError` naming the zone when none is set, the file cannot be
-        read, or the token is empty.
-        """
-        zone = self.zone_id
-        if self.api_token is not None:
-            token = self.api_token.get_secret_value().strip()
-            source = "api_token"
-        elif self.api_token_file is not None:
-            try:
-                token = self.api_token_file.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                raise ZoneConfigError(
-                    f"zone {zone}: cannot read api_token_file {self.api_token_file}: {reason}",
-                    zone=zone,
-                ) from None
-            source = f"api_token_file {self.api_token_file}"
-        else:
-            env = os.environ if environ is None else environ
-            token = env.get(TOKEN_ENV, "").strip()
-            if not token:
-                raise ZoneConfigError(
-                    f"zone {zone} has no Cloudflare API token: set api_token or"
-                    f" api_token_file for the zone, or {TOKEN_ENV} in the environment",
-                    zone=zone,
-                )
-            source = TOKEN_ENV
-        if not token:
-            raise ZoneConfigError(f"zone {zone}: {source} is empty", zone=zone)
-        return SecretStr(token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,149 +129,6 @@ class CloudflareStats:
     url_tokens_left: Mapping[str, float]
     unrouted: int
     last_error: str | None
-
-
-@dataclass(eq=False, slots=True)
-class _Account:
-    label: str
-    calls: TokenBucket
-    urls: TokenBucket
-
-
-@dataclass(eq=False, slots=True)
-class _Zone:
-    config: CloudflareZoneConfig
-    token: SecretStr
-    account: _Account
-    limits: PlanLimits
-    exact: frozenset[str]
-    wildcards: tuple[str, ...]  # ".example.com" for "*.example.com"
-
-    @property
-    def id(self) -> str:
-        return self.config.zone_id
-
-
-@dataclass(eq=False, slots=True)
-class _Call:
-    zone: _Zone
-    endpoint: _Endpoint
-    kind: _Kind
-    owners: dict[str, set[int]]  # item -> indices of the purges that asked for it
-    purges: set[int] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        for owner in self.owners.values():
-            self.purges |= owner
-
-    def body(self) -> dict[str, object]:
-        if self.kind == "purge_everything":
-            return {"purge_everything": True}
-        if self.kind == "file_objects":
-            return {"files": [json.loads(item) for item in self.owners]}
-        return {self.kind: list(self.owners)}
-
-    def split(self) -> tuple[_Call, _Call]:
-        ordered = sorted(self.purges)
-        halves = (set(ordered[: len(ordered) // 2]), set(ordered[len(ordered) // 2 :]))
-        calls = []
-        for half in halves:
-            owners = {item: owner & half for item, owner in self.owners.items() if owner & half}
-            calls.append(_Call(self.zone, self.endpoint, self.kind, owners))
-        return calls[0], calls[1]
-
-
-def _endpoint(zone: _Zone, *, soft: bool) -> _Endpoint:
-    if soft or zone.config.mode == "invalidate":
-        return "invalidate_cache"
-    return "purge_cache"
-
-
-def _url_host(url: str) -> str | None:
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not host:
-        return None
-    return _normalise_host(host)
-
-
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
-
-
-def _authority(url: str) -> str:
-    """The host of ``url`` as Cloudflare names it in a purge: lower-case, with the port only
-    when it is not the scheme's default.
-
-    The one port rule for URL and prefix purges, from Cloudflare's API reference for
-    POST /zones/{zone_id}/purge_cache ("Include the port unless it is the default for the
-    scheme: 80 for http, 443 for https"): ``https://h:8443/docs`` is ``h:8443/docs`` as a
-    prefix and ``https://h:8443/…`` as a file; ``https://h:443/docs`` is ``h/docs``.
-    """
-    parts = urlsplit(url)
-    host = _normalise_host(parts.hostname or "")
-    if ":" in host:  # an IPv6 literal keeps its brackets
-        host = f"[{host}]"
-    port = parts.port
-    if port is None or port == _DEFAULT_PORTS.get(parts.scheme.lower()):
-        return host
-    return f"{host}:{port}"
-
-
-def _file_url(url: str) -> str:
-    """``url`` without a port that is the scheme's default (as :func:`_authority`), else as
-    given."""
-    parts = urlsplit(url)
-    port = parts.port
-    if port is None or port != _DEFAULT_PORTS.get(parts.scheme.lower()):
-        return url
-    netloc = parts.netloc.removesuffix(f":{parts.netloc.rpartition(':')[2]}")
-    rest = url[len(parts.scheme) + len("://") + len(parts.netloc) :]
-    return f"{parts.scheme}://{netloc}{rest}"
-
-
-def _check(purge: Purge, url_hosts: Mapping[str, str | None]) -> str | None:
-    """Why Cloudflare would refuse this purge, or None. ``url_hosts`` maps each of its URLs
-    to :func:`_url_host` of it (worked out once: a burst has thousands)."""
-    for tag in sorted(purge.keys | purge.tags):
-        shown = tag[:40] + "…" if len(tag) > 40 else tag
-        if not tag or len(tag) > MAX_TAG_LENGTH:
-            return (
-                f"tag {shown!r} has {len(tag)} characters: Cloudflare accepts 1 to {MAX_TAG_LENGTH}"
-            )
-        # "Spaces are not allowed in Cache-Tags"; commas separate them (purge-by-tags docs).
-        if any(c == "," or c.isspace() or not c.isprintable() for c in tag):
-            return f"tag {shown!r} holds a space, comma or control character: Cloudflare refuses it"
-    for url in sorted(purge.urls):
-        if url_hosts[url] is None:
-            return f"URL {url!r} is not an absolute http(s) URL"
-    for prefix in sorted(purge.prefixes):
-        if _url_host(prefix) is None:
-            return f"prefix {prefix!r} is not an absolute http(s) URL"
-        parts = urlsplit(prefix)
-        if parts.query or parts.fragment or "?" in prefix:
-            return f"prefix {prefix!r} has a query string: Cloudflare prefixes are host/path"
-        if parts.path.count("/") > MAX_PREFIX_SEPARATORS:
-            return (
-                f"prefix {prefix!r} has more than {MAX_PREFIX_SEPARATORS} path separators: "
-                "Cloudflare refuses it (purge_by_prefix docs, Limitations)"
-            )
-    for host in sorted(purge.hosts):
-        if not _normalise_host(host):
-            return "an empty host cannot be purged"
-        if _is_ip_address(host):
-            return f"host {host!r} is an IP address: Cloudflare purges host names only"
-    return None
-
-
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 # Cloudflare's ``errors[].code`` decides before the HTTP status does. Codes from Cloudflare's
@@ -540,7 +232,6 @@ class CloudflareForwarder:
                 )
             seen.add(zone.zone_id)
         self._retry = retry or RetryPolicy()
-        self._scope_rule = scope_rule
         self._limits = {**PLAN_LIMITS, **(limits or {})}
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -552,11 +243,11 @@ class CloudflareForwarder:
             ("account", z.account) if z.account else ("token", t.get_secret_value())
             for z, t in zip(zones, tokens, strict=True)
         ]
-        accounts: dict[tuple[str, str], _Account] = {}
+        accounts: dict[tuple[str, str], Account] = {}
         for key in dict.fromkeys(keys):
             members = [z for z, k in zip(zones, keys, strict=True) if k == key]
-            best = self._limits[max((z.plan for z in members), key=_PLAN_ORDER.index)]
-            accounts[key] = _Account(
+            best = self._limits[max((z.plan for z in members), key=PLAN_ORDER.index)]
+            accounts[key] = Account(
                 label=key[1] if key[0] == "account" else f"token of zone {members[0].zone_id}",
                 calls=TokenBucket(
                     best.calls_bucket,
@@ -572,8 +263,8 @@ class CloudflareForwarder:
                 ),
             )
         self._accounts = list(accounts.values())
-        self._zones = [
-            _Zone(
+        zone_list = [
+            Zone(
                 config=z,
                 token=t,
                 account=accounts[k],
@@ -583,12 +274,13 @@ class CloudflareForwarder:
             )
             for z, t, k in zip(zones, tokens, keys, strict=True)
         ]
+        self._zones = zone_list
+        self._planner = Planner(zone_list, scope_rule)
 
         self._last_buckets: list[TokenBucket] = []
         self._calls: Counter[str] = Counter()
         self._rate_limited = 0
         self._retries = 0
-        self._unrouted = 0
         self._last_error: str | None = None
 
     @property
@@ -633,7 +325,7 @@ class CloudflareForwarder:
             retries=self._retries,
             tokens_left={a.label: a.calls.tokens for a in self._accounts},
             url_tokens_left={a.label: a.urls.tokens for a in self._accounts},
-            unrouted=self._unrouted,
+            unrouted=self._planner.unrouted,
             last_error=self._last_error,
         )
 
@@ -649,16 +341,16 @@ class CloudflareForwarder:
         """
         if self._client is None:
             raise RuntimeError("CloudflareForwarder.forward() called outside 'async with'")
-        calls, local = self._plan(purges)
+        calls, local = self._planner.plan(purges)
         parts: dict[int, list[Outcome]] = {i: [] for i in range(len(purges))}
         for i, outcome in local.items():
             parts[i].append(outcome)
 
-        lanes: dict[tuple[int, str], list[_Call]] = {}
+        lanes: dict[tuple[int, str], list[Call]] = {}
         buckets: dict[tuple[int, str], TokenBucket] = {}
         for call in calls:
             account = call.zone.account
-            kind = "urls" if call.kind in _FILE_KINDS else "calls"
+            kind = "urls" if call.kind in FILE_KINDS else "calls"
             lanes.setdefault((id(account), kind), []).append(call)
             buckets[id(account), kind] = account.urls if kind == "urls" else account.calls
         if buckets:
@@ -667,99 +359,7 @@ class CloudflareForwarder:
         await run_lanes(lanes.values(), self._execute, parts, on_settled)
         return [merge_outcomes(parts[i]) for i in range(len(purges))]
 
-    def _route(self, host: str) -> list[_Zone]:
-        exact = [zone for zone in self._zones if host in zone.exact]
-        if exact:
-            return exact
-        best, matched = 0, list[_Zone]()
-        for zone in self._zones:
-            for suffix in zone.wildcards:
-                if host.endswith(suffix) and len(suffix) >= best:
-                    if len(suffix) > best:
-                        best, matched = len(suffix), []
-                    matched.append(zone)
-                    break
-        if matched:
-            return matched
-        return [zone for zone in self._zones if not zone.config.hosts]
-
-    def _plan(self, purges: Sequence[Purge]) -> tuple[list[_Call], dict[int, Outcome]]:
-        local: dict[int, Outcome] = {}
-        groups: dict[tuple[_Zone, _Endpoint, _Kind], dict[str, set[int]]] = {}
-        everything: dict[tuple[_Zone, _Endpoint], set[int]] = {}
-
-        def add(
-            i: int, soft: bool, zones: list[_Zone], kind: _Kind, item: str, *, what: str
-        ) -> None:
-            if not zones:
-                self._unrouted += 1
-                _log.info("cloudflare_purge_unrouted", item=what)
-            for zone in zones:
-                key = (zone, _endpoint(zone, soft=soft), kind)
-                groups.setdefault(key, {}).setdefault(item, set()).add(i)
-
-        for i, purge in enumerate(purges):
-            url_hosts = {url: _url_host(url) for url in purge.urls}
-            problem = _check(purge, url_hosts)
-            if problem is not None:
-                local[i] = Outcome("permanent", problem)
-                _log.warning("cloudflare_purge_invalid", error=problem)
-                continue
-            soft = purge.soft
-            for tag in sorted(purge.keys | purge.tags):
-                add(i, soft, self._zones, "tags", tag, what=tag)
-            for url in sorted(purge.urls):
-                zones = self._route(url_hosts[url] or "")
-                variants = sorted(h for u, h in purge.url_headers if u == url) or [()]
-                for headers in variants:
-                    if headers:  # forwarded unchanged, for zones whose cache key has them
-                        item = json.dumps({"url": _file_url(url), "headers": dict(headers)})
-                        add(i, soft, zones, "file_objects", item, what=url)
-                    else:
-                        add(i, soft, zones, "files", _file_url(url), what=url)
-            # A bare key is its tag and, with key_host, its host (purges.key_hosts).
-            hosts = purge.hosts | key_hosts(purge, self._scope_rule)
-            for host in sorted({_normalise_host(h) for h in hosts}):
-                add(i, soft, self._route(host), "hosts", host, what=host)
-            for prefix in sorted(purge.prefixes):
-                host = _url_host(prefix) or ""
-                authority = _authority(prefix)
-                path = urlsplit(prefix).path
-                if path.strip("/") or authority != host:
-                    # A prefix is "a hostname followed by a path"; the port, when it is not
-                    # the default, stays on it as on a URL (see _authority).
-                    add(i, soft, self._route(host), "prefixes", authority + (path or "/"),
-                        what=prefix)  # fmt: skip
-                else:  # a prefix at the root of a default port is the whole host
-                    add(i, soft, self._route(host), "hosts", host, what=prefix)
-            if purge.everything:
-                for zone in self._zones:
-                    everything.setdefault((zone, _endpoint(zone, soft=soft)), set()).add(i)
-
-        # purge_everything makes every other call for the zone (soft: every soft call) moot.
-        # Soft ones first, so a hard one then also absorbs the zone's soft purge_everything.
-        soft_first = sorted(everything.items(), key=lambda kv: kv[0][1] == "purge_cache")
-        for (zone, ep), absorbed in soft_first:
-            for key in [k for k in groups if k[0] is zone and (ep == "purge_cache" or k[1] == ep)]:
-                for item_owners in groups.pop(key).values():
-                    absorbed.update(item_owners)
-            if ep == "purge_cache" and (zone, "invalidate_cache") in everything:
-                absorbed.update(everything.pop((zone, "invalidate_cache")))
-
-        calls: list[_Call] = []
-        for (zone, ep, kind), owners in groups.items():
-            limit = (
-                zone.limits.files_per_call if kind in _FILE_KINDS else zone.limits.items_per_call
-            )
-            items = list(owners)
-            for start in range(0, len(items), limit):
-                chunk = {item: owners[item] for item in items[start : start + limit]}
-                calls.append(_Call(zone, ep, kind, chunk))
-        for (zone, ep), absorbed in everything.items():
-            calls.append(_Call(zone, ep, "purge_everything", {}, set(absorbed)))
-        return calls, local
-
-    async def _execute(self, call: _Call) -> dict[int, Outcome]:
+    async def _execute(self, call: Call) -> dict[int, Outcome]:
         verdict = await self._send(call)
         if (
             verdict.status == "permanent"
@@ -788,10 +388,10 @@ class CloudflareForwarder:
             )
         return dict.fromkeys(call.purges, verdict.outcome())
 
-    async def _send(self, call: _Call) -> Verdict:
+    async def _send(self, call: Call) -> Verdict:
         account = call.zone.account
-        bucket = account.urls if call.kind in _FILE_KINDS else account.calls
-        cost = float(len(call.owners)) if call.kind in _FILE_KINDS else 1.0
+        bucket = account.urls if call.kind in FILE_KINDS else account.calls
+        cost = float(len(call.owners)) if call.kind in FILE_KINDS else 1.0
         log = _log.bind(
             zone=call.zone.id,
             endpoint=call.endpoint,
@@ -832,7 +432,7 @@ class CloudflareForwarder:
             self._last_error = verdict.error
         return verdict
 
-    async def _post(self, call: _Call, bucket: TokenBucket, spend: Spend) -> Verdict:
+    async def _post(self, call: Call, bucket: TokenBucket, spend: Spend) -> Verdict:
         assert self._client is not None
         zone = call.zone
         secret = zone.token.get_secret_value()

@@ -41,7 +41,7 @@ from drainbus.acl import Access
 from drainbus.bus import Bus
 from drainbus.bus.streams import format_id
 from drainbus.config import Settings
-from drainbus.drain.cloudflare import PLAN_LIMITS, PlanLimits
+from drainbus.drain.cloudflare_zones import PLAN_LIMITS, PlanLimits
 from drainbus.errors import DrainbusError, ExitCode
 from drainbus.http.purge_body import CloudflareFault, purge_line
 from drainbus.http.tokens import TokenStore
