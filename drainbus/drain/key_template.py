@@ -111,6 +111,7 @@ def _nginx_host(netloc: str) -> str:
     # nginx's $host: the Host name lower-cased, without port or trailing dot.
     hostport = netloc.rpartition("@")[2]
     if hostport.startswith("["):
+        # find or rfind: the same for a valid bracketed host, which has one ']'.
         host = hostport[: hostport.find("]") + 1]
     else:
         host = hostport.partition(":")[0]
@@ -270,6 +271,8 @@ class KeyTemplate:
     def _render(self, url: str) -> str:
         """:meth:`render` without its check: request variables render empty."""
         values = _url_variables(url)
+        # Any text would do for an unknown $proxy_host: render() refuses a template using it
+        # and ambiguous_example() gives it a stand-in, so this value never reaches a key.
         values["proxy_host"] = self.proxy_host or ""
         return _VARIABLE.sub(lambda m: values.get(m[1] or m[2], ""), self.template)
 
@@ -318,6 +321,8 @@ class KeyTemplate:
                 capture = ".*?" if is_request_variable(name) else _CAPTURE[name]
                 pattern.append(f"(?P<{name}>{capture})")
         pattern.append(re.escape(self.template[last:]))
+        # DOTALL changes nothing for keys read from cache files, which end at the first '\n'
+        # (cache_file.parse_cache_head); it keeps a read-back from stopping at one elsewhere.
         return re.compile("".join(pattern), re.DOTALL)
 
     def invert(self, key: str) -> tuple[KeyParts, ...]:
