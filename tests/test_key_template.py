@@ -8,6 +8,7 @@ the key leaves out) fast enough for scripts/mutate to run them for every mutant.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -87,23 +88,26 @@ def test_unsupported_variable_messages_are_whole(template: str, shown: str) -> N
     ("template", "message"),
     [
         pytest.param(
-            KeyTemplate.nginx_default(),
+            KeyTemplate.nginx_default,
             "nginx's default key (no proxy_cache_key; proxy_pass not set) cannot compute keys: "
             "the $proxy_host value (proxy_pass) is not known",
             id="unknown-proxy-host",
         ),
         pytest.param(
-            KeyTemplate("$host$uri$http_accept"),
+            lambda: KeyTemplate("$host$uri$http_accept"),
             "key template '$host$uri$http_accept' cannot compute keys: the request variables "
             "it holds have a value per request",
             id="request-variable",
         ),
     ],
 )
-def test_templates_that_cannot_render_say_why(template: KeyTemplate, message: str) -> None:
+def test_templates_that_cannot_render_say_why(
+    template: Callable[[], KeyTemplate], message: str
+) -> None:
     """render() refuses a key it cannot know, naming the template and the missing value."""
+    # Built in the test, not at collection: scripts/mutate switches mutants per test.
     with pytest.raises(ValueError, match=whole(message)):
-        template.render("http://h.example/x")
+        template().render("http://h.example/x")
 
 
 def test_host_and_query_are_known_from_the_variables() -> None:
@@ -176,3 +180,16 @@ def test_an_ambiguous_template_is_shown_by_a_key_that_reads_two_ways(
     assert example is not None
     assert example[0] == key
     assert sorted(part.host or "" for part in example[1]) == ["hop.example", "shop.example"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        pytest.param(lambda: KeyTemplate("$scheme://$host$request_uri"), id="separated"),
+        pytest.param(lambda: KeyTemplate.nginx_default("http://127.0.0.1:8080"), id="default"),
+        pytest.param(KeyTemplate.nginx_default, id="default-unknown-upstream"),
+    ],
+)
+def test_an_unambiguous_template_has_no_example(template: Callable[[], KeyTemplate]) -> None:
+    """A template whose every probe reads back one way is not reported as ambiguous."""
+    assert template().ambiguous_example() is None

@@ -115,7 +115,7 @@ def _nginx_host(netloc: str) -> str:
         host = hostport[: hostport.find("]") + 1]
     else:
         host = hostport.partition(":")[0]
-    return host.lower().rstrip(".")
+    return host.lower().rstrip(".")  # (lower case first: no 'X' for rstrip("X.X") to strip)
 
 
 def _url_variables(url: str) -> dict[str, str]:
@@ -274,6 +274,7 @@ class KeyTemplate:
         # Any text would do for an unknown $proxy_host: render() refuses a template using it
         # and ambiguous_example() gives it a stand-in, so this value never reaches a key.
         values["proxy_host"] = self.proxy_host or ""
+        # re.sub writes nothing for a None from the function, as for "": either default does.
         return _VARIABLE.sub(lambda m: values.get(m[1] or m[2], ""), self.template)
 
     def key_means_only(self, key: str, url: str) -> bool:
