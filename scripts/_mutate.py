@@ -49,9 +49,13 @@ MODULES: dict[str, list[str]] = {
     "drainbus/drain/purges.py": ["tests/test_purges.py"],
     "drainbus/drain/daemon.py": ["tests/test_drain.py"],
     "drainbus/drain/key_template.py": ["tests/test_key_template.py", "tests/test_nginx.py"],
-    # test_nginx reads cache files nginx wrote (in-process) and builds its own; test_refill
-    # reads the validator back from the head.
-    "drainbus/drain/cache_file.py": ["tests/test_nginx.py", "tests/test_refill.py"],
+    # test_cache_file builds files byte by byte; test_nginx's index tests and test_refill
+    # read the heads of the files they write.
+    "drainbus/drain/cache_file.py": [
+        "tests/test_cache_file.py",
+        "tests/test_nginx.py",
+        "tests/test_refill.py",
+    ],
     "drainbus/drain/nginx_index.py": ["tests/test_nginx.py"],
 }
 DEFAULT = [
