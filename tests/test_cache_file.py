@@ -8,8 +8,12 @@ is checked at its edge, fast enough for scripts/mutate.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
+import os
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +24,11 @@ from drainbus.drain.cache_file import (
     CacheHead,
     CacheHeader,
     UnknownCacheVersion,
+    cache_file_path,
     cache_files,
     expire_cache_file,
     is_cache_file_name,
+    open_cache_file,
     parse_cache_head,
     parse_cache_header,
     parse_levels,
@@ -34,11 +40,12 @@ NAME = "0123456789abcdef0123456789abcdef"
 HEADER = struct.Struct("=Q5q")  # version, valid_sec, updating_sec, error_sec, ...
 
 
-def head(key: str, *lines: str, end: bytes = b"\r\n") -> bytes:
-    """A cache file's start: a version-5 binary header, the key line, the response head."""
+def head(key: str, *lines: str, end: bytes = b"\r\n", binary_tail: bytes = b"") -> bytes:
+    """A cache file's start: a version-5 binary header (its fields, then ``binary_tail``),
+    the key line, the response head; text is UTF-8 with lone surrogates as raw bytes."""
     text = "".join(f"{line}\r\n" for line in ("HTTP/1.1 200 OK", *lines))
-    binary = HEADER.pack(NGINX_CACHE_VERSION, 2_000, 1, 2, 3, 1_000)
-    return binary + f"\nKEY: {key}\n{text}".encode() + end
+    binary = HEADER.pack(NGINX_CACHE_VERSION, 2_000, 1, 2, 3, 1_000) + binary_tail
+    return binary + f"\nKEY: {key}\n{text}".encode("utf-8", "surrogateescape") + end
 
 
 def write(path: Path, data: bytes) -> str:
@@ -93,6 +100,27 @@ def test_the_walk_finds_cache_files_at_every_depth_and_nothing_else(tmp_path: Pa
     assert set(cache_files(tmp_path)) == files
 
 
+def test_a_folder_removed_during_the_walk_is_passed_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nginx's cache manager may remove a folder between its listing and its walk: the walk
+    goes on with the other folders."""
+    kept = {write(tmp_path / "a" / NAME, b"x"), write(tmp_path / "b" / NAME, b"x")}
+    scandir, removed = os.scandir, []
+
+    def racing_scandir(path: str) -> Iterator[os.DirEntry[str]]:
+        if path != str(tmp_path) and not removed:
+            removed.append(path)
+            raise FileNotFoundError(path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", racing_scandir)
+    found = set(cache_files(tmp_path))
+    assert len(removed) == 1
+    assert found == kept - {str(Path(removed[0]) / NAME)}
+    assert len(found) == 1
+
+
 def test_the_walk_of_a_missing_root_or_a_file_finds_nothing(tmp_path: Path) -> None:
     """A cache folder nginx has not made yet (or a file in its place) holds no files."""
     assert cache_files(tmp_path / "missing") == []
@@ -135,6 +163,33 @@ def test_the_validator_is_last_modified_without_an_etag(
     assert parsed.tags == ()
 
 
+def test_text_that_is_not_utf8_is_kept_in_keys_and_replaced_in_headers() -> None:
+    """A key's raw bytes survive (as lone surrogates, hashed back to the same bytes); a tag
+    or validator with bytes that are not UTF-8 is read with U+FFFD in their place."""
+    lines = ("Cache-Tag: t\udcff", 'ETag: "\udcfe"')
+    assert parse_cache_head(head("k\udcff", *lines)) == CacheHead(
+        "k\udcff", ("t\ufffd",), 'ETag: "\ufffd"'
+    )
+    modified = parse_cache_head(head("k", "Last-Modified: \udcfd"))
+    assert modified is not None
+    assert modified.validator == "Last-Modified: \ufffd"
+    digest = hashlib.md5(b"k\xff", usedforsecurity=False).hexdigest()
+    assert cache_file_path(Path("/c"), (1, 2), "k\udcff") == Path(
+        f"/c/{digest[-1]}/{digest[-3:-1]}/{digest}"
+    )
+
+
+def test_the_head_is_found_after_a_binary_header_of_any_bytes() -> None:
+    """The binary header may hold CR LF CR LF and the body another KEY line: neither counts."""
+    data = head("k", "Cache-Tag: t", binary_tail=b"\r\n\r\n") + b"\nKEY: body\n\r\n\r\n"
+    assert parse_cache_head(data) == CacheHead("k", ("t",), None)
+
+
+def test_an_empty_key_is_read_as_empty() -> None:
+    """'KEY: ' followed at once by the newline is the empty key, not the status line."""
+    assert parse_cache_head(head("", "Cache-Tag: t")) == CacheHead("", ("t",), None)
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -158,6 +213,13 @@ def test_a_long_head_is_read_to_16_kib_and_cut_at_its_last_whole_line(tmp_path: 
     parsed = read_cache_head(path)
     assert parsed is not None
     assert parsed.tags == ("first",)  # 'last' lies beyond 16 KiB
+    # The last whole line before the cut at 16 KiB is kept, the cut one left out.
+    edge = head("k", *filler[:130], end=b"")
+    edge += b"Cache-Tag: edge\r\n"
+    edge += b"X-Pad: " + b"p" * (16384 - len(edge)) + b"\r\n\r\n"
+    edged = read_cache_head(write(tmp_path / "edge" / NAME, edge))
+    assert edged is not None
+    assert edged.tags == ("edge",)
     unfinished = head("k", *filler[:130], end=b"")  # past the first read, short of 16 KiB
     assert HEAD_FIRST_READ < len(unfinished) < 16384
     assert read_cache_head(write(tmp_path / "short" / NAME, unfinished)) is None
@@ -173,6 +235,7 @@ def test_the_binary_header_is_read_field_by_field(tmp_path: Path) -> None:
     """The header's leading fields come back as written; too short a file gives None."""
     data = head("k")
     assert parse_cache_header(data) == CacheHeader(NGINX_CACHE_VERSION, 2_000, 1, 2, 3, 1_000)
+    assert parse_cache_header(data[: HEADER.size]) == parse_cache_header(data)
     assert parse_cache_header(data[: HEADER.size - 1]) is None
     assert read_cache_header(write(tmp_path / NAME, data)) == parse_cache_header(data)
 
@@ -243,3 +306,12 @@ def test_expiring_never_follows_a_symlink(tmp_path: Path) -> None:
         expire_cache_file(str(link), now=1_000)
     assert caught.value.errno == errno.ELOOP
     assert read_cache_header(target) == CacheHeader(NGINX_CACHE_VERSION, 2**40, 0, 0, 0, 0)
+
+
+def test_cache_files_are_opened_close_on_exec(tmp_path: Path) -> None:
+    """A descriptor the drain holds must not leak into a hook or nginx it starts."""
+    fd = open_cache_file(write(tmp_path / NAME, b"x"))
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        os.close(fd)
