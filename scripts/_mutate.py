@@ -45,8 +45,8 @@ MODULES: dict[str, list[str]] = {
         "tests/test_acl.py",
         "tests/test_cli_keys.py",
     ],
-    # Configured, not yet run: these are being rewritten (see the README's score table).
     "drainbus/drain/purges.py": ["tests/test_purges.py"],
+    # Configured, not yet scored: its batch loop is being rewritten (see the README).
     "drainbus/drain/daemon.py": ["tests/test_drain.py"],
     "drainbus/drain/key_template.py": ["tests/test_key_template.py", "tests/test_nginx.py"],
     # test_cache_file builds files byte by byte; test_nginx's index tests and test_refill
@@ -56,7 +56,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_nginx.py",
         "tests/test_refill.py",
     ],
-    "drainbus/drain/nginx_index.py": ["tests/test_nginx.py"],
+    "drainbus/drain/nginx_index.py": ["tests/test_nginx_index.py", "tests/test_nginx.py"],
 }
 DEFAULT = [
     "drainbus/bus/fanout.py",
@@ -64,6 +64,10 @@ DEFAULT = [
     "drainbus/bus/publisher.py",
     "drainbus/acl.py",
     "drainbus/identity.py",
+    "drainbus/drain/purges.py",
+    "drainbus/drain/key_template.py",
+    "drainbus/drain/cache_file.py",
+    "drainbus/drain/nginx_index.py",
 ]
 
 
