@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from drainbus.drain import nginx_index
@@ -29,7 +30,12 @@ from tests.nginx_env import CACHE_LEVELS, write_cache_file
 from tests.test_nginx import reading_as_nobody
 
 HOST_TEMPLATE = KeyTemplate("$scheme$host$request_uri")
-pytestmark = pytest.mark.usefixtures("fresh_logging")
+
+
+@pytest.fixture(autouse=True)
+def fresh_index_log(fresh_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index's logger made anew, as fresh_logging does for the core's (see there)."""
+    monkeypatch.setattr(nginx_index, "log", structlog.get_logger("drainbus.drain.nginx"))
 
 
 @pytest.fixture
