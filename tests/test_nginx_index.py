@@ -10,6 +10,7 @@ and descriptors running out during the read-ahead.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import tempfile
 import time
@@ -317,3 +318,68 @@ async def test_files_read_ahead_without_descriptors_are_read_at_their_turn(
         assert len(index) == len(paths)
         assert all(path in index for path in paths)
         assert index.skipped_invalid == 0
+
+
+async def test_a_failing_listener_is_logged_and_the_file_still_indexed(cache_dir: Path) -> None:
+    """on_file_added (given at construction) raising is logged with the cache and path; the
+    index goes on following nginx."""
+
+    def listener(path: str, head: object) -> None:
+        raise RuntimeError(f"listener broke on {path}")
+
+    async with CacheIndex(cache_dir, HOST_TEMPLATE, name="edge", on_file_added=listener) as index:
+        with capture_logs() as logs:
+            path = write_cache_file(cache_dir, "httph/new")
+            await index.sync()
+        assert path in index
+    [failed] = events(logs, "nginx_cache_file_listener_failed")
+    assert (failed["cache"], failed["path"], failed["log_level"]) == ("edge", str(path), "error")
+
+
+async def test_symlinked_folders_are_not_walked(cache_dir: Path, tmp_path: Path) -> None:
+    """A symlink to a folder is not nginx's: the files behind it are not indexed."""
+    outside = write_cache_file(tmp_path / "outside", "httph/outside")
+    (cache_dir / "link").symlink_to(tmp_path / "outside", target_is_directory=True)
+    inside = write_cache_file(cache_dir, "httph/inside")
+    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+        assert inside in index
+        assert len(index) == 1
+    assert outside.exists()
+
+
+async def test_a_folder_removed_during_the_scan_is_passed_by(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nginx's cache manager may remove a folder the scan listed: the scan goes on."""
+    files = [write_cache_file(cache_dir, f"httph/{n}") for n in range(8)]
+    scandir, removed = os.scandir, []
+
+    def racing_scandir(path: str) -> Iterator[os.DirEntry[str]]:
+        if path != str(cache_dir) and not removed:
+            removed.append(path)
+            raise FileNotFoundError(path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", racing_scandir)
+    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+        lost = {f for f in files if str(f).startswith(removed[0] + os.sep)}
+        assert {f for f in files if f in index} == set(files) - lost
+        assert len(index) == len(files) - len(lost)
+    assert len(files) - len(lost) > 0
+
+
+async def test_a_file_that_becomes_unreadable_leaves_the_index(open_cache_dir: Path) -> None:
+    """A file rewritten where the daemon may no longer read it is dropped, not kept stale."""
+    path = write_cache_file(open_cache_dir, "httph/x", headers=["Cache-Tag: t"])
+    for folder in path.parents[:2]:
+        folder.chmod(0o755)
+    path.chmod(0o644)
+    async with CacheIndex(open_cache_dir, HOST_TEMPLATE) as index:
+        assert index.paths_for_tag("t") == {str(path)}
+        path.chmod(0o000)
+        path.write_bytes(path.read_bytes())  # an in-place rewrite: IN_CLOSE_WRITE
+        with reading_as_nobody():
+            await index.sync()
+        assert path not in index
+        assert index.paths_for_tag("t") == set()
+        assert index.skipped_unreadable == 1
