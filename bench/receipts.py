@@ -173,7 +173,7 @@ async def _waiting_cost(server: DrainbusServer, key: Path, waiters: int) -> dict
         after = await _redis_cpu(redis)
         seconds = time.monotonic() - started
         results = await asyncio.gather(*waits)
-        codes = sorted({r.exit_status for r in results})
+        codes = sorted({-1 if r.exit_status is None else r.exit_status for r in results})
     finally:
         for conn in connections:
             conn.close()

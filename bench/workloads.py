@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench.durability import durability
 from bench.floors import (
     FloorError,
     PubSubFloor,
@@ -29,6 +30,7 @@ from bench.floors import (
 from bench.openssh import PubSubFigures, median, one_shot_publishes, pub_sub_figures
 from bench.report import Row, Target, WorkloadResult
 from bench.server import DrainbusServer, start_drainbus
+from bench.sessions import short_sessions
 from drainbus.bus.embedded import EmbeddedRedis
 
 __all__ = ["WORKLOADS", "Bench", "Sizes", "Workload"]
@@ -542,6 +544,17 @@ async def drain(bench: Bench, result: WorkloadResult) -> None:
         )  # fmt: skip
 
 
+async def durability_modes(bench: Bench, result: WorkloadResult) -> None:
+    """10. What each ``topics.durability`` mode adds to a publish (bench/durability.py)."""
+    await durability(bench.workdir / "durability", result, quick=bench.sizes is QUICK)
+
+
+async def sessions(bench: Bench, result: WorkloadResult) -> None:
+    """11. serve's memory over many short sessions (bench/sessions.py)."""
+    async with bench.drainbus("sessions") as server:
+        await short_sessions(server, bench.key, result, quick=bench.sizes is QUICK)
+
+
 WORKLOADS: dict[str, tuple[str, Workload]] = {
     "latency": ("1. latency, OpenSSH pub -> sub", latency),
     "throughput": ("2. throughput, OpenSSH pub -> sub", throughput),
@@ -552,4 +565,6 @@ WORKLOADS: dict[str, tuple[str, Workload]] = {
     "nginx_index": ("7. nginx index, build and tag purge", nginx_index),
     "receipts": ("8. receipts, pub --wait", receipts),
     "drain": ("9. drain throughput, url: and tag: bursts", drain),
+    "durability": ("10. durability modes, publish cost", durability_modes),
+    "sessions": ("11. short sessions, serve RSS", sessions),
 }

@@ -11,25 +11,25 @@ import gc
 import importlib.util
 import json
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
 import structlog
 
-from drainbus.config import Settings, load_settings
+from drainbus.click_common import config_option
+from drainbus.click_common import fail as _fail
+from drainbus.click_common import load_cli_settings as _settings
+from drainbus.config import Settings
 from drainbus.errors import ConfigError, DrainbusError, UsageError
 from drainbus.hooks.commands import hook, pub
-from drainbus.identity import (
-    UserKeys,
-    user_key,
-)
+from drainbus.http.commands import http_listen_option, tokens
+from drainbus.identity import UserKeys, user_key
 from drainbus.log import configure_logging
+from drainbus.signals import wait_for_stop
 from drainbus.sysexits_click import SysexitsGroup
 from drainbus.systemd import notify as notify_systemd
 
@@ -41,32 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 log = structlog.get_logger(__name__)
-
-
-def _fail(exc: DrainbusError) -> None:
-    click.echo(f"drainbus: {exc.message}", err=True)
-    sys.exit(int(exc.exit_code))
-
-
-def _settings(ctx: click.Context, config: str | None = None, **overrides: Any) -> Settings:
-    """Load settings; a subcommand's ``--config`` beats the group's."""
-    if config:
-        ctx.obj["config"] = config
-    config = ctx.obj.get("config")
-    try:
-        return load_settings(Path(config) if config else None, overrides)
-    except ConfigError as exc:
-        _fail(exc)
-        raise  # unreachable: _fail exits
-
-
-config_option = click.option(
-    "--config",
-    "config",
-    envvar="DRAINBUS_CONFIG",
-    type=click.Path(dir_okay=False),
-    help="TOML config file (env DRAINBUS_CONFIG).",
-)
 
 
 @click.group(cls=SysexitsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,6 +95,7 @@ _metrics_option = click.option(
     "no supervisor (env DRAINBUS_SERVER__WORKERS).",
 )
 @_metrics_option
+@http_listen_option
 # Set by the supervisor on the processes it starts (see drainbus.supervisor).
 @click.option("--worker", type=click.IntRange(min=0), hidden=True)
 @click.option("--ready-fd", type=click.IntRange(min=0), hidden=True)
@@ -133,6 +108,7 @@ def serve(
     data_dir: str | None,
     workers: int | None,
     metrics_listen: str | None,
+    http_listen: str | None,
     worker: int | None,
     ready_fd: int | None,
 ) -> None:
@@ -144,6 +120,7 @@ def serve(
         data_dir=data_dir,
         metrics_listen=metrics_listen,
         server={"listen": listen, "workers": workers},
+        http={"listen": http_listen},
     )
     if worker is not None and ready_fd is not None:
         from drainbus.supervisor import WorkerLink
@@ -165,7 +142,6 @@ def _worker_count(settings: Settings) -> int:
         return settings.server.worker_count
     except ConfigError as exc:  # several workers asked for off Linux
         _fail(exc)
-        raise  # unreachable: _fail exits
 
 
 def _worker_command(ctx: click.Context) -> list[str]:
@@ -248,6 +224,7 @@ async def _serve(settings: Settings, worker: WorkerLink | None = None) -> None:
     """One node in this process; ``worker``: it is one of a supervisor's workers."""
     # Imported here so `drainbus keys …` starts without loading the server stack.
     from drainbus.node import open_node
+    from drainbus.state_dump import dump_node
 
     try:
         async with open_node(settings, worker=worker.index if worker else None) as node:
@@ -263,34 +240,12 @@ async def _serve(settings: Settings, worker: WorkerLink | None = None) -> None:
                 else:
                     worker.ready()
 
-            await _wait_for_stop(node.users, ready=ready)
+            await wait_for_stop(reload=node.users.reload, dump=lambda: dump_node(node), ready=ready)
     except* DrainbusError as group:
         if worker is not None:  # the supervisor ends with this worker's message and code
             worker.failed(_first_leaf(group))
         raise
     log.info("stopped")
-
-
-async def _wait_for_stop(
-    users: UserKeys | None = None, *, ready: Callable[[], None] | None = None
-) -> None:
-    """Return on SIGINT or SIGTERM; reload the users folder on SIGHUP.
-
-    ``ready`` is called once the signals are ours: a SIGTERM or SIGHUP sent in answer to
-    READY must not meet the default action, which ends the process.
-    """
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        if ready is not None:
-            ready()
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                log.info("reload", reason="SIGHUP")
-                if users is not None:
-                    users.reload()
-                continue
-            log.info("shutting_down", signal=signal.Signals(signum).name)
-            notify_systemd("STOPPING=1")
-            return
 
 
 @cli.command()
@@ -327,6 +282,7 @@ def drain(
 async def _drain(settings: Settings) -> None:
     from drainbus.drain.build import open_drain
     from drainbus.metrics import NodeCollector, serve_metrics
+    from drainbus.state_dump import dump_drain
 
     async with (
         _tool_redis(settings) as (redis, url),
@@ -344,7 +300,7 @@ async def _drain(settings: Settings) -> None:
                 topic=settings.drain.topic,
                 roles=[r.name for r in daemon.roles],
             )
-            await _wait_for_stop()
+            await wait_for_stop(dump=lambda: dump_drain(daemon))
             task_group.cancel_scope.cancel()
     log.info("stopped")
 
@@ -477,7 +433,6 @@ def keys_add(ctx: click.Context, config: str | None, name: str, pubkey_file: Any
         )
     except DrainbusError as exc:
         _fail(exc)
-        raise  # unreachable: _fail exits
     for fingerprint, added in results:
         click.echo(
             f"{name}: added {fingerprint}" if added else f"{name}: {fingerprint} already present"
@@ -516,6 +471,7 @@ def keys_rm(ctx: click.Context, config: str | None, name: str, fingerprint: str 
 
 cli.add_command(pub)
 cli.add_command(hook)
+cli.add_command(tokens)
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from drainbus.acl import glob_to_regex
 from drainbus.backend_url import parse_url
 from drainbus.drain.cloudflare import CloudflareZoneConfig
 from drainbus.drain.http_purge import HttpPurgeConfig
@@ -45,7 +46,14 @@ from drainbus.drain.purges import ScopeRule
 from drainbus.drain.refill import DEFAULT_REFILL_WINDOW
 from drainbus.errors import ConfigError
 from drainbus.hooks.settings import HooksSettings
-from drainbus.values import Duration, parse_duration, parse_listen
+from drainbus.http.settings import HttpSettings
+from drainbus.values import (
+    Durability,
+    Duration,
+    PositiveDuration,
+    parse_duration,
+    parse_listen,
+)
 
 __all__ = [
     "AclRule",
@@ -116,6 +124,10 @@ class ServerSettings(_Section):
     keepalive_interval: Duration = 15.0
     keepalive_count_max: int = Field(3, ge=1)
     max_message_bytes: int = Field(65536, ge=1, le=64 * 1024 * 1024)
+    # Storage quotas per user, over the topics they own (NAME, NAME/…); admins are exempt.
+    # Over them, pub stores what fits and exits 75. max_user_bytes 0 turns both off.
+    max_user_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    max_topics_per_user: int = Field(100, ge=1)
     subscriber_buffer_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
     users_reload_interval: Duration = 2.0
     shutdown_grace: Duration = 5.0
@@ -160,10 +172,35 @@ class ServerSettings(_Section):
 
 
 class TopicSettings(_Section):
-    """How much history each topic's stream keeps."""
+    """How much history each topic's stream keeps, and how durable ``pub`` makes it.
+
+    ``durability``: topic name or glob -> ``"os"`` (default), ``"fsync"`` or ``"replica"``
+    (see :mod:`drainbus.bus.persistence`); the first matching pattern decides. A bare mode
+    applies to every topic. ``durability_timeout``: how long ``pub`` waits for the fsync or
+    the replica before it exits 75.
+    """
 
     max_len: int = Field(100_000, ge=1)
+    # Bytes a topic's stream keeps at most: the oldest entries go first, as for max_len (0: no cap).
+    max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     retention: Duration = 7 * 86400.0
+    # (a union, not a dict a validator fills from a bare mode: so the environment may say
+    # DRAINBUS_TOPICS__DURABILITY=fsync, where a dict alone would have to be JSON)
+    durability: dict[str, Durability] | Durability = {}
+    durability_timeout: PositiveDuration = Field(5.0, le=9.0)  # below the socket timeout (10 s)
+
+    @property
+    def durability_patterns(self) -> dict[str, Durability]:
+        """``durability`` as pattern -> mode (a bare mode is every topic's: ``**``)."""
+        modes = self.durability
+        return {"**": modes} if isinstance(modes, str) else modes
+
+    def durability_for(self, topic: str) -> Durability:
+        """The mode of the first pattern matching ``topic``; ``"os"`` if none does."""
+        for pattern, mode in self.durability_patterns.items():
+            if glob_to_regex(pattern).match(topic):
+                return mode
+        return "os"
 
 
 class AclRule(_Section):
@@ -194,6 +231,10 @@ class DrainSettings(_Section):
     key_host: str | None = None
     owner_separator: str = Field("-", min_length=1, max_length=8)
     max_deliveries: int = Field(5, ge=1)
+    # Purge lines a user may publish per minute, in bursts of up to purge_burst_per_user: one
+    # budget per user across every node and worker (kept in Redis); admins are exempt; 0: off.
+    max_purges_per_user: int = Field(1000, ge=0)
+    purge_burst_per_user: int = Field(5000, ge=1)
     retry_after: Duration = 10.0
     # How long after a purge the nginx targets evict stale copies that requests in flight
     # during the purge write back (drainbus.drain.refill); at least the origin's response
@@ -244,13 +285,19 @@ class Settings(BaseSettings):
     model_config = _settings_config
 
     redis_url: str | None = Field(None, repr=False)  # may hold a password
+    # Pooled Redis connections unused this long are closed (0: kept open for good).
+    redis_idle_timeout: Duration = 60.0
     data_dir: Path = Path("data")
+    # The embedded server's maxmemory in bytes; unset: a quarter of this machine's memory (or of
+    # the cgroup's limit). It runs with maxmemory-policy noeviction: full means refused writes.
+    embedded_maxmemory: int | None = Field(None, ge=1024 * 1024)
     namespace: str = Field("drainbus", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     server: ServerSettings = ServerSettings()
     topics: TopicSettings = TopicSettings()
     acl: tuple[AclRule, ...] = ()
     drain: DrainSettings = DrainSettings()
     hooks: HooksSettings = HooksSettings()
+    http: HttpSettings = HttpSettings()  # the Cloudflare-compatible purge endpoint
     # HOST:PORT for Prometheus; off when unset. Under a supervisor (server.workers > 1) worker
     # K serves on PORT+K (port 0 stays 0: each worker picks a free port).
     metrics_listen: str | None = None

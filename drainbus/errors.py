@@ -10,9 +10,12 @@ command ends with when the error reaches it::
     ├── PermissionDenied      77  EX_NOPERM     topic or purge outside the user's rights
     ├── ConfigError           78  EX_CONFIG     bad config file, key file or setting
     ├── LimitExceeded         75  EX_TEMPFAIL   too many sessions: try again later
+    │   └── PublishRefused                      over a rate limit, quota or maxmemory
+    │                                           (drainbus.bus.limits: says what was stored)
     ├── StartupError          71  EX_OSERR      cannot bind, cannot start the embedded server
     └── BackendError          69  EX_UNAVAILABLE
-        └── BackendUnavailable                  Redis cannot be reached (retryable)
+        ├── BackendUnavailable                  Redis cannot be reached (retryable)
+        └── NotDurable        75  EX_TEMPFAIL   Redis took a write it could not persist
 
 Retryable errors are the ``BackendError`` branch; everything else is permanent for the input
 that caused it. Errors about one topic, user or zone carry it as an attribute so log lines can
@@ -31,6 +34,7 @@ __all__ = [
     "DrainbusError",
     "ExitCode",
     "LimitExceeded",
+    "NotDurable",
     "PermissionDenied",
     "StartupError",
     "UsageError",
@@ -91,7 +95,8 @@ class ConfigError(DrainbusError):
 
 
 class LimitExceeded(DrainbusError):
-    """A configured limit (connections, sessions per user) was reached; retry later."""
+    """A configured limit (connections, sessions, purge rate, storage) was reached; retry
+    later."""
 
     exit_code = ExitCode.TEMPFAIL
 
@@ -110,3 +115,11 @@ class BackendError(DrainbusError):
 
 class BackendUnavailable(BackendError):
     """Redis cannot be reached at all (connection refused, timed out, went away)."""
+
+
+class NotDurable(BackendError):
+    """Redis answered, but could not make a write durable as configured: its disk failed
+    (``aof_last_write_status:err``, ``MISCONF``), or no fsync / replica confirmed in time.
+    Retry once the server's persistence works again."""
+
+    exit_code = ExitCode.TEMPFAIL

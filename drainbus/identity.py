@@ -26,6 +26,7 @@ import structlog
 from asyncssh.public_key import decode_ssh_public_key
 
 from drainbus.errors import ConfigError, UsageError
+from drainbus.folder_watch import FolderWatch
 from drainbus.key_options import KeyOptionError, KeyOptions, parse_key_options
 
 __all__ = [
@@ -239,7 +240,7 @@ class UserKeys:
         self._by_key: dict[bytes, tuple[str, str]] = {}
         self._options: dict[bytes, tuple[KeyOptions, ...]] = {}  # one per line listing the key
         self._by_user: dict[str, list[asyncssh.SSHKey]] = {}
-        self._signature: tuple[tuple[str, int, int], ...] | None = None  # (or "": never equal)
+        self._watch = FolderWatch(directory, ".pub")
         self._listeners: list[Callable[[], None]] = []
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -270,30 +271,16 @@ class UserKeys:
         reasons = [o.refusal(address, now) for o in self._options.get(key.public_data, ())]
         return None if None in reasons else reasons[0] if reasons else "unknown key"
 
-    def _scan(self) -> tuple[tuple[str, int, int], ...]:
-        try:
-            entries = sorted(os.scandir(self.directory), key=lambda e: e.name)
-        except FileNotFoundError:
-            return ()
-        signature = []
-        for entry in entries:
-            if entry.name.endswith(".pub") and entry.is_file():
-                stat = entry.stat()
-                signature.append((entry.name, stat.st_mtime_ns, stat.st_size))
-        return tuple(signature)
-
     def reload_if_changed(self) -> bool:
         """Reload when a file was added, removed or changed. Returns True if it reloaded."""
-        signature = self._scan()
-        if signature == self._signature:
+        if not self._watch.changed():
             return False
-        self._signature = signature
         self.reload()
         return True
 
     def load(self) -> None:
         """First load at start-up: any unreadable or invalid key file is a ConfigError."""
-        self._signature = self._scan()
+        self._watch.changed()  # what is loaded now is what the next check compares with
         self.reload(strict=True)
 
     def reload(self, *, strict: bool = False) -> None:

@@ -29,6 +29,7 @@ from drainbus.errors import StartupError
 
 if TYPE_CHECKING:
     from drainbus.bus.fanout import Batch, Fanout
+    from drainbus.bus.persistence import Persistence
     from drainbus.drain.daemon import Drain
     from drainbus.ssh.server import FrontDoor
 
@@ -36,6 +37,7 @@ __all__ = [
     "DELIVERY_SECONDS",
     "MESSAGES_DELIVERED",
     "MESSAGES_PUBLISHED",
+    "PUBLISH_REFUSED",
     "PUBLISH_SECONDS",
     "PURGE_SECONDS",
     "REGISTRY",
@@ -63,6 +65,10 @@ MESSAGES_DELIVERED = Counter(
 PUBLISH_SECONDS = Histogram(
     "drainbus_publish_seconds", "Time to store one batch of messages in Redis",
     buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+PUBLISH_REFUSED = Counter(
+    "drainbus_publish_refused", "Messages pub refused, by the limit they were over: rate, "
+    "bytes, topics, memory", ["reason"], registry=REGISTRY,
 )  # fmt: skip
 DELIVERY_SECONDS = Histogram(
     "drainbus_delivery_seconds", "From a message's receipt to its write to a subscriber",
@@ -111,11 +117,13 @@ class NodeCollector(Collector):
         door: FrontDoor | None = None,
         fanout: Fanout | None = None,
         drain: Drain | None = None,
+        persistence: Persistence | None = None,
     ) -> None:
         self._name = name
         self._door = door
         self._fanout = fanout
         self._drain = drain
+        self._persistence = persistence
 
     def collect(self) -> Iterator[Metric]:
         name = self._name
@@ -124,10 +132,17 @@ class NodeCollector(Collector):
                          self._door.connections)  # fmt: skip
             yield _gauge("drainbus_connections_starting", "SSH connections still logging in",
                          name, self._door.startups)  # fmt: skip
+            # The limit beside the count: an alert on their ratio needs no copy of the config.
+            yield _gauge("drainbus_connections_max", "server.max_connections of this process",
+                         name, self._door.settings.server.max_connections)  # fmt: skip
         if self._fanout is not None:
             yield from _fanout_metrics(self._fanout, name)
         if self._drain is not None:
             yield from _drain_metrics(self._drain, name)
+        if self._persistence is not None:
+            yield _gauge("drainbus_persistence_ok", "1 while Redis reports no persistence write "
+                         "error (AOF write, RDB save), else 0: pub then exits 75", name,
+                         int(self._persistence.state.ok))  # fmt: skip
 
 
 def _fanout_metrics(fanout: Fanout, name: str) -> Iterator[Metric]:

@@ -28,7 +28,8 @@ stop the supervisor at once with that worker's message and exit code, as ``serve
 
 Signals. SIGTERM or SIGINT: SIGTERM to every worker, each ending its sessions as a lone
 ``serve`` does (SIGKILL after ``2 * shutdown_grace + 5`` seconds); then the embedded server
-stops and the supervisor exits 0. SIGHUP goes on to the workers: they re-read the users.
+stops and the supervisor exits 0. SIGHUP goes on to the workers: they re-read the users;
+so does SIGUSR1: each logs its state. SIGUSR2 and SIGPIPE are ignored (:mod:`drainbus.signals`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from drainbus.errors import (
 )
 from drainbus.identity import load_or_create_host_key
 from drainbus.lifeline import die_with_parent
+from drainbus.signals import ignore_stray_signals
 
 __all__ = ["WorkerLink", "supervise"]
 
@@ -81,8 +83,11 @@ async def supervise(
     line to systemd. Raises StartupError (port taken, embedded server), ConfigError (host
     key), or a worker's own error, same message and exit code, when a worker cannot start.
     """
+    ignore_stray_signals()
     with (
-        anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals,
+        anyio.open_signal_receiver(
+            signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
+        ) as signals,
         ExitStack() as resources,
     ):
         port = resources.enter_context(_reserve_port(settings.server.listen))
@@ -95,9 +100,9 @@ async def supervise(
             for index in range(settings.server.worker_count):
                 task_group.start_soon(supervisor.keep_running, index)
             async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("reload", reason="SIGHUP")
-                    supervisor.forward(signal.SIGHUP)
+                if signum in (signal.SIGHUP, signal.SIGUSR1):  # reload; dump their state
+                    log.info("forwarding", signal=signal.Signals(signum).name)
+                    supervisor.forward(signal.Signals(signum))
                     continue
                 log.info("shutting_down", signal=signal.Signals(signum).name)
                 notify("STOPPING=1")
@@ -210,6 +215,8 @@ class _Supervisor:
             "DRAINBUS_REDIS_URL": redis_url,
             "DRAINBUS_DATA_DIR": str(settings.data_dir),
         }
+        if settings.http.listen:  # worker 0 serves it (drainbus.http.server says why)
+            self._env["DRAINBUS_HTTP__LISTEN"] = settings.http.listen
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._waits: dict[int, anyio.CancelScope] = {}
         self._ready: set[int] = set()

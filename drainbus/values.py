@@ -8,11 +8,11 @@ the same forms: ``timeout = "2s"`` is read alike in ``[server]``, ``[drain.cloud
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field
 
-__all__ = ["Duration", "PositiveDuration", "parse_duration", "parse_listen"]
+__all__ = ["Durability", "Duration", "PositiveDuration", "parse_duration", "parse_listen"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -39,6 +39,9 @@ Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 """A :data:`Duration` that must be above 0 (a timeout)."""
+
+Durability = Literal["os", "fsync", "replica"]
+"""How durable ``pub`` makes a topic's messages (see :mod:`drainbus.bus.persistence`)."""
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -27,7 +27,8 @@ bootstrap() {
 
 # Debian packages the tests drive for real: the OpenSSH client, nginx, Varnish with the xkey
 # vmod (varnish-modules) for the shipped examples/varnish VCL, and systemd's offline tools
-# (systemd-analyze, -sysusers, -tmpfiles) that check the units in systemd/. Then, best effort,
+# (systemd-analyze, -sysusers, -tmpfiles) that check the units in systemd/, and Prometheus's
+# promtool for examples/prometheus and examples/grafana. Then, best effort,
 # the other SSH clients of the client matrix (tests/test_clients.py): PuTTY's plink and
 # puttygen, Dropbear's dbclient and dropbearconvert; the matrix skips, saying why, any of them
 # that could not be installed.
@@ -40,6 +41,8 @@ need_debian_packages() {
         || compgen -G "/usr/lib/varnish/vmods/libvmod_xkey.so" >/dev/null \
         || missing+=(varnish-modules)
     command -v systemd-analyze >/dev/null || missing+=(systemd)
+    # promtool checks the example Prometheus rules and the Grafana dashboard's queries.
+    command -v promtool >/dev/null || missing+=(prometheus)
     { command -v plink && command -v puttygen; } >/dev/null || clients+=(putty-tools)
     { command -v dbclient && command -v dropbearconvert; } >/dev/null || clients+=(dropbear-bin)
     [ ${#missing[@]} -eq 0 ] && [ ${#clients[@]} -eq 0 ] && return 0
@@ -54,10 +57,10 @@ need_debian_packages() {
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${clients[@]}" >/dev/null \
                 || echo "could not install ${clients[*]}: the client matrix skips those clients" >&2
         fi
-        # The packages start a system nginx on port 80 and varnish on 6081; the tests run
-        # their own.
+        # The packages start a system nginx on port 80, varnish on 6081 and prometheus on
+        # 9090; the tests run their own (and need only promtool).
         local service
-        for service in nginx varnish; do
+        for service in nginx varnish prometheus; do
             if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
                 systemctl stop "$service" || true
             fi

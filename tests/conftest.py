@@ -28,10 +28,21 @@ from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.config import Settings, load_settings
 from drainbus.node import Node, open_node
 from tests.nginx_env import nginx_directives, nginx_env, origin  # real nginx, for every module
-from tests.redis_topology import redis_cluster, redis_sentinel  # started only when asked for
+from tests.redis_topology import (  # started only when asked for
+    make_servers,
+    redis_cluster,
+    redis_sentinel,
+)
 
 RunningBus = Node  # what the tests call a started node
-__all__ = ["nginx_directives", "nginx_env", "origin", "redis_cluster", "redis_sentinel"]  # fixtures
+__all__ = [  # fixtures
+    "make_servers",
+    "nginx_directives",
+    "nginx_env",
+    "origin",
+    "redis_cluster",
+    "redis_sentinel",
+]
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 

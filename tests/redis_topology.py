@@ -373,3 +373,34 @@ def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentine
     """A running Sentinel set-up shared by the session's sentinel tests."""
     with start_sentinel(tmp_path_factory.mktemp("sentinel")) as setup:
         yield setup
+
+
+# --- one primary (and its replica), per test -----------------------------------------
+
+MakeServers = Callable[..., list[Server]]
+
+
+@pytest.fixture
+def make_servers(tmp_path: Path) -> Iterator[MakeServers]:
+    """Start a primary (and its replica) on free ports; killed after the test's nodes stop
+    (ask for this fixture before ``start_bus``)."""
+    started: list[Server] = []
+
+    def start(binary: Path, *, appendonly: str, replica: bool = False) -> list[Server]:
+        ports = free_ports(2)
+        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly]
+        base = tmp_path / f"servers{len(started)}"
+        pair = [Server(binary, ports[0], base / "primary", ["--port", str(ports[0]), *common])]
+        if replica:
+            args = ["--port", str(ports[1]), *common, "--replicaof", "127.0.0.1", str(ports[0])]
+            pair.append(Server(binary, ports[1], base / "replica", args))
+        for server in pair:
+            started.append(server)
+            server.start()
+        if replica:
+            wait_until(lambda: replicated(*pair), "the replica to sync")
+        return pair
+
+    yield start
+    for server in started:
+        server.kill()

@@ -226,6 +226,6 @@ def test_require_raises_permission_denied_naming_user_and_topic() -> None:
         Access(RULES).require(who("bob"), "subscribe", "alice/deploys")
 
     error = caught.value
-    assert error.exit_code == ExitCode.NOPERM == 77
+    assert error.exit_code == int(ExitCode.NOPERM) == 77
     assert (error.user, error.topic) == ("bob", "alice/deploys")
     assert str(error).startswith("user 'bob' may not subscribe on topic 'alice/deploys'")

@@ -26,12 +26,16 @@ MEASURED = (
     "purge",
     "nginx_index",
     "drain",
+    "durability",
+    "sessions",
 )
 # Workloads without a floor program, and figures each must report (the start of their names).
 FLOORLESS = {
     "purge": ("pub returns -> nginx file gone", "pub returns -> Cloudflare call"),
     "nginx_index": ("index build, cold", "index build, warm", "tag lookup", "tag purge"),
     "receipts": ("pub --wait, 2 nginx nodes", "Redis CPU while"),
+    "durability": ("publish p50, os", "publish p50, fsync", "publish p50, replica"),
+    "sessions": ("serve RSS growth, sessions", "short sessions per second"),
 }
 
 

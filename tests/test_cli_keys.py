@@ -246,7 +246,7 @@ def test_add_invalid_name_fails_with_usage_exit(
 
     result = run("keys", "add", "--", name, str(key.path))
 
-    assert result.exit_code == ExitCode.USAGE == 64
+    assert result.exit_code == int(ExitCode.USAGE) == 64
     assert f"drainbus: user name '{name}' is invalid" in result.stderr
     assert sorted(tmp_path.rglob("*")) == before
 

@@ -139,7 +139,7 @@ class Client:
     async def _run_paramiko(
         self, node: RunningBus, user: User, args: list[str], stdin: bytes
     ) -> Result:
-        import paramiko
+        import paramiko  # type: ignore[import-untyped]  # paramiko ships no type hints
 
         host_key = paramiko.Ed25519Key(data=_host_key(node).public_data)
 

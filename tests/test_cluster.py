@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from drainbus.bus.streams import Keys
 from drainbus.node import Node
@@ -97,7 +98,7 @@ async def test_a_burst_of_purges_is_stored_one_entry_each_in_order(
 
     assert (result.code, result.stderr) == (0, "")
     stream = node.bus.keys.stream("cache-drain")
-    entries = await node.bus.redis.xrange(stream)
+    entries: Any = await node.bus.redis.xrange(stream)
     assert [fields[b"d"] for _, fields in entries] == purges
     assert all(b"n" not in fields for _, fields in entries)
 

@@ -153,6 +153,27 @@ def test_file_values(write_config: WriteConfig) -> None:
         pytest.param(
             "DRAINBUS_REDIS_URL", "", lambda s: s.redis_url, None, id="empty-url-is-unset"
         ),
+        pytest.param(
+            "DRAINBUS_TOPICS__DURABILITY",
+            "fsync",
+            lambda s: (s.topics.durability_for("a/b"), s.topics.durability_for("cache-drain")),
+            ("fsync", "fsync"),
+            id="durability-one-mode-for-all",
+        ),
+        pytest.param(
+            "DRAINBUS_TOPICS__DURABILITY",
+            '{"cache-*": "replica", "**": "fsync", "x": "os"}',
+            lambda s: (s.topics.durability_for("cache-drain"), s.topics.durability_for("x")),
+            ("replica", "fsync"),  # the first matching pattern decides
+            id="durability-per-pattern-json",
+        ),
+        pytest.param(
+            "DRAINBUS_TOPICS__DURABILITY",
+            '{"cache-drain": "fsync"}',
+            lambda s: s.topics.durability_for("cache-drainage"),
+            "os",
+            id="durability-default-os",
+        ),
     ],
 )
 def test_environment_values(

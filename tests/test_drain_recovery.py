@@ -7,8 +7,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -30,15 +31,15 @@ TOPIC = "cache-drain"
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> Redis:
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
 
 
 async def add_entry(redis: Redis, keys: Keys, data: str, user: str = "root") -> bytes:
-    entry_id: bytes = await redis.xadd(keys.stream(TOPIC), {"d": data, "u": user, "m": data})
-    return entry_id
+    entry_id: Any = await redis.xadd(keys.stream(TOPIC), {"d": data, "u": user, "m": data})
+    return bytes(entry_id)
 
 
 async def test_entry_stuck_on_a_dead_consumer_is_reclaimed_and_carried_out(
@@ -48,7 +49,7 @@ async def test_entry_stuck_on_a_dead_consumer_is_reclaimed_and_carried_out(
     keys = Keys(namespace)
     await redis.xgroup_create(keys.stream(TOPIC), "node-web1", id="$", mkstream=True)
     await add_entry(redis, keys, "acme-blog")
-    read = await redis.xreadgroup("node-web1", "crashed", {keys.stream(TOPIC): ">"}, count=10)
+    read: Any = await redis.xreadgroup("node-web1", "crashed", {keys.stream(TOPIC): ">"}, count=10)
     assert len(read[0][1]) == 1  # delivered to "crashed", which then died
     prime(nginx_env)
     node = await start_bus(drain=drain_config(nginx_env))
@@ -105,7 +106,7 @@ async def test_node_that_kept_up_does_not_flush(
     await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
     for n in range(10):
         await add_entry(redis, keys, f"seen-{n}")
-    rows = await redis.xreadgroup("node-web1", "web1", {stream: ">"}, count=100)
+    rows: Any = await redis.xreadgroup("node-web1", "web1", {stream: ">"}, count=100)
     await redis.xack(stream, "node-web1", *[i for i, _ in rows[0][1]])
     await redis.xtrim(stream, maxlen=2, approximate=False)
     prime(nginx_env)
@@ -160,7 +161,7 @@ class _GatedTarget:
         self.purged: list[str] = []
         self.flushes = 0
 
-    async def apply(self, purges: list[Purge]) -> list[Outcome]:
+    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
         self.entered.set()
         await self.gate.wait()
         self.purged += [sorted(p.keys)[0] for p in purges]
@@ -170,7 +171,7 @@ class _GatedTarget:
         self.flushes += 1
         return 0
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         return {}
 
 

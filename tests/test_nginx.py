@@ -162,7 +162,7 @@ def test_proxy_pass_gives_the_key_nginx_writes(proxy_pass: str, key: str) -> Non
 def test_config_rejects_a_proxy_pass_it_cannot_key(settings: dict[str, str], fragment: str) -> None:
     """A proxy_pass whose keys no template describes, or that contradicts proxy_host, fails."""
     with pytest.raises(pydantic.ValidationError, match=fragment):
-        NginxCacheConfig(cache_path=Path("/c"), **settings)  # type: ignore[arg-type]
+        NginxCacheConfig(cache_path=Path("/c"), **settings)
 
 
 def test_config_mode_is_hard_or_soft() -> None:
@@ -170,7 +170,7 @@ def test_config_mode_is_hard_or_soft() -> None:
     assert NginxCacheConfig(cache_path=Path("/c"), key=CACHE_KEY).mode == "hard"
     assert NginxCacheConfig(cache_path=Path("/c"), key=CACHE_KEY, mode="soft").mode == "soft"
     with pytest.raises(pydantic.ValidationError, match="mode"):
-        NginxCacheConfig(cache_path=Path("/c"), key=CACHE_KEY, mode="stale")  # type: ignore[arg-type]
+        NginxCacheConfig(cache_path=Path("/c"), key=CACHE_KEY, mode="stale")
 
 
 def test_config_is_frozen_and_strict() -> None:
@@ -612,6 +612,7 @@ async def test_key_and_path_match_what_nginx_wrote(nginx_env: NginxEnv) -> None:
     """The rendered key and its md5 path are exactly the file nginx wrote for the URL."""
     nginx_env.prime("/docs/a%20b?x=1&y=2", BLOG)
     config = nginx_config(nginx_env)
+    assert config.key is not None
     key = render_key(config.key, f"http://{BLOG}/docs/a%20b?x=1&y=2")
     path = cache_file_path(config.cache_path, config.levels, key)
     assert [p for p in config.cache_path.rglob("*") if p.is_file()] == [path]
@@ -916,7 +917,7 @@ async def test_start_refuses_a_key_template_that_cannot_read_the_cache(
         for host in (BLOG, BLOG2):
             env.prime("/docs/a?x=1", host)
         keys = set(nginx_keys(env.cache_path).values())
-        config = NginxCacheConfig(cache_path=env.cache_path, name="web", **settings)  # type: ignore[arg-type]
+        config = NginxCacheConfig(cache_path=env.cache_path, name="web", **settings)
         with pytest.raises(ConfigError) as caught:
             async with NginxCache(config):
                 pass
@@ -1100,7 +1101,7 @@ async def test_keys_with_request_headers_and_cookies_purge_every_variant(
         def status(host: str, path: str, headers: dict[str, str]) -> str:
             url = f"http://127.0.0.1:{env.nginx.port}{path}"
             response = env.client.get(url, headers={"Host": host, **headers})
-            return response.headers.get("X-Cache-Status", "")
+            return str(response.headers.get("X-Cache-Status", ""))
 
         for host, path in pages:
             for headers in variants:

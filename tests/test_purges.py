@@ -460,6 +460,11 @@ def test_key_host_for(rule: ScopeRule, key: str, host: str | None) -> None:
 # --- check_scope ----------------------------------------------------------------------------
 
 
+def _keys_or_tags(form: str, name: str) -> Purge:
+    """A purge of the one key or tag ``name`` (``form`` is "keys" or "tags")."""
+    return Purge(keys=frozenset({name})) if form == "keys" else Purge(tags=frozenset({name}))
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -474,7 +479,7 @@ def test_key_host_for(rule: ScopeRule, key: str, host: str | None) -> None:
 @pytest.mark.parametrize("form", ["keys", "tags"])
 def test_users_may_purge_keys_and_tags_they_own(name: str, form: str) -> None:
     """'acme' owns the key and tag 'acme' and everything starting with 'acme-', in any case."""
-    check_scope(Purge(**{form: frozenset({name})}), user="acme", is_admin=False, rule=NO_HOSTS)
+    check_scope(_keys_or_tags(form, name), user="acme", is_admin=False, rule=NO_HOSTS)
 
 
 @pytest.mark.parametrize(
@@ -493,7 +498,7 @@ def test_users_may_purge_keys_and_tags_they_own(name: str, form: str) -> None:
 def test_users_may_not_purge_keys_and_tags_of_others(name: str, form: str) -> None:
     """Ownership stops at the separator: 'acme' does not own 'acmex' or 'acme_blog'."""
     with pytest.raises(PermissionDenied) as caught:
-        check_scope(Purge(**{form: frozenset({name})}), user="acme", is_admin=False, rule=PAGES)
+        check_scope(_keys_or_tags(form, name), user="acme", is_admin=False, rule=PAGES)
     assert caught.value.exit_code == ExitCode.NOPERM
     assert caught.value.user == "acme"
     assert f"{form[:-1]} {name!r} refused: user 'acme' may purge only keys" in str(caught.value)

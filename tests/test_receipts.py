@@ -206,8 +206,8 @@ async def test_every_acknowledged_purge_has_its_receipt_stored(
     result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", "--wait", stdin=lines)
     assert result.code == 0
     keys, redis = node.bus.keys, node.bus.redis
-    purges = await redis.xrange(keys.stream("cache-drain"))
-    receipts = await redis.xrange(keys.stream(receipts_topic("cache-drain")))
+    purges: Any = await redis.xrange(keys.stream("cache-drain"))
+    receipts: Any = await redis.xrange(keys.stream(receipts_topic("cache-drain")))
     receipted = {json.loads(fields[b"d"])["id"] for _, fields in receipts}
     assert receipted == {entry_id.decode() for entry_id, _ in purges}
     groups = await redis.xinfo_groups(keys.stream("cache-drain"))
@@ -268,7 +268,8 @@ async def test_receipts_older_than_the_retention_are_trimmed(
     result = await run_ssh(node.port, root.key_file, "pub", "cache-drain", "--wait",
                            stdin=b"acme-blog\n")  # fmt: skip
     assert result.code == 0
-    ids = [entry_id for entry_id, _ in await node.bus.redis.xrange(receipts)]
+    rows: Any = await node.bus.redis.xrange(receipts)
+    ids = [entry_id for entry_id, _ in rows]
     assert f"{ancient_ms}-0".encode() not in ids
     assert len(ids) == 1
 

@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from drainbus.terminal import escape_controls
@@ -470,9 +471,7 @@ async def test_added_user_can_log_in_without_restart(
     assert (await run_ssh(node.port, carol_key, "whoami")).code == 255
 
 
-def _public_key(private: Path) -> object:
-    import asyncssh
-
+def _public_key(private: Path) -> asyncssh.SSHKey:
     return asyncssh.read_public_key(private.with_suffix(".pub"))
 
 

@@ -83,7 +83,7 @@ async def hold() -> AsyncIterator[Held]:
 
 def logged_in(node: RunningBus, user: str) -> int:
     """How many logged-in connections ``user`` holds on ``node``."""
-    return len(node.door._connections_by_user.get(user, ()))
+    return len(node.door.connections_by_user.get(user, ()))
 
 
 async def test_connections_per_user_are_limited(

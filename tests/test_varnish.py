@@ -152,7 +152,7 @@ async def test_spellings_the_readme_lists_as_not_covered_are_other_objects(
     start_bus: StartNode, add_user: Callable[[str], User], varnish_env: VarnishEnv,
     primed: str, purged: str,
 ) -> None:  # fmt: skip
-    """What the README says a URL purge does not reach: keep it true, or update it."""
+    """What docs/drain.md says a URL purge does not reach: keep it true, or update it."""
     varnish_env.prime(primed, SITE)
     varnish_env.prime(purged, SITE)
     await publish(start_bus, add_user("root"), varnish_env, f"url:http://{SITE}{purged}")

@@ -1,7 +1,7 @@
 """The distributed part of drainbus, on Redis streams. It knows nothing of SSH.
 
 :class:`Bus` owns the Redis clients (and the embedded server when no URL is configured), the
-publisher, the per-topic fan-out and the presence heartbeat.
+publisher, the per-topic fan-out, the presence heartbeat and the persistence watch.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from redis.exceptions import RedisError
 from drainbus.bus.connection import RedisClient, backend_error, command_client, redacted_url
 from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.bus.fanout import Fanout
+from drainbus.bus.idle_pool import prune_idle_forever
+from drainbus.bus.limits import publish_limits
+from drainbus.bus.persistence import Persistence
 from drainbus.bus.presence import Presence
 from drainbus.bus.publisher import Publisher
 from drainbus.bus.streams import Keys
@@ -57,7 +60,9 @@ class Bus:
         await stack.__aenter__()
         try:
             if not self.settings.redis_url:
-                self.embedded = EmbeddedRedis(self.settings.data_dir)
+                self.embedded = EmbeddedRedis(
+                    self.settings.data_dir, maxmemory=self.settings.embedded_maxmemory
+                )
                 self.embedded.start()
                 stack.callback(self.embedded.stop)
                 self.url = self.embedded.url
@@ -67,12 +72,19 @@ class Bus:
                 await self.redis.ping()
             except (RedisError, OSError) as exc:
                 raise backend_error(exc, f"connecting to {redacted_url(self.url)}") from exc
+            topics = self.settings.topics
+            self.persistence = Persistence(self.redis, timeout=topics.durability_timeout)
+            await self.persistence.check_support(set(topics.durability_patterns.values()))
             self.publisher = Publisher(
                 self.redis,
                 self.keys,
-                max_len=self.settings.topics.max_len,
-                retention=self.settings.topics.retention,
+                max_len=topics.max_len,
+                retention=topics.retention,
+                persistence=self.persistence,
+                durability=topics.durability_for,
+                limits=publish_limits(self.settings),
             )
+            stack.callback(self.publisher.refusals.close)
             self.fanout = await stack.enter_async_context(
                 Fanout(
                     self.redis,
@@ -90,6 +102,11 @@ class Bus:
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
             task_group.start_soon(self.presence.run)
+            task_group.start_soon(self.persistence.run)
+            if self.settings.redis_idle_timeout:
+                task_group.start_soon(
+                    prune_idle_forever, self.redis, self.settings.redis_idle_timeout
+                )
         except BaseException as exc:
             await stack.__aexit__(type(exc), exc, exc.__traceback__)
             raise

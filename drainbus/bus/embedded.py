@@ -9,6 +9,11 @@ a lock on the data dir keeps two drainbus processes from sharing one server's fi
 The data dir holds every message published, so it is private whatever the umask: the folder
 is 0700, every file in it 0600 (those of earlier runs are fixed at start; the server runs
 with umask 077, so the files it writes later are born that way).
+
+Its memory is capped (``maxmemory``: by default a quarter of what this machine, or the cgroup
+it runs in, has; a quarter leaves room for the copy-on-write of an AOF rewrite and for the
+rest of the node) with ``maxmemory-policy noeviction``: when full, writes are refused (a
+publisher sees exit 75) and nothing stored is ever evicted silently.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import structlog
 from drainbus.errors import StartupError
 from drainbus.lifeline import die_with_parent
 
-__all__ = ["EmbeddedRedis", "find_server_binary"]
+__all__ = ["EmbeddedRedis", "default_maxmemory", "find_server_binary"]
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +65,34 @@ def find_server_binary() -> Path | None:
         if found:
             return Path(found)
     return None
+
+
+def default_maxmemory() -> int:
+    """A quarter of the memory this process may use: the machine's, or its cgroup's limit."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit in _cgroup_limits():
+        total = min(total, limit)
+    return max(total // 4, 16 * 1024 * 1024)
+
+
+def _cgroup_limits() -> list[int]:
+    """Memory limits of this process's cgroup (v2 ``memory.max``, v1 ``limit_in_bytes``)."""
+    found: list[int] = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        with contextlib.suppress(OSError, ValueError):  # absent, or "max": no limit
+            found.append(int(candidate.read_text().strip()))
+    return found
 
 
 def _make_private(directory: Path) -> None:
@@ -105,8 +138,11 @@ class EmbeddedRedis:
     ``url`` is the ``unix://`` URL to reach it once started.
     """
 
-    def __init__(self, data_dir: Path, *, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self, data_dir: Path, *, start_timeout: float = 30.0, maxmemory: int | None = None
+    ) -> None:
         self.data_dir = data_dir.resolve()
+        self.maxmemory = maxmemory or default_maxmemory()
         self.socket_path = self.data_dir / _SOCKET_NAME
         self.url = f"unix://{self.socket_path}"
         self._start_timeout = start_timeout
@@ -147,6 +183,8 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
+            "--maxmemory", str(self.maxmemory),
+            "--maxmemory-policy", "noeviction",
             "--daemonize", "no",
             "--pidfile", str(self.data_dir / "redis.pid"),
             "--logfile", str(self.data_dir / "redis.log"),
@@ -169,6 +207,7 @@ class EmbeddedRedis:
             binary=str(binary),
             socket=str(self.socket_path),
             pid=self._process.pid,
+            maxmemory=self.maxmemory,
         )
 
     def _wait_ready(self, binary: Path) -> None:

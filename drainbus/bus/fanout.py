@@ -343,6 +343,15 @@ class Fanout:
         """Topic -> number of live local subscribers."""
         return dict(self._subscribers)
 
+    def readers(self) -> list[tuple[str, StreamId, list[int], int]]:
+        """Each topic reader: (topic, position, bytes queued by each subscriber in the fan-out
+        (its lag), how many read the stream directly: replaying, or catching up)."""
+        return [
+            (topic, reader.position, sorted((i._bytes for i in reader.inboxes), reverse=True),
+             self._subscribers.get(topic, 0) - len(reader.inboxes))
+            for topic, reader in self._readers.items()
+        ]  # fmt: skip
+
     @asynccontextmanager
     async def _attached(self, topic: str, express: Express | None) -> AsyncIterator[_Inbox]:
         """Register an inbox with ``topic``'s reader, starting the reader if needed."""

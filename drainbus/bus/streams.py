@@ -83,6 +83,18 @@ class Keys:
         """The stream holding ``topic``'s messages."""
         return f"{self.namespace}:{{{topic}}}:stream"
 
+    def stream_bytes(self, topic: str) -> str:
+        """How many bytes ``topic``'s stream has taken in, ever (see drainbus.bus.limits)."""
+        return f"{self.namespace}:{{{topic}}}:bytes"
+
+    def purge_bucket(self, topic: str, user: str) -> str:
+        """``user``'s token bucket for publishing to ``topic`` (the drain topic's rate limit)."""
+        return f"{self.namespace}:{{{topic}}}:rate:{user.casefold()}"
+
+    def usage(self, owner: str) -> str:
+        """Hash topic -> bytes stored of the topics ``owner`` owns (their storage quota)."""
+        return f"{self.namespace}:{{{owner}}}:usage"
+
     def dead_letters(self, topic: str) -> str:
         """The stream holding ``topic``'s entries that consumers gave up on."""
         return f"{self.namespace}:{{{topic}}}:dead"

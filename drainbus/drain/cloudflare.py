@@ -84,6 +84,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from drainbus import cloudflare_codes as codes
 from drainbus.drain.purges import (
     MAX_PREFIX_SEPARATORS,
     MAX_TOKEN_LENGTH,
@@ -447,8 +448,12 @@ def _is_ip_address(host: str) -> bool:
 # by tag"). A rate-limit code is retried with back-off whatever the status (Cloudflare has
 # sent it with 429, 400 and 200 "success": false); only codes that can never succeed are
 # permanent; any other code is retried, and redelivery bounds it.
-RATE_LIMIT_CODES: Final = frozenset({1134})
-PERMANENT_CODES: Final = frozenset({10000, 9109, 7000, 7003, 1014, 1092, 1107, 1136})
+RATE_LIMIT_CODES: Final = frozenset({codes.RATE_LIMITED})
+PERMANENT_CODES: Final = frozenset({
+    codes.AUTHENTICATION_ERROR, codes.UNAUTHORIZED, codes.NO_ROUTE, codes.ROUTE_INVALID,
+    codes.INVALID_FIELD, codes.EVERYTHING_AND_OTHERS, codes.ONLY_ENTERPRISE_TAGS,
+    codes.SCOPE_BY_ENVIRONMENT,
+})  # fmt: skip
 
 
 def _error_codes(response: httpx.Response) -> frozenset[int]:

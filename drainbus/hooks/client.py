@@ -15,6 +15,7 @@ No ``~/.ssh/config`` is read: the ``[hooks]`` settings are the whole story.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import stat
 from collections.abc import AsyncIterator, Sequence
@@ -40,6 +41,8 @@ PERMANENT_EXIT_CODES = frozenset({ExitCode.USAGE, ExitCode.DATAERR, ExitCode.NOP
 """Exit codes that sending the same lines again cannot change (usage, bad data, refused)."""
 
 _CHUNK = 64 * 1024
+# drainbus.bus.limits.PublishRefused.summary: a refusal stores a prefix of what was sent.
+_REFUSAL_LINE = re.compile(r"^drainbus: (\d+) message\(s\) stored, \d+ refused", re.MULTILINE)
 _STDERR_KEPT = 64 * 1024  # of the server's stderr, for logs; the rest is only passed through
 
 
@@ -66,6 +69,13 @@ class PublishResult:
     def ok(self) -> bool:
         """True when every line was stored (exit 0)."""
         return self.exit_code == 0
+
+    @property
+    def stored_before_refusal(self) -> int:
+        """After exit 75 over a bus limit: how many of the lines sent, from the first, were
+        stored (the server's ``N message(s) stored, M refused`` line); else 0."""
+        found = _REFUSAL_LINE.search(self.stderr)
+        return int(found[1]) if found and self.exit_code == ExitCode.TEMPFAIL else 0
 
     @property
     def permanent(self) -> bool:

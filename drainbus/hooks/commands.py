@@ -7,7 +7,6 @@ Failures a person can fix are one line on stderr.
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from drainbus.errors import ConfigError, DrainbusError, StartupError, UsageError
 from drainbus.hooks.client import BusClient
 from drainbus.hooks.git import publish_pushed
 from drainbus.hooks.settings import HooksSettings
+from drainbus.signals import wait_for_stop
 from drainbus.sysexits_click import SysexitsCommand, SysexitsGroup
 
 __all__ = ["hook", "pub"]
@@ -226,19 +226,12 @@ def watch(
         watcher = Watcher(folder, settings)
         async with anyio.create_task_group() as task_group:
             await task_group.start(watcher.run)
-            await _wait_for_stop()
+            await wait_for_stop()
             task_group.cancel_scope.cancel()
         log.info("stopped", pending=len(watcher.pending))
         return 0
 
     _run(main)
-
-
-async def _wait_for_stop() -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("shutting_down", signal=signal.Signals(signum).name)
-            return
 
 
 @hook.command("git")

@@ -71,6 +71,7 @@ class Attempt:
     keys: tuple[str, ...]
     exit_code: int
     message: str = ""
+    stored: int = 0  # over a bus limit (75): the first keys the bus stored before refusing
 
     @property
     def delivered(self) -> bool:
@@ -373,6 +374,9 @@ class Watcher:
                 self._ready.difference_update(attempt.keys)
                 self._rewrite_spool()
                 continue
+            if attempt.stored:  # sent again, they would spend the limit's budget again
+                self._ready.difference_update(attempt.keys[: attempt.stored])
+                self._rewrite_spool()
             failures += 1
             delay = min(self._retry_max, self._retry_initial * 2 ** (failures - 1))
             delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
@@ -393,7 +397,9 @@ class Watcher:
                 result = await session.publish(topic, keys)
         except BusUnreachable as exc:
             return Attempt(keys, ExitCode.UNAVAILABLE, exc.reason)
-        attempt = Attempt(keys, result.exit_code, result.stderr.strip())
+        attempt = Attempt(
+            keys, result.exit_code, result.stderr.strip(), result.stored_before_refusal
+        )
         if attempt.delivered:
             log.info("hook_published", topic=topic, keys=list(keys))
         elif attempt.final:

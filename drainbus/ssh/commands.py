@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import NoReturn, TypeAlias, cast
+from typing import TypeAlias, cast
 
 import anyio
 import asyncssh
@@ -27,6 +27,7 @@ from drainbus.bus import Bus
 from drainbus.bus.catalog import describe_topics, known_topics
 from drainbus.bus.connection import backend_error
 from drainbus.bus.fanout import Batch, TrimNotice
+from drainbus.bus.limits import PublishRefused
 from drainbus.bus.streams import MAX_SEQ, ZERO_ID, StreamId, parse_id, rfc3339
 from drainbus.config import Settings, parse_duration
 from drainbus.drain.receipts import (
@@ -42,16 +43,14 @@ from drainbus.errors import (
     DataError,
     DrainbusError,
     ExitCode,
+    NotDurable,
     PermissionDenied,
     UsageError,
 )
 from drainbus.identity import Identity
-from drainbus.metrics import (
-    MESSAGES_PUBLISHED,
-    PUBLISH_SECONDS,
-    record_deliveries,
-    topic_label,
-)
+from drainbus.metrics import record_deliveries
+from drainbus.publishing import publish_as
+from drainbus.ssh.parsing import CommandParser, HelpRequested
 from drainbus.terminal import escape_controls, json_safe
 
 __all__ = ["COMMANDS", "LineCheck", "SessionContext", "parse_since", "run_command"]
@@ -95,35 +94,6 @@ class SessionContext:
         await self.process.stdout.drain()
 
 
-class _HelpRequested(Exception):
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing and exiting."""
-
-    def __init__(self, prog: str, description: str, epilog: str) -> None:
-        super().__init__(
-            prog=prog,
-            description=description,
-            epilog=epilog,
-            allow_abbrev=False,
-            exit_on_error=False,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
-
-    def print_help(self, file: object = None) -> None:
-        raise _HelpRequested(self.format_help())
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise UsageError(message or f"{self.prog}: invalid arguments")
-
-
 @dataclass(frozen=True)
 class Command:
     """A command: its one-line summary, an example, its parser and what it does."""
@@ -131,7 +101,7 @@ class Command:
     name: str
     summary: str
     example: str
-    parser: _Parser
+    parser: CommandParser
     run: Callable[[SessionContext, argparse.Namespace], Awaitable[int]]
 
 
@@ -254,6 +224,7 @@ class _LinePublisher:
         self.published = 0
         self.rejected = 0
         self.worst = ExitCode.OK
+        self.refusal: PublishRefused | None = None  # over a limit: nothing more is stored
 
     def feed(self, chunk: bytes) -> None:
         if self.check is None and not self.skipping and self._feed_fast(chunk):
@@ -330,28 +301,36 @@ class _LinePublisher:
     async def flush(self) -> None:
         while self.pending:
             batch, self.pending = self.pending[:_BATCH_LINES], self.pending[_BATCH_LINES:]
-            started = time.perf_counter()
+            if self.refusal:  # the rest of stdin is refused unseen, and counted
+                self.ctx.bus.publisher.refuse_more(self.refusal, len(batch))
+                continue
             try:
-                ids = await self.ctx.bus.publisher.publish(
+                ids = await publish_as(
+                    self.ctx.bus,
                     self.topic,
                     batch,
                     user=self.ctx.identity.user,
                     raw=self.raw,
                     pack=self.check is None,  # checked lines stay one entry each (the drain's unit)
                 )
+            except PublishRefused as exc:  # its first exc.stored lines were stored
+                self.refusal, ids, batch = exc, exc.ids, batch[: exc.stored]
             except BackendError as exc:
+                # Not durable: the server may hold (and subscribers may have seen) the batch,
+                # but it would not survive a restart, so it does not count as stored.
+                rest = "the rest are not" if isinstance(exc, NotDurable) else "none after"
                 exc.message += (
-                    f"; {self.published} message(s) of this session were stored before it, "
-                    "none after"
+                    f"; {self.published} message(s) of this session were stored before it, {rest}"
                 )
                 raise
             self.published += len(batch)
             if self.keep_ids:  # checked lines are never packed: one entry id per line
                 self.stored += zip(ids, (m.decode("utf-8", "replace") for m in batch), strict=True)
-            PUBLISH_SECONDS.observe(time.perf_counter() - started)
-            MESSAGES_PUBLISHED.labels(topic_label(self.topic)).inc(len(batch))
 
     def report(self) -> int:
+        if self.refusal:
+            self.ctx.stderr(self.refusal.summary(self.published, self.refusal.refused))
+            return int(ExitCode.TEMPFAIL)
         if self.rejected:
             self.ctx.stderr(
                 f"drainbus: {self.published} message(s) published, {self.rejected} line(s) rejected"
@@ -594,10 +573,13 @@ async def _stats(ctx: SessionContext, args: argparse.Namespace) -> int:
     if not ctx.identity.is_admin:
         raise PermissionDenied("stats is for admins (server.admins)", user=ctx.identity.user)
     health = await drain_health(ctx.bus.redis, ctx.bus.keys, ctx.settings.drain.topic)
+    persistence = await ctx.bus.persistence.refresh()
     if args.json:
+        health["persistence"] = persistence.as_dict()
         await ctx.stdout(json.dumps(health).encode() + b"\n")
         return 0
     lines = [
+        f"persistence: {persistence.summary()}",
         f"topic {health['topic']}: {health['messages']} message(s), last "
         f"{health['last_message'] or '-'}, dead letters {health['dead_letters']}",
         "",
@@ -647,7 +629,7 @@ def _command(
     example: str,
     run: Callable[[SessionContext, argparse.Namespace], Awaitable[int]],
 ) -> Command:
-    parser = _Parser(f"ssh bus {name}", summary, f"example:\n  {example}")
+    parser = CommandParser(f"ssh bus {name}", summary, f"example:\n  {example}")
     return Command(name, summary, example, parser, run)
 
 
@@ -767,7 +749,7 @@ async def run_command(ctx: SessionContext, command_line: str | None) -> int:
         except argparse.ArgumentError as exc:
             raise UsageError(f"{command.parser.prog}: {exc}") from None
         return await command.run(ctx, args)
-    except _HelpRequested as shown:
+    except HelpRequested as shown:
         await ctx.stdout(shown.text.encode())
         return 0
     except UsageError as exc:

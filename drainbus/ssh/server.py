@@ -322,9 +322,9 @@ class FrontDoor:
         self._host_key = host_key
         self._line_checks = line_checks or {}
         self._reuse_port = reuse_port
-        self._sessions_by_user: dict[str, int] = {}
+        self.sessions_by_user: dict[str, int] = {}
         self._startups_by_source: dict[str, int] = {}
-        self._connections_by_user: dict[str, set[_Connection]] = {}
+        self.connections_by_user: dict[str, set[_Connection]] = {}
         self._failures = _FailureLog(settings.server.auth_failure_log_interval)
         # Early drop only needs to be unpredictable enough to share the budget out.
         self._random = random.Random()  # noqa: S311
@@ -447,7 +447,7 @@ class FrontDoor:
         if identity is None:  # cannot happen after successful auth; refuse rather than guess
             owner.close(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "not authenticated")
             return
-        mine = self._connections_by_user.setdefault(identity.user, set())
+        mine = self.connections_by_user.setdefault(identity.user, set())
         if self.connections >= server.max_connections:
             limit = server.max_connections
             owner.refuse_sessions(
@@ -468,7 +468,7 @@ class FrontDoor:
             mine.add(owner)
             owner.start_idle_timer()
         if not mine:
-            del self._connections_by_user[identity.user]
+            del self.connections_by_user[identity.user]
 
     def _forget(self, owner: _Connection) -> None:
         """Stop counting ``owner`` against any limit (idempotent)."""
@@ -481,10 +481,10 @@ class FrontDoor:
                 del self._startups_by_source[owner.source]
         elif owner.state == "active" and owner.identity is not None:
             self.connections -= 1
-            mine = self._connections_by_user[owner.identity.user]
+            mine = self.connections_by_user[owner.identity.user]
             mine.discard(owner)
             if not mine:
-                del self._connections_by_user[owner.identity.user]
+                del self.connections_by_user[owner.identity.user]
         owner.state = "closed"
 
     def _authorised(self, owner: _Connection) -> bool:
@@ -493,7 +493,7 @@ class FrontDoor:
 
     def _check_keys(self) -> None:
         """After the users folder is reloaded: close connections whose key was removed."""
-        for owner in [c for users in self._connections_by_user.values() for c in users]:
+        for owner in [c for users in self.connections_by_user.values() for c in users]:
             if not self._authorised(owner):
                 assert owner.identity is not None
                 log.warning(
@@ -541,8 +541,8 @@ class FrontDoor:
         code = ExitCode.SOFTWARE
         self._processes.add(process)
         self._idle = anyio.Event() if len(self._processes) == 1 else self._idle
-        count = self._sessions_by_user.get(identity.user, 0) + 1
-        self._sessions_by_user[identity.user] = count
+        count = self.sessions_by_user.get(identity.user, 0) + 1
+        self.sessions_by_user[identity.user] = count
         try:
             limit = self.settings.server.max_sessions_per_user
             if count > limit:
@@ -566,9 +566,9 @@ class FrontDoor:
             code = ExitCode.SOFTWARE
         finally:
             owner.session_ended()
-            self._sessions_by_user[identity.user] -= 1
-            if not self._sessions_by_user[identity.user]:
-                del self._sessions_by_user[identity.user]
+            self.sessions_by_user[identity.user] -= 1
+            if not self.sessions_by_user[identity.user]:
+                del self.sessions_by_user[identity.user]
             self._processes.discard(process)
             if not self._processes:
                 self._idle.set()
