@@ -104,7 +104,7 @@ def test_a_folder_removed_during_the_walk_is_passed_by(
     """nginx's cache manager may remove a folder between its listing and its walk: the walk
     goes on with the other folders."""
     kept = {write(tmp_path / "a" / NAME, b"x"), write(tmp_path / "b" / NAME, b"x")}
-    scandir, removed = os.scandir, []
+    scandir, removed = os.scandir, list[str]()
 
     def racing_scandir(path: str) -> Iterator[os.DirEntry[str]]:
         if path != str(tmp_path) and not removed:

@@ -74,7 +74,7 @@ class Subscriber:
 @asynccontextmanager
 async def fanout_on(
     redis_url: str, namespace: str
-) -> AsyncIterator[tuple[Fanout, Redis, list[tuple[int, int]]]]:
+) -> AsyncIterator[tuple[Fanout, Redis, list[tuple[int, int, list[bytes]]]]]:
     """A Fanout on a fresh namespace, the client it uses, and what ``on_express`` heard:
     (sessions, messages, the batch's messages) per call."""
     redis = Redis.from_url(redis_url)

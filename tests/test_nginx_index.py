@@ -14,15 +14,16 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from asyncinotify import Inotify
 from structlog.testing import capture_logs
 
-from drainbus.drain import nginx_index
+from drainbus.drain import cache_file, nginx_index
 from drainbus.drain.cache_file import cache_file_path
 from drainbus.drain.key_template import KeyTemplate
 from drainbus.drain.nginx_index import CacheIndex
@@ -55,7 +56,7 @@ def open_cache_dir() -> Iterator[Path]:
     shutil.rmtree(root)
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [entry for entry in logs if entry["event"] == name]
 
 
@@ -243,7 +244,7 @@ async def test_a_folder_moved_away_is_forgotten_by_a_rescan(cache_dir: Path) -> 
         assert kept in index
 
 
-class LimitedInotify(nginx_index.Inotify):
+class LimitedInotify(Inotify):
     """inotify with the kernel's watch limit reached for folders named ``full``."""
 
     def add_watch(self, path: Any, mask: Any) -> Any:
@@ -305,7 +306,7 @@ async def test_files_read_ahead_without_descriptors_are_read_at_their_turn(
     """Out of descriptors while reading ahead, a file is opened again when its turn comes."""
     paths = {write_cache_file(cache_dir, f"httph/{n}") for n in range(3)}
     refused: set[str] = set()
-    real_open = nginx_index.open_cache_file
+    real_open = cache_file.open_cache_file
 
     def open_cache_file(path: str) -> int:
         if path not in refused:  # the first open of each file, from the read-ahead
@@ -352,7 +353,7 @@ async def test_a_folder_removed_during_the_scan_is_passed_by(
 ) -> None:
     """nginx's cache manager may remove a folder the scan listed: the scan goes on."""
     files = [write_cache_file(cache_dir, f"httph/{n}") for n in range(8)]
-    scandir, removed = os.scandir, []
+    scandir, removed = os.scandir, list[str]()
 
     def racing_scandir(path: str) -> Iterator[os.DirEntry[str]]:
         if path != str(cache_dir) and not removed:
