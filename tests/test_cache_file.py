@@ -98,21 +98,28 @@ def test_the_walk_finds_cache_files_at_every_depth_and_nothing_else(tmp_path: Pa
     assert set(cache_files(tmp_path)) == files
 
 
+def vanish_first_folder(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
+    """Make the first folder below ``root`` listed vanish, as when nginx's cache manager
+    removes it between its parent's listing and its own; returns [that folder] once gone."""
+    scandir, removed = os.scandir, list[str]()
+
+    def racing_scandir(path: str) -> Iterator[os.DirEntry[str]]:
+        if path != str(root) and not removed:
+            removed.append(path)
+            raise FileNotFoundError(path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", racing_scandir)
+    return removed
+
+
 def test_a_folder_removed_during_the_walk_is_passed_by(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """nginx's cache manager may remove a folder between its listing and its walk: the walk
     goes on with the other folders."""
     kept = {write(tmp_path / "a" / NAME, b"x"), write(tmp_path / "b" / NAME, b"x")}
-    scandir, removed = os.scandir, list[str]()
-
-    def racing_scandir(path: str) -> Iterator[os.DirEntry[str]]:
-        if path != str(tmp_path) and not removed:
-            removed.append(path)
-            raise FileNotFoundError(path)
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", racing_scandir)
+    removed = vanish_first_folder(monkeypatch, tmp_path)
     found = set(cache_files(tmp_path))
     assert len(removed) == 1
     assert found == kept - {str(Path(removed[0]) / NAME)}

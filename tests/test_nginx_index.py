@@ -12,9 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,10 @@ from drainbus.drain.key_template import KeyTemplate
 from drainbus.drain.nginx_index import CacheIndex
 from drainbus.errors import BackendError, StartupError
 from tests.nginx_env import CACHE_LEVELS, write_cache_file
-from tests.test_nginx import reading_as_nobody
+from tests.test_cache_file import vanish_first_folder
+from tests.test_nginx import cache_dir, reading_as_nobody, shared_cache_dir
+
+__all__ = ["cache_dir", "shared_cache_dir"]  # fixtures, imported for pytest
 
 HOST_TEMPLATE = KeyTemplate("$scheme$host$request_uri")
 
@@ -38,22 +40,6 @@ HOST_TEMPLATE = KeyTemplate("$scheme$host$request_uri")
 def fresh_index_log(fresh_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The index's logger made anew, as fresh_logging does for the core's (see there)."""
     monkeypatch.setattr(nginx_index, "log", structlog.get_logger("drainbus.drain.nginx"))
-
-
-@pytest.fixture
-def cache_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "cache"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def open_cache_dir() -> Iterator[Path]:
-    """A cache folder any user may traverse, for the tests that read as nobody."""
-    root = Path(tempfile.mkdtemp(prefix="drainbus-index-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root)
 
 
 def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
@@ -85,16 +71,16 @@ async def test_the_scan_is_logged_with_its_counts(cache_dir: Path) -> None:
         assert named.name == "edge"
 
 
-async def test_unreadable_files_are_counted_and_logged_once(open_cache_dir: Path) -> None:
+async def test_unreadable_files_are_counted_and_logged_once(shared_cache_dir: Path) -> None:
     """Each unreadable file counts; the first is a warning with the fix, the rest debug."""
     keys = ["httph/one", "httph/two"]
     for key in keys:  # the folders exist before start: the files arrive as file events
-        folder = cache_file_path(open_cache_dir, [1, 2], key).parent
+        folder = cache_file_path(shared_cache_dir, [1, 2], key).parent
         folder.mkdir(parents=True, exist_ok=True)
         for level in (folder, folder.parent):
             level.chmod(0o755)
-    async with CacheIndex(open_cache_dir, HOST_TEMPLATE) as index:
-        paths = [write_cache_file(open_cache_dir, key, levels=CACHE_LEVELS) for key in keys]
+    async with CacheIndex(shared_cache_dir, HOST_TEMPLATE) as index:
+        paths = [write_cache_file(shared_cache_dir, key, levels=CACHE_LEVELS) for key in keys]
         for path in paths:
             path.chmod(0o000)
         with capture_logs() as logs, reading_as_nobody():
@@ -109,10 +95,10 @@ async def test_unreadable_files_are_counted_and_logged_once(open_cache_dir: Path
     assert {e["path"] for e in logged} == {str(p) for p in paths}
 
 
-async def test_unreadable_folders_are_counted_and_the_walk_goes_on(open_cache_dir: Path) -> None:
+async def test_unreadable_folders_are_counted_and_the_walk_goes_on(shared_cache_dir: Path) -> None:
     """A folder the daemon may not list is counted and named; its siblings are indexed."""
-    async with CacheIndex(open_cache_dir, HOST_TEMPLATE) as index:
-        staging = open_cache_dir.parent / f"{open_cache_dir.name}-staging"
+    async with CacheIndex(shared_cache_dir, HOST_TEMPLATE) as index:
+        staging = shared_cache_dir.parent / f"{shared_cache_dir.name}-staging"
         shutil.rmtree(staging, ignore_errors=True)
         good = write_cache_file(staging / "d", "httph/good")
         for name in ("a", "b"):
@@ -122,18 +108,18 @@ async def test_unreadable_folders_are_counted_and_the_walk_goes_on(open_cache_di
             if folder.name not in ("a", "b"):
                 folder.chmod(0o755)
         good.chmod(0o644)
-        (staging / "d").rename(open_cache_dir / "d")  # one folder appears, holding the rest
+        (staging / "d").rename(shared_cache_dir / "d")  # one folder appears, holding the rest
         with capture_logs() as logs, reading_as_nobody():
             await index.sync()
         shutil.rmtree(staging, ignore_errors=True)
         assert index.skipped_unreadable == 2
         assert index.paths_for_key("httph/good") == {
-            str(open_cache_dir / "d" / good.relative_to(staging / "d"))
+            str(shared_cache_dir / "d" / good.relative_to(staging / "d"))
         }
     logged = events(logs, "nginx_cache_folder_unreadable")
     assert sorted(e["path"] for e in logged) == [
-        str(open_cache_dir / "d" / "a"),
-        str(open_cache_dir / "d" / "b"),
+        str(shared_cache_dir / "d" / "a"),
+        str(shared_cache_dir / "d" / "b"),
     ]
     assert {e["log_level"] for e in logged} == {"warning"}
 
@@ -353,15 +339,7 @@ async def test_a_folder_removed_during_the_scan_is_passed_by(
 ) -> None:
     """nginx's cache manager may remove a folder the scan listed: the scan goes on."""
     files = [write_cache_file(cache_dir, f"httph/{n}") for n in range(8)]
-    scandir, removed = os.scandir, list[str]()
-
-    def racing_scandir(path: str) -> Iterator[os.DirEntry[str]]:
-        if path != str(cache_dir) and not removed:
-            removed.append(path)
-            raise FileNotFoundError(path)
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", racing_scandir)
+    removed = vanish_first_folder(monkeypatch, cache_dir)
     async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
         lost = {f for f in files if str(f).startswith(removed[0] + os.sep)}
         assert {f for f in files if f in index} == set(files) - lost
@@ -369,13 +347,13 @@ async def test_a_folder_removed_during_the_scan_is_passed_by(
     assert len(files) - len(lost) > 0
 
 
-async def test_a_file_that_becomes_unreadable_leaves_the_index(open_cache_dir: Path) -> None:
+async def test_a_file_that_becomes_unreadable_leaves_the_index(shared_cache_dir: Path) -> None:
     """A file rewritten where the daemon may no longer read it is dropped, not kept stale."""
-    path = write_cache_file(open_cache_dir, "httph/x", headers=["Cache-Tag: t"])
+    path = write_cache_file(shared_cache_dir, "httph/x", headers=["Cache-Tag: t"])
     for folder in path.parents[:2]:
         folder.chmod(0o755)
     path.chmod(0o644)
-    async with CacheIndex(open_cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(shared_cache_dir, HOST_TEMPLATE) as index:
         assert index.paths_for_tag("t") == {str(path)}
         path.chmod(0o000)
         path.write_bytes(path.read_bytes())  # an in-place rewrite: IN_CLOSE_WRITE
