@@ -54,7 +54,7 @@ from drainbus.drain.cache_file import cache_file_path
 from drainbus.log import configure_logging
 from tests.fakes.cloudflare_api import FakeCloudflare
 
-__all__ = ["measure"]
+__all__ = ["measure", "publish"]
 
 KEY = "$scheme$host$request_uri"
 USER = "bench"
@@ -108,12 +108,13 @@ def _settings(namespace: str, node: str, cache: Path, cloudflare: str | None) ->
     return Settings(namespace=namespace, server={"admins": [USER]}, drain=drain)
 
 
-async def _publish(redis: Any, stream: str, lines: list[str]) -> None:
+async def publish(redis: Any, stream: str, lines: list[str], user: str = USER) -> None:
+    """Append ``lines`` to ``stream`` as ``user``'s purges, entries as ``pub`` writes them."""
     for start in range(0, len(lines), _PUBLISH_CHUNK):
         async with redis.pipeline(transaction=False) as pipe:
             for line in lines[start : start + _PUBLISH_CHUNK]:
                 fields = entry_fields(
-                    line.encode(), user=USER, message_id=secrets.token_hex(8), raw=False
+                    line.encode(), user=user, message_id=secrets.token_hex(8), raw=False
                 )
                 pipe.xadd(stream, fields)
             await pipe.execute()
@@ -142,7 +143,7 @@ async def _phase(
         await redis.xgroup_create(stream, group, id="$", mkstream=True)
         if cloudflare:
             await redis.xgroup_create(stream, "cdn", id="$")
-        await _publish(redis, stream, lines)
+        await publish(redis, stream, lines)
         async with open_drain(settings, redis=redis, redis_url=redis_url) as drain:
             _reset_peak()
             rss_start = _vm("VmRSS")

@@ -59,6 +59,8 @@ class Sizes:
     receipt_waiters: int  # workload 8: pub --wait sessions waiting at once
     drain_purges: int  # workload 9: url: purges, and tag: purges over as many cache files
     drain_backlog: int  # workload 9: url: purges in the backlog whose RSS growth is measured
+    fair_burst: int  # workload 12: one user's url: purges queued ahead of another's one
+    fair_rounds: int  # workload 12: rounds, each on a fresh stream
 
 
 FULL = Sizes(
@@ -76,6 +78,8 @@ FULL = Sizes(
     receipt_waiters=200,
     drain_purges=100_000,
     drain_backlog=1_000_000,
+    fair_burst=20_000,
+    fair_rounds=3,
 )
 QUICK = Sizes(
     n_lat=50,
@@ -92,6 +96,8 @@ QUICK = Sizes(
     receipt_waiters=20,
     drain_purges=300,
     drain_backlog=600,
+    fair_burst=2000,
+    fair_rounds=1,
 )
 
 
@@ -122,6 +128,13 @@ class Bench:
             workers=self.workers,
         ) as server:
             yield server
+
+    def own_redis(self, stack: contextlib.ExitStack, name: str) -> str:
+        """``--redis-url``, else the URL of an embedded server of the workload's own, named
+        ``name`` in the work dir and stopped with ``stack``."""
+        if self.redis_url:
+            return self.redis_url
+        return stack.enter_context(EmbeddedRedis(self.workdir / name)).url
 
     async def floor(self, result: WorkloadResult, run: Awaitable[T]) -> T | None:
         """Run a floor program; on failure note why and return None (the column stays empty)."""
@@ -492,11 +505,7 @@ async def drain(bench: Bench, result: WorkloadResult) -> None:
     sizes = bench.sizes
     n, backlog = sizes.drain_purges, sizes.drain_backlog
     with contextlib.ExitStack() as stack:
-        if bench.redis_url:
-            redis_url = bench.redis_url
-        else:
-            server = stack.enter_context(EmbeddedRedis(bench.workdir / "drain-redis"))
-            redis_url = server.url
+        redis_url = bench.own_redis(stack, "drain-redis")
         args = ["--redis-url", redis_url, "--urls", str(n), "--tags", str(n), "--cloudflare"]
         # Writing the cache files and a large backlog take longer than any floor program.
         out = await _run_module("bench.drain", args, 4 * sizes.floor_timeout)
@@ -555,6 +564,33 @@ async def sessions(bench: Bench, result: WorkloadResult) -> None:
         await short_sessions(server, bench.key, result, quick=bench.sizes is QUICK)
 
 
+async def fairness(bench: Bench, result: WorkloadResult) -> None:
+    """12. Fair drain: one user's purge behind another user's burst, to nginx and Cloudflare.
+
+    bench.fairness runs the drain (nginx plus a Free-plan Cloudflare stand-in answering in
+    50 ms) in a process of its own, on the embedded server started here unless
+    ``--redis-url`` is given.
+    """
+    result.has_floor = False
+    result.notes.append(NO_FLOOR)
+    sizes = bench.sizes
+    burst, rounds = sizes.fair_burst, sizes.fair_rounds
+    with contextlib.ExitStack() as stack:
+        redis_url = bench.own_redis(stack, "fair-redis")
+        args = ["--redis-url", redis_url, "--burst", str(burst), "--rounds", str(rounds)]
+        figures = json.loads(await _run_module("bench.fairness", args, sizes.floor_timeout))
+    nginx, cdn, before = figures["nginx_ms"], figures["cloudflare_ms"], figures["burst_done_before"]
+    spread = f"median of {rounds}, worst {{:,.0f}} ms"
+    result.rows += [
+        Row(f"another user's purge behind a {burst:,}-purge burst -> nginx", "ms",
+            nginx["median"], None, Target("value<=", 200), note=spread.format(nginx["max"])),
+        Row(f"another user's purge behind a {burst:,}-purge burst -> Cloudflare (Free)", "ms",
+            cdn["median"], None, Target("value<=", 1000), note=spread.format(cdn["max"])),
+        Row("the burst's purges carried out on nginx before it", "purges", before["median"],
+            note=f"of {burst:,}; in stream order it would be all of them"),
+    ]  # fmt: skip
+
+
 WORKLOADS: dict[str, tuple[str, Workload]] = {
     "latency": ("1. latency, OpenSSH pub -> sub", latency),
     "throughput": ("2. throughput, OpenSSH pub -> sub", throughput),
@@ -567,4 +603,5 @@ WORKLOADS: dict[str, tuple[str, Workload]] = {
     "drain": ("9. drain throughput, url: and tag: bursts", drain),
     "durability": ("10. durability modes, publish cost", durability_modes),
     "sessions": ("11. short sessions, serve RSS", sessions),
+    "fairness": ("12. fair drain, a purge behind another user's burst", fairness),
 }

@@ -240,6 +240,9 @@ class DrainSettings(_Section):
     # during the purge write back (drainbus.drain.refill); at least the origin's response
     # timeout (proxy_read_timeout). 0 turns it off.
     refill_window: Duration = DEFAULT_REFILL_WINDOW
+    # Entries each group reads ahead of its work to share it fairly among publishers
+    # (drainbus.drain.fair): one user's burst of this many cannot delay another's purge.
+    read_ahead: int = Field(20_000, ge=1)
     nginx: tuple[NginxCacheConfig, ...] = ()
     http_purge: tuple[HttpPurgeConfig, ...] = ()
     cloudflare: tuple[CloudflareZoneConfig, ...] = ()

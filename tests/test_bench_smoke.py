@@ -34,6 +34,7 @@ FLOORLESS = {
     "purge": ("pub returns -> nginx file gone", "pub returns -> Cloudflare call"),
     "nginx_index": ("index build, cold", "index build, warm", "tag lookup", "tag purge"),
     "receipts": ("pub --wait, 2 nginx nodes", "Redis CPU while"),
+    "fairness": ("another user's purge behind", "the burst's purges carried out"),
     "durability": ("publish p50, os", "publish p50, fsync", "publish p50, replica"),
     "sessions": ("serve RSS growth, sessions", "short sessions per second"),
 }

@@ -162,6 +162,30 @@ async def test_nothing_to_compare_is_purged_again_when_the_window_closes(cache_d
     assert later.exists()
 
 
+async def test_a_batch_has_one_window_that_tells_each_refill_as_its_own_purges(
+    cache_dir: Path,
+) -> None:
+    """One window watches a whole batch; a refill evicted at once and one evicted when the
+    window closes are each reported with the purge of the batch that matched it."""
+    write_cache_file(cache_dir, _key("/p"), headers=['ETag: "v1"'])
+    other = Purge(urls=frozenset({_url("/q")}))
+    by_url = Purge(urls=frozenset({_url("/p")}))
+    by_tag = Purge(tags=frozenset({"posts"}))
+    told: list[tuple[Purge, int]] = []
+    async with NginxCache(_config(cache_dir), refill_window=0.5) as cache:
+        cache.refill_guard.on_evicted = lambda purge, count: told.append((purge, count))
+        assert await cache.purge_batch([other, by_url, by_tag]) == [0, 1, 0]
+        assert len(cache.refill_guard) == 1
+        stale = write_cache_file(cache_dir, _key("/p"), headers=['ETag: "v1"'])
+        tagged = write_cache_file(cache_dir, _key("/t"), headers=["Cache-Tag: posts"])
+        await cache.index.sync()
+        assert not stale.exists()
+        assert tagged.exists()  # nothing to compare: it goes when the window closes
+        await until(lambda: len(told) == 2, 5.0, "the window closes")
+        assert not tagged.exists()
+    assert told == [(by_url, 1), (by_tag, 1)]
+
+
 async def test_open_windows_are_dropped_cleanly_on_shutdown(cache_dir: Path) -> None:
     """Leaving the cache with windows open cancels their timer and keeps no state."""
     async with NginxCache(_config(cache_dir), refill_window=3600) as cache:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from drainbus.bus.connection import RedisClient
 from drainbus.bus.streams import Keys
 from drainbus.config import Settings
-from drainbus.drain.cloudflare import CloudflareForwarder
+from drainbus.drain.cloudflare import PLAN_LIMITS, CloudflareForwarder, CloudflareZoneConfig
 from drainbus.drain.daemon import Drain
 from drainbus.drain.http_purge import HttpPurger
 from drainbus.drain.nginx import NginxCache
@@ -22,6 +22,10 @@ from drainbus.drain.targets import (
 from drainbus.identity import user_key
 
 __all__ = ["Drain", "open_drain"]
+
+# A cdn batch holds what the rate limit sends in about this long: a purge read behind it
+# (another publisher's, say) waits about that long for its turn, not for a whole backlog.
+_CDN_BATCH_SECONDS = 0.25
 
 
 @asynccontextmanager
@@ -44,6 +48,7 @@ async def open_drain(
         cdn: list[Target] = []
         window = 0.0
         busy_for = None
+        batch_size = 4096
         if drain.cloudflare:
             forwarder = await stack.enter_async_context(
                 CloudflareForwarder(drain.cloudflare, scope_rule=rule)
@@ -51,6 +56,7 @@ async def open_drain(
             target = CloudflareTarget(forwarder)
             window = target.batch_window
             busy_for = target.busy_for
+            batch_size = _cdn_batch_size(drain.cloudflare)
             cdn.append(target)
         yield Drain(
             drain,
@@ -64,4 +70,13 @@ async def open_drain(
             receipts_max_len=settings.topics.max_len,
             receipts_retention=settings.topics.retention,
             cdn_busy_for=busy_for,
+            cdn_batch_size=batch_size,
         )
+
+
+def _cdn_batch_size(zones: Sequence[CloudflareZoneConfig]) -> int:
+    """Purges per cdn batch: what the slowest zone's plan purges by URL in
+    ``_CDN_BATCH_SECONDS``, and at least one full call."""
+    limits = [PLAN_LIMITS[zone.plan] for zone in zones]
+    per_call = max(plan.files_per_call for plan in limits)
+    return max(per_call, int(min(plan.urls_per_second for plan in limits) * _CDN_BATCH_SECONDS))

@@ -22,12 +22,17 @@ Before an entry is acknowledged (or dead-lettered), its receipt (what each targe
 it: see :mod:`drainbus.drain.receipts`) is appended to the topic's receipt stream, so a crash
 cannot lose the receipt of an acknowledged purge.
 
+Each role reads ahead of its work, up to ``read_ahead`` entries, into a backlog that serves the
+publishers round-robin (:mod:`drainbus.drain.fair`): one user's burst cannot sit in front of
+another user's purge. Batches are taken from the backlog, at most ``Role.batch_size`` entries
+(``Role.shared_batch_size`` while several publishers wait).
+
 The cdn role batches like Nagle's algorithm, not on a timer: a purge read while nothing is in
 flight goes to Cloudflare at once, with whatever else is already waiting in the stream. While
 a batch is being carried out (a call in flight, or waiting for rate-limit tokens) the loop
-reads nothing, so what arrives meanwhile waits in the stream (where another node's idle
-consumer may take it) and the next read takes all of it: one call carries everything that
-piled up, packed to the per-call item limits by the target. After a batch, if the bucket it
+reads nothing, so what arrives meanwhile waits in the stream and the next read takes all of
+it; a cdn batch is what the rate limit sends in about a quarter of a second, so a purge read
+behind it is not held for a whole backlog's calls. After a batch, if the bucket it
 spent from has no room (``Role.busy_for``), the loop may wait up to ``Role.batch_window`` for
 room before reading, so the next call gathers what arrives meanwhile; an idle bus never waits.
 """
@@ -37,14 +42,12 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.exceptions import RedisError, ResponseError
 
 from drainbus.backoff import Backoff
@@ -52,8 +55,10 @@ from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader
 from drainbus.bus.publisher import APPEND_ENTRIES, append_args
 from drainbus.bus.streams import Keys, entry_fields, parse_id, stream_info, text
 from drainbus.config import DrainSettings
+from drainbus.drain.fair import FairBacklog, Row, keep_claimed
 from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.receipts import receipt, receipts_topic, target_part, target_receipt
+from drainbus.drain.refill_receipts import RefillReceipts
 from drainbus.drain.retry import Outcome, merge_outcomes
 from drainbus.drain.targets import LocalCacheTarget, NginxTarget, Target
 from drainbus.errors import DataError, PermissionDenied, StartupError
@@ -64,17 +69,18 @@ __all__ = ["Drain", "DrainStats", "Role"]
 
 log = structlog.get_logger(__name__)
 
-_Row = tuple[bytes, dict[bytes, bytes]]
-# One read takes up to this many entries, and they are carried out as one batch: each
-# target gets the whole batch in one call, and one XACK acknowledges it.
+_Row = Row
+# A local batch holds up to this many entries: each target gets the whole batch in one
+# call, and one XACK acknowledges it. Also the page size of reads of pending entries.
 _READ_COUNT = 1000
+# A local batch while several publishers wait: a purge that just got its turn is carried out
+# after a quarter of a batch's work, not a whole one (the batch's receipts come at its end).
+_SHARED_BATCH = 250
 # At most this many entries join one cdn batch; a backlog is read on in the next one.
 _GATHER_MAX = 4096
 _DEAD_LETTER_MAX = 100_000
 _RECEIPTS_TRIM_EVERY = 30.0  # seconds between trims of the receipt stream by age
 _RECEIPTS_PER_CALL = 1000
-_REFILL_RECEIPTS_QUEUED = 1024  # refill receipts waiting to be written, at most
-_REFILL_SLACK_S = 5.0  # how much longer than the refill window a purge is remembered
 
 
 @dataclass
@@ -90,6 +96,9 @@ class Role:
     name: str
     group: str
     targets: Sequence[Target]
+    backlog: FairBacklog
+    batch_size: int = _READ_COUNT
+    shared_batch_size: int = _SHARED_BATCH
     batch_window: float = 0.0
     busy_for: Callable[[], float] | None = None
     flush_if_missed: bool = False
@@ -130,9 +139,11 @@ class Drain:
         receipts_max_len: int = 100_000,
         receipts_retention: float = 7 * 86400.0,
         cdn_busy_for: Callable[[], float] | None = None,
+        cdn_batch_size: int = _GATHER_MAX,
     ) -> None:
         """``receipts_max_len`` and ``receipts_retention`` (seconds): how many receipts the
-        receipt stream keeps (about), and for how long, like the topic's stream."""
+        receipt stream keeps (about), and for how long, like the topic's stream.
+        ``cdn_batch_size``: most purges per cdn batch (at most 4,096)."""
         self.settings = settings
         self.consumer = settings.node
         self.stats = DrainStats()
@@ -154,30 +165,40 @@ class Drain:
         self.roles: list[Role] = []
         if local_targets:
             self.roles.append(
-                Role("local", f"node-{settings.node}", local_targets, flush_if_missed=True)
+                Role(
+                    "local",
+                    f"node-{settings.node}",
+                    local_targets,
+                    FairBacklog(settings.read_ahead),
+                    flush_if_missed=True,
+                )
             )
         if cdn_targets:
+            cdn_size = max(1, min(cdn_batch_size, _GATHER_MAX))
             self.roles.append(
                 Role(
                     "cdn",
                     "cdn",
                     cdn_targets,
+                    FairBacklog(settings.read_ahead),
+                    batch_size=cdn_size,
+                    # Already what the rate limit sends in a moment; smaller calls would
+                    # waste the per-call bucket of tag and host purges.
+                    shared_batch_size=cdn_size,
                     batch_window=cdn_batch_window,
                     busy_for=cdn_busy_for or _never_busy,
                 )
             )
         self.ready = anyio.Event()
-        # Purges this node carried out locally, kept for as long as a stale refill of theirs
-        # can still be evicted, so that eviction can be added to their receipts.
-        # Oldest first (insertion order), so forgetting is popping from the front.
-        self._recent_local: OrderedDict[Purge, tuple[float, list[_Row]]] = OrderedDict()
-        self._watch_refills = settings.refill_window > 0 and any(
-            isinstance(t, NginxTarget) for t in local_targets
-        )
-        self._refills_out: MemoryObjectSendStream[tuple[str, Purge, int]] | None = None
-        for target in local_targets:
-            if isinstance(target, NginxTarget):
-                target.watch_refills(self._refill_evicted)
+        # A stale refill evicted later is added to its purge's receipts: see refill_receipts.
+        self._refills: RefillReceipts | None = None
+        if settings.refill_window > 0 and any(isinstance(t, NginxTarget) for t in local_targets):
+            self._refills = RefillReceipts(
+                settings.refill_window, node=self.consumer, append=self._append_receipts
+            )
+            for target in local_targets:
+                if isinstance(target, NginxTarget):
+                    target.watch_refills(self._refills.evicted)
 
     async def run(self) -> None:
         """Consume until cancelled. ``ready`` is set once every group is being read."""
@@ -185,10 +206,9 @@ class Drain:
         async with anyio.create_task_group() as tg:
             for role in self.roles:
                 tg.start_soon(self._consume, role)
-            self._refills_out, refills_in = anyio.create_memory_object_stream[
-                tuple[str, Purge, int]
-            ](_REFILL_RECEIPTS_QUEUED)
-            tg.start_soon(self._write_refill_receipts, refills_in)
+                tg.start_soon(self._keep_claimed, role, role.backlog.ids)
+            if self._refills is not None:
+                tg.start_soon(self._refills.run)
             self.ready.set()
 
     # --- start-up ----------------------------------------------------------------------
@@ -294,7 +314,9 @@ class Drain:
                 await self._missed(role)
             if rows:
                 log.info("drain_resuming_pending", group=role.group, entries=len(rows))
-                await self._handle(role, await self._dead_letter_exhausted(role, rows))
+                # Into the backlog, not carried out here: a read-ahead's worth of entries
+                # would hold up the start (and the other role) for as long as they take.
+                role.backlog.add(await self._dead_letter_exhausted(role, rows))
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -315,20 +337,10 @@ class Drain:
                     # Before every read: once XREADGROUP jumps a trimmed gap, Redis counts the
                     # gap as read and the loss can no longer be seen.
                     await self._check_missed(role)
-                    wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
-                    rows = _rows(
-                        await client.xreadgroup(
-                            role.group,
-                            self.consumer,
-                            {self._stream: ">"},
-                            count=_READ_COUNT,
-                            block=wait_ms,
-                        )
-                    )
-                    if rows:
-                        role.gap_handled = False
-                    if rows and role.busy_for is not None and len(rows) == _READ_COUNT:
-                        rows += await self._gather(client, role, len(rows))
+                    await self._read_ahead(client, role, next_claim)
+                    backlog = role.backlog
+                    shared = backlog.users > 1
+                    rows = backlog.take(role.shared_batch_size if shared else role.batch_size)
                     busy = bool(rows)
                     backoff.succeeded()
                     if rows:
@@ -357,6 +369,7 @@ class Drain:
             reason="the consumer group vanished from Redis (a failover lost writes not yet "
             "replicated, Redis restarted empty, or the stream was deleted); recreating it",
         )
+        role.backlog.clear()  # their pending entries went with the group: none can be acked
         try:
             await self._prepare(role)
             await self._missed(role)
@@ -378,21 +391,31 @@ class Drain:
             log.debug("drain_waiting_for_rate_limit", group=role.group, seconds=round(wait, 3))
             await anyio.sleep(wait)
 
-    async def _gather(self, client: RedisClient, role: Role, have: int) -> list[_Row]:
-        """The entries already waiting behind a full read of ``have``, up to ``_GATHER_MAX``
-        in all, so one batch (and the target's calls, packed to their item limits) carries
-        them all.
+    async def _read_ahead(self, client: RedisClient, role: Role, next_claim: float) -> None:
+        """Read every entry waiting, up to the backlog's room, into the backlog; block (until
+        the next reclaim at most) only when the backlog is empty.
 
-        Nothing waits for more to arrive: what arrives while the batch is carried out is
-        read next (Nagle's algorithm, with the batch in flight as the unacknowledged data).
-        One read, not many pages: each await lets a busy publisher in the same process run,
-        and page by page a burst's second batch started seconds late.
+        All that waits, not one batch's worth: a purge behind another user's burst must be
+        in the backlog to get its turn. One read, not many pages: each await lets a busy
+        publisher in the same process run, and page by page a burst's second batch started
+        seconds late.
         """
-        return _rows(
+        backlog = role.backlog
+        if not backlog.room:
+            return
+        wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
+        rows = _rows(
             await client.xreadgroup(
-                role.group, self.consumer, {self._stream: ">"}, count=_GATHER_MAX - have
+                role.group,
+                self.consumer,
+                {self._stream: ">"},
+                count=backlog.room,
+                block=None if backlog else wait_ms,
             )
         )
+        if rows:
+            role.gap_handled = False
+            backlog.add(rows)
 
     async def _reclaim(self, role: Role) -> None:
         """Claim entries idle for ``retry_after`` (failed here, or on a dead consumer)."""
@@ -419,9 +442,9 @@ class Drain:
                 await self._missed(role)
             if rows:
                 self.stats.retries += len(rows)
-                await self._handle(role, await self._dead_letter_exhausted(role, rows))
-            if cursor == "0-0":
-                return
+                role.backlog.add(await self._dead_letter_exhausted(role, rows))
+            if cursor == "0-0" or not role.backlog.room:
+                return  # a full backlog: the rest is claimed on a later round
 
     async def _dead_letter_exhausted(self, role: Role, rows: list[_Row]) -> list[_Row]:
         """Move entries delivered more than ``max_deliveries`` times; return the rest."""
@@ -467,7 +490,7 @@ class Drain:
             return
         purges = list(batch)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_claimed, role, [r[0] for r in rows])
+            tg.start_soon(self._keep_claimed, role, lambda: [r[0] for r in rows])
             outcomes, parts = await self._apply(role, purges)
             tg.cancel_scope.cancel()
         await self._write_receipts(
@@ -515,8 +538,8 @@ class Drain:
                 error=retry_errors[0],
                 retry_after=self.settings.retry_after,
             )
-        if role.name == "local":
-            self._remember_local(
+        if role.name == "local" and self._refills is not None:
+            self._refills.remember(
                 [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"], batch
             )
         if acked:
@@ -628,62 +651,6 @@ class Drain:
             # would never lose a whole node to approximate trimming.
             await self._redis.xtrim(self._receipts, minid=f"{oldest_kept}-0", approximate=False)
 
-    def _remember_local(self, purges: list[Purge], batch: dict[Purge, list[_Row]]) -> None:
-        if not self._watch_refills:
-            return
-        now = time.monotonic()
-        horizon = now - self.settings.refill_window - _REFILL_SLACK_S
-        recent = self._recent_local
-        while recent and next(iter(recent.values()))[0] < horizon:
-            recent.popitem(last=False)
-        for purge in purges:
-            recent[purge] = (now, batch[purge])
-            recent.move_to_end(purge)
-
-    def _refill_evicted(self, target: str, purge: Purge, count: int) -> None:
-        # Called by a refill guard on the event loop: queue it, never block the guard.
-        if self._refills_out is None:  # not running
-            return
-        try:
-            self._refills_out.send_nowait((target, purge, count))
-        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            log.warning(
-                "drain_refill_receipt_dropped",
-                target=target,
-                count=count,
-                reason="too many refill receipts queued; the count is in stats",
-            )
-
-    async def _write_refill_receipts(
-        self, refills: MemoryObjectReceiveStream[tuple[str, Purge, int]]
-    ) -> None:
-        """Add each stale refill a local target evicted to its purge's receipts."""
-        assert self._refills_out is not None
-        async with self._refills_out, refills:
-            await self._write_refills(refills)
-
-    async def _write_refills(
-        self, refills: MemoryObjectReceiveStream[tuple[str, Purge, int]]
-    ) -> None:
-        async for target, purge, count in refills:
-            rows = self._recent_local.get(purge, (0.0, []))[1]
-            part = target_part(target, "evicted", count=count)
-            records = [
-                receipt(
-                    entry_id=i,
-                    fields=f,
-                    node=self.consumer,
-                    role="local",
-                    targets=[part],
-                    refill=True,
-                )
-                for i, f in rows
-            ]
-            try:
-                await self._append_receipts(records)
-            except (RedisError, OSError) as exc:  # the eviction happened; only the news is lost
-                log.warning("drain_refill_receipt_failed", target=target, error=str(exc))
-
     async def _parse(self, role: Role, row: _Row) -> Purge | None:
         """The entry's purge, checked again against its publisher's scope; None if invalid."""
         fields = row[1]
@@ -696,16 +663,12 @@ class Drain:
             return None
         return purge
 
-    async def _keep_claimed(self, role: Role, ids: list[bytes]) -> None:
-        # Resets the entries' idle time so no other consumer reclaims them mid-flight.
-        while True:
-            await anyio.sleep(self.settings.retry_after / 3)
-            try:
-                await self._redis.xclaim(
-                    self._stream, role.group, self.consumer, 0, list[Any](ids), justid=True
-                )
-            except (RedisError, OSError) as exc:
-                log.warning("drain_heartbeat_failed", group=role.group, error=str(exc))
+    async def _keep_claimed(self, role: Role, ids: Callable[[], Sequence[bytes]]) -> None:
+        # Resets the entries' idle time so no consumer reclaims them while held or in flight.
+        await keep_claimed(
+            self._redis, self._stream, group=role.group, consumer=self.consumer, ids=ids,
+            every=self.settings.retry_after / 3,
+        )  # fmt: skip
 
     async def _dead_letter(
         self, role: Role, row: _Row, error: str, *, receipt_written: bool = False

@@ -15,6 +15,7 @@ scheme and Host do not enter it. :meth:`KeyTemplate.nginx_default` is that key.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from typing import NamedTuple
@@ -51,6 +52,7 @@ _CAPTURE = {
 }
 # An unknown $proxy_host: any host[:port], up to the first '/'.
 _ANY_PROXY_HOST = r"[^/\s]+"
+_URL_MEMO = 4096  # URLs whose parts and key are remembered (a few batches' worth)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # URLs whose keys show an ambiguous template: hosts that are another host with a scheme's
 # tail in front ("s" + "hop.example"), over both schemes.
@@ -160,6 +162,9 @@ def proxy_host_of(proxy_pass: str) -> tuple[str, str]:
     return scheme, f"{host}:{port}"
 
 
+# A URL purge needs its URL's parts three times (the key check, the index, the refill
+# window) within one batch: remembered for the last few thousand URLs, not worked out again.
+@functools.lru_cache(maxsize=_URL_MEMO)
 def url_parts(url: str) -> KeyParts:
     """Host, decoded path and query of an absolute URL, normalised as index entries are."""
     values = _url_variables(url)
@@ -227,6 +232,7 @@ class KeyTemplate:
         self.has_host = "host" in self.variables
         self.has_query = bool(self.variables & {"request_uri", "args"})
         self._patterns = tuple(self._pattern(scheme) for scheme in ("https", "http"))
+        self._url_keys: dict[str, str | None] = {}  # url_key's memo, see there
 
     @classmethod
     def nginx_default(cls, proxy_pass: str | None = None) -> KeyTemplate:
@@ -276,6 +282,27 @@ class KeyTemplate:
         values["proxy_host"] = self.proxy_host or ""
         # re.sub writes nothing for a None from the function, as for "": either default does.
         return _VARIABLE.sub(lambda m: values.get(m[1] or m[2], ""), self.template)
+
+    def url_key(self, url: str) -> str | None:
+        """The key nginx computes for ``url`` if a URL purge of it may evict that key's file
+        (:meth:`renders`, and :meth:`key_means_only`); None if not.
+
+        Raises ``ValueError`` for a malformed URL, as :meth:`render` does. Remembered for the
+        last few thousand URLs: the nginx target asks once for the files to evict and again
+        for the purge's refill window.
+        """
+        memo = self._url_keys
+        if url in memo:
+            return memo[url]
+        key: str | None = None
+        if self.renders:
+            key = self._render(url)
+            if not self.key_means_only(key, url):
+                key = None
+        if len(memo) >= _URL_MEMO:
+            memo.clear()
+        memo[url] = key
+        return key
 
     def key_means_only(self, key: str, url: str) -> bool:
         """Whether every reading of ``key`` is ``url``: only then may a URL purge evict it.

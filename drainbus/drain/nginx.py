@@ -41,7 +41,7 @@ from drainbus.drain.key_check import SAMPLE_SIZE, check_keys
 from drainbus.drain.key_template import KeyTemplate, proxy_host_of, template_variables
 from drainbus.drain.nginx_index import CacheIndex
 from drainbus.drain.purges import Purge
-from drainbus.drain.refill import DEFAULT_REFILL_WINDOW, RefillGuard, RefillWindow, read_validators
+from drainbus.drain.refill import DEFAULT_REFILL_WINDOW, RefillGuard, read_validators
 from drainbus.errors import BackendError, ConfigError, DataError
 
 __all__ = [
@@ -433,14 +433,12 @@ class NginxCache:
         paths: set[str] = set()
         try:
             for url in purge.urls:
-                # Without proxy_pass nginx's default key cannot be computed: the index alone
-                # finds the URL's files then.
-                if self._template.renders:
-                    key = self._template.render(url)
-                    # An ambiguous key is other URLs' too: a URL purge never evicts it.
-                    if self._template.key_means_only(key, url):
-                        paths.add(str(_cache_file_path(self.config.cache_path, self._levels, key)))
-                        paths |= index.paths_for_key(key)
+                # Without proxy_pass nginx's default key cannot be computed, and an ambiguous
+                # key is other URLs' too: then the index alone finds the URL's files.
+                key = self._template.url_key(url)
+                if key is not None:
+                    paths.add(str(_cache_file_path(self.config.cache_path, self._levels, key)))
+                    paths |= index.paths_for_key(key)
                 paths |= index.paths_for_url(url)
             for prefix in purge.prefixes:
                 paths |= index.paths_for_prefix(prefix)
@@ -461,7 +459,7 @@ class NginxCache:
     ) -> None:
         """Look up, open the refill windows of, and evict the purges ``numbers``."""
         jobs: list[_Job] = []
-        windows: list[RefillWindow | None] = []
+        watched: list[tuple[Purge, set[str]]] = []
         guard = self.refill_guard
         for number in numbers:
             purge = purges[number]
@@ -471,17 +469,17 @@ class NginxCache:
             except DataError as exc:
                 results[number] = exc
                 continue
-            # No await since the index lookups: every file nginx puts in place from here on
-            # is seen by the refill windows.
-            window = guard.open(purge, hosts)
-            windows.append(window)
+            watched.append((purge, hosts))
             soft = purge.soft or self.config.mode == "soft"
-            jobs.append(_Job(number, list(paths), soft, window is not None))
+            jobs.append(_Job(number, list(paths), soft, guard.window > 0))
         if not jobs:
             return
+        # No await since the index lookups: every file nginx puts in place from here on is
+        # seen by the batch's refill window.
+        window = guard.open_batch(watched)
         outcomes = await _carry_out(jobs)
-        for job, window, (count, validators, failed) in zip(jobs, windows, outcomes, strict=True):
-            guard.armed(window, validators)
+        guard.armed(window, (validators for _, validators, _ in outcomes))
+        for job, (count, _, failed) in zip(jobs, outcomes, strict=True):
             verb = "expire" if job.soft else "delete"
             try:
                 results[job.number] = self._check((count, failed), verb=verb)

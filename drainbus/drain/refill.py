@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import os
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
@@ -61,6 +61,8 @@ log = structlog.get_logger("drainbus.drain.nginx")
 DEFAULT_REFILL_WINDOW = 10.0
 """Seconds the guard watches refills after a purge unless configured otherwise."""
 
+_NO_HOSTS: frozenset[str] = frozenset()
+
 #: A file as the guard saw it: (inode, mtime in ns), to tell whether nginx replaced it since.
 _Stamp = tuple[int, int]
 _Verdict = Literal["evict", "keep", "recheck"]
@@ -68,15 +70,18 @@ _Verdict = Literal["evict", "keep", "recheck"]
 
 @dataclass(eq=False)
 class RefillWindow:
-    """What one purge matched, what it evicted, and the refills seen since, until ``deadline``.
+    """What one purge (or one batch of purges) matched, what it evicted, and the refills seen
+    since, until ``deadline``.
 
     ``evicted`` maps each evicted cache key to its copies' validators; it is None until
     :meth:`RefillGuard.arm` has read them, and files landing before then wait in ``waiting``.
-    ``refills_evicted`` counts the files the guard removed for this purge.
+    ``refills_evicted`` counts the files the guard removed for it. A batch's window has
+    ``members`` (each purge and its hosts, to tell whose refill a file was) and no ``purge``.
     """
 
     deadline: float
     purge: Purge | None = None
+    members: tuple[tuple[Purge, frozenset[str]], ...] = ()
     everything: bool = False
     url_keys: frozenset[str] = frozenset()
     urls: tuple[KeyParts, ...] = ()
@@ -87,6 +92,9 @@ class RefillWindow:
     waiting: list[tuple[str, CacheHead, _Stamp]] = field(default_factory=list)
     evicted_once: set[str] = field(default_factory=set)
     recheck: dict[str, _Stamp] = field(default_factory=dict)
+    recheck_owners: dict[str, Purge] = field(default_factory=dict)  # a batch's, per path
+    # A batch's members by cache key, tag and host, made the first time a file is caught.
+    owners: dict[tuple[str, str], Purge] | None = None
     refills_evicted: int = 0
 
     def matches(self, head: CacheHead, readings: tuple[Reading, ...], has_query: bool) -> bool:
@@ -168,8 +176,16 @@ def read_validators(
     return evicted
 
 
-def _unlink_unchanged(recheck: dict[str, _Stamp]) -> int:
-    return sum(_unlink_if_same(path, stamp) for path, stamp in recheck.items())
+def _merged(found: Iterable[dict[str, set[str | None]]]) -> dict[str, set[str | None]]:
+    merged: dict[str, set[str | None]] = {}
+    for validators in found:
+        for key, values in validators.items():
+            merged.setdefault(key, set()).update(values)
+    return merged
+
+
+def _unlink_unchanged(recheck: dict[str, _Stamp]) -> list[str]:
+    return [path for path, stamp in recheck.items() if _unlink_if_same(path, stamp)]
 
 
 class RefillGuard:
@@ -227,27 +243,98 @@ class RefillGuard:
         """
         if self.window <= 0:
             return None
-        loop = asyncio.get_running_loop()
-        window = RefillWindow(
-            deadline=loop.time() + self.window,
+        return self._watch(self._window(purge, hosts))
+
+    def open_batch(self, purges: Sequence[tuple[Purge, Collection[str]]]) -> RefillWindow | None:
+        """:meth:`open` for a batch of ``(purge, hosts)``: one window watching for what any
+        of them matches; None when the guard is off or ``purges`` is empty.
+
+        One window per batch, not per purge: a busy drain carries out thousands of purges a
+        second and each is watched for ``window`` seconds, so windows of their own held
+        about 1.6 KB per purge (260 MiB through a large backlog) and every file nginx wrote
+        was matched against each of them. Whose refill a file was is worked out only for a
+        file the window catches.
+        """
+        if self.window <= 0 or not purges:
+            return None
+        # Most purges name no host: they share one empty set (216 bytes each otherwise).
+        members = tuple(
+            (purge, frozenset(h.lower() for h in hosts) if hosts else _NO_HOSTS)
+            for purge, hosts in purges
+        )
+        url_keys = (self.template.url_key(url) for purge, _ in purges for url in purge.urls)
+        return self._watch(
+            RefillWindow(
+                deadline=0.0,
+                members=members,
+                everything=any(purge.everything for purge, _ in purges),
+                url_keys=frozenset(key for key in url_keys if key is not None),
+                urls=tuple({url_parts(u) for purge, _ in purges for u in purge.urls}),
+                prefixes=tuple({url_parts(p) for purge, _ in purges for p in purge.prefixes}),
+                hosts=frozenset().union(*(hosts for _, hosts in members)),
+                tags=frozenset(
+                    fold_tag(tag) for purge, _ in purges for tag in purge.tags | purge.keys
+                ),
+            )
+        )
+
+    def _window(self, purge: Purge, hosts: Collection[str]) -> RefillWindow:
+        return RefillWindow(
+            deadline=0.0,
             purge=purge,
             everything=purge.everything,
             # Without proxy_pass nginx's default key cannot be rendered: URLs then match by
             # the readings of the new file's key alone.
             url_keys=frozenset(
-                key
-                for url in purge.urls
-                if self.template.renders
-                and self.template.key_means_only(key := self.template.render(url), url)
+                key for url in purge.urls if (key := self.template.url_key(url)) is not None
             ),
             urls=tuple(url_parts(url) for url in purge.urls),
             prefixes=tuple(url_parts(url) for url in purge.prefixes),
             hosts=frozenset(host.lower() for host in hosts),
             tags=frozenset(map(fold_tag, purge.tags | purge.keys)),
         )
+
+    def _watch(self, window: RefillWindow) -> RefillWindow:
+        window.deadline = asyncio.get_running_loop().time() + self.window
         self._windows.append(window)
         self._opened.set()
         return window
+
+    def _owner(self, window: RefillWindow, head: CacheHead) -> Purge | None:
+        """The purge whose refill a file ``window`` caught is: its own, or the first of its
+        batch that matches the file (rare: only files the window caught are asked about)."""
+        if window.purge is not None or not window.members:
+            return window.purge
+        if window.owners is None:
+            window.owners = self._owners(window.members)
+        readings = self.template.readings(head.key)
+        names = [("key", head.key), *(("tag", fold_tag(tag)) for tag in head.tags)]
+        names += [("host", reading[0]) for reading in readings[:1] if reading[0] is not None]
+        for name in names:
+            if (purge := window.owners.get(name)) is not None:
+                return purge
+        # Matched by its URL's or a prefix's readings (a key this template cannot render).
+        has_query = self.template.has_query
+        for purge, hosts in window.members:
+            if (purge.urls or purge.prefixes or purge.everything) and self._window(
+                purge, hosts
+            ).matches(head, readings, has_query):
+                return purge
+        return None
+
+    def _owners(
+        self, members: Sequence[tuple[Purge, frozenset[str]]]
+    ) -> dict[tuple[str, str], Purge]:
+        owners: dict[tuple[str, str], Purge] = {}
+        for purge, hosts in reversed(members):  # the first member of a name wins
+            for url in purge.urls:
+                if (key := self.template.url_key(url)) is not None:
+                    owners["key", key] = purge
+            for tag in purge.tags | purge.keys:
+                owners["tag", fold_tag(tag)] = purge
+            for host in hosts:
+                owners["host", host] = purge
+        return owners
 
     async def arm(self, window: RefillWindow | None, paths: Iterable[str]) -> None:
         """Remember the keys and validators of the files at ``paths``, before they are deleted.
@@ -259,12 +346,14 @@ class RefillGuard:
         evicted = await asyncio.to_thread(read_validators, list(paths))
         self._arm_now(window, evicted)
 
-    def armed(self, window: RefillWindow | None, evicted: dict[str, set[str | None]]) -> None:
-        """:meth:`arm` with the validators already read (:func:`read_validators`, in a worker
-        thread, before the files were deleted): a batch arms all its windows in one trip."""
+    def armed(
+        self, window: RefillWindow | None, found: Iterable[dict[str, set[str | None]]]
+    ) -> None:
+        """:meth:`arm` with the validators already read (:func:`read_validators` of each purge
+        of the window, in a worker thread, before the files were deleted)."""
         if window is None or window.evicted is not None:
             return
-        self._arm_now(window, evicted)
+        self._arm_now(window, _merged(found))
 
     def file_added(self, path: str, head: CacheHead) -> None:
         """The index's ``on_file_added``: judge a file nginx put in place (on the loop)."""
@@ -301,7 +390,7 @@ class RefillGuard:
         if evicted:
             self.refills_evicted += 1
             evict[0].refills_evicted += 1
-            self._tell(evict[0], 1)
+            self._tell(self._owner(evict[0], head), 1)
             for window in evict:
                 window.evicted_once.add(head.key)
             log.info(
@@ -313,13 +402,16 @@ class RefillGuard:
         for window, verdict in verdicts:
             if verdict == "recheck" and not evicted:
                 window.recheck[path] = stamp
+                if window.members and (owner := self._owner(window, head)) is not None:
+                    window.recheck_owners[path] = owner
             else:
                 window.recheck.pop(path, None)
+                window.recheck_owners.pop(path, None)
 
-    def _tell(self, window: RefillWindow, count: int) -> None:
-        if self.on_evicted is not None and window.purge is not None:
+    def _tell(self, purge: Purge | None, count: int) -> None:
+        if self.on_evicted is not None and purge is not None:
             try:
-                self.on_evicted(window.purge, count)
+                self.on_evicted(purge, count)
             except Exception:  # a listener's bug must not stop the guard
                 log.exception("nginx_refill_listener_failed", cache=self.name)
 
@@ -346,14 +438,21 @@ class RefillGuard:
             self._report(window)
             return
         try:
-            removed = await asyncio.to_thread(_unlink_unchanged, window.recheck)
+            paths = await asyncio.to_thread(_unlink_unchanged, window.recheck)
         except Exception:
             log.exception("nginx_refill_window_close_failed", cache=self.name)
             raise
-        self.refills_evicted += removed
-        window.refills_evicted += removed
-        if removed:
-            self._tell(window, removed)
+        self.refills_evicted += len(paths)
+        window.refills_evicted += len(paths)
+        if window.members:
+            owners: dict[Purge, int] = {}
+            for path in paths:
+                if (owner := window.recheck_owners.get(path)) is not None:
+                    owners[owner] = owners.get(owner, 0) + 1
+            for owner, count in owners.items():
+                self._tell(owner, count)
+        elif paths:
+            self._tell(window.purge, len(paths))
         self._report(window)
 
     def _report(self, window: RefillWindow) -> None:
