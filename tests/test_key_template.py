@@ -32,6 +32,13 @@ _URI_PART = (
 )
 
 
+@pytest.fixture(autouse=True)
+def forget_url_parts() -> None:
+    """url_parts remembers URLs process-wide: each test (and each mutant scripts/mutate runs
+    in a fork of a process that already ran the tests) works its URLs out afresh."""
+    url_parts.cache_clear()
+
+
 def whole(message: str) -> str:
     """A pytest.raises pattern that matches exactly ``message``, to its last word."""
     return f"^{re.escape(message)}$"
@@ -193,3 +200,23 @@ def test_an_ambiguous_template_is_shown_by_a_key_that_reads_two_ways(
 def test_an_unambiguous_template_has_no_example(template: Callable[[], KeyTemplate]) -> None:
     """A template whose every probe reads back one way is not reported as ambiguous."""
     assert template().ambiguous_example() is None
+
+
+@pytest.mark.parametrize(
+    ("template", "url", "key"),
+    [
+        pytest.param(lambda: KeyTemplate("$scheme://$host$request_uri"), "http://h.example/x",
+                     "http://h.example/x", id="renders"),
+        pytest.param(lambda: KeyTemplate("$scheme$host$request_uri"), "http://shop.example/x",
+                     None, id="ambiguous"),
+        pytest.param(KeyTemplate.nginx_default, "http://h.example/x", None, id="cannot-render"),
+    ],
+)  # fmt: skip
+def test_url_key_is_the_key_only_when_it_means_only_that_url(
+    template: Callable[[], KeyTemplate], url: str, key: str | None
+) -> None:
+    """url_key gives the key a URL purge may evict, None where it may evict none; asked
+    again (it remembers), the same."""
+    made = template()
+    assert made.url_key(url) == key
+    assert made.url_key(url) == key

@@ -299,7 +299,7 @@ class KeyTemplate:
             key = self._render(url)
             if not self.key_means_only(key, url):
                 key = None
-        if len(memo) >= _URL_MEMO:
+        if len(memo) >= _URL_MEMO:  # ('>' keeps one URL more: the same keys either way)
             memo.clear()
         memo[url] = key
         return key
