@@ -74,17 +74,20 @@ class Subscriber:
 @asynccontextmanager
 async def fanout_on(
     redis_url: str, namespace: str
-) -> AsyncIterator[tuple[Fanout, Redis, list[tuple[int, int]]]]:
-    """A Fanout on a fresh namespace, the client it uses, and what ``on_express`` heard."""
+) -> AsyncIterator[tuple[Fanout, Redis, list[tuple[int, int, list[bytes]]]]]:
+    """A Fanout on a fresh namespace, the client it uses, and what ``on_express`` heard:
+    (sessions, messages, the batch's messages) per call."""
     redis = Redis.from_url(redis_url)
-    heard: list[tuple[int, int]] = []
+    heard: list[tuple[int, int, list[bytes]]] = []
     try:
         async with Fanout(
             redis,
             redis_url,
             Keys(namespace),
             inbox_bytes=1 << 20,
-            on_express=lambda batch, sessions, messages: heard.append((sessions, messages)),
+            on_express=lambda batch, sessions, messages: heard.append(
+                (sessions, messages, [m for e in batch.entries for m in e.messages()])
+            ),
         ) as fanout:
             yield fanout, redis, heard
     finally:
@@ -126,7 +129,7 @@ async def test_live_batches_go_by_express_and_are_counted_once_per_batch(
         for sub in subs:
             await sub.wait_for(b"one")
             assert sub.expressed == [b"one"]
-        assert heard == [(3, 3)]  # one call for the three sessions, not three
+        assert heard == [(3, 3, [b"one"])]  # one call for the three sessions, not three
         for sub in subs:
             await sub.stop()
 
@@ -495,23 +498,31 @@ async def test_an_overflowed_subscriber_catches_up_without_gap_or_repeat(
                 n += 1
                 await asyncio.wait([first], timeout=0.05)
             assert isinstance(first.result(), Batch)
-            sent = [b"m%03d" % i for i in range(100)]  # ~500 bytes: far over the inbox
-            await publish(redis, namespace, *sent)
-            newest: Any = await redis.xrevrange(key, count=1)
-            last = newest[0][0]
-            while fanout._readers[TOPIC].position != parse_id(last):
-                await asyncio.sleep(0.01)  # until the reader has offered all of them
-            with capture_logs() as logs:
+
+            async def overflow_and_catch_up(sent: list[bytes]) -> list[bytes]:
+                await publish(redis, namespace, *sent)  # ~500 bytes: far over the inbox
+                newest: Any = await redis.xrevrange(key, count=1)
+                last = newest[0][0]
+                while fanout._readers[TOPIC].position != parse_id(last):
+                    await asyncio.sleep(0.01)  # until the reader has offered all of them
                 got: list[bytes] = []
                 while sent[-1] not in got:
                     item = await anext(stream)
                     assert isinstance(item, Batch)
                     got += [m for e in item.entries for m in e.messages()]
+                return [m for m in got if not m.startswith(b"warm")]
+
+            sent = [b"m%03d" % i for i in range(100)]
+            with capture_logs() as logs:
+                assert await overflow_and_catch_up(sent) == sent
+            assert fanout.lagged == 1
+            # Lagging again is counted again: the count is of times, not of subscribers.
+            again = [b"n%03d" % i for i in range(100)]
+            assert await overflow_and_catch_up(again) == again
+            assert fanout.lagged == 2
             await stream.aclose()
     finally:
         await redis.aclose()
-    assert [m for m in got if not m.startswith(b"warm")] == sent
-    assert fanout.lagged == 1
     [lagging] = [log for log in logs if log["event"] == "subscriber_lagging"]
     assert lagging["topic"] == TOPIC
     given = first.result()
@@ -556,3 +567,53 @@ async def test_the_live_feed_drops_a_retried_append_and_keeps_the_topic(
         await sub.stop()
     assert sorted(m for m in sub.received if not m.startswith(b"warm")) == [b"a", b"b"]
     assert set(topics) == {TOPIC}
+
+
+async def until_parked(fanout: Fanout, task: asyncio.Task[object]) -> None:
+    """Wait until a subscriber of TOPIC is parked in the live feed (``task`` still waiting)."""
+
+    def parked() -> bool:
+        reader = fanout._readers.get(TOPIC)
+        return reader is not None and any(inbox._parked for inbox in reader.inboxes)
+
+    while not parked():
+        # Polling a state: the inbox has no event for "parked", only for "ready".
+        await asyncio.wait([task], timeout=0.01)
+        assert not task.done()
+
+
+async def test_a_subscriber_started_before_the_topic_exists_gets_its_first_message(
+    redis_url: str, namespace: str
+) -> None:
+    """With no stream yet, "only new messages" means from the very start: the first counts."""
+    async with fanout_on(redis_url, namespace) as (fanout, redis, _heard):
+        assert not await redis.exists(Keys(namespace).stream(TOPIC))
+        stream = fanout.follow(TOPIC, None)
+        first = asyncio.create_task(anext(stream))
+        await until_parked(fanout, first)
+        await publish(redis, namespace, b"first")
+        batch = await asyncio.wait_for(first, 10)
+        await stream.aclose()
+    assert isinstance(batch, Batch)
+    assert [m for e in batch.entries for m in e.messages()] == [b"first"]
+
+
+async def test_an_error_inside_the_fanout_reaches_the_caller(
+    redis_url: str, namespace: str
+) -> None:
+    """The fanout is a task group: an error in its body comes out as one, with the readers
+    stopped, so it is neither lost nor swallowed."""
+    readers: list[_TopicReader] = []
+
+    async def fail_while_following() -> None:
+        async with fanout_on(redis_url, namespace) as (fanout, _redis, _heard):
+            waiting = asyncio.create_task(anext(fanout.follow(TOPIC, None)))
+            await until_parked(fanout, waiting)
+            readers.append(fanout._readers[TOPIC])
+            waiting.cancel()
+            raise LookupError("in the body")
+
+    with pytest.raises(ExceptionGroup) as caught:
+        await fail_while_following()
+    assert caught.group_contains(LookupError, match="in the body")
+    assert readers[0].scope.cancel_called

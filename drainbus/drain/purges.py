@@ -177,6 +177,7 @@ class ScopeRule:
     def __post_init__(self) -> None:
         template = self.key_host
         if template is not None and (
+            # Any brace-free text in place of "{key}" would do: only braces left over count.
             template.count("{key}") != 1 or set("{}") & set(template.replace("{key}", ""))
         ):
             raise ConfigError(
@@ -401,6 +402,8 @@ def _url_with_headers(item: object) -> UrlHeaders:
     for name, value in headers.items():
         if not _HEADER_NAME.fullmatch(name):
             raise DataError(f"header name {_show(name)} is not an HTTP header name")
+        # Only non-printable characters reach the " \t" test: printable ones added to it, or
+        # its printable " ", change nothing.
         bad = next((c for c in value if not c.isprintable() and c not in " \t"), None)
         if bad is not None:
             raise DataError(f"header {name!r} value contains control character {bad!r}")
@@ -424,6 +427,7 @@ def _token(kind: str, value: str, pattern: re.Pattern[str], chars: str) -> str:
         )
     if pattern.fullmatch(value):
         return value
+    # "a" is any allowed first character: "A" or "XaX" would test each character the same.
     bad = next((c for c in value if not pattern.fullmatch("a" + c)), None)
     if bad is None:  # every character is allowed, so the first one is in the wrong place
         raise DataError(f"{kind} {_show(value)} must start with a letter or digit")
@@ -582,8 +586,11 @@ def _owns_host(user: str, host: str | None, rule: ScopeRule) -> bool:
     """Whether ``host`` is ``rule.key_host`` of some key ``user`` owns, ignoring case."""
     if rule.key_host is None or not host:
         return False
+    # ScopeRule allows exactly one "{key}", so partition and rpartition split it alike.
     before, _, after = rule.key_host.lower().partition("{key}")
     host = host.lower()
+    # The length test keeps the key non-empty; a shorter host that passed on would leave an
+    # empty key, which no user owns, so '<' or a wrong sum here refuses the same hosts.
     if len(host) <= len(before) + len(after) or not (
         host.startswith(before) and host.endswith(after)
     ):
