@@ -40,8 +40,8 @@ room before reading, so the next call gathers what arrives meanwhile; an idle bu
 from __future__ import annotations
 
 import json
-import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -53,12 +53,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from drainbus.backoff import Backoff
 from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader_client
-from drainbus.bus.publisher import APPEND_ENTRIES, append_args
-from drainbus.bus.streams import Keys, entry_fields, parse_id, stream_info, text
+from drainbus.bus.streams import Keys, parse_id, stream_info, text
 from drainbus.config import DrainSettings
 from drainbus.drain.call_acks import CallAcks
 from drainbus.drain.fair import FairBacklog, Row, keep_claimed
 from drainbus.drain.purges import Purge, check_scope, parse_purge
+from drainbus.drain.receipt_writer import ReceiptWriter
 from drainbus.drain.receipts import receipt, receipts_topic, target_part, target_receipt
 from drainbus.drain.refill_receipts import RefillReceipts
 from drainbus.drain.retry import Outcome, merge_outcomes
@@ -72,6 +72,7 @@ __all__ = ["Drain", "DrainStats", "Role"]
 log = structlog.get_logger(__name__)
 
 _Row = Row
+_Batch = dict[Purge, list[Row]]  # a batch's distinct purges, each with its entries
 # A local batch holds up to this many entries: each target gets the whole batch in one
 # call, and one XACK acknowledges it. Also the page size of reads of pending entries.
 _READ_COUNT = 1000
@@ -81,8 +82,6 @@ _SHARED_BATCH = 250
 # At most this many entries join one cdn batch; a backlog is read on in the next one.
 _GATHER_MAX = 4096
 _DEAD_LETTER_MAX = 100_000
-_RECEIPTS_TRIM_EVERY = 30.0  # seconds between trims of the receipt stream by age
-_RECEIPTS_PER_CALL = 1000
 
 
 @dataclass
@@ -156,11 +155,12 @@ class Drain:
         self._rule = settings.scope_rule
         self._stream = keys.stream(settings.topic)
         self._dead = keys.dead_letters(settings.topic)
-        self._receipts = keys.stream(receipts_topic(settings.topic))
-        self._receipts_max_len = receipts_max_len
-        self._receipts_retention_ms = int(receipts_retention * 1000)
-        self._receipts_trimmed = 0.0  # monotonic time of the last trim by age
-        self._append_entries = redis.register_script(APPEND_ENTRIES)
+        self._receipts = ReceiptWriter(
+            redis,
+            keys.stream(receipts_topic(settings.topic)),
+            max_len=receipts_max_len,
+            retention=receipts_retention,
+        )
         self._last_error: dict[bytes, str] = {}
         self._local_targets = local_targets
         self.all_targets: list[Target] = [*local_targets, *cdn_targets]
@@ -196,7 +196,7 @@ class Drain:
         self._refills: RefillReceipts | None = None
         if settings.refill_window > 0 and any(isinstance(t, NginxTarget) for t in local_targets):
             self._refills = RefillReceipts(
-                settings.refill_window, node=self.consumer, append=self._append_receipts
+                settings.refill_window, node=self.consumer, append=self._receipts.append
             )
             for target in local_targets:
                 if isinstance(target, NginxTarget):
@@ -478,14 +478,7 @@ class Drain:
         debug.
         """
         started = time.monotonic()
-        batch: dict[Purge, list[_Row]] = {}
-        invalid = 0
-        for row in rows:
-            purge = await self._parse(role, row)
-            if purge is None:
-                invalid += 1
-            else:
-                batch.setdefault(purge, []).append(row)
+        batch, invalid = await self._parse_batch(role, rows)
         if not batch:
             if invalid:
                 log.info("drain_batch", group=role.group, entries=len(rows), invalid=invalid)
@@ -499,27 +492,67 @@ class Drain:
             tg.cancel_scope.cancel()
         await self._write_receipts(role, [(row, parts[i]) for i, p in enumerate(purges)
                                           if i not in early.done for row in batch[p]])  # fmt: skip
+        acked, results, kinds = await self._settle(role, batch, outcomes, early.done)
+        if role.name == "local" and self._refills is not None:
+            self._refills.remember(
+                [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"], batch
+            )
+        if acked:
+            await self._ack(role, acked)
+        if acked or early.done:
+            self._observe_purge_latency(role, batch)
+        log.info(
+            "drain_batch",
+            group=role.group,
+            entries=len(rows),
+            invalid=invalid,
+            purges=len(purges),
+            kinds=kinds,
+            results=results,
+            acked=len(acked) + early.entries,
+            seconds=round(time.monotonic() - started, 4),
+        )
+
+    async def _parse_batch(
+        self, role: Role, rows: list[_Row]
+    ) -> tuple[dict[Purge, list[_Row]], int]:
+        """The distinct purges of ``rows``, each with its entries; and how many were invalid
+        (those are dead-lettered)."""
+        batch: _Batch = {}
+        invalid = 0
+        for row in rows:
+            purge = await self._parse(role, row)
+            if purge is None:
+                invalid += 1
+            else:
+                batch.setdefault(purge, []).append(row)
+        return batch, invalid
+
+    async def _settle(
+        self,
+        role: Role,
+        batch: _Batch,
+        outcomes: Sequence[Outcome],
+        acked_early: set[int],
+    ) -> tuple[list[bytes], dict[str, int], dict[str, int]]:
+        """Act on each purge's outcome: the entry ids to acknowledge (done, and not already
+        acknowledged per call), dead letters for refusals, one warning for what is retried.
+        Returns (ids to ack, purges per result, purges per kind)."""
         acked: list[bytes] = []
-        results: dict[str, int] = {}
-        kinds: dict[str, int] = {}
+        results: Counter[str] = Counter()
+        kinds: Counter[str] = Counter()
         retry_errors: list[str] = []
         retry_entries = 0
-        for i, (purge, outcome) in enumerate(zip(purges, outcomes, strict=True)):
+        for i, (purge, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             entries = batch[purge]
-            results[outcome.status] = results.get(outcome.status, 0) + 1
+            results[outcome.status] += 1
             kind = _kind(purge)
-            kinds[kind] = kinds.get(kind, 0) + 1
-            log.debug(
-                "drain_purge",
-                group=role.group,
-                kind=kind,
-                result=outcome.status,
-                entries=len(entries),
-                evicted=outcome.evicted,
-                error=outcome.error,
-            )
+            kinds[kind] += 1
+            log.debug("drain_purge", group=role.group, kind=kind, result=outcome.status,
+                      entries=len(entries), evicted=outcome.evicted,
+                      error=outcome.error)  # fmt: skip
             if outcome.status == "done":
-                acked += [] if i in early.done else [r[0] for r in entries]
+                acked += [] if i in acked_early else [r[0] for r in entries]
                 self._count(purge)
             elif outcome.status == "permanent":
                 for row in entries:
@@ -541,32 +574,18 @@ class Drain:
                 error=retry_errors[0],
                 retry_after=self.settings.retry_after,
             )
-        if role.name == "local" and self._refills is not None:
-            self._refills.remember(
-                [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"], batch
-            )
-        if acked:
-            await self._ack(role, acked)
-        if acked or early.done:
-            now_ms = time.time() * 1000
-            observe = PURGE_SECONDS.labels(role.name).observe
-            for entries in batch.values():
-                for row in entries:
-                    received = row[1].get(b"t")
-                    if received:
-                        observe(max(0.0, now_ms - int(received)) / 1000)
-            self.stats.last_purge_ms = int(time.time() * 1000)
-        log.info(
-            "drain_batch",
-            group=role.group,
-            entries=len(rows),
-            invalid=invalid,
-            purges=len(purges),
-            kinds=kinds,
-            results=results,
-            acked=len(acked) + early.entries,
-            seconds=round(time.monotonic() - started, 4),
-        )
+        return acked, dict(results), dict(kinds)
+
+    def _observe_purge_latency(self, role: Role, batch: _Batch) -> None:
+        """Time from each entry's arrival to now, for the purge latency histogram."""
+        now_ms = time.time() * 1000
+        observe = PURGE_SECONDS.labels(role.name).observe
+        for entries in batch.values():
+            for row in entries:
+                received = row[1].get(b"t")
+                if received:
+                    observe(max(0.0, now_ms - int(received)) / 1000)
+        self.stats.last_purge_ms = int(time.time() * 1000)
 
     async def _ack(self, role: Role, ids: list[bytes]) -> None:  # (also per call: call_acks.py)
         await self._redis.xack(self._stream, role.group, *ids)
@@ -617,7 +636,7 @@ class Drain:
         A failure raises (RedisError): the batch is then not acknowledged and is delivered
         again, so no acknowledged purge lacks its receipt.
         """
-        await self._append_receipts(
+        await self._receipts.append(
             [
                 receipt(
                     entry_id=entry_id,
@@ -629,34 +648,6 @@ class Drain:
                 for (entry_id, fields), targets in receipts
             ]
         )
-
-    async def _append_receipts(self, records: Sequence[dict[str, Any]]) -> None:
-        # One command per chunk (a server-side loop of XADDs), not one XADD per receipt:
-        # a batch of 1,000 receipts spent most of its time packing and parsing commands.
-        for start in range(0, len(records), _RECEIPTS_PER_CALL):
-            entries = [
-                entry_fields(
-                    json.dumps(record).encode(),
-                    user=record["user"],
-                    message_id=secrets.token_hex(8),
-                    raw=False,
-                )
-                for record in records[start : start + _RECEIPTS_PER_CALL]
-            ]
-            if len(entries) == 1:
-                await self._redis.xadd(
-                    self._receipts, entries[0], maxlen=self._receipts_max_len, approximate=True
-                )
-            else:
-                await self._append_entries(
-                    keys=[self._receipts], args=append_args(self._receipts_max_len, entries)
-                )
-        if time.monotonic() - self._receipts_trimmed >= _RECEIPTS_TRIM_EVERY:
-            self._receipts_trimmed = time.monotonic()
-            oldest_kept = int(time.time() * 1000) - self._receipts_retention_ms
-            # Exact, every 30 s: it removes only what aged out since, and a small stream
-            # would never lose a whole node to approximate trimming.
-            await self._redis.xtrim(self._receipts, minid=f"{oldest_kept}-0", approximate=False)
 
     async def _parse(self, role: Role, row: _Row) -> Purge | None:
         """The entry's purge, checked again against its publisher's scope; None if invalid."""
