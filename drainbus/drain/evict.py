@@ -4,15 +4,22 @@ One job: carry out a batch of evictions the nginx target (:mod:`drainbus.drain.n
 looked up, reading each purge's validators first for its refill window
 (:mod:`drainbus.drain.refill`), and say per purge how many files went and which failed.
 Blocking file-system calls only run here, in threads, never on the event loop.
+
+The threads are anyio's (``anyio.to_thread.run_sync``): at most 40 at once per process by its
+default limiter, shared with the other worker-thread calls, of which this takes at most
+four. A purge cancelled meanwhile waits for its threads to finish (anyio does not abandon
+them), so no deletion is still running unseen once a cancelled purge has returned.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+import anyio
+import anyio.to_thread
 
 from drainbus.drain.cache_file import cache_files, expire_cache_file
 from drainbus.drain.refill import read_validators
@@ -102,15 +109,20 @@ async def carry_out(jobs: Sequence[Job]) -> list[JobOutcome]:
     total = sum(len(job.paths) for job in jobs)
     threads = max(1, min(_UNLINK_THREADS, total // _UNLINK_PER_THREAD_MIN))
     if threads == 1:
-        return await asyncio.to_thread(_carry_out_here, jobs)
-    read = await asyncio.to_thread(lambda: [_read_validators(job) for job in jobs])
+        return await anyio.to_thread.run_sync(_carry_out_here, jobs)
+    read = await anyio.to_thread.run_sync(lambda: [_read_validators(job) for job in jobs])
     paths = [job_paths for _, job_paths in read]
     # Absent files are known now: only the ones present are worth more threads.
     total = sum(len(job_paths) for job_paths in paths)
     threads = max(1, min(_UNLINK_THREADS, total // _UNLINK_PER_THREAD_MIN))
-    parts = await asyncio.gather(
-        *(asyncio.to_thread(_carry_out_part, jobs, paths, n, threads) for n in range(threads))
-    )
+    parts: list[list[tuple[int, list[tuple[str, Exception]]]]] = [[] for _ in range(threads)]
+
+    async def carry_out_part(n: int) -> None:
+        parts[n] = await anyio.to_thread.run_sync(_carry_out_part, jobs, paths, n, threads)
+
+    async with anyio.create_task_group() as group:
+        for n in range(threads):
+            group.start_soon(carry_out_part, n)
     outcomes: list[JobOutcome] = []
     for number, (found, _) in enumerate(read):
         count, failed = 0, list[tuple[str, Exception]]()

@@ -25,12 +25,12 @@ gone is not an error either.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
+import anyio.to_thread
 import structlog
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -378,7 +378,7 @@ class NginxCache:
 
     async def _expire_all(self) -> int:
         root = self.config.cache_path
-        expired = self._check(await asyncio.to_thread(expire_tree, root), verb="expire")
+        expired = self._check(await anyio.to_thread.run_sync(expire_tree, root), verb="expire")
         log.debug("nginx_cache_expired_all", cache=self.name, expired=expired)
         return expired
 
@@ -390,7 +390,7 @@ class NginxCache:
         """
         window = self.refill_guard.open(Purge(everything=True), ())
         await self.refill_guard.arm(window, ())
-        removed = self._check(await asyncio.to_thread(unlink_tree, self.config.cache_path))
+        removed = self._check(await anyio.to_thread.run_sync(unlink_tree, self.config.cache_path))
         log.debug("nginx_cache_flushed", cache=self.name, removed=removed)
         return removed
 
