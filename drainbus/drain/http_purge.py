@@ -46,7 +46,6 @@ request carrying part of it succeeded.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 import re
@@ -57,6 +56,7 @@ from types import TracebackType
 from typing import Final, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -242,7 +242,7 @@ class HttpPurger:
         config: HttpPurgeConfig,
         *,
         retry: RetryPolicy | None = None,
-        sleep: Sleep = asyncio.sleep,
+        sleep: Sleep = anyio.sleep,
         rng: random.Random | None = None,
         scope_rule: ScopeRule | None = None,
     ) -> None:
@@ -294,7 +294,7 @@ class HttpPurger:
         if self._client is None:
             raise RuntimeError("HttpPurger.forward() called outside 'async with'")
         requests, parts = self._plan(purges)
-        limit = asyncio.Semaphore(self.config.concurrency)
+        limit = anyio.Semaphore(self.config.concurrency)
 
         async def run(request: _Request, owners: set[int]) -> None:
             async with limit:
@@ -302,9 +302,9 @@ class HttpPurger:
             for i in owners:
                 parts[i].append(outcome)
 
-        async with asyncio.TaskGroup() as group:
+        async with anyio.create_task_group() as group:
             for request, owners in requests:
-                group.create_task(run(request, owners))
+                group.start_soon(run, request, owners)
         return [merge_outcomes(parts[i]) for i in range(len(purges))]
 
     def _plan(self, purges: Sequence[Purge]) -> tuple[_Planned, dict[int, list[Outcome]]]:
