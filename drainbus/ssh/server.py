@@ -4,6 +4,10 @@ Public-key authentication only; the user is whoever's key file holds the present
 whatever login name the client sent. Everything an interactive SSH server offers beyond
 running one command is refused: PTYs, shells (a bare ``ssh host`` prints help), port and
 agent forwarding, X11, SFTP and scp.
+
+asyncio on purpose: asyncssh is asyncio-only and calls in here from its protocol callbacks,
+and each connection's idle (or refusal) clock is a ``loop.call_later`` handle, restarted at
+every session's end; anyio has no timer that cheap. Tasks and events are anyio's.
 """
 
 from __future__ import annotations
