@@ -2,11 +2,11 @@
 
 The public surface is the command line (``drainbus --help``) and the SSH commands
 (``ssh bus help``). For embedding, :func:`load_settings` builds the one settings object and
-:class:`Bus` connects a node to Redis.
+:func:`open_bus` connects a node to Redis (a :class:`Bus`).
 """
 
-from drainbus.bus import Bus
+from drainbus.bus import Bus, open_bus
 from drainbus.config import Settings, load_settings
 from drainbus.errors import DrainbusError
 
-__all__ = ["Bus", "DrainbusError", "Settings", "load_settings"]
+__all__ = ["Bus", "DrainbusError", "Settings", "load_settings", "open_bus"]

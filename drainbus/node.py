@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import anyio
 import structlog
 
-from drainbus.bus import Bus
+from drainbus.bus import Bus, open_bus
 from drainbus.config import Settings
 from drainbus.drain.build import open_drain
 from drainbus.drain.daemon import Drain
@@ -69,7 +69,7 @@ async def open_node(settings: Settings, *, worker: int | None = None) -> AsyncIt
     # pub on the drain topic checks every line, whether or not this node runs the drain.
     checks = {settings.drain.topic: purge_line_check(settings.drain.scope_rule)}
     async with AsyncExitStack() as stack:
-        bus = await stack.enter_async_context(Bus(settings))
+        bus = await stack.enter_async_context(open_bus(settings))
         door = await stack.enter_async_context(
             FrontDoor(
                 settings, bus, users, host_key, line_checks=checks, reuse_port=worker is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from drainbus.bus import Bus
+from drainbus.bus import open_bus
 from drainbus.config import Settings
 from drainbus.errors import ConfigError, ExitCode
 from drainbus.node import Node
@@ -122,7 +122,7 @@ async def test_fsync_on_a_server_that_cannot_fsync_stops_the_start_with_78(
     (primary,) = make_servers(binary, appendonly=appendonly)
     settings = settings_for(redis_url=url(primary), topics={"durability": {"cache-drain": "fsync"}})
     with pytest.raises(ConfigError) as raised:
-        async with Bus(settings):
+        async with open_bus(settings):
             pass
     assert expected in raised.value.message
     assert "\n" not in raised.value.message
@@ -139,7 +139,7 @@ async def test_a_redis_user_without_info_stops_the_start_with_78(
                           channels=["*"], commands=["+@all", "-info"])  # fmt: skip
     settings = settings_for(redis_url=f"redis://bus:secret@{primary.address}")
     with pytest.raises(ConfigError) as raised:
-        async with Bus(settings):
+        async with open_bus(settings):
             pass
     assert "ACL: +info" in raised.value.message
     assert "secret" not in raised.value.message

@@ -1,7 +1,8 @@
 """The distributed part of drainbus, on Redis streams. It knows nothing of SSH.
 
-:class:`Bus` owns the Redis clients (and the embedded server when no URL is configured), the
-publisher, the per-topic fan-out, the presence heartbeat and the persistence watch.
+:func:`open_bus` connects a node; its :class:`Bus` holds the Redis client (and the embedded
+server runs when no URL is configured), the publisher, the per-topic fan-out, the presence
+heartbeat and the persistence watch.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from contextlib import AsyncExitStack
-from types import TracebackType
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
 import structlog
@@ -28,7 +30,7 @@ from drainbus.bus.streams import Keys
 from drainbus.config import Settings
 from drainbus.metrics import record_deliveries
 
-__all__ = ["Bus"]
+__all__ = ["Bus", "open_bus"]
 
 log = structlog.get_logger(__name__)
 
@@ -38,91 +40,87 @@ def new_node_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
+@dataclass(eq=False)
 class Bus:
-    """Everything a bus node needs from Redis. Use as an async context manager.
+    """A connected bus node: its Redis client and what it shares among sessions.
 
-    Entering starts the embedded server if ``settings.redis_url`` is unset (call from the
-    main thread: the server is tied to the thread that starts it), connects, and checks with
-    PING that Redis answers; raises BackendUnavailable or StartupError otherwise.
+    Made only by :func:`open_bus`, whose context keeps every part running.
     """
 
-    def __init__(self, settings: Settings, *, node: str | None = None) -> None:
-        self.settings = settings
-        self.node = node or new_node_name()
-        self.keys = Keys(settings.namespace)
-        self.embedded: EmbeddedRedis | None = None
-        self.url = settings.redis_url or ""
+    settings: Settings
+    node: str
+    keys: Keys
+    url: str  # of the Redis in use: the configured one, or the embedded server's
+    redis: RedisClient
+    persistence: Persistence
+    publisher: Publisher
+    fanout: Fanout
+    presence: Presence
 
-    async def __aenter__(self) -> Bus:
-        # Everything entered here is left in reverse order by the exit stack, in the task
-        # that entered it (task groups require that).
-        stack = AsyncExitStack()
-        await stack.__aenter__()
+
+@asynccontextmanager
+async def open_bus(settings: Settings, *, node: str | None = None) -> AsyncIterator[Bus]:
+    """Connect a bus node: everything it needs from Redis, until the context ends.
+
+    Starts the embedded server if ``settings.redis_url`` is unset (call from the main thread:
+    the server is tied to the thread that starts it), connects, and checks with PING that
+    Redis answers; raises BackendUnavailable, ConfigError or StartupError otherwise. Parts
+    are left in reverse order, in the task that entered them (task groups require that).
+    """
+    node = node or new_node_name()
+    keys = Keys(settings.namespace)
+    async with AsyncExitStack() as stack:
+        url = settings.redis_url or ""
+        if not url:
+            embedded = EmbeddedRedis(settings.data_dir, maxmemory=settings.embedded_maxmemory)
+            embedded.start()
+            stack.callback(embedded.stop)
+            url = embedded.url
+        redis: RedisClient = command_client(url)
+        stack.push_async_callback(redis.aclose)
         try:
-            if not self.settings.redis_url:
-                self.embedded = EmbeddedRedis(
-                    self.settings.data_dir, maxmemory=self.settings.embedded_maxmemory
-                )
-                self.embedded.start()
-                stack.callback(self.embedded.stop)
-                self.url = self.embedded.url
-            self.redis: RedisClient = command_client(self.url)
-            stack.push_async_callback(self.redis.aclose)
-            try:
-                await self.redis.ping()
-            except (RedisError, OSError) as exc:
-                raise backend_error(exc, f"connecting to {redacted_url(self.url)}") from exc
-            topics = self.settings.topics
-            self.persistence = Persistence(self.redis, timeout=topics.durability_timeout)
-            await self.persistence.check_support(set(topics.durability_patterns.values()))
-            self.publisher = Publisher(
-                self.redis,
-                self.keys,
-                max_len=topics.max_len,
-                retention=topics.retention,
-                persistence=self.persistence,
-                durability=topics.durability_for,
-                limits=publish_limits(self.settings),
-            )
-            stack.callback(self.publisher.refusals.close)
-            self.fanout = await stack.enter_async_context(
-                Fanout(
-                    self.redis,
-                    self.url,
-                    self.keys,
-                    inbox_bytes=self.settings.server.subscriber_buffer_bytes,
-                    max_message_bytes=self.settings.server.max_message_bytes,
-                    on_change=self._presence_changed,
-                    on_express=record_deliveries,
-                )
-            )
-            self.presence = Presence(
-                self.redis, self.keys, self.node, self.fanout.subscriber_counts
-            )
-            task_group = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(task_group.cancel_scope.cancel)
-            task_group.start_soon(self.presence.run)
-            task_group.start_soon(self.persistence.run)
-            if self.settings.redis_idle_timeout:
-                task_group.start_soon(
-                    prune_idle_forever, self.redis, self.settings.redis_idle_timeout
-                )
-        except BaseException as exc:
-            await stack.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._stack = stack
-        log.info("bus_connected", redis=redacted_url(self.url), node=self.node)
-        return self
+            await redis.ping()
+        except (RedisError, OSError) as exc:
+            raise backend_error(exc, f"connecting to {redacted_url(url)}") from exc
+        topics = settings.topics
+        persistence = Persistence(redis, timeout=topics.durability_timeout)
+        await persistence.check_support(set(topics.durability_patterns.values()))
+        publisher = Publisher(
+            redis,
+            keys,
+            max_len=topics.max_len,
+            retention=topics.retention,
+            persistence=persistence,
+            durability=topics.durability_for,
+            limits=publish_limits(settings),
+        )
+        stack.callback(publisher.refusals.close)
+        # The fan-out reports subscriber changes to the presence heartbeat, which reads the
+        # fan-out's counts: made one after the other, so the first report may find none.
+        heartbeat: list[Presence] = []
 
-    def _presence_changed(self) -> None:
-        if hasattr(self, "presence"):
-            self.presence.changed()
+        def subscribers_changed() -> None:
+            for presence in heartbeat:
+                presence.changed()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._stack.__aexit__(exc_type, exc, tb)
-        self.embedded = None
+        fanout = await stack.enter_async_context(
+            Fanout(
+                redis,
+                url,
+                keys,
+                inbox_bytes=settings.server.subscriber_buffer_bytes,
+                max_message_bytes=settings.server.max_message_bytes,
+                on_change=subscribers_changed,
+                on_express=record_deliveries,
+            )
+        )
+        presence = Presence(redis, keys, node, fanout.subscriber_counts)
+        heartbeat.append(presence)
+        task_group = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(task_group.cancel_scope.cancel)
+        task_group.start_soon(presence.run)
+        task_group.start_soon(persistence.run)
+        if settings.redis_idle_timeout:
+            task_group.start_soon(prune_idle_forever, redis, settings.redis_idle_timeout)
+        log.info("bus_connected", redis=redacted_url(url), node=node)
+        yield Bus(settings, node, keys, url, redis, persistence, publisher, fanout, presence)

@@ -99,6 +99,14 @@ class Keys:
         """The stream holding ``topic``'s entries that consumers gave up on."""
         return f"{self.namespace}:{{{topic}}}:dead"
 
+    def durable(self, topic: str, user: str, name: str) -> str:
+        """Where ``user``'s ``sub --durable NAME`` on ``topic`` left off (bus/durable.py)."""
+        return f"{self.namespace}:{{{topic}}}:durable:{user}:{name}"
+
+    def durables(self, topic: str) -> str:
+        """Sorted set of ``USER:NAME`` durable positions on ``topic``, scored by last use."""
+        return f"{self.namespace}:{{{topic}}}:durables"
+
     def drain_status(self, node: str) -> str:
         """JSON status of ``node``'s drain, refreshed while it runs (for ``stats``)."""
         return f"{self.namespace}:drain:{node}:status"

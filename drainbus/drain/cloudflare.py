@@ -85,6 +85,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from drainbus import cloudflare_codes as codes
+from drainbus.drain.lanes import run_lanes
 from drainbus.drain.purges import (
     MAX_PREFIX_SEPARATORS,
     MAX_TOKEN_LENGTH,
@@ -94,6 +95,7 @@ from drainbus.drain.purges import (
 )
 from drainbus.drain.retry import (
     Clock,
+    OnSettled,
     Outcome,
     RateInfo,
     RetryPolicy,
@@ -635,12 +637,15 @@ class CloudflareForwarder:
             last_error=self._last_error,
         )
 
-    async def forward(self, purges: Sequence[Purge]) -> list[Outcome]:
+    async def forward(
+        self, purges: Sequence[Purge], on_settled: OnSettled | None = None
+    ) -> list[Outcome]:
         """Purge a batch on Cloudflare; return one :class:`Outcome` per purge, in order.
 
         Never raises for a purge's failure (that is in its outcome); raises
         :class:`RuntimeError` outside ``async with``. Cancellation propagates; calls already
         answered stay done, which is harmless because purges are idempotent.
+        ``on_settled``: see :func:`drainbus.drain.lanes.run_lanes`.
         """
         if self._client is None:
             raise RuntimeError("CloudflareForwarder.forward() called outside 'async with'")
@@ -659,14 +664,7 @@ class CloudflareForwarder:
         if buckets:
             self._last_buckets = list(buckets.values())
 
-        async def run_lane(lane: list[_Call]) -> None:
-            for call in lane:
-                for i, outcome in (await self._execute(call)).items():
-                    parts[i].append(outcome)
-
-        async with asyncio.TaskGroup() as group:
-            for lane in lanes.values():
-                group.create_task(run_lane(lane))
+        await run_lanes(lanes.values(), self._execute, parts, on_settled)
         return [merge_outcomes(parts[i]) for i in range(len(purges))]
 
     def _route(self, host: str) -> list[_Zone]:

@@ -44,6 +44,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 import anyio
@@ -55,6 +56,7 @@ from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader
 from drainbus.bus.publisher import APPEND_ENTRIES, append_args
 from drainbus.bus.streams import Keys, entry_fields, parse_id, stream_info, text
 from drainbus.config import DrainSettings
+from drainbus.drain.call_acks import CallAcks
 from drainbus.drain.fair import FairBacklog, Row, keep_claimed
 from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.receipts import receipt, receipts_topic, target_part, target_receipt
@@ -489,19 +491,20 @@ class Drain:
                 log.info("drain_batch", group=role.group, entries=len(rows), invalid=invalid)
             return
         purges = list(batch)
+        early = CallAcks(role.targets, purges, batch, ack=partial(self._ack, role),
+                         write_receipts=partial(self._write_receipts, role))  # fmt: skip
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_claimed, role, lambda: [r[0] for r in rows])
-            outcomes, parts = await self._apply(role, purges)
+            outcomes, parts = await self._apply(role, purges, early)
             tg.cancel_scope.cancel()
-        await self._write_receipts(
-            role, [(row, parts[i]) for i, purge in enumerate(purges) for row in batch[purge]]
-        )
+        await self._write_receipts(role, [(row, parts[i]) for i, p in enumerate(purges)
+                                          if i not in early.done for row in batch[p]])  # fmt: skip
         acked: list[bytes] = []
         results: dict[str, int] = {}
         kinds: dict[str, int] = {}
         retry_errors: list[str] = []
         retry_entries = 0
-        for purge, outcome in zip(purges, outcomes, strict=True):
+        for i, (purge, outcome) in enumerate(zip(purges, outcomes, strict=True)):
             entries = batch[purge]
             results[outcome.status] = results.get(outcome.status, 0) + 1
             kind = _kind(purge)
@@ -516,7 +519,7 @@ class Drain:
                 error=outcome.error,
             )
             if outcome.status == "done":
-                acked += [r[0] for r in entries]
+                acked += [] if i in early.done else [r[0] for r in entries]
                 self._count(purge)
             elif outcome.status == "permanent":
                 for row in entries:
@@ -543,7 +546,8 @@ class Drain:
                 [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"], batch
             )
         if acked:
-            await self._redis.xack(self._stream, role.group, *acked)
+            await self._ack(role, acked)
+        if acked or early.done:
             now_ms = time.time() * 1000
             observe = PURGE_SECONDS.labels(role.name).observe
             for entries in batch.values():
@@ -551,9 +555,6 @@ class Drain:
                     received = row[1].get(b"t")
                     if received:
                         observe(max(0.0, now_ms - int(received)) / 1000)
-            for entry_id in acked:
-                self._last_error.pop(entry_id, None)
-            self.stats.entries_acked += len(acked)
             self.stats.last_purge_ms = int(time.time() * 1000)
         log.info(
             "drain_batch",
@@ -563,12 +564,18 @@ class Drain:
             purges=len(purges),
             kinds=kinds,
             results=results,
-            acked=len(acked),
+            acked=len(acked) + early.entries,
             seconds=round(time.monotonic() - started, 4),
         )
 
+    async def _ack(self, role: Role, ids: list[bytes]) -> None:  # (also per call: call_acks.py)
+        await self._redis.xack(self._stream, role.group, *ids)
+        for entry_id in ids:
+            self._last_error.pop(entry_id, None)
+        self.stats.entries_acked += len(ids)
+
     async def _apply(
-        self, role: Role, purges: list[Purge]
+        self, role: Role, purges: list[Purge], early: CallAcks
     ) -> tuple[list[Outcome], list[list[dict[str, Any]]]]:
         """Run ``purges`` on every target of ``role``.
 
@@ -581,7 +588,7 @@ class Drain:
         async def run(number: int, target: Target) -> None:
             started = time.monotonic()
             try:
-                column = await target.apply(purges)
+                column = await early.apply(target, purges)
             except Exception as exc:  # a target bug must not kill the consumer: retry later
                 log.exception("drain_target_failed", target=target.name)
                 column = [Outcome("retry_later", f"{target.name}: {exc}")] * len(purges)

@@ -38,6 +38,7 @@ from structlog.typing import FilteringBoundLogger
 
 __all__ = [
     "DONE",
+    "OnSettled",
     "Outcome",
     "OutcomeStatus",
     "RateInfo",
@@ -81,6 +82,9 @@ class Outcome:
 
 
 DONE: Final = Outcome("done")
+
+OnSettled = Callable[[dict[int, Outcome]], Awaitable[None]]
+"""Told, after each call to a cache, of the batch's purges (index: outcome) now final."""
 
 _SEVERITY: Final[dict[OutcomeStatus, int]] = {"done": 0, "retry_later": 1, "permanent": 2}
 

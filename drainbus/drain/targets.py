@@ -16,7 +16,7 @@ from drainbus.drain.cloudflare import CloudflareForwarder
 from drainbus.drain.http_purge import HttpPurger
 from drainbus.drain.nginx import NginxCache
 from drainbus.drain.purges import Purge, ScopeRule, key_host_for
-from drainbus.drain.retry import Outcome
+from drainbus.drain.retry import OnSettled, Outcome
 from drainbus.errors import DrainbusError
 
 __all__ = ["CloudflareTarget", "HttpPurgeTarget", "LocalCacheTarget", "NginxTarget", "Target"]
@@ -135,8 +135,11 @@ class CloudflareTarget:
         """Seconds until the rate limit has room for a call; 0 if it has room now."""
         return self.forwarder.busy_for()
 
-    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
-        return await self.forwarder.forward(purges)
+    async def apply(
+        self, purges: Sequence[Purge], on_settled: OnSettled | None = None
+    ) -> list[Outcome]:
+        """Carry out ``purges``; ``on_settled`` hears of each purge once its calls are done."""
+        return await self.forwarder.forward(purges, on_settled)
 
     def snapshot(self) -> dict[str, Any]:
         stats = self.forwarder.stats()

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from typing import TypeAlias, cast
+from typing import cast
 
 import anyio
 import asyncssh
@@ -28,7 +25,7 @@ from drainbus.bus.catalog import describe_topics, known_topics
 from drainbus.bus.connection import backend_error
 from drainbus.bus.fanout import Batch, TrimNotice
 from drainbus.bus.limits import PublishRefused
-from drainbus.bus.streams import MAX_SEQ, ZERO_ID, StreamId, parse_id, rfc3339
+from drainbus.bus.streams import StreamId, rfc3339
 from drainbus.config import Settings, parse_duration
 from drainbus.drain.receipts import (
     ReceiptWait,
@@ -50,7 +47,9 @@ from drainbus.errors import (
 from drainbus.identity import Identity
 from drainbus.metrics import record_deliveries
 from drainbus.publishing import publish_as
+from drainbus.ssh.durable import DurableCursor, durable_cursor, durable_listing, durable_table
 from drainbus.ssh.parsing import CommandParser, HelpRequested
+from drainbus.ssh.since import Since, parse_since
 from drainbus.terminal import escape_controls, json_safe
 
 __all__ = ["COMMANDS", "LineCheck", "SessionContext", "parse_since", "run_command"]
@@ -345,60 +344,6 @@ def _severity(code: ExitCode) -> int:
 
 # --- sub ---------------------------------------------------------------------------------
 
-_STREAM_ID = re.compile(r"^(\d+(?:-\d+)?)(?::(\d+))?$")
-
-Since: TypeAlias = tuple[StreamId, tuple[StreamId, int] | None]
-"""Deliver entries after the id; then, inside the packed entry named, skip that many messages."""
-
-
-def parse_since(value: str, *, now_ms: int | None = None) -> Since:
-    """Turn ``--since`` into "deliver messages after this one".
-
-    Accepts a stream id (``1700000000000-0``), a message inside a packed entry as ``sub
-    --json`` shows it (``1700000000000-0:41``), a duration back from now (``30s``, ``10m``,
-    ``2h``, ``7d``), an RFC 3339 time, or ``all``. Raises UsageError otherwise.
-    """
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    if value == "all":
-        return ZERO_ID, None
-    if found := _STREAM_ID.match(value):
-        entry_id = parse_id(found[1])
-        if max(entry_id) > MAX_SEQ:
-            # Redis would refuse it on every read, and the session would wait forever.
-            raise UsageError(
-                f"--since '{value}' is not a stream id: MS and SEQ in MS-SEQ are each at "
-                f"most {MAX_SEQ} (64 bits)"
-            )
-        if found[2] is None:
-            return entry_id, None
-        return _id_before(entry_id), (entry_id, int(found[2]) + 1)
-    try:  # a bare number was taken as a stream id above: this is a duration with a unit
-        seconds = parse_duration(value)
-    except ValueError:
-        pass
-    else:
-        return _just_before(now_ms - int(seconds * 1000)), None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        moment = None
-    if moment is not None and moment.tzinfo is not None:
-        return _just_before(int(moment.timestamp() * 1000)), None
-    hint = " (add a time zone, e.g. Z)" if moment is not None else ""
-    raise UsageError(
-        f"--since '{value}' is not a stream id, a duration (30s, 10m, 2h, 7d), "
-        f"an RFC 3339 time{hint} or 'all'"
-    )
-
-
-def _id_before(entry_id: StreamId) -> StreamId:
-    ms, seq = entry_id
-    return (ms, seq - 1) if seq > 0 else _just_before(ms)
-
-
-def _just_before(ms: int) -> StreamId:
-    return (ms - 1, MAX_SEQ) if ms > 0 else ZERO_ID
-
 
 async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
     topic = check_topic_name(args.topic)
@@ -406,7 +351,16 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
     ctx.access.require(ctx.identity, "subscribe", topic)
     if args.count is not None and args.count < 1:
         raise UsageError("sub: --count must be a positive number")
-    after, resume_inside = parse_since(args.since) if args.since else (None, None)
+    since = parse_since(args.since) if args.since else None
+    async with durable_cursor(ctx, topic, args.durable, since, receipts=args.receipts) as cursor:
+        if cursor is not None:  # resume where the last session's bytes reached the client
+            since = parse_since(cursor.confirmed or "")
+        return await _follow(ctx, topic, since, cursor, args)
+
+
+async def _follow(ctx: SessionContext, topic: str, since: Since | None,
+                  cursor: DurableCursor | None, args: argparse.Namespace) -> int:  # fmt: skip
+    after, resume_inside = since or (None, None)
     if args.receipts:
         return await _sub_receipts(ctx, topic, after, args)
     remaining = args.count
@@ -418,8 +372,8 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
     def express(batch: Batch) -> bool:
         # Straight from the topic's reader (see drainbus.bus.fanout), which also counts it:
         # only a plain live batch, and only while the channel has nothing waiting, so
-        # backpressure still applies.
-        if remaining is not None or resume_inside is not None:
+        # backpressure still applies. A durable sub records each batch: the slow way.
+        if remaining is not None or resume_inside is not None or cursor is not None:
             return False
         if channel.is_closing() or channel.get_write_buffer_size():
             return False
@@ -444,6 +398,8 @@ async def _sub(ctx: SessionContext, args: argparse.Namespace) -> int:
                 if remaining is not None:
                     batch = batch.first_messages(remaining)
                 await ctx.stdout(render(batch))
+                if cursor is not None:
+                    cursor.sent(batch)
                 record_deliveries(batch, sessions=1, messages=batch.messages)
                 if remaining is not None:
                     remaining -= batch.messages
@@ -531,8 +487,10 @@ async def _ls(ctx: SessionContext, args: argparse.Namespace) -> int:
         if t.startswith(args.prefix or "") and ctx.access.allows(ctx.identity, "subscribe", t)
     ]
     summaries = await describe_topics(bus.redis, bus.keys, topics, await bus.presence.subscribers())
+    durables = await durable_listing(ctx, [s.topic for s in summaries])
     if args.json:
-        await ctx.stdout(b"".join(json.dumps(asdict(s)).encode() + b"\n" for s in summaries))
+        await ctx.stdout(b"".join(json.dumps({**asdict(s), "durable": durables.get(s.topic, [])})
+                                  .encode() + b"\n" for s in summaries))  # fmt: skip
         return 0
     rows = [("TOPIC", "ENTRIES", "LAST MESSAGE", "SUBSCRIBERS", "DEAD", "GROUPS")]
     for s in summaries:
@@ -554,7 +512,7 @@ async def _ls(ctx: SessionContext, args: argparse.Namespace) -> int:
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1]
         for r in rows
-    ]
+    ] + durable_table(durables)
     await ctx.stdout(("\n".join(lines) + "\n").encode())
     return 0
 
@@ -673,6 +631,8 @@ def _build_commands() -> dict[str, Command]:
         "2h, 7d), an RFC 3339 time, or 'all'",
     )
     sub.parser.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    sub.parser.add_argument("--durable", metavar="NAME", help="resume where your last 'sub "
+                            "--durable NAME' here stopped; drop repeats by --json id")  # fmt: skip
     sub.parser.add_argument(
         "--json", action="store_true", help="one JSON object per line: id, time, topic, user, data"
     )

@@ -1,0 +1,77 @@
+"""Acknowledging a cdn batch call by call, not when the whole batch is done.
+
+A cdn batch holds up to 4,096 entries, which Cloudflare takes in dozens of calls spread over
+minutes of rate limit. Acknowledged only at the end, a crash after the ninth call had every
+entry delivered again and the nine calls' items sent (and their rate limit spent) twice. So
+the Cloudflare target tells the daemon after each call which purges that call finished
+(:data:`drainbus.drain.retry.OnSettled`), and the ones done are acknowledged at once, their
+receipts first as always, before the next call of that lane is sent. A crash then repeats at
+most the calls in flight, and a call stuck retrying holds back only its own entries.
+Failures and refusals are left to the end of the batch, where the daemon handles them as
+before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from drainbus.drain.purges import Purge
+from drainbus.drain.receipts import target_receipt
+from drainbus.drain.retry import Outcome
+from drainbus.drain.targets import CloudflareTarget, Target
+
+__all__ = ["CallAcks"]
+
+_Row = tuple[bytes, dict[bytes, bytes]]
+WriteReceipts = Callable[[Sequence[tuple[_Row, Sequence[dict[str, Any]]]]], Awaitable[None]]
+Ack = Callable[[list[bytes]], Awaitable[None]]
+
+
+class CallAcks:
+    """One batch's early acknowledgements. ``done`` holds the purges already acknowledged."""
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        purges: list[Purge],
+        rows: dict[Purge, list[_Row]],
+        *,
+        write_receipts: WriteReceipts,
+        ack: Ack,
+    ) -> None:
+        self._purges = purges
+        self._rows = rows
+        self._write_receipts = write_receipts
+        self._ack = ack
+        self._started = time.monotonic()
+        self.done: set[int] = set()
+        self.entries = 0
+        # Only a role whose one target is Cloudflare: with more targets a purge is done
+        # only when all of them are, which the end of the batch decides.
+        only = targets[0] if len(targets) == 1 else None
+        self.target = only if isinstance(only, CloudflareTarget) else None
+
+    async def apply(self, target: Target, purges: Sequence[Purge]) -> list[Outcome]:
+        """``target.apply(purges)``, hearing of each call's purges if it is the one target."""
+        if target is self.target:
+            return await self.target.apply(purges, self.settled)
+        return await target.apply(purges)
+
+    async def settled(self, outcomes: dict[int, Outcome]) -> None:
+        """Write the receipts of the purges done, then acknowledge their entries."""
+        assert self.target is not None
+        ms = (time.monotonic() - self._started) * 1000
+        done = sorted(i for i, outcome in outcomes.items() if outcome.status == "done")
+        if not done:
+            return
+        receipts = [
+            (row, [target_receipt(self.target.name, outcomes[i], ms)])
+            for i in done
+            for row in self._rows[self._purges[i]]
+        ]
+        await self._write_receipts(receipts)
+        await self._ack([row[0] for row, _ in receipts])
+        self.done.update(done)
+        self.entries += len(receipts)
