@@ -226,6 +226,44 @@ def parse_authorized_keys(text: str, *, source: str) -> list[asyncssh.SSHKey]:
     return [entry.key for entry in read_authorized_keys(text, source=source)]
 
 
+def _read_user_file(
+    path: Path, user: str, options: dict[bytes, list[KeyOptions]]
+) -> list[asyncssh.SSHKey]:
+    """The usable keys of ``user``'s file (logging each refused one); each usable line's
+    options added to ``options``. Raises what reading or parsing the file raises."""
+    keys = []
+    for entry in read_authorized_keys(path.read_text(), source=str(path)):
+        if entry.refusal is not None:
+            log.error(
+                "key_refused", path=str(path), line=entry.line, user=user,
+                fingerprint=entry.key.get_fingerprint(), reason=entry.refusal,
+            )  # fmt: skip
+            continue
+        keys.append(entry.key)
+        options.setdefault(entry.key.public_data, []).append(entry.options)
+    return keys
+
+
+def _index_by_key(by_user: dict[str, list[asyncssh.SSHKey]]) -> dict[bytes, tuple[str, str]]:
+    """Key -> (user, fingerprint), leaving out (and logging) keys that several users list."""
+    owners: dict[bytes, set[str]] = {}
+    for user, keys in by_user.items():
+        for key in keys:
+            owners.setdefault(key.public_data, set()).add(user)
+    by_key: dict[bytes, tuple[str, str]] = {}
+    for user, keys in by_user.items():
+        for key in keys:
+            if len(owners[key.public_data]) == 1:
+                by_key[key.public_data] = (user, key.get_fingerprint("sha256"))
+    for data, names in owners.items():
+        if len(names) > 1:
+            log.error(
+                "key_refused_shared", users=sorted(names),
+                fingerprint=decode_ssh_public_key(data).get_fingerprint(),
+            )  # fmt: skip
+    return by_key
+
+
 class UserKeys:
     """The users folder, indexed by key, reloaded when its files change.
 
@@ -297,50 +335,33 @@ class UserKeys:
                 log.warning("user_file_ignored", path=str(path), reason="invalid user name")
                 continue
             try:
-                entries = read_authorized_keys(path.read_text(), source=str(path))
-                by_user[user] = []
-                for entry in entries:
-                    if entry.refusal is not None:
-                        log.error(
-                            "key_refused", path=str(path), line=entry.line, user=user,
-                            fingerprint=entry.key.get_fingerprint(), reason=entry.refusal,
-                        )  # fmt: skip
-                        continue
-                    by_user[user].append(entry.key)
-                    options.setdefault(entry.key.public_data, []).append(entry.options)
+                by_user[user] = _read_user_file(path, user, options)
             except (OSError, UnicodeDecodeError, ConfigError) as exc:
                 if strict:
                     raise ConfigError(f"user key file {path} cannot be used: {exc}") from None
                 log.error(  # noqa: TRY400 - the reason is in the message; a traceback adds nothing
                     "user_file_unreadable", path=str(path), error=str(exc)
                 )
-                if user in self._by_user:
-                    by_user[user] = self._by_user[user]
-                    for key in by_user[user]:
-                        options[key.public_data] = list(self._options.get(key.public_data, ()))
+                self._keep_previous(user, by_user, options)
         by_user = self._without_name_clashes(by_user, strict=strict)
-        owners: dict[bytes, set[str]] = {}
-        for user, keys in by_user.items():
-            for key in keys:
-                owners.setdefault(key.public_data, set()).add(user)
-        by_key: dict[bytes, tuple[str, str]] = {}
-        for user, keys in by_user.items():
-            for key in keys:
-                if len(owners[key.public_data]) > 1:
-                    continue
-                by_key[key.public_data] = (user, key.get_fingerprint("sha256"))
-        for data, names in owners.items():
-            if len(names) > 1:
-                log.error(
-                    "key_refused_shared",
-                    users=sorted(names),
-                    fingerprint=decode_ssh_public_key(data).get_fingerprint(),
-                )
+        by_key = _index_by_key(by_user)
         self._by_user, self._by_key = by_user, by_key
         self._options = {data: tuple(options[data]) for data in by_key}
         log.info("users_loaded", users=len(by_user), keys=len(by_key))
         for callback in tuple(self._listeners):
             callback()
+
+    def _keep_previous(
+        self,
+        user: str,
+        by_user: dict[str, list[asyncssh.SSHKey]],
+        options: dict[bytes, list[KeyOptions]],
+    ) -> None:
+        """Keep ``user``'s keys as loaded before, their file being unreadable now."""
+        if user in self._by_user:
+            by_user[user] = self._by_user[user]
+            for key in by_user[user]:
+                options[key.public_data] = list(self._options.get(key.public_data, ()))
 
     def _without_name_clashes(
         self, by_user: dict[str, list[asyncssh.SSHKey]], *, strict: bool

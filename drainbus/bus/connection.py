@@ -7,6 +7,9 @@ handed to another command. (redis-py drops a connection whose command was interr
 its plain, cluster and sentinel clients alike; closing the reader's client makes sure.)
 
 URLs are taken apart by :mod:`drainbus.backend_url`.
+
+asyncio on purpose: redis-py's async clients (``redis.asyncio``) run on asyncio only; the
+bus reaches them from anyio code, whose asyncio backend is the one the node runs on.
 """
 
 from __future__ import annotations

@@ -46,16 +46,17 @@ request carrying part of it succeeded.
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import random
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -184,12 +185,52 @@ class _Request:
     what: str
 
 
-def _hard_absorbs_soft(items: dict[tuple[bool, _K], set[int]]) -> None:
+#: The purges (by number) that want each item, keyed by (soft, item).
+_Items = dict[tuple[bool, _K], set[int]]
+#: The requests of a batch, each with the purges (by number) it carries part of.
+_Planned = list[tuple[_Request, set[int]]]
+
+
+def _hard_absorbs_soft(items: _Items[_K]) -> None:
     """Fold each soft item that is also purged hard into the hard one: one request does."""
     for soft, item in [key for key in items if key[0]]:
         hard = items.get((False, item))
         if hard is not None:
             hard |= items.pop((soft, item))
+
+
+@dataclass(slots=True)
+class _Wanted:
+    """What a batch's purges name, by the kind of request that expresses it."""
+
+    urls: _Items[str] = dataclasses.field(default_factory=dict)
+    tags: _Items[str] = dataclasses.field(default_factory=dict)
+    bans: _Items[tuple[str, str]] = dataclasses.field(default_factory=dict)  # (host, path)
+    everything: _Items[None] = dataclasses.field(default_factory=dict)
+
+    def hard_absorbs_soft(self) -> None:
+        """Each soft item also purged hard is sent once, hard."""
+        _hard_absorbs_soft(self.urls)
+        _hard_absorbs_soft(self.tags)
+        _hard_absorbs_soft(self.bans)
+        _hard_absorbs_soft(self.everything)
+
+
+def _if_supported(
+    kind: str,
+    items: _Items[_K],
+    template: str | None,
+    plan: Callable[[_Items[_K]], _Planned],
+    unsupported: dict[str, set[int]],
+) -> _Planned:
+    """``plan``'s requests for ``items`` when a template expresses ``kind``; else none, and
+    the purges wanting them noted in ``unsupported``."""
+    if not items:
+        return []
+    if template is None:
+        unsupported[kind] = set().union(*items.values())
+        return []
+    return plan(items)
 
 
 class HttpPurger:
@@ -201,7 +242,7 @@ class HttpPurger:
         config: HttpPurgeConfig,
         *,
         retry: RetryPolicy | None = None,
-        sleep: Sleep = asyncio.sleep,
+        sleep: Sleep = anyio.sleep,
         rng: random.Random | None = None,
         scope_rule: ScopeRule | None = None,
     ) -> None:
@@ -253,7 +294,7 @@ class HttpPurger:
         if self._client is None:
             raise RuntimeError("HttpPurger.forward() called outside 'async with'")
         requests, parts = self._plan(purges)
-        limit = asyncio.Semaphore(self.config.concurrency)
+        limit = anyio.Semaphore(self.config.concurrency)
 
         async def run(request: _Request, owners: set[int]) -> None:
             async with limit:
@@ -261,45 +302,60 @@ class HttpPurger:
             for i in owners:
                 parts[i].append(outcome)
 
-        async with asyncio.TaskGroup() as group:
+        async with anyio.create_task_group() as group:
             for request, owners in requests:
-                group.create_task(run(request, owners))
+                group.start_soon(run, request, owners)
         return [merge_outcomes(parts[i]) for i in range(len(purges))]
 
-    def _plan(
-        self, purges: Sequence[Purge]
-    ) -> tuple[list[tuple[_Request, set[int]]], dict[int, list[Outcome]]]:
+    def _plan(self, purges: Sequence[Purge]) -> tuple[_Planned, dict[int, list[Outcome]]]:
+        """The requests that carry out ``purges`` (with the purges each serves), and each
+        purge's outcomes so far: those of its parts no template expresses."""
         cfg = self.config
-        parts: dict[int, list[Outcome]] = {i: [] for i in range(len(purges))}
-        unsupported: dict[str, set[int]] = {}
-        # Keyed by (soft, item); soft only when the config has a soft form to send.
-        urls: dict[tuple[bool, str], set[int]] = {}
-        tags: dict[tuple[bool, str], set[int]] = {}
-        bans: dict[tuple[bool, tuple[str, str]], set[int]] = {}  # (host, path)
-        everything: dict[tuple[bool, None], set[int]] = {}
-
+        wanted = _Wanted()
         for i, purge in enumerate(purges):
-            soft = purge.soft and cfg.soft_headers is not None
-            for url in purge.urls:
-                urls.setdefault((soft, url), set()).add(i)
-            for tag in purge.keys | purge.tags:
-                tags.setdefault((soft, tag), set()).add(i)
-            # A bare key is its tag and, with key_host, its host (purges.key_hosts), where
-            # the cache can ban a host at all.
-            derived = key_hosts(purge, self._scope_rule) if cfg.ban_url else frozenset()
-            for host in purge.hosts | derived:
-                bans.setdefault((soft, (host.lower(), "/")), set()).add(i)
-            for prefix in purge.prefixes:
-                split = urlsplit(prefix)
-                bans.setdefault((soft, (split.netloc.lower(), split.path or "/")), set()).add(i)
-            if purge.everything:
-                everything.setdefault((soft, None), set()).add(i)
-        _hard_absorbs_soft(urls)
-        _hard_absorbs_soft(tags)
-        _hard_absorbs_soft(bans)
-        _hard_absorbs_soft(everything)
+            self._collect(i, purge, wanted)
+        wanted.hard_absorbs_soft()
+        unsupported: dict[str, set[int]] = {}
+        requests = self._url_requests(wanted.urls)
+        requests += _if_supported(
+            "tags", wanted.tags, cfg.tags_url, self._tag_requests, unsupported
+        )
+        requests += _if_supported(
+            "hosts/prefixes", wanted.bans, cfg.ban_url, self._ban_requests, unsupported
+        )
+        requests += _if_supported(
+            "everything", wanted.everything, cfg.everything_url, self._everything_requests,
+            unsupported,
+        )  # fmt: skip
+        parts: dict[int, list[Outcome]] = {i: [] for i in range(len(purges))}
+        for kind, owners in unsupported.items():
+            outcome = self._unsupported(kind, len(owners))
+            for i in owners:
+                parts[i].append(outcome)
+        return requests, parts
 
-        requests: list[tuple[_Request, set[int]]] = []
+    def _collect(self, i: int, purge: Purge, wanted: _Wanted) -> None:
+        """Add purge number ``i``'s items to ``wanted``, each kind by what it names."""
+        # Soft only when the config has a soft form to send.
+        soft = purge.soft and self.config.soft_headers is not None
+        for url in purge.urls:
+            wanted.urls.setdefault((soft, url), set()).add(i)
+        for tag in purge.keys | purge.tags:
+            wanted.tags.setdefault((soft, tag), set()).add(i)
+        # A bare key is its tag and, with key_host, its host (purges.key_hosts), where
+        # the cache can ban a host at all.
+        derived = key_hosts(purge, self._scope_rule) if self.config.ban_url else frozenset()
+        for host in purge.hosts | derived:
+            wanted.bans.setdefault((soft, (host.lower(), "/")), set()).add(i)
+        for prefix in purge.prefixes:
+            split = urlsplit(prefix)
+            wanted.bans.setdefault((soft, (split.netloc.lower(), split.path or "/")), set()).add(i)
+        if purge.everything:
+            wanted.everything.setdefault((soft, None), set()).add(i)
+
+    def _url_requests(self, urls: _Items[str]) -> _Planned:
+        """One request per URL."""
+        requests = []
         for (soft, url), owners in urls.items():
             split = urlsplit(url)
             path = split.path or "/"
@@ -309,51 +365,55 @@ class HttpPurger:
                 "host": split.netloc,
                 "path": f"{path}?{split.query}" if split.query else path,
             }
-            request = self._request(cfg.method, cfg.url, values, f"URL {url}", soft=soft)
+            request = self._request(
+                self.config.method, self.config.url, values, f"URL {url}", soft=soft
+            )
             requests.append((request, owners))
+        return requests
 
-        if tags and cfg.tags_url is None:
-            unsupported["tags"] = set().union(*tags.values())
-        elif tags:
-            for soft in (False, True):
-                ordered = sorted(tag for tag_soft, tag in tags if tag_soft == soft)
-                for start in range(0, len(ordered), cfg.tags_per_request):
-                    chunk = ordered[start : start + cfg.tags_per_request]
-                    values = {"tags": " ".join(chunk)}
-                    what = f"{len(chunk)} tags"
-                    request = self._request(cfg.method, cfg.tags_url, values, what, soft=soft)
-                    requests.append((request, set().union(*(tags[soft, t] for t in chunk))))
+    def _tag_requests(self, tags: _Items[str]) -> _Planned:
+        """One request per ``tags_per_request`` tags, hard ones and soft ones apart."""
+        cfg = self.config
+        requests = []
+        for soft in (False, True):
+            ordered = sorted(tag for tag_soft, tag in tags if tag_soft == soft)
+            for start in range(0, len(ordered), cfg.tags_per_request):
+                chunk = ordered[start : start + cfg.tags_per_request]
+                values = {"tags": " ".join(chunk)}
+                what = f"{len(chunk)} tags"
+                request = self._request(cfg.method, cfg.tags_url, values, what, soft=soft)
+                requests.append((request, set().union(*(tags[soft, t] for t in chunk))))
+        return requests
 
-        if bans and cfg.ban_url is None:
-            unsupported["hosts/prefixes"] = set().union(*bans.values())
-        elif bans:
-            for (soft, (host, path)), owners in bans.items():
-                values = {"host": host, "path": path, "path_regex": path_prefix_regex(path)}
-                what = f"prefix {host}{path}" if path != "/" else f"host {host}"
-                request = self._request(cfg.ban_method, cfg.ban_url, values, what, soft=soft)
-                requests.append((request, owners))
+    def _ban_requests(self, bans: _Items[tuple[str, str]]) -> _Planned:
+        """One ban per host or prefix (a host is its prefix ``/``)."""
+        cfg = self.config
+        requests = []
+        for (soft, (host, path)), owners in bans.items():
+            values = {"host": host, "path": path, "path_regex": path_prefix_regex(path)}
+            what = f"prefix {host}{path}" if path != "/" else f"host {host}"
+            request = self._request(cfg.ban_method, cfg.ban_url, values, what, soft=soft)
+            requests.append((request, owners))
+        return requests
 
-        if everything and cfg.everything_url is None:
-            unsupported["everything"] = set().union(*everything.values())
-        elif everything:
-            for (soft, _), owners in everything.items():
-                request = self._request(
-                    cfg.ban_method, cfg.everything_url, {}, "everything", soft=soft
-                )
-                requests.append((request, owners))
+    def _everything_requests(self, everything: _Items[None]) -> _Planned:
+        """One ban of everything (hard, or soft when no purge wants it hard)."""
+        cfg = self.config
+        return [
+            (self._request(cfg.ban_method, cfg.everything_url, {}, "everything", soft=soft), owners)
+            for (soft, _), owners in everything.items()
+        ]
 
-        for kind, owners in unsupported.items():
-            self._skipped += len(owners)
-            if cfg.on_unsupported == "skip":
-                self._log.warning("http_purge_unsupported", kind=kind, purges=len(owners))
-                outcome = DONE
-            else:
-                error = f"{cfg.label}: no template configured for {kind} purges"
-                self._log.error("http_purge_unsupported", kind=kind, purges=len(owners))
-                outcome = Outcome("permanent", error)
-            for i in owners:
-                parts[i].append(outcome)
-        return requests, parts
+    def _unsupported(self, kind: str, purges: int) -> Outcome:
+        """The outcome of ``purges`` purges' ``kind`` part, which no template expresses."""
+        self._skipped += purges
+        if self.config.on_unsupported == "skip":
+            self._log.warning("http_purge_unsupported", kind=kind, purges=purges)
+            return DONE
+        self._log.error("http_purge_unsupported", kind=kind, purges=purges)
+        return Outcome(
+            "permanent", f"{self.config.label}: no template configured for {kind} purges"
+        )
 
     def _request(
         self,

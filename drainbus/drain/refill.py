@@ -31,7 +31,6 @@ Usage (what :class:`~drainbus.drain.nginx.NginxCache` does)::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections import deque
@@ -40,7 +39,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
 
+import anyio
+import anyio.to_thread
 import structlog
+from anyio.abc import TaskGroup
 
 from drainbus.drain.cache_file import CacheHead, read_cache_head
 from drainbus.drain.key_template import (
@@ -204,15 +206,14 @@ class RefillGuard:
         self.refills_evicted = 0
         self.on_evicted: Callable[[Purge, int], None] | None = None
         self._windows: deque[RefillWindow] = deque()
-        self._opened = asyncio.Event()
-        self._tasks: asyncio.TaskGroup | None = None
-        self._closer: asyncio.Task[None] | None = None
+        self._opened = anyio.Event()
+        self._tasks: TaskGroup | None = None
 
     async def __aenter__(self) -> Self:
         if self.window > 0:
-            self._tasks = asyncio.TaskGroup()
+            self._tasks = anyio.create_task_group()
             await self._tasks.__aenter__()
-            self._closer = self._tasks.create_task(self._close_windows())
+            self._tasks.start_soon(self._close_windows)
         return self
 
     async def __aexit__(
@@ -221,10 +222,9 @@ class RefillGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._closer is not None:
-            self._closer.cancel()
         if self._tasks is not None:
-            tasks, self._tasks, self._closer = self._tasks, None, None
+            tasks, self._tasks = self._tasks, None
+            tasks.cancel_scope.cancel()  # the closer is its only task
             # Not the caller's exception: a task group would re-raise it inside a group.
             await tasks.__aexit__(None, None, None)
         self._windows.clear()
@@ -295,7 +295,7 @@ class RefillGuard:
         )
 
     def _watch(self, window: RefillWindow) -> RefillWindow:
-        window.deadline = asyncio.get_running_loop().time() + self.window
+        window.deadline = anyio.current_time() + self.window
         self._windows.append(window)
         self._opened.set()
         return window
@@ -343,7 +343,7 @@ class RefillGuard:
         """
         if window is None or window.evicted is not None:
             return
-        evicted = await asyncio.to_thread(read_validators, list(paths))
+        evicted = await anyio.to_thread.run_sync(read_validators, list(paths))
         self._arm_now(window, evicted)
 
     def armed(
@@ -416,16 +416,15 @@ class RefillGuard:
                 log.exception("nginx_refill_listener_failed", cache=self.name)
 
     async def _close_windows(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._windows:
-                self._opened.clear()
+                self._opened = anyio.Event()  # an anyio event is set once: a new one to wait on
                 await self._opened.wait()
                 continue
             # Windows open in deadline order (one length, one clock): the first ends first.
-            delay = self._windows[0].deadline - loop.time()
+            delay = self._windows[0].deadline - anyio.current_time()
             if delay > 0:
-                await asyncio.sleep(delay)  # a timer: the window's end is the event
+                await anyio.sleep(delay)  # a timer: the window's end is the event
                 continue
             window = self._windows.popleft()
             with contextlib.suppress(Exception):  # logged by _close; the closer must go on
@@ -438,7 +437,7 @@ class RefillGuard:
             self._report(window)
             return
         try:
-            paths = await asyncio.to_thread(_unlink_unchanged, window.recheck)
+            paths = await anyio.to_thread.run_sync(_unlink_unchanged, window.recheck)
         except Exception:
             log.exception("nginx_refill_window_close_failed", cache=self.name)
             raise

@@ -23,7 +23,6 @@ server's published rate limit and can be corrected by what the server says
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import math
 import random
@@ -33,6 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+import anyio
 import httpx
 from structlog.typing import FilteringBoundLogger
 
@@ -209,7 +209,7 @@ async def run_with_retry(
     policy: RetryPolicy,
     log: FilteringBoundLogger,
     rng: random.Random,
-    sleep: Sleep = asyncio.sleep,
+    sleep: Sleep = anyio.sleep,
     on_retry: Callable[[Verdict], None] | None = None,
 ) -> Verdict:
     """Call ``attempt`` until done, permanent or the policy gives up; return the last verdict.
@@ -340,7 +340,7 @@ class TokenBucket:
         rate: float,
         *,
         clock: Clock = time.monotonic,
-        sleep: Sleep = asyncio.sleep,
+        sleep: Sleep = anyio.sleep,
     ) -> None:
         if capacity < 1 or rate <= 0:
             raise ValueError(f"token bucket {capacity=} {rate=}: need capacity >= 1, rate > 0")
@@ -352,7 +352,7 @@ class TokenBucket:
         self._stamp = clock()
         self._not_before = self._stamp
         self._spent_total = 0.0
-        self._lock = asyncio.Lock()
+        self._lock = anyio.Lock()  # FIFO: waiters spend in the order they came
 
     def _refill(self, now: float) -> None:
         if now > self._stamp:

@@ -4,12 +4,15 @@ Public-key authentication only; the user is whoever's key file holds the present
 whatever login name the client sent. Everything an interactive SSH server offers beyond
 running one command is refused: PTYs, shells (a bare ``ssh host`` prints help), port and
 agent forwarding, X11, SFTP and scp.
+
+asyncio on purpose: asyncssh is asyncio-only and calls in here from its protocol callbacks,
+and each connection's idle (or refusal) clock is a ``loop.call_later`` handle, restarted at
+every session's end; anyio has no timer that cheap. Tasks and events are anyio's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import uuid
 from types import TracebackType
@@ -17,8 +20,6 @@ from types import TracebackType
 import anyio
 import asyncssh
 import structlog
-from asyncssh.kex import get_kex_algs
-from asyncssh.mac import get_mac_algs
 
 from drainbus.acl import Access
 from drainbus.bus import Bus
@@ -26,82 +27,13 @@ from drainbus.config import Settings
 from drainbus.errors import ExitCode, StartupError
 from drainbus.identity import Identity, UserKeys, weak_key_reason
 from drainbus.metrics import SESSIONS
+from drainbus.ssh.admission import Admission
+from drainbus.ssh.algorithms import CIPHERS, KEX_ALGS, MAC_ALGS, SIG_ALG_SET, SIG_ALGS
 from drainbus.ssh.commands import LineCheck, SessionContext, command_label, run_command
 
 __all__ = ["FrontDoor"]
 
 log = structlog.get_logger(__name__)
-
-# AES-GCM first, and no chacha20-poly1305: asyncssh's chacha20 costs about six times more
-# CPU per packet than AES-GCM (which uses AES-NI through OpenSSL). AES-CTR stays for clients
-# without AES-GCM: Dropbear 2022.83 offers only chacha20-poly1305 and AES-CTR.
-_CIPHERS = (
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "aes128-ctr",
-    "aes256-ctr",
-)
-
-# Key exchange: OpenSSH's default list (below) with curve25519-sha256 at the front. Dropbear's
-# dbclient sends its key-exchange packet before negotiation ends, guessing its first choice
-# (RFC 4253 section 7, first_kex_packet_follows). Dropbear counts the guess right only when
-# both sides list the same algorithm first (and the same host key algorithm first: ours is
-# ssh-ed25519, as is Dropbear's), while asyncssh counts it right whenever the client's first
-# choice is one it supports. When the two disagree, asyncssh runs the guessed packet, Dropbear
-# sends the real one, and asyncssh drops the connection: dbclient 2022.83 (first choice
-# curve25519-sha256) against asyncssh's default list (mlkem768x25519-sha256 first) fails so.
-# Leading with curve25519-sha256 makes the guess right for both. Dropbear 2025.87 and later
-# guess sntrup761x25519-sha512, which asyncssh offers only when liboqs is installed: without
-# it both sides count that guess wrong and agree again (tests/test_clients.py is the check).
-# The post-quantum exchanges stay in the list: the negotiated algorithm is the client's first
-# choice that the server offers, so an OpenSSH that prefers mlkem768x25519-sha256 still gets it.
-#
-# The rest is what OpenSSH 10's sshd offers by default, limited to what this asyncssh has
-# (sntrup761 needs liboqs): no finite-field Diffie-Hellman (OpenSSH 10 dropped it from the
-# server; diffie-hellman-group14-sha1 is SHA-1), no gss-* (no Kerberos here), no curve448 or
-# secp256k1 (OpenSSH has neither).
-_OPENSSH_KEX = (
-    "curve25519-sha256",
-    "mlkem768x25519-sha256",
-    "sntrup761x25519-sha512",
-    "sntrup761x25519-sha512@openssh.com",
-    "curve25519-sha256@libssh.org",
-    "ecdh-sha2-nistp256",
-    "ecdh-sha2-nistp384",
-    "ecdh-sha2-nistp521",
-)
-_KEX_ALGS = [alg for alg in _OPENSSH_KEX if alg.encode() in get_kex_algs()]
-
-# OpenSSH's default MACs without the SHA-1 ones (hmac-sha1, hmac-sha1-etm), which it still
-# offers. Only the AES-CTR ciphers use a MAC; AES-GCM authenticates itself.
-_OPENSSH_MACS = (
-    "umac-64-etm@openssh.com",
-    "umac-128-etm@openssh.com",
-    "hmac-sha2-256-etm@openssh.com",
-    "hmac-sha2-512-etm@openssh.com",
-    "umac-64@openssh.com",
-    "umac-128@openssh.com",
-    "hmac-sha2-256",
-    "hmac-sha2-512",
-)
-_MAC_ALGS = [alg for alg in _OPENSSH_MACS if alg.encode() in get_mac_algs()]
-
-# Client signatures OpenSSH accepts by default (PubkeyAcceptedAlgorithms; webauthn is how a
-# browser's security key signs for an sk-ecdsa key): no ssh-rsa (RSA with SHA-1), no ssh-dss.
-# Advertised in server-sig-algs, and enforced on each key at login (asyncssh checks only that
-# a signature suits the key's type).
-_SIG_ALGS = (
-    "ssh-ed25519",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-    "webauthn-sk-ecdsa-sha2-nistp256@openssh.com",
-    "rsa-sha2-512",
-    "rsa-sha2-256",
-)
-_SIG_ALG_SET = frozenset(alg.encode() for alg in _SIG_ALGS)
 
 
 class _Connection(asyncssh.SSHServer):
@@ -190,7 +122,7 @@ class _Connection(asyncssh.SSHServer):
         # identity remembered here is the one that signed.
         identity = self._door.users.lookup(key)
         if identity is None:
-            self._door._failures.add(self.source, key.get_fingerprint())
+            self._door._admission.failures.add(self.source, key.get_fingerprint())
             return False
         # The key line's from= and expiry-time= (drainbus.key_options), as OpenSSH enforces;
         # a weak key is refused when its file is loaded, and here again whatever loaded it.
@@ -203,7 +135,7 @@ class _Connection(asyncssh.SSHServer):
             return False
         # asyncssh verifies the signature with this very key object next: restrict it to the
         # algorithms offered, so an RSA key cannot sign with ssh-rsa (SHA-1).
-        key.all_sig_algorithms = key.all_sig_algorithms & _SIG_ALG_SET
+        key.all_sig_algorithms = key.all_sig_algorithms & SIG_ALG_SET
         self._candidate = (identity, key)
         return True
 
@@ -246,54 +178,6 @@ class _Connection(asyncssh.SSHServer):
         )
 
 
-class _FailureLog:
-    """Failed logins, logged per source address and interval instead of one line each.
-
-    The first failure from a source is logged at once (with the key's fingerprint); the
-    failures that follow within ``interval`` seconds are one line at its end. ``count`` on
-    each line is the failures since the previous line, so the counts add up to every attempt.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._counts: dict[str, int] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-
-    def add(self, source: str, fingerprint: str) -> None:
-        """Count one refused key from ``source``."""
-        if source in self._timers:
-            self._counts[source] = self._counts.get(source, 0) + 1
-            return
-        log.info("auth_failed", source=source, count=1, fingerprint=fingerprint)
-        if self._interval:
-            self._timers[source] = asyncio.get_running_loop().call_later(
-                self._interval, self._flush, source
-            )
-
-    def _flush(self, source: str) -> None:
-        del self._timers[source]
-        count = self._counts.pop(source, 0)
-        if count:
-            log.warning(
-                "auth_failed", source=source, count=count, seconds=self._interval, aggregated=True
-            )
-            # Still failing: keep aggregating rather than logging the next one at once.
-            self._timers[source] = asyncio.get_running_loop().call_later(
-                self._interval, self._flush, source
-            )
-
-    def close(self) -> None:
-        """Log what is counted and not yet logged; stop the timers."""
-        for source in tuple(self._timers):
-            self._timers.pop(source).cancel()
-            count = self._counts.pop(source, 0)
-            if count:
-                log.warning(
-                    "auth_failed", source=source, count=count, seconds=self._interval,
-                    aggregated=True,
-                )  # fmt: skip
-
-
 class FrontDoor:
     """The SSH listener of one bus node. An async context manager; ``port`` once entered.
 
@@ -315,24 +199,25 @@ class FrontDoor:
         self.bus = bus
         self.users = users
         self.access = Access(settings.acl)
-        # Logged-in connections, and those still authenticating (the start-up budget).
+        # Logged-in connections; those still authenticating are the admission's.
         self.connections = 0
-        self.startups = 0
+        self._admission = Admission(settings.server)
         self.port = 0
         self._host_key = host_key
         self._line_checks = line_checks or {}
         self._reuse_port = reuse_port
         self.sessions_by_user: dict[str, int] = {}
-        self._startups_by_source: dict[str, int] = {}
         self.connections_by_user: dict[str, set[_Connection]] = {}
-        self._failures = _FailureLog(settings.server.auth_failure_log_interval)
-        # Early drop only needs to be unpredictable enough to share the budget out.
-        self._random = random.Random()  # noqa: S311
         self._processes: set[asyncssh.SSHServerProcess[bytes]] = set()
         self._connections: set[asyncssh.SSHServerConnection] = set()
         self._server: asyncssh.SSHAcceptor | None = None
         self._idle = anyio.Event()
         self._idle.set()
+
+    @property
+    def startups(self) -> int:
+        """Connections still authenticating (counted against the start-up budget)."""
+        return self._admission.starting
 
     async def __aenter__(self) -> FrontDoor:
         host, port = self.settings.server.listen_address
@@ -358,10 +243,10 @@ class FrontDoor:
                 reuse_address=True,
                 # Several worker processes listening on one port; the kernel spreads connections.
                 reuse_port=self._reuse_port,
-                encryption_algs=_CIPHERS,
-                kex_algs=_KEX_ALGS,
-                mac_algs=_MAC_ALGS,
-                signature_algs=_SIG_ALGS,
+                encryption_algs=CIPHERS,
+                kex_algs=KEX_ALGS,
+                mac_algs=MAC_ALGS,
+                signature_algs=SIG_ALGS,
             )
         except OSError as exc:
             raise StartupError(f"cannot listen on {server.listen}: {exc.strerror or exc}") from None
@@ -387,7 +272,7 @@ class FrontDoor:
             return
         server, self._server = self._server, None
         self.users.remove_listener(self._check_keys)
-        self._failures.close()
+        self._admission.failures.close()
         # Stop listening only: since Python 3.12.1 wait_closed() also waits for every open
         # connection, so it comes last, after the sessions and connections are ended.
         server.close()
@@ -407,37 +292,17 @@ class FrontDoor:
 
     def _start(self, owner: _Connection) -> None:
         """Admit a new connection into the start-up budget, or refuse it."""
-        server = self.settings.server
-        start, rate, full = server.startups
-        from_source = self._startups_by_source.get(owner.source, 0)
-        refusal: tuple[str, int] | None = None
-        if from_source >= server.max_startups_per_source:
-            refusal = ("max_startups_per_source", server.max_startups_per_source)
-        elif self.startups >= full:
-            refusal = ("max_startups", full)
-        elif self.startups >= start:
-            # OpenSSH's random early drop: RATE% at START, rising linearly to 100% at FULL.
-            chance = rate + (100 - rate) * (self.startups - start) / max(full - start, 1)
-            if self._random.random() * 100 < chance:
-                refusal = ("max_startups", full)
-        if refusal is not None:
-            reason, limit = refusal
-            owner.state = "closing"
-            log.warning(
-                "connection_refused", peer=owner.peer, reason=reason, limit=limit,
-                starting=self.startups, from_source=from_source,
-            )  # fmt: skip
-            # Our version string goes out after connection_made returns: disconnect after it.
-            assert owner.conn is not None
-            asyncio.get_running_loop().call_soon(
-                owner.conn.disconnect,
-                asyncssh.DISC_TOO_MANY_CONNECTIONS,
-                "drainbus: too many connections still logging in; try again later",
-            )
+        if self._admission.admit(owner.peer, owner.source):
+            owner.state = "starting"
             return
-        owner.state = "starting"
-        self.startups += 1
-        self._startups_by_source[owner.source] = from_source + 1
+        owner.state = "closing"
+        # Our version string goes out after connection_made returns: disconnect after it.
+        assert owner.conn is not None
+        asyncio.get_running_loop().call_soon(
+            owner.conn.disconnect,
+            asyncssh.DISC_TOO_MANY_CONNECTIONS,
+            "drainbus: too many connections still logging in; try again later",
+        )
 
     def _log_in(self, owner: _Connection) -> None:
         """Move a connection that authenticated from the start-up budget to the user limits."""
@@ -473,12 +338,7 @@ class FrontDoor:
     def _forget(self, owner: _Connection) -> None:
         """Stop counting ``owner`` against any limit (idempotent)."""
         if owner.state == "starting":
-            self.startups -= 1
-            left = self._startups_by_source[owner.source] - 1
-            if left:
-                self._startups_by_source[owner.source] = left
-            else:
-                del self._startups_by_source[owner.source]
+            self._admission.release(owner.source)
         elif owner.state == "active" and owner.identity is not None:
             self.connections -= 1
             mine = self.connections_by_user[owner.identity.user]
