@@ -14,7 +14,8 @@ from typing import Any, cast
 import pytest
 
 from drainbus.bus.streams import read_rows
-from drainbus.ssh.commands import SessionContext, _LinePublisher
+from drainbus.ssh.commands import SessionContext
+from drainbus.ssh.pub import LinePublisher
 from tests.conftest import RunningBus, User, run_ssh
 
 StartBus = Callable[..., Awaitable[RunningBus]]
@@ -38,7 +39,7 @@ def _split(data: bytes, *, chunk: int, slow: bool) -> tuple[list[bytes], int, li
         settings=SimpleNamespace(server=SimpleNamespace(max_message_bytes=20)),
         stderr=errors.append,
     )
-    lines = _LinePublisher(cast(SessionContext, ctx), "t")
+    lines = LinePublisher(cast(SessionContext, ctx), "t")
     for start in range(0, len(data), chunk):
         lines.feed(data[start : start + chunk])
     lines.finish()

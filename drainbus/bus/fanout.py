@@ -441,15 +441,9 @@ class Fanout:
         while True:
             try:
                 async with self._attached(topic, express) as inbox:
-                    if position is None:
-                        info = await stream_info(self._redis, key)
-                        position = info.last_id if info else ZERO_ID
-                    else:
-                        # Each time it catches up (at start, after lagging, after an outage)
-                        # a subscriber is told if what it had not read yet was trimmed.
-                        notice = await self._trim_notice(key, position)
-                        if notice:
-                            yield notice
+                    position, notice = await self._start_at(key, position)
+                    if notice:
+                        yield notice
                     started = True
                     while True:  # catch up from the stream
                         asked = page
@@ -481,13 +475,20 @@ class Fanout:
                     raise backend_error(exc, f"subscribing to '{topic}'") from exc
                 await backoff.failed(exc, topic=topic)
 
-    async def _trim_notice(self, key: str, position: StreamId) -> TrimNotice | None:
+    async def _start_at(
+        self, key: str, position: StreamId | None
+    ) -> tuple[StreamId, TrimNotice | None]:
+        """Where a (re)attached subscriber reads from (None: the stream's last id), and the
+        TrimNotice it is owed: each time it catches up (at start, after lagging, after an
+        outage) it is told if what it had not read yet was trimmed."""
         info = await stream_info(self._redis, key)
+        if position is None:
+            return (info.last_id if info else ZERO_ID), None
         if info and info.was_trimmed and info.first_id and position < info.first_id:
             # Trimming removes the oldest entries, so what was removed lies before first_id.
             # Asking for a start before it means asking for some of what is gone.
-            return TrimNotice(info.first_id)
-        return None
+            return position, TrimNotice(info.first_id)
+        return position, None
 
     def count(self, topic: str, delta: int) -> None:
         """Track a ``sub`` session joining (+1) or leaving (-1) ``topic``."""
