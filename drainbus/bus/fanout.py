@@ -23,7 +23,6 @@ express is only tried while the task is parked and its queue is empty.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections import OrderedDict, deque
@@ -200,7 +199,7 @@ class _Inbox:
         self._batches: deque[Batch] = deque()
         self._bytes = 0
         self._limit = limit_bytes
-        self._ready = asyncio.Event()
+        self._ready = anyio.Event()
         # Only the truth of these two is read: None would do as well as False.
         self._parked = False  # the subscriber waits in take(): all it took is written
         self.express = express
@@ -247,7 +246,7 @@ class _Inbox:
             await self._ready.wait()
         finally:
             self._parked = False  # (None would do as well: only its truth is read)
-        self._ready.clear()
+        self._ready = anyio.Event()  # (an anyio Event is never cleared: a fresh one)
         if self.overflowed:
             raise Overflow
         batches = []

@@ -9,7 +9,8 @@ unused; every ``idle_timeout / 2`` seconds this closes those idle for ``idle_tim
 "Idle since" is redis-py's own bookkeeping: with ``health_check_interval`` set (the command
 client sets 30 s) each reply moves a connection's ``next_health_check`` to now + interval.
 Only plain and Sentinel clients are pruned: a cluster client keeps one pool per node, in
-another shape, and is left as it is.
+another shape, and is left as it is. The clock is asyncio's loop time on purpose: it is
+the one redis-py stamps ``next_health_check`` with.
 """
 
 from __future__ import annotations

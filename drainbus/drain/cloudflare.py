@@ -49,7 +49,6 @@ httpx exceptions are turned into plain messages (class and text), never re-raise
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections import Counter
@@ -58,6 +57,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
 
+import anyio
 import httpx
 import structlog
 
@@ -215,7 +215,7 @@ class CloudflareForwarder:
         rate_headroom: float = 0.9,
         environ: Mapping[str, str] | None = None,
         clock: Clock = time.monotonic,
-        sleep: Sleep = asyncio.sleep,
+        sleep: Sleep = anyio.sleep,
         rng: random.Random | None = None,
         scope_rule: ScopeRule | None = None,
     ) -> None:

@@ -8,10 +8,11 @@ crash repeats at most the calls in flight.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
+
+import anyio
 
 from drainbus.drain.retry import OnSettled, Outcome, merge_outcomes
 
@@ -49,6 +50,6 @@ async def run_lanes(
             if settled and on_settled is not None:
                 await on_settled(settled)
 
-    async with asyncio.TaskGroup() as group:
+    async with anyio.create_task_group() as group:
         for lane in planned:
-            group.create_task(run_lane(lane))
+            group.start_soon(run_lane, lane)

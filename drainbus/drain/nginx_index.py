@@ -13,6 +13,9 @@ pages (tag purges still find such files). A template without ``$host`` (such as 
 ``http://127.0.0.1:8080/docs/x?q=1``) makes one object serve every host, so such entries
 match any host. Files whose key the template cannot read at all are counted
 (:attr:`CacheIndex.unmatched_keys`): only tag purges can find them.
+
+asyncio on purpose: inotify's descriptor is read with the event loop's ``add_reader``, which
+anyio has no equivalent for (its ``wait_readable`` takes sockets, not an inotify fd).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, Self
 
+import anyio
 import structlog
 from asyncinotify import Event, Inotify, Mask
 
@@ -336,7 +340,7 @@ class CacheIndex:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stale = False
         self._held: list[Event] | None = None
-        self._lock = asyncio.Lock()
+        self._lock = anyio.Lock()
 
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
@@ -469,7 +473,7 @@ class CacheIndex:
         assert self._loop is not None
         self._loop.add_reader(inotify.fd, self._drain)
         try:
-            tables = await asyncio.to_thread(_fresh_scan, self.root, self.template, inotify)
+            tables = await anyio.to_thread.run_sync(_fresh_scan, self.root, self.template, inotify)
         except OSError as exc:
             self._close_inotify()
             raise _watch_failure(failure, self.root, exc) from exc
