@@ -97,9 +97,9 @@ async def test_a_failing_batch_logs_once_per_call_with_its_purge_count(
 ) -> None:
     """600 purges Cloudflare will not take now: one line per call (naming the purges it
     carries) and one for the batch; each purge only at debug."""
-    from drainbus.drain import cloudflare, daemon
+    from drainbus.drain import cloudflare, daemon, ledger
 
-    for module, name in ((cloudflare, "_log"), (daemon, "log")):
+    for module, name in ((cloudflare, "_log"), (daemon, "log"), (ledger, "log")):
         monkeypatch.setattr(module, name, structlog.get_logger(module.__name__))
     alice = add_user("alice")
     async with FakeCloudflare(plan="enterprise") as fake:

@@ -17,12 +17,17 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import anyio
+import structlog
+
 from drainbus.drain.purges import Purge
 from drainbus.drain.receipts import target_receipt
-from drainbus.drain.retry import Outcome
+from drainbus.drain.retry import Outcome, merge_outcomes
 from drainbus.drain.targets import CloudflareTarget, Target
 
-__all__ = ["CallAcks"]
+__all__ = ["CallAcks", "apply_to_targets"]
+
+log = structlog.get_logger("drainbus.drain.daemon")
 
 _Row = tuple[bytes, dict[bytes, bytes]]
 WriteReceipts = Callable[[Sequence[tuple[_Row, Sequence[dict[str, Any]]]]], Awaitable[None]]
@@ -75,3 +80,38 @@ class CallAcks:
         await self._ack([row[0] for row, _ in receipts])
         self.done.update(done)
         self.entries += len(receipts)
+
+
+async def apply_to_targets(
+    targets: Sequence[Target], purges: list[Purge], early: CallAcks
+) -> tuple[list[Outcome], list[list[dict[str, Any]]]]:
+    """Run ``purges`` on every target at once (the batch is done when the slowest is).
+
+    Returns each purge's merged outcome, and for each purge the receipt part of every
+    target (what it did, and how long the target took for the whole batch).
+    """
+    columns: list[list[Outcome]] = [[] for _ in targets]
+    took: list[float] = [0.0 for _ in targets]
+
+    async def run(number: int, target: Target) -> None:
+        started = time.monotonic()
+        try:
+            column = await early.apply(target, purges)
+        except Exception as exc:  # a target bug must not kill the consumer: retry later
+            log.exception("drain_target_failed", target=target.name)
+            column = [Outcome("retry_later", f"{target.name}: {exc}")] * len(purges)
+        columns[number] = column
+        took[number] = (time.monotonic() - started) * 1000
+
+    if len(targets) == 1:
+        await run(0, targets[0])
+    else:
+        async with anyio.create_task_group() as tg:
+            for number, target in enumerate(targets):
+                tg.start_soon(run, number, target)
+    parts: list[list[dict[str, Any]]] = [[] for _ in purges]
+    for target, column, ms in zip(targets, columns, took, strict=True):
+        for i, outcome in enumerate(column):
+            parts[i].append(target_receipt(target.name, outcome, ms))
+    merged = [merge_outcomes(column) for column in zip(*columns, strict=True)]
+    return merged, parts

@@ -39,13 +39,9 @@ room before reading, so the next call gathers what arrives meanwhile; an idle bu
 
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, cast
 
 import anyio
 import structlog
@@ -53,15 +49,32 @@ from redis.exceptions import RedisError, ResponseError
 
 from drainbus.backoff import Backoff
 from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader_client
-from drainbus.bus.streams import Keys, parse_id, stream_info, text
+from drainbus.bus.streams import Keys
 from drainbus.config import DrainSettings
-from drainbus.drain.call_acks import CallAcks
+from drainbus.drain.call_acks import CallAcks, apply_to_targets
 from drainbus.drain.fair import FairBacklog, Row, keep_claimed
+from drainbus.drain.groups import (
+    claim_idle,
+    deliveries,
+    group_counts,
+    own_pending,
+    publish_status,
+    trimmed_unread,
+)
+from drainbus.drain.ledger import Ledger
+from drainbus.drain.missed import act_on_missed
 from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.receipt_writer import ReceiptWriter
-from drainbus.drain.receipts import receipt, receipts_topic, target_part, target_receipt
+from drainbus.drain.receipts import receipts_topic
 from drainbus.drain.refill_receipts import RefillReceipts
-from drainbus.drain.retry import Outcome, merge_outcomes
+from drainbus.drain.roles import (
+    GATHER_MAX,
+    READ_COUNT,
+    DrainStats,
+    Role,
+    never_busy,
+    rows_of,
+)
 from drainbus.drain.targets import LocalCacheTarget, NginxTarget, Target
 from drainbus.errors import DataError, PermissionDenied, StartupError
 from drainbus.identity import user_key
@@ -73,54 +86,6 @@ log = structlog.get_logger(__name__)
 
 _Row = Row
 _Batch = dict[Purge, list[Row]]  # a batch's distinct purges, each with its entries
-# A local batch holds up to this many entries: each target gets the whole batch in one
-# call, and one XACK acknowledges it. Also the page size of reads of pending entries.
-_READ_COUNT = 1000
-# A local batch while several publishers wait: a purge that just got its turn is carried out
-# after a quarter of a batch's work, not a whole one (the batch's receipts come at its end).
-_SHARED_BATCH = 250
-# At most this many entries join one cdn batch; a backlog is read on in the next one.
-_GATHER_MAX = 4096
-_DEAD_LETTER_MAX = 100_000
-
-
-@dataclass
-class Role:
-    """One consumer group and the targets its entries are carried out on.
-
-    ``busy_for`` (set for the cdn role) says how many seconds until the targets' rate limit
-    has room for a call, 0 if it has room now; a role with it gathers every entry already
-    waiting into each batch. ``batch_window`` is the longest, in seconds, the loop waits
-    after a batch for that room before reading the next one (0: never waits).
-    """
-
-    name: str
-    group: str
-    targets: Sequence[Target]
-    backlog: FairBacklog
-    batch_size: int = _READ_COUNT
-    shared_batch_size: int = _SHARED_BATCH
-    batch_window: float = 0.0
-    busy_for: Callable[[], float] | None = None
-    flush_if_missed: bool = False
-    # Set once a gap of missed purges was acted on; cleared by the next read, which jumps
-    # the gap (until then every check would see the same gap again).
-    gap_handled: bool = False
-
-
-@dataclass
-class DrainStats:
-    """Counters an operator (``ls``, metrics) can read."""
-
-    purges_done: int = 0
-    entries_acked: int = 0
-    dead_lettered: int = 0
-    retries: int = 0
-    flushes: int = 0
-    last_purge_ms: int | None = None
-    last_error: str | None = None
-    by_kind: dict[str, int] = field(default_factory=dict)
-    groups: dict[str, tuple[int | None, int]] = field(default_factory=dict)  # lag, pending
 
 
 class Drain:
@@ -140,7 +105,7 @@ class Drain:
         receipts_max_len: int = 100_000,
         receipts_retention: float = 7 * 86400.0,
         cdn_busy_for: Callable[[], float] | None = None,
-        cdn_batch_size: int = _GATHER_MAX,
+        cdn_batch_size: int = GATHER_MAX,
     ) -> None:
         """``receipts_max_len`` and ``receipts_retention`` (seconds): how many receipts the
         receipt stream keeps (about), and for how long, like the topic's stream.
@@ -154,14 +119,20 @@ class Drain:
         self._admins = admins
         self._rule = settings.scope_rule
         self._stream = keys.stream(settings.topic)
-        self._dead = keys.dead_letters(settings.topic)
         self._receipts = ReceiptWriter(
             redis,
             keys.stream(receipts_topic(settings.topic)),
             max_len=receipts_max_len,
             retention=receipts_retention,
         )
-        self._last_error: dict[bytes, str] = {}
+        self._ledger = Ledger(
+            redis,
+            stream=self._stream,
+            dead_letters=keys.dead_letters(settings.topic),
+            receipts=self._receipts,
+            node=self.consumer,
+            stats=self.stats,
+        )
         self._local_targets = local_targets
         self.all_targets: list[Target] = [*local_targets, *cdn_targets]
         self.roles: list[Role] = []
@@ -176,7 +147,7 @@ class Drain:
                 )
             )
         if cdn_targets:
-            cdn_size = max(1, min(cdn_batch_size, _GATHER_MAX))
+            cdn_size = max(1, min(cdn_batch_size, GATHER_MAX))
             self.roles.append(
                 Role(
                     "cdn",
@@ -188,7 +159,7 @@ class Drain:
                     # waste the per-call bucket of tag and host purges.
                     shared_batch_size=cdn_size,
                     batch_window=cdn_batch_window,
-                    busy_for=cdn_busy_for or _never_busy,
+                    busy_for=cdn_busy_for or never_busy,
                 )
             )
         self.ready = anyio.Event()
@@ -248,50 +219,12 @@ class Drain:
 
     async def _check_missed(self, role: Role) -> None:
         """Act on purges this group can no longer read: flush local caches, or alert."""
-        if not role.gap_handled and await self._missed_purges(role):
+        if not role.gap_handled and await trimmed_unread(self._redis, self._stream, role.group):
             await self._missed(role)
             role.gap_handled = True
 
     async def _missed(self, role: Role) -> None:
-        if role.flush_if_missed:
-            await self._flush_local(role)
-            return
-        self.stats.last_error = "purges were trimmed from the stream before this group read them"
-        log.error(
-            "drain_purges_missed",
-            group=role.group,
-            reason="purges were trimmed before this group read them (down or behind longer "
-            "than the retention); purge the CDN by hand if stale pages matter",
-        )
-
-    async def _missed_purges(self, role: Role) -> bool:
-        """True if entries this group never read were trimmed away (node down too long)."""
-        info = await stream_info(self._redis, self._stream)
-        groups = await self._redis.xinfo_groups(self._stream)
-        mine = next((g for g in groups if text(g["name"]) == role.group), None)
-        if info is None or mine is None or not info.was_trimmed:
-            return False
-        entries_read = mine.get("entries-read")
-        if entries_read is None:
-            # Redis lost count (entries were deleted in the middle): decide by position.
-            last_read = parse_id(mine["last-delivered-id"])
-            return info.first_id is not None and last_read < info.first_id
-        # Every entry ever added was either read by this group, is still in the stream, or
-        # was trimmed before this group read it: the last kind are missed purges.
-        return info.entries_added - int(entries_read) - info.length > 0
-
-    async def _flush_local(self, role: Role) -> None:
-        log.warning(
-            "drain_missed_purges_flushing",
-            group=role.group,
-            reason="purges this node had not read were trimmed from the stream "
-            "(down or behind longer than the retention); flushing the local caches instead of "
-            "serving stale pages",
-        )
-        for target in self._local_targets:
-            removed = await target.flush_all()
-            log.warning("drain_flushed", target=target.name, removed=removed)
-        self.stats.flushes += 1
+        await act_on_missed(role, self._local_targets, self.stats)
 
     async def _process_own_pending(self, role: Role) -> None:
         """After a crash: entries delivered to this consumer but never acknowledged.
@@ -299,20 +232,9 @@ class Drain:
         They pass the delivery limit first, so an entry that crashes the process is
         dead-lettered after ``max_deliveries`` restarts instead of crashing it forever.
         """
-        position = "0"
-        while True:
-            reply: Any = await self._redis.xreadgroup(
-                role.group, self.consumer, {self._stream: position}, count=_READ_COUNT
-            )
-            entries = cast(
-                list[tuple[bytes, dict[bytes, bytes] | None]], reply[0][1] if reply else []
-            )
-            if not entries:
-                return
-            # Entries trimmed since come back with no fields: skip them, keep paging.
-            position = text(entries[-1][0])
-            rows: list[_Row] = [(i, f) for i, f in entries if f is not None]
-            if len(rows) < len(entries):
+        pages = own_pending(self._redis, self._stream, role.group, self.consumer, READ_COUNT)
+        async for rows, trimmed in pages:
+            if trimmed:  # entries trimmed since came back with no fields
                 await self._missed(role)
             if rows:
                 log.info("drain_resuming_pending", group=role.group, entries=len(rows))
@@ -381,14 +303,8 @@ class Drain:
         return True
 
     async def _wait_for_room(self, role: Role, next_claim: float) -> None:
-        """After a batch, wait up to ``role.batch_window`` for the rate limit to have room.
-
-        The next call could not leave sooner, and what arrives meanwhile joins it. Never
-        past the next reclaim, so stuck entries and the status are not held up.
-        """
-        if role.busy_for is None or role.batch_window <= 0:
-            return
-        wait = min(role.busy_for(), role.batch_window, next_claim - time.monotonic())
+        """After a batch, wait (never past the next reclaim) for the rate limit's room."""
+        wait = role.room_in(next_claim - time.monotonic())
         if wait > 0:
             log.debug("drain_waiting_for_rate_limit", group=role.group, seconds=round(wait, 3))
             await anyio.sleep(wait)
@@ -406,7 +322,7 @@ class Drain:
         if not backlog.room:
             return
         wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
-        rows = _rows(
+        rows = rows_of(
             await client.xreadgroup(
                 role.group,
                 self.consumer,
@@ -421,53 +337,38 @@ class Drain:
 
     async def _reclaim(self, role: Role) -> None:
         """Claim entries idle for ``retry_after`` (failed here, or on a dead consumer)."""
-        cursor = "0-0"
-        min_idle = int(self.settings.retry_after * 1000)
-        while True:
-            reply = await self._redis.xautoclaim(
-                self._stream,
-                role.group,
-                self.consumer,
-                min_idle,
-                start_id=cursor,
-                count=_READ_COUNT,
-            )
-            cursor = text(reply[0])
-            rows = cast(list[_Row], [r for r in reply[1] if r and r[1] is not None])
-            if len(reply) > 2 and reply[2]:
+        min_idle_ms = int(self.settings.retry_after * 1000)
+        pages = claim_idle(self._redis, self._stream, role.group, self.consumer,
+                           min_idle_ms=min_idle_ms, count=READ_COUNT)  # fmt: skip
+        async for rows, lost in pages:
+            if lost:
                 log.error(
                     "drain_entries_lost",
                     group=role.group,
-                    count=len(reply[2]),
+                    count=lost,
                     reason="pending entries were trimmed from the stream before success",
                 )
                 await self._missed(role)
             if rows:
                 self.stats.retries += len(rows)
                 role.backlog.add(await self._dead_letter_exhausted(role, rows))
-            if cursor == "0-0" or not role.backlog.room:
+            if not role.backlog.room:
                 return  # a full backlog: the rest is claimed on a later round
 
     async def _dead_letter_exhausted(self, role: Role, rows: list[_Row]) -> list[_Row]:
         """Move entries delivered more than ``max_deliveries`` times; return the rest."""
-        # One XPENDING per id: in a shared group other consumers' entries lie between ours,
-        # so a range query could stop short of some of them.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for row in rows:
-                pipe.xpending_range(self._stream, role.group, min=row[0], max=row[0], count=1)
-            replies = await pipe.execute()
-        deliveries = {p["message_id"]: int(p["times_delivered"]) for r in replies for p in r}
+        counts = await deliveries(self._redis, self._stream, role.group, [r[0] for r in rows])
         keep = []
         for row in rows:
-            count = deliveries.get(row[0], 0)
+            count = counts.get(row[0], 0)
             if count > self.settings.max_deliveries:
-                error = self._last_error.get(row[0], "no success within the delivery limit")
-                await self._dead_letter(role, row, f"gave up after {count - 1} deliveries: {error}")
+                error = self._ledger.last_error.get(row[0], "no success within the delivery limit")
+                await self._ledger.dead_letter(
+                    role, row, f"gave up after {count - 1} deliveries: {error}"
+                )
             else:
                 keep.append(row)
         return keep
-
-    # --- one batch ---------------------------------------------------------------------
 
     async def _handle(self, role: Role, rows: list[_Row]) -> None:
         """Carry out one read's entries as one batch: parse and check each entry once,
@@ -484,21 +385,23 @@ class Drain:
                 log.info("drain_batch", group=role.group, entries=len(rows), invalid=invalid)
             return
         purges = list(batch)
-        early = CallAcks(role.targets, purges, batch, ack=partial(self._ack, role),
-                         write_receipts=partial(self._write_receipts, role))  # fmt: skip
+        early = CallAcks(role.targets, purges, batch, ack=partial(self._ledger.ack, role),
+                         write_receipts=partial(self._ledger.write_receipts, role))  # fmt: skip
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_claimed, role, lambda: [r[0] for r in rows])
-            outcomes, parts = await self._apply(role, purges, early)
+            outcomes, parts = await apply_to_targets(role.targets, purges, early)
             tg.cancel_scope.cancel()
-        await self._write_receipts(role, [(row, parts[i]) for i, p in enumerate(purges)
+        await self._ledger.write_receipts(role, [(row, parts[i]) for i, p in enumerate(purges)
                                           if i not in early.done for row in batch[p]])  # fmt: skip
-        acked, results, kinds = await self._settle(role, batch, outcomes, early.done)
+        acked, results, kinds = await self._ledger.settle(
+            role, batch, outcomes, early.done, retry_after=self.settings.retry_after
+        )
         if role.name == "local" and self._refills is not None:
             self._refills.remember(
                 [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"], batch
             )
         if acked:
-            await self._ack(role, acked)
+            await self._ledger.ack(role, acked)
         if acked or early.done:
             self._observe_purge_latency(role, batch)
         log.info(
@@ -528,54 +431,6 @@ class Drain:
                 batch.setdefault(purge, []).append(row)
         return batch, invalid
 
-    async def _settle(
-        self,
-        role: Role,
-        batch: _Batch,
-        outcomes: Sequence[Outcome],
-        acked_early: set[int],
-    ) -> tuple[list[bytes], dict[str, int], dict[str, int]]:
-        """Act on each purge's outcome: the entry ids to acknowledge (done, and not already
-        acknowledged per call), dead letters for refusals, one warning for what is retried.
-        Returns (ids to ack, purges per result, purges per kind)."""
-        acked: list[bytes] = []
-        results: Counter[str] = Counter()
-        kinds: Counter[str] = Counter()
-        retry_errors: list[str] = []
-        retry_entries = 0
-        for i, (purge, outcome) in enumerate(zip(batch, outcomes, strict=True)):
-            entries = batch[purge]
-            results[outcome.status] += 1
-            kind = _kind(purge)
-            kinds[kind] += 1
-            log.debug("drain_purge", group=role.group, kind=kind, result=outcome.status,
-                      entries=len(entries), evicted=outcome.evicted,
-                      error=outcome.error)  # fmt: skip
-            if outcome.status == "done":
-                acked += [] if i in acked_early else [r[0] for r in entries]
-                self._count(purge)
-            elif outcome.status == "permanent":
-                for row in entries:
-                    await self._dead_letter(
-                        role, row, outcome.error or "refused by the target", receipt_written=True
-                    )
-            else:
-                self.stats.last_error = outcome.error
-                retry_errors.append(outcome.error or "failed")
-                retry_entries += len(entries)
-                for row in entries:
-                    self._last_error[row[0]] = outcome.error or "failed"
-        if retry_errors:
-            log.warning(
-                "drain_purge_retry_later",
-                group=role.group,
-                purges=len(retry_errors),
-                entries=retry_entries,
-                error=retry_errors[0],
-                retry_after=self.settings.retry_after,
-            )
-        return acked, dict(results), dict(kinds)
-
     def _observe_purge_latency(self, role: Role, batch: _Batch) -> None:
         """Time from each entry's arrival to now, for the purge latency histogram."""
         now_ms = time.time() * 1000
@@ -587,68 +442,6 @@ class Drain:
                     observe(max(0.0, now_ms - int(received)) / 1000)
         self.stats.last_purge_ms = int(time.time() * 1000)
 
-    async def _ack(self, role: Role, ids: list[bytes]) -> None:  # (also per call: call_acks.py)
-        await self._redis.xack(self._stream, role.group, *ids)
-        for entry_id in ids:
-            self._last_error.pop(entry_id, None)
-        self.stats.entries_acked += len(ids)
-
-    async def _apply(
-        self, role: Role, purges: list[Purge], early: CallAcks
-    ) -> tuple[list[Outcome], list[list[dict[str, Any]]]]:
-        """Run ``purges`` on every target of ``role``.
-
-        Returns each purge's merged outcome, and for each purge the receipt part of every
-        target (what it did, and how long the target took for the whole batch).
-        """
-        columns: list[list[Outcome]] = [[] for _ in role.targets]
-        took: list[float] = [0.0 for _ in role.targets]
-
-        async def run(number: int, target: Target) -> None:
-            started = time.monotonic()
-            try:
-                column = await early.apply(target, purges)
-            except Exception as exc:  # a target bug must not kill the consumer: retry later
-                log.exception("drain_target_failed", target=target.name)
-                column = [Outcome("retry_later", f"{target.name}: {exc}")] * len(purges)
-            columns[number] = column
-            took[number] = (time.monotonic() - started) * 1000
-
-        # The targets of a role work at once: the batch is done when the slowest is.
-        if len(role.targets) == 1:
-            await run(0, role.targets[0])
-        else:
-            async with anyio.create_task_group() as tg:
-                for number, target in enumerate(role.targets):
-                    tg.start_soon(run, number, target)
-        parts: list[list[dict[str, Any]]] = [[] for _ in purges]
-        for target, column, ms in zip(role.targets, columns, took, strict=True):
-            for i, outcome in enumerate(column):
-                parts[i].append(target_receipt(target.name, outcome, ms))
-        merged = [merge_outcomes(column) for column in zip(*columns, strict=True)]
-        return merged, parts
-
-    async def _write_receipts(
-        self, role: Role, receipts: Sequence[tuple[_Row, Sequence[dict[str, Any]]]]
-    ) -> None:
-        """Append the receipts of these entries (entry, target parts) before any is acked.
-
-        A failure raises (RedisError): the batch is then not acknowledged and is delivered
-        again, so no acknowledged purge lacks its receipt.
-        """
-        await self._receipts.append(
-            [
-                receipt(
-                    entry_id=entry_id,
-                    fields=fields,
-                    node=self.consumer,
-                    role=role.name,
-                    targets=targets,
-                )
-                for (entry_id, fields), targets in receipts
-            ]
-        )
-
     async def _parse(self, role: Role, row: _Row) -> Purge | None:
         """The entry's purge, checked again against its publisher's scope; None if invalid."""
         fields = row[1]
@@ -657,7 +450,7 @@ class Drain:
             purge = parse_purge(fields.get(b"d", b"").decode("utf-8"))
             check_scope(purge, user=user, is_admin=user_key(user) in self._admins, rule=self._rule)
         except (DataError, PermissionDenied, UnicodeDecodeError) as exc:
-            await self._dead_letter(role, row, f"invalid purge: {exc}")
+            await self._ledger.dead_letter(role, row, f"invalid purge: {exc}")
             return None
         return purge
 
@@ -668,36 +461,9 @@ class Drain:
             every=self.settings.retry_after / 3,
         )  # fmt: skip
 
-    async def _dead_letter(
-        self, role: Role, row: _Row, error: str, *, receipt_written: bool = False
-    ) -> None:
-        entry_id, fields = row
-        if not receipt_written:
-            part = target_part("(drain)", "dead-lettered", error=error[:2000])
-            await self._write_receipts(role, [(row, [part])])
-        record: dict[Any, Any] = {
-            **fields,
-            "origin_id": entry_id,
-            "group": role.group,
-            "error": error[:2000],
-            "failed_at": int(time.time() * 1000),
-        }
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._dead, record, maxlen=_DEAD_LETTER_MAX, approximate=True)
-            pipe.xack(self._stream, role.group, entry_id)
-            await pipe.execute()
-        self._last_error.pop(entry_id, None)
-        self.stats.dead_lettered += 1
-        self.stats.last_error = error
-        log.error("drain_dead_letter", group=role.group, entry=entry_id.decode(), error=error)
-
     async def _publish_status(self) -> None:
         """Refresh group lag/pending and share this node's status for ``ssh bus stats``."""
-        groups = await self._redis.xinfo_groups(self._stream)
-        self.stats.groups = {
-            text(g["name"]): (None if g.get("lag") is None else int(g["lag"]), int(g["pending"]))
-            for g in groups
-        }
+        self.stats.groups = await group_counts(self._redis, self._stream)
         status = {
             "node": self.consumer,
             "roles": [r.name for r in self.roles],
@@ -709,42 +475,5 @@ class Drain:
             "last_error": self.stats.last_error,
             "targets": {t.name: t.snapshot() for t in self.all_targets},
         }
-        ttl_ms = int(max(30.0, self.settings.retry_after * 3) * 1000)
-        now_ms = int(time.time() * 1000)
-        await self._redis.set(
-            self._keys.drain_status(self.consumer), json.dumps(status, default=str), px=ttl_ms
-        )
-        await self._redis.zadd(self._keys.drain_nodes, {self.consumer: now_ms})
-        await self._redis.zremrangebyscore(self._keys.drain_nodes, "-inf", now_ms - ttl_ms)
-
-    def _count(self, purge: Purge) -> None:
-        self.stats.purges_done += 1
-        for kind in ("keys", "tags", "urls", "prefixes", "hosts"):
-            if getattr(purge, kind):
-                self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
-        if purge.everything:
-            self.stats.by_kind["everything"] = self.stats.by_kind.get("everything", 0) + 1
-
-
-_KINDS = ("urls", "tags", "keys", "prefixes", "hosts")
-
-
-def _kind(purge: Purge) -> str:
-    """The purge's kind for the batch log: ``url``, ``tag``, …, ``everything`` or ``mixed``."""
-    if purge.everything:
-        return "everything"
-    kinds = [
-        kind[:-1] if kind != "prefixes" else "prefix" for kind in _KINDS if getattr(purge, kind)
-    ]
-    return kinds[0] if len(kinds) == 1 else "mixed"
-
-
-def _never_busy() -> float:
-    return 0.0
-
-
-def _rows(reply: Any) -> list[_Row]:
-    rows: list[_Row] = []
-    for _key, entries in reply or ():
-        rows += [(i, f) for i, f in entries if f is not None]
-    return rows
+        ttl = max(30.0, self.settings.retry_after * 3)
+        await publish_status(self._redis, self._keys, self.consumer, status, ttl=ttl)
