@@ -1,7 +1,8 @@
 """One retry policy for the loops that run until cancelled: exponential back-off with jitter.
 
-Stream readers, subscribers catching up and the drain's consumers retry for as long as they
-run, and start over after any success, so they keep a :class:`Backoff` and call
+Stream readers, subscribers catching up, the drain's consumers, the hook watcher's publishes
+and the supervisor's worker restarts retry for as long as they run, and start over after any
+success, so they keep a :class:`Backoff` and call
 :meth:`Backoff.failed` on each failure (it logs the attempt, the delay and the error) and
 :meth:`Backoff.succeeded` when things work again. The delay before the n-th retry in a row is
 ``min(cap, base * 2**(n-1))`` with "equal jitter": half of it fixed, half random. Without the

@@ -48,6 +48,7 @@ from typing import Any
 import anyio
 import structlog
 
+from drainbus.backoff import Backoff
 from drainbus.bus.embedded import EmbeddedRedis
 from drainbus.config import Settings, parse_listen
 from drainbus.errors import (
@@ -232,6 +233,7 @@ class _Supervisor:
         Raises the worker's error when it cannot start and restarting would not help.
         """
         quick_failures = 0
+        restarts = Backoff("worker_restarting", base=1.0, cap=30.0)
         while True:
             ended = await self._run(index)
             if self._stopping.is_set():
@@ -243,8 +245,11 @@ class _Supervisor:
             quick_failures = quick_failures + 1 if ended.uptime < _STABLE_SECONDS else 0
             if quick_failures > _MAX_QUICK_FAILURES:
                 raise ended.gave_up(index, quick_failures)
-            delay = 2.0 ** (quick_failures - 1) if quick_failures else 0.0
-            log.warning("worker_restarting", worker=index, delay=delay,
+            # The shared back-off (with jitter, so workers that died together do not all
+            # restart at once): 0.5-1 s, 1-2 s, 2-4 s... for quick failures in a row.
+            restarts.failures = quick_failures
+            delay = restarts.delay() if quick_failures else 0.0
+            log.warning("worker_restarting", worker=index, delay=round(delay, 3),
                         attempts_left=_MAX_QUICK_FAILURES - quick_failures)  # fmt: skip
             with anyio.move_on_after(delay):
                 await self._stopping.wait()

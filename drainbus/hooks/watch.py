@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import structlog
 from anyio.abc import TaskStatus
 from asyncinotify import Event, Inotify, Mask, Watch
 
+from drainbus.backoff import Backoff
 from drainbus.errors import ExitCode, StartupError
 from drainbus.hooks.client import PERMANENT_EXIT_CODES, BusClient, BusUnreachable
 from drainbus.hooks.keys import KeyTemplate
@@ -356,7 +356,7 @@ class Watcher:
     # --- publishing ----------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        failures = 0
+        retries = Backoff("hook_publish_retry", base=self._retry_initial, cap=self._retry_max)
         while True:
             self._wakeup = wakeup = anyio.Event()
             now = anyio.current_time()
@@ -370,25 +370,16 @@ class Watcher:
             if self._on_attempt is not None:
                 self._on_attempt(attempt)
             if attempt.final:
-                failures = 0
+                retries.succeeded()
                 self._ready.difference_update(attempt.keys)
                 self._rewrite_spool()
                 continue
             if attempt.stored:  # sent again, they would spend the limit's budget again
                 self._ready.difference_update(attempt.keys[: attempt.stored])
                 self._rewrite_spool()
-            failures += 1
-            delay = min(self._retry_max, self._retry_initial * 2 ** (failures - 1))
-            delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
-            log.warning(
-                "hook_publish_retry",
-                attempt=failures,
-                delay=round(delay, 2),
-                keys=len(attempt.keys),
-                exit_code=attempt.exit_code,
-                reason=attempt.message,
+            await retries.failed(
+                attempt.message, keys=len(attempt.keys), exit_code=attempt.exit_code
             )
-            await anyio.sleep(delay)
 
     async def _publish(self, keys: tuple[str, ...]) -> Attempt:
         topic = self.settings.topic
