@@ -59,6 +59,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_refill.py",
     ],
     "drainbus/drain/nginx_index.py": ["tests/test_nginx_index.py", "tests/test_nginx.py"],
+    "drainbus/drain/cache_scan.py": ["tests/test_nginx_index.py", "tests/test_nginx.py"],
 }
 DEFAULT = [
     "drainbus/bus/fanout.py",
@@ -72,6 +73,7 @@ DEFAULT = [
     "drainbus/drain/key_template.py",
     "drainbus/drain/cache_file.py",
     "drainbus/drain/nginx_index.py",
+    "drainbus/drain/cache_scan.py",
 ]
 
 
