@@ -42,8 +42,8 @@ from drainbus.backend_url import parse_url
 from drainbus.drain.cloudflare_zones import CloudflareZoneConfig
 from drainbus.drain.http_purge import HttpPurgeConfig
 from drainbus.drain.nginx import NginxCacheConfig
-from drainbus.drain.purges import ScopeRule
 from drainbus.drain.refill import DEFAULT_REFILL_WINDOW
+from drainbus.drain.scope import ScopeRule
 from drainbus.errors import ConfigError
 from drainbus.hooks.settings import HooksSettings
 from drainbus.http.settings import HttpSettings

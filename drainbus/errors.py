@@ -38,6 +38,7 @@ __all__ = [
     "PermissionDenied",
     "StartupError",
     "UsageError",
+    "quote_input",
 ]
 
 
@@ -123,3 +124,8 @@ class NotDurable(BackendError):
     Retry once the server's persistence works again."""
 
     exit_code = ExitCode.TEMPFAIL
+
+
+def quote_input(value: str) -> str:
+    """Quote user input for a message: escaped, and cut short when long."""
+    return repr(value) if len(value) <= 80 else repr(value[:77]) + "..."

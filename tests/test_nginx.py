@@ -31,7 +31,8 @@ from drainbus.drain.nginx import (
     cache_file_path,
     render_key,
 )
-from drainbus.drain.purges import Purge, ScopeRule, parse_purge
+from drainbus.drain.purges import Purge, parse_purge
+from drainbus.drain.scope import ScopeRule
 from drainbus.drain.targets import NginxTarget
 from drainbus.errors import ConfigError, DataError, ExitCode
 from tests.nginx_env import (

@@ -1,10 +1,10 @@
 """The nginx cache index in-process: lookups at their edges, what it logs, how it recovers.
 
 tests/test_nginx.py covers the index's main paths; these pin what the mutation run of
-drain/nginx_index.py found unguarded: log events and their fields, counts past one, keys
-without a path, files sharing a path, a root or folder that goes away, inotify limits (a
-stand-in Inotify that fails as the kernel does, since real limits would starve the machine)
-and descriptors running out during the read-ahead.
+drain/nginx_index.py (drain/cache_scan.py was split from it since) found unguarded: log
+events and their fields, counts past one, keys without a path, files sharing a path, a root
+or folder that goes away, inotify limits (a stand-in Inotify that fails as the kernel does,
+since real limits would starve the machine) and descriptors running out during the read-ahead.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import structlog
 from asyncinotify import Inotify
 from structlog.testing import capture_logs
 
-from drainbus.drain import cache_file, nginx_index
+from drainbus.drain import cache_file, cache_scan, nginx_index
 from drainbus.drain.cache_file import cache_file_path
 from drainbus.drain.key_template import KeyTemplate
 from drainbus.drain.nginx_index import CacheIndex
@@ -38,8 +38,9 @@ HOST_TEMPLATE = KeyTemplate("$scheme$host$request_uri")
 
 @pytest.fixture(autouse=True)
 def fresh_index_log(fresh_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The index's logger made anew, as fresh_logging does for the core's (see there)."""
-    monkeypatch.setattr(nginx_index, "log", structlog.get_logger("drainbus.drain.nginx"))
+    """The index's loggers made anew, as fresh_logging does for the core's (see there)."""
+    for module in (nginx_index, cache_scan):
+        monkeypatch.setattr(module, "log", structlog.get_logger("drainbus.drain.nginx"))
 
 
 def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
@@ -300,7 +301,7 @@ async def test_files_read_ahead_without_descriptors_are_read_at_their_turn(
             raise OSError(errno.EMFILE, "Too many open files")
         return real_open(path)
 
-    monkeypatch.setattr(nginx_index, "open_cache_file", open_cache_file)
+    monkeypatch.setattr(cache_scan, "open_cache_file", open_cache_file)
     async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
         assert len(index) == len(paths)
         assert all(path in index for path in paths)

@@ -13,16 +13,11 @@ from drainbus.drain.purges import (
     MAX_TOKEN_LENGTH,
     MAX_URL_HEADERS,
     Purge,
-    ScopeRule,
-    check_scope,
     fold_tag,
-    key_host_for,
-    key_hosts,
     parse_purge,
-    path_prefix_regex,
-    path_under,
-    url_matches_prefix,
 )
+from drainbus.drain.scope import ScopeRule, check_scope, key_host_for, key_hosts
+from drainbus.drain.url_rules import path_prefix_regex, path_under, url_matches_prefix
 from drainbus.errors import ConfigError, DataError, ExitCode, PermissionDenied
 
 PAGES = ScopeRule(key_host="{key}.pages.example")

@@ -10,7 +10,8 @@ import pytest
 
 from drainbus.drain.cache_file import parse_cache_head
 from drainbus.drain.nginx import NginxCache, NginxCacheConfig, cache_file_path
-from drainbus.drain.purges import Purge, ScopeRule
+from drainbus.drain.purges import Purge
+from drainbus.drain.scope import ScopeRule
 from drainbus.drain.targets import NginxTarget
 from tests.nginx_env import (
     CACHE_KEY,

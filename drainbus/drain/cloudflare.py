@@ -72,7 +72,7 @@ from drainbus.drain.cloudflare_zones import (
     ZoneConfigError,
 )
 from drainbus.drain.lanes import run_lanes
-from drainbus.drain.purges import Purge, ScopeRule
+from drainbus.drain.purges import Purge
 from drainbus.drain.retry import (
     Clock,
     OnSettled,
@@ -90,6 +90,7 @@ from drainbus.drain.retry import (
     status_verdict,
     transport_verdict,
 )
+from drainbus.drain.scope import ScopeRule
 from drainbus.errors import ConfigError
 
 __all__ = [

@@ -35,14 +35,9 @@ import structlog
 from pydantic import SecretStr
 
 from drainbus.drain.cloudflare_zones import CloudflareZoneConfig, PlanLimits, normalise_host
-from drainbus.drain.purges import (
-    MAX_PREFIX_SEPARATORS,
-    MAX_TOKEN_LENGTH,
-    Purge,
-    ScopeRule,
-    key_hosts,
-)
+from drainbus.drain.purges import MAX_PREFIX_SEPARATORS, MAX_TOKEN_LENGTH, Purge
 from drainbus.drain.retry import Outcome, TokenBucket
+from drainbus.drain.scope import ScopeRule, key_hosts
 
 __all__ = ["FILE_KINDS", "MAX_TAG_LENGTH", "Account", "Call", "Planner", "Zone"]
 
@@ -290,7 +285,7 @@ class Planner:
                     self._add(i, purge.soft, zones, "files", _file_url(url), what=url)
 
     def _add_hosts(self, i: int, purge: Purge) -> None:
-        # A bare key is its tag and, with key_host, its host (purges.key_hosts).
+        # A bare key is its tag and, with key_host, its host (scope.key_hosts).
         hosts = purge.hosts | key_hosts(purge, self._scope_rule)
         for host in sorted({normalise_host(h) for h in hosts}):
             self._add(i, purge.soft, self.route(host), "hosts", host, what=host)

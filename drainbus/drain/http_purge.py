@@ -16,7 +16,7 @@ What each template expresses
     ``{path_regex}``, an anchored regex that keeps path boundaries (``/docs`` gives
     ``^/docs([/?]|$)``, matching ``/docs``, ``/docs/a`` and ``/docs?x`` but not ``/docs2``;
     ``/docs/`` gives ``^/docs/``, which does not match ``/docs``; see
-    :func:`drainbus.drain.purges.path_under`).
+    :func:`drainbus.drain.url_rules.path_under`).
 ``everything_url``
     The everything purge: one ``ban_method`` request; no placeholders.
 
@@ -61,7 +61,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drainbus.drain.purges import Purge, ScopeRule, key_hosts, path_prefix_regex
+from drainbus.drain.purges import Purge
 from drainbus.drain.retry import (
     DONE,
     Outcome,
@@ -74,6 +74,8 @@ from drainbus.drain.retry import (
     status_verdict,
     transport_verdict,
 )
+from drainbus.drain.scope import ScopeRule, key_hosts
+from drainbus.drain.url_rules import path_prefix_regex
 from drainbus.values import PositiveDuration
 
 __all__ = ["HttpPurgeConfig", "HttpPurgeStats", "HttpPurger", "Outcome"]
@@ -342,7 +344,7 @@ class HttpPurger:
             wanted.urls.setdefault((soft, url), set()).add(i)
         for tag in purge.keys | purge.tags:
             wanted.tags.setdefault((soft, tag), set()).add(i)
-        # A bare key is its tag and, with key_host, its host (purges.key_hosts), where
+        # A bare key is its tag and, with key_host, its host (scope.key_hosts), where
         # the cache can ban a host at all.
         derived = key_hosts(purge, self._scope_rule) if self.config.ban_url else frozenset()
         for host in purge.hosts | derived:

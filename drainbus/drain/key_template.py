@@ -21,7 +21,7 @@ import sys
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
-from drainbus.drain.purges import path_under
+from drainbus.drain.url_rules import path_under
 
 __all__ = [
     "SUPPORTED_VARIABLES",

@@ -1,7 +1,8 @@
 """An index of one nginx ``proxy_cache`` folder: which file holds which key, host, path and tag.
 
-:class:`CacheIndex` reads those heads once at start (a scan of the tree) and then follows
-inotify, so host, prefix and tag purges never need a scan. nginx (``use_temp_path=off``)
+:class:`CacheIndex` reads those heads once at start (a scan of the tree, by
+:mod:`drainbus.drain.cache_scan`, which also keeps the tables) and then follows inotify, so
+host, prefix and tag purges never need a scan. nginx (``use_temp_path=off``)
 writes a temporary ``<md5>.<10 digits>`` file and renames it into place, so a finished file
 shows up as ``IN_MOVED_TO``; an in-place header update as ``IN_CLOSE_WRITE``.
 
@@ -21,15 +22,9 @@ anyio has no equivalent for (its ``wait_readable`` takes sockets, not an inotify
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import itertools
-import os
-import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, Self
@@ -38,18 +33,11 @@ import anyio
 import structlog
 from asyncinotify import Event, Inotify, Mask
 
-from drainbus.drain.cache_file import (
-    HEAD_FIRST_READ,
-    CacheHead,
-    is_cache_file_name,
-    open_cache_file,
-    parse_cache_head,
-    read_head,
-)
+from drainbus.drain.cache_file import CacheHead, is_cache_file_name
+from drainbus.drain.cache_scan import FileAdded, Tables, fresh_scan, key_of, load, readings_of, scan
 from drainbus.drain.key_template import (
     KeyParts,
     KeyTemplate,
-    Reading,
     host_reading_matches,
     prefix_reading_matches,
     url_parts,
@@ -62,22 +50,7 @@ __all__ = ["CacheEntry", "CacheIndex", "FileAdded"]
 
 log = structlog.get_logger("drainbus.drain.nginx")
 
-# Files opened and asked for ahead of the one being read (see _read_ahead): enough to keep
-# a disk busy, few enough that the daemon's file descriptors never run short.
-_READ_AHEAD_FILES = 32
-_WATCH_MASK = (
-    Mask.CLOSE_WRITE
-    | Mask.MOVED_TO
-    | Mask.MOVED_FROM
-    | Mask.DELETE
-    | Mask.CREATE
-    | Mask.ONLYDIR
-    | Mask.DONT_FOLLOW
-)
 _EVENT_BATCH = 1024
-
-#: Called with a file's path and head each time nginx puts a finished file in place.
-FileAdded = Callable[[str, CacheHead], None]
 
 
 class CacheEntry(NamedTuple):
@@ -92,210 +65,6 @@ class CacheEntry(NamedTuple):
     def hosts(self) -> frozenset[str]:
         """The hosts the key may belong to (empty: unknown, or the key ignores the host)."""
         return frozenset(r.host for r in self.readings if r.host is not None)
-
-
-# What the index keeps is made of strings, None, plain tuples and dicts, never NamedTuples or
-# sets: the garbage collector stops tracking a tuple or dict that holds only strings, but
-# never a tuple subclass or a set. Kept as CacheEntry, KeyParts and sets, 100,000 files were
-# 600,000 tracked objects, which every full collection walked (0.2 s each, a quarter of the
-# scan's time, then pauses of the event loop for as long as the daemon runs).
-#: A file's (key, tags, readings): a CacheEntry whose readings are plain tuples.
-_Entry = tuple[str, tuple[str, ...], tuple[Reading, ...]]
-#: A set of file paths, as the keys of a dict (values None).
-_Paths = dict[str, None]
-
-
-def _key_of(entry: _Entry) -> str:
-    return entry[0]
-
-
-def _readings_of(entry: _Entry) -> tuple[Reading, ...]:
-    return entry[2]
-
-
-@dataclass
-class _Tables:
-    entries: dict[str, _Entry] = field(default_factory=dict)
-    by_tag: dict[str, _Paths] = field(default_factory=dict)
-    by_host: dict[str, _Paths] = field(default_factory=dict)
-    by_path: dict[str, _Paths] = field(default_factory=dict)
-    # Only entries no path can be read from: the rest are found by path, then key.
-    by_key: dict[str, _Paths] = field(default_factory=dict)
-    any_host: set[str] = field(default_factory=set)
-    unreadable: int = 0
-    invalid: int = 0
-    # Entries now indexed whose key the template could not read (no readings).
-    unmatched: int = 0
-
-    def _links(self, entry: _Entry) -> Iterator[tuple[dict[str, _Paths], str]]:
-        key, tags, readings = entry
-        for tag in tags:
-            yield self.by_tag, tag
-        has_path = False
-        for host, path, _ in readings:
-            if host is not None:
-                yield self.by_host, host
-            if path is not None:
-                has_path = True
-                yield self.by_path, path
-        if not has_path:
-            yield self.by_key, key
-
-    def add(self, path: str, entry: _Entry) -> None:
-        if path in self.entries:
-            self.remove(path)
-        self.entries[path] = entry
-        for table, value in self._links(entry):
-            paths = table.get(value)
-            if paths is None:
-                table[value] = {path: None}
-            else:
-                paths[path] = None
-        if any(host is None and key_path is not None for host, key_path, _ in _readings_of(entry)):
-            self.any_host.add(path)
-        if not _readings_of(entry):
-            self.unmatched += 1
-
-    def remove(self, path: str) -> None:
-        entry = self.entries.pop(path, None)
-        if entry is None:
-            return
-        for table, value in self._links(entry):
-            paths = table.get(value)
-            if paths is not None:
-                paths.pop(path, None)
-                if not paths:
-                    del table[value]
-        self.any_host.discard(path)
-        if not _readings_of(entry):
-            self.unmatched -= 1
-
-
-def _load(tables: _Tables, template: KeyTemplate, path: str) -> CacheHead | None:
-    try:
-        data = read_head(open_cache_file(path))
-    except OSError as exc:
-        _skip(tables, path, exc)
-        return None
-    return _add(tables, template, path, data)
-
-
-def _add(tables: _Tables, template: KeyTemplate, path: str, data: bytes) -> CacheHead | None:
-    head = parse_cache_head(data)
-    if head is None:
-        tables.invalid += 1
-        tables.remove(path)
-        return None
-    # Tags are kept folded (purges.fold_tag): tag purges match them case-insensitively.
-    tags = tuple(sorted({sys.intern(fold_tag(tag)) for tag in head.tags}))
-    tables.add(path, (head.key, tags, template.readings(head.key)))
-    return head
-
-
-def _skip(tables: _Tables, path: str, exc: OSError) -> None:
-    tables.remove(path)
-    if isinstance(exc, FileNotFoundError):
-        return
-    if isinstance(exc, PermissionError):
-        tables.unreadable += 1
-        # Once is enough to tell the operator; the count is in every index log line.
-        level = log.warning if tables.unreadable == 1 else log.debug
-        level("nginx_cache_file_unreadable", path=path, hint="run as nginx's worker user")
-    else:  # a symlink, an I/O error: not a file nginx wrote
-        tables.invalid += 1
-        log.debug("nginx_cache_file_unusable", path=path, error=str(exc))
-
-
-def _scan(
-    tables: _Tables,
-    template: KeyTemplate,
-    top: Path,
-    inotify: Inotify,
-    added: FileAdded | None = None,
-) -> None:
-    for path, data in _read_ahead(_walk(tables, top, inotify)):
-        if isinstance(data, OSError):
-            _skip(tables, path, data)
-        elif (head := _add(tables, template, path, data)) is not None and added is not None:
-            added(path, head)
-
-
-def _walk(tables: _Tables, top: Path, inotify: Inotify) -> Iterator[str]:
-    """The path of every cache file under ``top``, watching each folder before listing it.
-
-    Watching first means a file nginx adds after the listing still arrives as an event.
-    """
-    stack = [str(top)]
-    while stack:
-        folder = stack.pop()
-        try:
-            inotify.add_watch(folder, _WATCH_MASK)
-            listing = os.scandir(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except PermissionError:
-            tables.unreadable += 1
-            log.warning("nginx_cache_folder_unreadable", path=folder)
-            continue
-        with listing:
-            for item in listing:
-                if item.is_dir(follow_symlinks=False):
-                    stack.append(item.path)
-                elif is_cache_file_name(item.name):
-                    yield item.path
-
-
-def _read_ahead(paths: Iterable[str]) -> Iterator[tuple[str, bytes | OSError]]:
-    """Each path with its file's first bytes, or the error reading them, in order.
-
-    Every file costs a small random read when its head is not in the page cache (after a
-    reboot, or once nginx's cache outgrows memory), and one read after another waits for the
-    disk each time: reading 100,000 heads that way took 6-7 s on a 2-core VM. So each file
-    is opened, and its first page asked for with ``POSIX_FADV_WILLNEED`` (which starts the
-    read and returns), ``_READ_AHEAD_FILES`` files before it is read; the disk serves those
-    reads together while this thread parses, and the same heads took 2 s. (Reader threads
-    overlap the waits too, but each needs the GIL back after every read while this thread
-    parses: 4 threads took 4 s.)
-    """
-    ahead: deque[tuple[str, int | OSError | None]] = deque()
-    try:
-        for path in paths:
-            ahead.append((path, _open_ahead(path)))
-            if len(ahead) > _READ_AHEAD_FILES:
-                yield _finish_read(*ahead.popleft())
-        while ahead:
-            yield _finish_read(*ahead.popleft())
-    finally:
-        for _, fd in ahead:  # only when the caller stopped early
-            if isinstance(fd, int):
-                os.close(fd)
-
-
-def _open_ahead(path: str) -> int | OSError | None:
-    try:
-        fd = open_cache_file(path)
-    except OSError as exc:
-        # Out of descriptors (the bus holds one per connection): None opens the file at its
-        # turn instead, once those ahead of it are closed, rather than skip it.
-        return None if exc.errno in (errno.EMFILE, errno.ENFILE) else exc
-    with contextlib.suppress(OSError):  # only a hint
-        os.posix_fadvise(fd, 0, HEAD_FIRST_READ, os.POSIX_FADV_WILLNEED)
-    return fd
-
-
-def _finish_read(path: str, fd: int | OSError | None) -> tuple[str, bytes | OSError]:
-    if isinstance(fd, OSError):
-        return path, fd
-    try:
-        return path, read_head(open_cache_file(path) if fd is None else fd)
-    except OSError as exc:
-        return path, exc
-
-
-def _fresh_scan(root: Path, template: KeyTemplate, inotify: Inotify) -> _Tables:
-    tables = _Tables()
-    _scan(tables, template, root, inotify)
-    return tables
 
 
 def _watch_failure(kind: type[DrainbusError], root: Path, exc: OSError) -> DrainbusError:
@@ -335,7 +104,7 @@ class CacheIndex:
         self.template = template
         self.name = name or str(root)
         self.on_file_added = on_file_added
-        self._tables = _Tables()
+        self._tables = Tables()
         self._inotify: Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stale = False
@@ -384,7 +153,7 @@ class CacheIndex:
 
     def sample_keys(self, limit: int) -> list[str]:
         """The keys of up to ``limit`` indexed files."""
-        return [_key_of(entry) for entry in itertools.islice(self._tables.entries.values(), limit)]
+        return [key_of(entry) for entry in itertools.islice(self._tables.entries.values(), limit)]
 
     @property
     def skipped_invalid(self) -> int:
@@ -409,7 +178,7 @@ class CacheIndex:
         if not paths:
             return set(tables.by_key.get(key, ()))
         candidates = set().union(*(tables.by_path.get(path, ()) for path in paths))
-        return {path for path in candidates if _key_of(tables.entries[path]) == key}
+        return {path for path in candidates if key_of(tables.entries[path]) == key}
 
     def paths_for_tag(self, tag: str) -> set[str]:
         """Files tagged ``tag``, whole tags compared ignoring ASCII case (:func:`fold_tag`)."""
@@ -425,7 +194,7 @@ class CacheIndex:
         return {
             path
             for path in tables.any_host.union(tables.by_host.get(host, ()))
-            if all(host_reading_matches(r, host) for r in _readings_of(tables.entries[path]))
+            if all(host_reading_matches(r, host) for r in readings_of(tables.entries[path]))
         }
 
     def paths_for_url(self, url: str) -> set[str]:
@@ -437,7 +206,7 @@ class CacheIndex:
         has_query = self.template.has_query
         found = set()
         for path in self._tables.by_path.get(want.path or "/", ()):
-            readings = _readings_of(self._tables.entries[path])
+            readings = readings_of(self._tables.entries[path])
             if all(url_reading_matches(r, want, has_query=has_query) for r in readings):
                 found.add(path)
         return found
@@ -454,9 +223,7 @@ class CacheIndex:
         return {
             path
             for path in self.paths_for_host(want.host or "")
-            if all(
-                prefix_reading_matches(r, want) for r in _readings_of(self._tables.entries[path])
-            )
+            if all(prefix_reading_matches(r, want) for r in readings_of(self._tables.entries[path]))
         }
 
     async def _rebuild(self, failure: type[DrainbusError] = BackendError) -> None:
@@ -473,7 +240,7 @@ class CacheIndex:
         assert self._loop is not None
         self._loop.add_reader(inotify.fd, self._drain)
         try:
-            tables = await anyio.to_thread.run_sync(_fresh_scan, self.root, self.template, inotify)
+            tables = await anyio.to_thread.run_sync(fresh_scan, self.root, self.template, inotify)
         except OSError as exc:
             self._close_inotify()
             raise _watch_failure(failure, self.root, exc) from exc
@@ -527,7 +294,7 @@ class CacheIndex:
         elif Mask.ISDIR in mask:
             if mask & (Mask.CREATE | Mask.MOVED_TO):
                 try:
-                    _scan(self._tables, self.template, path, inotify, self._file_added)
+                    scan(self._tables, self.template, path, inotify, self._file_added)
                 except OSError:  # out of watches: the next sync rescans, or says why
                     log.exception("nginx_cache_folder_unwatched", path=str(path))
                     self._stale = True
@@ -535,7 +302,7 @@ class CacheIndex:
                 self._stale = True  # the folder's watch now names a wrong path
         elif is_cache_file_name(path.name):
             if mask & (Mask.CLOSE_WRITE | Mask.MOVED_TO):
-                head = _load(self._tables, self.template, str(path))
+                head = load(self._tables, self.template, str(path))
                 if head is not None and Mask.MOVED_TO in mask:
                     self._file_added(str(path), head)
             elif mask & (Mask.DELETE | Mask.MOVED_FROM):

@@ -16,12 +16,14 @@ One line is one purge::
 A soft purge marks objects stale instead of deleting them where a target can (nginx expires
 the file, Cloudflare invalidates, some HTTP caches soft-purge); the scope rules are the same.
 
-:func:`parse_purge` turns a line into a :class:`Purge` or raises :class:`DataError`;
-:func:`check_scope` decides whether a user may publish it or raises :class:`PermissionDenied`.
-Keys also name hosts (``key_host``), so their character set is narrow on purpose; tags are
+:func:`parse_purge` turns a line into a :class:`Purge` or raises :class:`DataError`. Keys
+also name hosts (``key_host``), so their character set is narrow on purpose; tags are
 whatever origins send in ``Cache-Tag`` (any printable UTF-8 but whitespace and ','), checked
-against Cloudflare's rules so they never fail at the API. Prefixes match on path boundaries
-(:func:`url_matches_prefix`).
+against Cloudflare's rules so they never fail at the API.
+
+Who may publish a purge (:func:`check_scope`, :class:`ScopeRule`) is
+:mod:`drainbus.drain.scope`'s job, and how prefixes match on path boundaries
+(:func:`path_under`) :mod:`drainbus.drain.url_rules`'; both are importable from here too.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from drainbus.errors import ConfigError, DataError, PermissionDenied
-from drainbus.identity import user_key
+# Scope rules and URL rules live in their own modules; their names stay importable from here,
+# the one place the rest of drainbus (and the branches in flight) reach for purge names.
+from drainbus.drain.scope import ScopeRule, check_scope, key_host_for, key_hosts
+from drainbus.drain.url_rules import is_dns_name, path_prefix_regex, path_under, url_matches_prefix
+from drainbus.errors import DataError
+from drainbus.errors import quote_input as _show
 
 __all__ = [
     "MAX_JSON_ITEMS",
@@ -62,7 +68,6 @@ MAX_JSON_ITEMS = 1000
 """Most items in any one list of a JSON purge."""
 
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _FORMS = (
     "a bare key, tag:KEY, url:URL, prefix:URL, host:NAME, an http(s):// URL, '*' "
     "(any of these after soft: for a soft purge) or JSON"
@@ -160,87 +165,6 @@ def _parse_form(text: str) -> Purge:
     raise DataError(f"unknown purge form {_show(word + ':')}; use {_FORMS}")
 
 
-@dataclass(frozen=True, slots=True)
-class ScopeRule:
-    """What a non-admin user owns besides the keys named after them.
-
-    A user owns the key equal to their name and every key starting with name +
-    ``owner_separator``; the same goes for tags. ``key_host`` maps a key to its host name,
-    e.g. ``"{key}.pages.example"``; a user owns the hosts of their keys. Without ``key_host``
-    non-admins may not purge hosts, URLs or prefixes. Raises :class:`ConfigError` if
-    ``key_host`` lacks exactly one ``{key}`` (or has other braces) or the separator is empty.
-    """
-
-    key_host: str | None = None
-    owner_separator: str = "-"
-
-    def __post_init__(self) -> None:
-        template = self.key_host
-        if template is not None and (
-            # Any brace-free text in place of "{key}" would do: only braces left over count.
-            template.count("{key}") != 1 or set("{}") & set(template.replace("{key}", ""))
-        ):
-            raise ConfigError(
-                f"key_host {template!r} is invalid: it needs exactly one '{{key}}' and no "
-                "other braces, like '{key}.pages.example'"
-            )
-        if not self.owner_separator:
-            raise ConfigError("owner_separator is empty; use a character such as '-'")
-
-
-def key_host_for(rule: ScopeRule, key: str) -> str | None:
-    """Return the lower-case host name of ``key`` under ``rule.key_host``.
-
-    Returns None when no ``key_host`` is configured or the result is not a valid DNS name
-    (for a key containing '_', say): then the key is purged as a tag only.
-    """
-    if rule.key_host is None:
-        return None
-    host = rule.key_host.replace("{key}", key).lower()
-    return host if _is_dns_name(host) else None
-
-
-def key_hosts(purge: Purge, rule: ScopeRule | None) -> frozenset[str]:
-    """The hosts of ``purge.keys`` under ``rule.key_host`` (empty without a rule or key_host).
-
-    A bare key means its tag AND its host on every target: nginx, HTTP PURGE caches and
-    Cloudflare all add these hosts to the purge.
-    """
-    if rule is None:
-        return frozenset()
-    return frozenset(host for key in purge.keys if (host := key_host_for(rule, key)))
-
-
-def check_scope(purge: Purge, *, user: str, is_admin: bool, rule: ScopeRule) -> None:
-    """Return if ``user`` may publish ``purge``; raise :class:`PermissionDenied` if not.
-
-    Admins may purge anything. Other users may purge the keys and tags they own (see
-    :class:`ScopeRule`), and hosts, URLs and prefixes whose host is ``key_host`` of a key they
-    own (host names compare case-insensitively). Only admins may purge everything.
-    """
-    if is_admin:
-        return
-    if purge.everything:
-        raise PermissionDenied(
-            "purge of everything refused: only admins may purge everything", user=user
-        )
-    sep = rule.owner_separator
-    refused = [("key", key) for key in sorted(purge.keys) if not _owns(user, key, sep)]
-    refused += [("tag", tag) for tag in sorted(purge.tags) if not _owns(user, tag, sep)]
-    refused += [("host", host) for host in sorted(purge.hosts) if not _owns_host(user, host, rule)]
-    refused += [
-        (kind, url)
-        for kind, urls in (("URL", purge.urls), ("prefix", purge.prefixes))
-        for url in sorted(urls)
-        if not _owns_host(user, _hostname(url), rule)
-    ]
-    if refused:
-        kind, item = refused[0]
-        owned = f"user {user!r} may purge only keys {user!r} and {user + sep + '*'!r}"
-        owned += " and their hosts" if rule.key_host else "; hosts, URLs and prefixes need an admin"
-        raise PermissionDenied(f"purge of {kind} {_show(item)} refused: {owned}", user=user)
-
-
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -256,45 +180,6 @@ def fold_tag(tag: str) -> str:
     fold, as Varnish can fold nothing else: ``café`` and ``CAFÉ`` stay two tags there.
     """
     return tag.translate(_ASCII_LOWER)
-
-
-def path_under(path: str, prefix: str) -> bool:
-    """Whether ``path`` lies at or under the prefix path ``prefix``: the one boundary rule.
-
-    Every target applies this rule (the nginx index, the refill guard, and the BAN regex
-    of :func:`path_prefix_regex`). ``/docs`` covers ``/docs`` and ``/docs/…`` but not
-    ``/docs2``; ``/docs/`` covers ``/docs/`` and below only; ``/`` (or an empty path) covers
-    every path. Queries are not part of ``path``.
-    """
-    prefix = prefix or "/"
-    if prefix.endswith("/"):
-        return path.startswith(prefix)
-    return path == prefix or path.startswith(prefix + "/")
-
-
-def path_prefix_regex(prefix: str) -> str:
-    """An anchored regex for request URIs (path and query) under ``prefix``, as :func:`path_under`.
-
-    ``/docs`` gives ``^/docs([/?]|$)``; ``/docs/`` gives ``^/docs/``; ``/`` gives ``^/``.
-    """
-    prefix = prefix or "/"
-    if prefix.endswith("/"):
-        return "^" + re.escape(prefix)
-    return "^" + re.escape(prefix) + "([/?]|$)"
-
-
-def url_matches_prefix(url: str, prefix: str) -> bool:
-    """Return whether ``url`` lies at or under ``prefix``, on a path boundary.
-
-    Hosts compare case-insensitively; schemes, ports, queries and fragments are ignored.
-    ``https://h/docs`` covers ``/docs``, ``/docs/...`` and ``/docs?x=1`` but not ``/docs2``;
-    ``https://h/docs/`` covers paths starting with ``/docs/``; ``https://h`` and ``https://h/``
-    cover the whole host. Returns False if either is not a URL with a host.
-    """
-    url_host, prefix_host = _hostname(url), _hostname(prefix)
-    if not url_host or url_host != prefix_host:
-        return False
-    return path_under(urlsplit(url).path or "/", urlsplit(prefix).path or "/")
 
 
 def _parse_json(text: str) -> Purge:
@@ -551,7 +436,7 @@ def _host(value: str) -> str:
     name, _, port = host.rpartition(":")
     if port.isdigit() and name and (":" not in name or name.startswith("[")):
         raise DataError(f"host {_show(value)} has a port; give the host name alone")
-    if not _is_dns_name(host):
+    if not is_dns_name(host):
         raise DataError(
             f"host {_show(value)} is not a DNS name or IP address; a name is dot-separated "
             "labels of letters, digits and inner '-', 1 to 63 characters each"
@@ -559,52 +444,7 @@ def _host(value: str) -> str:
     return host
 
 
-def _is_dns_name(host: str) -> bool:
-    """Whether ``host`` (lower case) is a DNS host name; an all-digit last label is not."""
-    labels = host.split(".")
-    return (
-        len(host) <= 253
-        and all(_DNS_LABEL.fullmatch(label) for label in labels)
-        and not labels[-1].isdigit()
-    )
-
-
-def _hostname(url: str) -> str | None:
-    try:
-        return urlsplit(url).hostname
-    except ValueError:
-        return None
-
-
-def _owns(user: str, name: str, sep: str) -> bool:
-    # Regardless of case, as user names are unique that way and hosts and tags compare so.
-    user, name, sep = user_key(user), user_key(name), user_key(sep)
-    return bool(user) and (name == user or name.startswith(user + sep))
-
-
-def _owns_host(user: str, host: str | None, rule: ScopeRule) -> bool:
-    """Whether ``host`` is ``rule.key_host`` of some key ``user`` owns, ignoring case."""
-    if rule.key_host is None or not host:
-        return False
-    # ScopeRule allows exactly one "{key}", so partition and rpartition split it alike.
-    before, _, after = rule.key_host.lower().partition("{key}")
-    host = host.lower()
-    # The length test keeps the key non-empty; a shorter host that passed on would leave an
-    # empty key, which no user owns, so '<' or a wrong sum here refuses the same hosts.
-    if len(host) <= len(before) + len(after) or not (
-        host.startswith(before) and host.endswith(after)
-    ):
-        return False
-    key = host[len(before) : len(host) - len(after)]
-    return _owns(user, key, rule.owner_separator)
-
-
 def _describe(char: str) -> str:
     if char.isspace():
         return "whitespace"
     return repr(char) if char.isprintable() else f"control character {char!r}"
-
-
-def _show(value: str) -> str:
-    """Quote user input for a message: escaped, and cut short when long."""
-    return repr(value) if len(value) <= 80 else repr(value[:77]) + "..."

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from drainbus.drain.purges import ScopeRule, check_scope, parse_purge
+from drainbus.drain.purges import parse_purge
+from drainbus.drain.scope import ScopeRule, check_scope
 from drainbus.errors import DataError
 from drainbus.identity import Identity
 
