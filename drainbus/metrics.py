@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from drainbus.config import parse_listen
+from drainbus.drain.target_stats import CloudflareStats, NginxStats
 from drainbus.errors import StartupError
 
 if TYPE_CHECKING:
@@ -188,6 +189,11 @@ def _drain_metrics(drain: Drain, name: str) -> Iterator[Metric]:
         pending.add_metric([name, group], group_pending)
     yield lag
     yield pending
+    yield from _target_metrics(drain, name)
+
+
+def _target_metrics(drain: Drain, name: str) -> Iterator[Metric]:
+    """Each target's figures, by the type of its stats (an HTTP-purge cache has none here)."""
     evicted = CounterMetricFamily("drainbus_objects_evicted", "nginx cache objects removed",
                                   labels=["node", "target"])  # fmt: skip
     refills = CounterMetricFamily("drainbus_nginx_refills_evicted",
@@ -205,21 +211,21 @@ def _drain_metrics(drain: Drain, name: str) -> Iterator[Metric]:
     tokens = GaugeMetricFamily("drainbus_cloudflare_tokens", "Rate-limit tokens left locally",
                                labels=["node", "account"])  # fmt: skip
     for target in drain.all_targets:
-        target_stats = target.snapshot()
-        if "evicted" in target_stats:
-            evicted.add_metric([name, target.name], target_stats["evicted"])
-            index.add_metric([name, target.name], target_stats["indexed"])
-            unmatched.add_metric([name, target.name], target_stats["unmatched_keys"])
-            refills.add_metric([name, target.name], target_stats["refills_evicted"])
-        if "calls" in target_stats:
-            for outcome, count in target_stats["calls"].items():
-                calls.add_metric([name, outcome], count)
-            for account, left in target_stats["tokens_left"].items():
-                tokens.add_metric([name, account], left)
-            yield _counter("drainbus_cloudflare_rate_limited", "Cloudflare 429 answers", name,
-                           target_stats["rate_limited"])  # fmt: skip
-            yield _counter("drainbus_cloudflare_retries", "Cloudflare calls retried", name,
-                           target_stats["retries"])  # fmt: skip
+        match target.stats():
+            case NginxStats() as stats:
+                evicted.add_metric([name, target.name], stats.evicted)
+                index.add_metric([name, target.name], stats.indexed)
+                unmatched.add_metric([name, target.name], stats.unmatched_keys)
+                refills.add_metric([name, target.name], stats.refills_evicted)
+            case CloudflareStats() as stats:
+                for outcome, count in stats.calls.items():
+                    calls.add_metric([name, outcome], count)
+                for account, left in stats.tokens_left.items():
+                    tokens.add_metric([name, account], round(left, 2))
+                yield _counter("drainbus_cloudflare_rate_limited", "Cloudflare 429 answers",
+                               name, stats.rate_limited)  # fmt: skip
+                yield _counter("drainbus_cloudflare_retries", "Cloudflare calls retried", name,
+                               stats.retries)  # fmt: skip
     yield from (evicted, refills, index, unmatched, calls, tokens)
 
 

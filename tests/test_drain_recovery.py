@@ -21,6 +21,7 @@ from drainbus.drain.daemon import Drain
 from drainbus.drain.dead_letters import list_dead_letters
 from drainbus.drain.purges import Purge
 from drainbus.drain.retry import DONE, Outcome
+from drainbus.drain.target_stats import HttpPurgeStats
 from drainbus.node import Node
 from tests.conftest import User
 from tests.nginx_env import NginxEnv
@@ -173,6 +174,9 @@ class _GatedTarget:
 
     def snapshot(self) -> dict[str, Any]:
         return {}
+
+    def stats(self) -> HttpPurgeStats:
+        return HttpPurgeStats(requests={}, retries=0, skipped=0, last_error=None)
 
 
 def local_drain(redis: Redis, redis_url: str, keys: Keys, target: _GatedTarget) -> Drain:

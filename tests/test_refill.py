@@ -12,6 +12,7 @@ from drainbus.drain.cache_file import parse_cache_head
 from drainbus.drain.nginx import NginxCache, NginxCacheConfig, cache_file_path
 from drainbus.drain.purges import Purge
 from drainbus.drain.scope import ScopeRule
+from drainbus.drain.target_stats import NginxStats
 from drainbus.drain.targets import NginxTarget
 from tests.nginx_env import (
     CACHE_KEY,
@@ -113,6 +114,8 @@ async def test_target_reports_refills_evicted(cache_dir: Path) -> None:
         await target.apply([Purge(urls=frozenset({_url("/p")}))])
         write_cache_file(cache_dir, _key("/p"), headers=['ETag: "v1"'])
         await cache.index.sync()
+        stats = target.stats()
+        assert stats == NginxStats(evicted=1, refills_evicted=1, indexed=0, unmatched_keys=0)
         assert target.snapshot() == {
             "evicted": 1, "refills_evicted": 1, "indexed": 0, "unmatched_keys": 0
         }  # fmt: skip

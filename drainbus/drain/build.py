@@ -12,13 +12,7 @@ from drainbus.drain.cloudflare import PLAN_LIMITS, CloudflareForwarder, Cloudfla
 from drainbus.drain.daemon import Drain
 from drainbus.drain.http_purge import HttpPurger
 from drainbus.drain.nginx import NginxCache
-from drainbus.drain.targets import (
-    CloudflareTarget,
-    HttpPurgeTarget,
-    LocalCacheTarget,
-    NginxTarget,
-    Target,
-)
+from drainbus.drain.targets import LocalCacheTarget, NginxTarget, Target
 from drainbus.identity import user_key
 
 __all__ = ["Drain", "open_drain"]
@@ -43,17 +37,17 @@ async def open_drain(
             )
             local.append(NginxTarget(cache, rule, cache_config.name or f"nginx-{number}"))
         for number, http_config in enumerate(drain.http_purge, start=1):
-            purger = await stack.enter_async_context(HttpPurger(http_config, scope_rule=rule))
-            local.append(HttpPurgeTarget(purger, http_config.name or f"http-{number}"))
+            name = http_config.name or f"http-{number}"
+            purger = HttpPurger(http_config, name=name, scope_rule=rule)
+            local.append(await stack.enter_async_context(purger))
         cdn: list[Target] = []
         window = 0.0
         busy_for = None
         batch_size = 4096
         if drain.cloudflare:
-            forwarder = await stack.enter_async_context(
+            target = await stack.enter_async_context(
                 CloudflareForwarder(drain.cloudflare, scope_rule=rule)
             )
-            target = CloudflareTarget(forwarder)
             window = target.batch_window
             busy_for = target.busy_for
             batch_size = _cdn_batch_size(drain.cloudflare)

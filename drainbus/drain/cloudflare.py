@@ -51,11 +51,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import anyio
 import httpx
@@ -71,6 +68,7 @@ from drainbus.drain.cloudflare_zones import (
     PlanLimits,
     ZoneConfigError,
 )
+from drainbus.drain.http_target import HttpTarget
 from drainbus.drain.lanes import run_lanes
 from drainbus.drain.purges import Purge
 from drainbus.drain.retry import (
@@ -86,11 +84,11 @@ from drainbus.drain.retry import (
     merge_outcomes,
     parse_ratelimit,
     parse_retry_after,
-    run_with_retry,
     status_verdict,
     transport_verdict,
 )
 from drainbus.drain.scope import ScopeRule
+from drainbus.drain.target_stats import CloudflareStats
 from drainbus.errors import ConfigError
 
 __all__ = [
@@ -111,25 +109,6 @@ _log = structlog.get_logger(__name__)
 
 # Refusals that may be caused by one item among many: worth bisecting the call.
 _SPLITTABLE: Final = frozenset({400, 413, 422})
-
-
-@dataclass(frozen=True, slots=True)
-class CloudflareStats:
-    """A snapshot of a forwarder's counters since it was created.
-
-    ``calls`` counts API calls by final outcome (``done``, ``permanent``, ``retry_later``);
-    ``rate_limited`` counts 429 responses; ``retries`` counts retried attempts;
-    ``tokens_left`` and ``url_tokens_left`` are the local buckets per account label;
-    ``unrouted`` counts purge parts no zone serves; ``last_error`` is the latest failure.
-    """
-
-    calls: Mapping[str, int]
-    rate_limited: int
-    retries: int
-    tokens_left: Mapping[str, float]
-    url_tokens_left: Mapping[str, float]
-    unrouted: int
-    last_error: str | None
 
 
 # Cloudflare's ``errors[].code`` decides before the HTTP status does. Codes from Cloudflare's
@@ -196,8 +175,9 @@ def _describe_errors(response: httpx.Response) -> tuple[bool, str, str | None]:
     return success, "" if success else ", success is not true", reference
 
 
-class CloudflareForwarder:
-    """Sends batches of purges to Cloudflare; an async context manager owning one HTTP client.
+class CloudflareForwarder(HttpTarget):
+    """Sends batches of purges to Cloudflare: the cdn role's :class:`~drainbus.drain.targets.
+    Target`, and an async context manager owning one HTTP client.
 
     Tokens are resolved when the forwarder is created, so a missing token fails at start-up
     (:class:`ZoneConfigError`). ``retry`` sets the back-off; ``limits`` overrides
@@ -232,11 +212,9 @@ class CloudflareForwarder:
                     zone=zone.zone_id,
                 )
             seen.add(zone.zone_id)
-        self._retry = retry or RetryPolicy()
+        super().__init__(retry=retry, sleep=sleep, rng=rng)
+        self.name = "cloudflare"
         self._limits = {**PLAN_LIMITS, **(limits or {})}
-        self._sleep = sleep
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._client: httpx.AsyncClient | None = None
 
         tokens = [zone.resolve_token(environ) for zone in zones]
         # Zones share a budget by account name, else by token; a token is only ever a key.
@@ -279,10 +257,7 @@ class CloudflareForwarder:
         self._planner = Planner(zone_list, scope_rule)
 
         self._last_buckets: list[TokenBucket] = []
-        self._calls: Counter[str] = Counter()
         self._rate_limited = 0
-        self._retries = 0
-        self._last_error: str | None = None
 
     @property
     def batch_window(self) -> float:
@@ -304,24 +279,10 @@ class CloudflareForwarder:
         """
         return min((bucket.delay(1.0) for bucket in self._last_buckets), default=0.0)
 
-    async def __aenter__(self) -> Self:
-        self._client = httpx.AsyncClient(headers={"User-Agent": "drainbus"}, follow_redirects=False)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
     def stats(self) -> CloudflareStats:
         """A snapshot of the counters and the local rate buckets."""
         return CloudflareStats(
-            calls=dict(self._calls),
+            calls=dict(self._outcomes),
             rate_limited=self._rate_limited,
             retries=self._retries,
             tokens_left={a.label: a.calls.tokens for a in self._accounts},
@@ -330,7 +291,7 @@ class CloudflareForwarder:
             last_error=self._last_error,
         )
 
-    async def forward(
+    async def apply(
         self, purges: Sequence[Purge], on_settled: OnSettled | None = None
     ) -> list[Outcome]:
         """Purge a batch on Cloudflare; return one :class:`Outcome` per purge, in order.
@@ -340,8 +301,7 @@ class CloudflareForwarder:
         answered stay done, which is harmless because purges are idempotent.
         ``on_settled``: see :func:`drainbus.drain.lanes.run_lanes`.
         """
-        if self._client is None:
-            raise RuntimeError("CloudflareForwarder.forward() called outside 'async with'")
+        self._open_client()  # raises outside 'async with'
         calls, local = self._planner.plan(purges)
         parts: dict[int, list[Outcome]] = {i: [] for i in range(len(purges))}
         for i, outcome in local.items():
@@ -359,6 +319,8 @@ class CloudflareForwarder:
 
         await run_lanes(lanes.values(), self._execute, parts, on_settled)
         return [merge_outcomes(parts[i]) for i in range(len(purges))]
+
+    forward = apply  # the name callers used before it was the Target protocol's
 
     async def _execute(self, call: Call) -> dict[int, Outcome]:
         verdict = await self._send(call)
@@ -414,32 +376,18 @@ class CloudflareForwarder:
                 )
             return await self._post(call, bucket, spend)
 
-        def count_retry(verdict: Verdict) -> None:
-            self._retries += 1
-
-        verdict = await run_with_retry(
-            attempt,
-            policy=self._retry,
-            log=log,
-            rng=self._rng,
-            sleep=self._sleep,
-            on_retry=count_retry,
-        )
-        outcome = verdict.outcome()
-        self._calls[outcome.status] += 1
-        if outcome.status == "done":
+        verdict = await self._retrying(attempt, log)
+        if verdict.status == "done":
             log.info("cloudflare_purged")
-        else:
-            self._last_error = verdict.error
         return verdict
 
     async def _post(self, call: Call, bucket: TokenBucket, spend: Spend) -> Verdict:
-        assert self._client is not None
+        client = self._open_client()
         zone = call.zone
         secret = zone.token.get_secret_value()
         what = f"zone {zone.id} {call.endpoint} ({call.kind})"
         try:
-            response = await self._client.post(
+            response = await client.post(
                 f"{zone.config.api_base}/zones/{zone.id}/{call.endpoint}",
                 json=call.body(),
                 headers={"Authorization": f"Bearer {secret}"},

@@ -49,10 +49,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Final, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
@@ -61,6 +59,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from drainbus.drain.http_target import HttpTarget
 from drainbus.drain.purges import Purge
 from drainbus.drain.retry import (
     DONE,
@@ -70,12 +69,13 @@ from drainbus.drain.retry import (
     Verdict,
     merge_outcomes,
     parse_retry_after,
-    run_with_retry,
     status_verdict,
     transport_verdict,
 )
 from drainbus.drain.scope import ScopeRule, key_hosts
+from drainbus.drain.target_stats import HttpPurgeStats
 from drainbus.drain.url_rules import path_prefix_regex
+from drainbus.errors import DrainbusError
 from drainbus.values import PositiveDuration
 
 __all__ = ["HttpPurgeConfig", "HttpPurgeStats", "HttpPurger", "Outcome"]
@@ -169,17 +169,6 @@ class HttpPurgeConfig(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class HttpPurgeStats:
-    """A snapshot of a purger's counters: ``requests`` by final outcome, ``retries``,
-    ``skipped`` purge parts no template expresses, and the ``last_error``."""
-
-    requests: Mapping[str, int]
-    retries: int
-    skipped: int
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class _Request:
     method: str
     url: str
@@ -235,66 +224,45 @@ def _if_supported(
     return plan(items)
 
 
-class HttpPurger:
-    """Sends batches of purges to one HTTP-purge cache; an async context manager owning the
-    HTTP client. ``retry`` sets the back-off; ``sleep`` and ``rng`` exist for tests."""
+class HttpPurger(HttpTarget):
+    """Sends batches of purges to one HTTP-purge cache: a :class:`~drainbus.drain.targets.
+    LocalCacheTarget` and an async context manager owning the HTTP client. ``name`` defaults
+    to the config's label; ``retry`` sets the back-off; ``sleep`` and ``rng`` exist for tests.
+    """
 
     def __init__(
         self,
         config: HttpPurgeConfig,
         *,
+        name: str | None = None,
         retry: RetryPolicy | None = None,
         sleep: Sleep = anyio.sleep,
         rng: random.Random | None = None,
         scope_rule: ScopeRule | None = None,
     ) -> None:
+        super().__init__(retry=retry, sleep=sleep, rng=rng, timeout=config.timeout)
         self.config = config
+        self.name = name or config.label
         self._scope_rule = scope_rule
-        self._retry = retry or RetryPolicy()
-        self._sleep = sleep
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._client: httpx.AsyncClient | None = None
         self._log = _log.bind(target=config.label)
-        self._requests: Counter[str] = Counter()
-        self._retries = 0
         self._skipped = 0
-        self._last_error: str | None = None
-
-    async def __aenter__(self) -> Self:
-        self._client = httpx.AsyncClient(
-            timeout=self.config.timeout,
-            follow_redirects=False,
-            headers={"User-Agent": "drainbus"},
-        )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     def stats(self) -> HttpPurgeStats:
         """A snapshot of the counters."""
         return HttpPurgeStats(
-            requests=dict(self._requests),
+            requests=dict(self._outcomes),
             retries=self._retries,
             skipped=self._skipped,
             last_error=self._last_error,
         )
 
-    async def forward(self, purges: Sequence[Purge]) -> list[Outcome]:
+    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
         """Send a batch; return one :class:`Outcome` per purge, in order.
 
         Never raises for a purge's failure; raises :class:`RuntimeError` outside
         ``async with``.
         """
-        if self._client is None:
-            raise RuntimeError("HttpPurger.forward() called outside 'async with'")
+        self._open_client()  # raises outside 'async with'
         requests, parts = self._plan(purges)
         limit = anyio.Semaphore(self.config.concurrency)
 
@@ -308,6 +276,15 @@ class HttpPurger:
             for request, owners in requests:
                 group.start_soon(run, request, owners)
         return [merge_outcomes(parts[i]) for i in range(len(purges))]
+
+    forward = apply  # the name callers used before it was the Target protocol's
+
+    async def flush_all(self) -> int:
+        """Send the configured everything-purge; the cache does not say how many it held."""
+        outcome = (await self.apply([Purge(everything=True)]))[0]
+        if outcome.status != "done":
+            raise DrainbusError(f"{self.name}: flush failed: {outcome.error}")
+        return 0
 
     def _plan(self, purges: Sequence[Purge]) -> tuple[_Planned, dict[int, list[Outcome]]]:
         """The requests that carry out ``purges`` (with the purges each serves), and each
@@ -438,8 +415,7 @@ class HttpPurger:
         )
 
     async def _send(self, request: _Request) -> Outcome:
-        client = self._client
-        assert client is not None
+        client = self._open_client()
         what = f"{self.config.label} {request.method} {request.what}"
         log = self._log.bind(method=request.method, purge=request.what)
         expect = self.config.expect_status
@@ -468,23 +444,10 @@ class HttpPurger:
                 retry_after=retry_after,
             )
 
-        def count_retry(verdict: Verdict) -> None:
-            self._retries += 1
-
-        verdict = await run_with_retry(
-            attempt,
-            policy=self._retry,
-            log=log,
-            rng=self._rng,
-            sleep=self._sleep,
-            on_retry=count_retry,
-        )
+        verdict = await self._retrying(attempt, log)
         outcome = verdict.outcome()
-        self._requests[outcome.status] += 1
         if outcome.status == "done":
             log.debug("http_purged")
-        else:
-            self._last_error = verdict.error
-            if outcome.status == "permanent":
-                log.error("http_purge_refused", error=verdict.error)
+        elif outcome.status == "permanent":
+            log.error("http_purge_refused", error=verdict.error)
         return outcome
