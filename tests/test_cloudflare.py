@@ -106,7 +106,7 @@ async def test_many_tag_purges_pack_into_calls_of_at_most_100(
     """250 tag purges become three calls of at most 100 tags that together carry every tag."""
     purges = [tags(f"site-{i}") for i in range(250)]
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
 
     assert {o.status for o in outcomes} == {"done"}
     assert [len(c.items) for c in fake.accepted] == [100, 100, 50]
@@ -125,7 +125,7 @@ async def test_url_calls_carry_up_to_the_plan_limit(
     fake = make_fake(plan=plan)
     purges = [urls(f"https://a.example/p/{i}") for i in range(600)]
     async with forwarder(zone(fake, plan=plan)) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
 
     assert {o.status for o in outcomes} == {"done"}
     assert [len(c.items) for c in fake.accepted] == sizes
@@ -144,7 +144,7 @@ async def test_duplicate_purges_are_coalesced(
         urls("https://a.example/x"),
     ]
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
 
     assert [o.status for o in outcomes] == ["done"] * 5
     assert by_zone(fake.accepted) == {
@@ -171,7 +171,7 @@ async def test_purges_are_routed_to_zones_by_host(
         tags("t"),
     ]
     async with forwarder(*zones) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
 
     assert {o.status for o in outcomes} == {"done"}
     assert by_zone(fake.accepted) == {
@@ -190,7 +190,7 @@ async def test_a_host_no_zone_serves_is_done_without_a_call(
 ) -> None:
     """With no catch-all zone, a URL on a foreign host needs no call and counts as unrouted."""
     async with forwarder(zone(fake, hosts=["a.example"])) as fwd:
-        outcomes = await fwd.forward([urls("https://other.example/x")])
+        outcomes = await fwd.apply([urls("https://other.example/x")])
         stats = fwd.stats()
 
     assert [o.status for o in outcomes] == ["done"]
@@ -204,7 +204,7 @@ async def test_prefixes_are_sent_without_scheme(
     """A prefix is sent as host/path; a prefix at the root becomes a host purge."""
     purge = Purge(prefixes=frozenset({"https://a.example/docs", "http://b.example/"}))
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([purge])
+        outcomes = await fwd.apply([purge])
 
     assert [o.status for o in outcomes] == ["done"]
     assert by_zone(fake.accepted) == {
@@ -227,7 +227,7 @@ async def test_soft_purges_and_invalidate_zones_use_invalidate_cache(
         urls("https://s.example/any"),
     ]
     async with forwarder(*zones) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
 
     assert {o.status for o in outcomes} == {"done"}
     assert by_zone(fake.accepted) == {
@@ -243,7 +243,7 @@ async def test_purge_everything_absorbs_the_zones_other_calls(
     """A zone's purge_everything replaces its other calls, and their purges depend on it."""
     purges = [urls("https://a.example/x", soft=True), tags("t"), Purge(everything=True)]
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
 
     assert [o.status for o in outcomes] == ["done"] * 3
     assert [(c.endpoint, c.body) for c in fake.accepted] == [
@@ -262,7 +262,7 @@ async def test_the_purge_id_reaches_the_outcome(
         Purge(tags=frozenset({"b"}), urls=frozenset({"https://a.example/y"})),
     ]
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
 
     ids = {call.kind: call.reference for call in fake.accepted}
     assert None not in ids.values()
@@ -279,7 +279,7 @@ async def test_a_success_without_a_purge_id_is_done_without_reference(
     """Cloudflare's id is kept when given; an answer without one is still a success."""
     fake.fail_next(1, status=200, body={"success": True, "errors": [], "result": None})
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([tags("a")])
+        outcomes = await fwd.apply([tags("a")])
 
     assert [(o.status, o.reference) for o in outcomes] == [("done", None)]
 
@@ -292,11 +292,11 @@ async def test_busy_for_says_when_the_last_calls_bucket_has_room(
     limits = {"free": PlanLimits(calls_per_second=0.01, calls_bucket=1, urls_per_second=800)}
     async with forwarder(zone(fake), limits=limits) as fwd:
         assert fwd.busy_for() == 0
-        await fwd.forward([urls("https://a.example/x")])
+        await fwd.apply([urls("https://a.example/x")])
         assert fwd.busy_for() == 0  # 799 URL tokens left
-        await fwd.forward([tags("a")])
+        await fwd.apply([tags("a")])
         assert fwd.busy_for() > 60  # the only call token is spent: the next in 111 s
-        await fwd.forward([urls("https://a.example/y")])
+        await fwd.apply([urls("https://a.example/y")])
         assert fwd.busy_for() == 0
 
 
@@ -312,7 +312,7 @@ async def test_a_burst_is_paced_without_429(
     limits = {"free": PlanLimits(calls_per_second=20, calls_bucket=2, urls_per_second=800)}
     purges = [tags(f"t{i}") for i in range(1000)]
     async with forwarder(zone(fake), limits=limits) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
         stats = fwd.stats()
 
     assert {o.status for o in outcomes} == {"done"}
@@ -328,7 +328,7 @@ async def test_ratelimit_header_lowers_the_local_bucket(
     fake = make_fake(bucket=(3, 20))
     limits = {"free": PlanLimits(calls_per_second=1000, calls_bucket=100, urls_per_second=800)}
     async with forwarder(zone(fake), limits=limits) as fwd:
-        outcomes = await fwd.forward([tags(f"t{i}") for i in range(800)])
+        outcomes = await fwd.apply([tags(f"t{i}") for i in range(800)])
 
     assert {o.status for o in outcomes} == {"done"}
     assert len(fake.accepted) == 8
@@ -339,7 +339,7 @@ async def test_429_retry_after_is_honoured(fake: FakeCloudflare, forwarder: Make
     """After a 429 with Retry-After the retry waits that long, then succeeds."""
     fake.fail_next(1, status=429, code=1134, message="slow down", headers={"Retry-After": "0.3"})
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
         stats = fwd.stats()
 
     first, second = fake.received
@@ -355,9 +355,9 @@ async def test_a_retry_after_beyond_the_limit_gives_up_at_once(
     """A Retry-After beyond max_retry_after is retry_later at once, and so are calls after it."""
     fake.fail_next(1, status=429, code=1134, message="slow down", headers={"Retry-After": "3600"})
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
         stats = fwd.stats()
-        later = await fwd.forward([tags("u")])
+        later = await fwd.apply([tags("u")])
 
     assert outcomes[0].status == "retry_later"
     assert "HTTP 429" in (outcomes[0].error or "")
@@ -376,7 +376,7 @@ async def test_5xx_is_retried_until_it_succeeds(
     """Two 503s then success: the purge is done after three calls and two retries."""
     fake.fail_next(2, status=503)
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
         stats = fwd.stats()
 
     assert [o.status for o in outcomes] == ["done"]
@@ -389,7 +389,7 @@ async def test_a_timeout_is_retried(fake: FakeCloudflare, forwarder: MakeForward
     """A call the server never answers times out and is retried."""
     fake.hang_next(1)
     async with forwarder(zone(fake, timeout=0.2)) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
 
     assert [o.status for o in outcomes] == ["done"]
     assert [r.status for r in fake.received] == [None, 200]
@@ -414,7 +414,7 @@ async def test_transient_failures_past_the_limit_are_retry_later(
     fake.fail_next(10, status=status, body=body)
     retry = RetryPolicy(base=0.01, cap=0.02, max_attempts=3)
     async with forwarder(zone(fake), retry=retry) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
         stats = fwd.stats()
 
     assert outcomes[0].status == "retry_later"
@@ -433,7 +433,7 @@ async def test_an_unreachable_api_is_retry_later(forwarder: MakeForwarder) -> No
         zone_id="zone-a", api_token=SecretStr(TOKEN), api_base=f"http://127.0.0.1:{port}/v4"
     )
     async with forwarder(config, retry=RetryPolicy(base=0.01, max_attempts=2)) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
 
     assert outcomes[0].status == "retry_later"
     assert "ConnectError" in (outcomes[0].error or "")
@@ -446,7 +446,7 @@ async def test_a_refusal_is_permanent_with_cloudflares_code_and_message(
     the code and the message."""
     fake.fail_next(1, status=400, code=1014, message="Bad things happened")
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
 
     assert outcomes[0].status == "permanent"
     assert "zone-a" in (outcomes[0].error or "")
@@ -469,7 +469,7 @@ async def test_a_rate_limit_code_is_retried_whatever_the_status(
         1, status=status, code=1134, message=RATE_LIMITED, headers={"Retry-After": "0.2"}
     )
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
         stats = fwd.stats()
 
     assert [o.status for o in outcomes] == ["done"]
@@ -490,7 +490,7 @@ async def test_a_code_that_can_never_succeed_is_permanent_whatever_the_status(
     """Authentication, zone not found and invalid items are not retried, even on a 5xx."""
     fake.fail_next(1, status=status, code=code, message="refused")
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
 
     assert outcomes[0].status == "permanent"
     assert f"error {code}: refused" in (outcomes[0].error or "")
@@ -503,7 +503,7 @@ async def test_a_4xx_with_a_code_not_known_to_be_final_is_retried(
     """Only codes that can never succeed are permanent: an unknown one is retried."""
     fake.fail_next(1, status=400, code=1234, message="something new")
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([tags("t")])
+        outcomes = await fwd.apply([tags("t")])
 
     assert [o.status for o in outcomes] == ["done"]
     assert len(fake.received) == 2
@@ -531,7 +531,7 @@ async def test_a_bad_item_fails_only_its_own_purge(
     fake = make_fake(bad_tags={"evil"})
     purges = [tags("ok1"), tags("evil"), tags("ok2", "ok1"), tags("ok3")]
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
 
     assert [o.status for o in outcomes] == ["done", "permanent", "done", "done"]
     assert "error 1014" in (outcomes[1].error or "")
@@ -543,7 +543,7 @@ async def test_an_auth_failure_is_permanent_for_every_purge(
 ) -> None:
     """A wrong token is one refused call (no bisection) and a permanent outcome for all."""
     async with forwarder(zone(fake, api_token=SecretStr("wrong"))) as fwd:
-        outcomes = await fwd.forward([tags("a"), tags("b"), tags("c")])
+        outcomes = await fwd.apply([tags("a"), tags("b"), tags("c")])
 
     assert {o.status for o in outcomes} == {"permanent"}
     assert "error 10000: Authentication error" in (outcomes[0].error or "")
@@ -560,7 +560,7 @@ async def test_purges_cloudflare_would_refuse_fail_without_a_call(
         tags("fine"),
     ]
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward(purges)
+        outcomes = await fwd.apply(purges)
 
     assert [o.status for o in outcomes] == ["permanent", "permanent", "done"]
     assert "1025 characters" in (outcomes[0].error or "")
@@ -583,7 +583,7 @@ async def test_stored_purges_cloudflare_refuses_fail_without_a_call(
 ) -> None:
     """Entries stored before pub refused these are permanent locally, never a refused call."""
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([purge, tags("fine")])
+        outcomes = await fwd.apply([purge, tags("fine")])
 
     assert [o.status for o in outcomes] == ["permanent", "done"]
     assert rule in (outcomes[0].error or "")
@@ -632,7 +632,7 @@ async def test_urls_and_prefixes_follow_one_port_rule(
 ) -> None:
     """Cloudflare: "include the port unless it is the default for the scheme", for both."""
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([purge])
+        outcomes = await fwd.apply([purge])
 
     assert [o.status for o in outcomes] == ["done"]
     assert [(c.kind, c.items) for c in fake.accepted] == [(kind, [item])]
@@ -652,7 +652,7 @@ async def test_urls_with_headers_are_forwarded_unchanged(
         "https://a.example/y",
     ]})  # fmt: skip
     async with forwarder(zone(fake)) as fwd:
-        outcomes = await fwd.forward([parse_purge(line)])
+        outcomes = await fwd.apply([parse_purge(line)])
 
     assert [o.status for o in outcomes] == ["done"]
     sent = sorted(
@@ -701,7 +701,7 @@ async def test_the_token_never_appears_in_repr_logs_or_errors(
     monkeypatch.setattr(cloudflare_module, "_log", structlog.get_logger(cloudflare_module.__name__))
     with structlog.testing.capture_logs() as events:
         async with forwarder(config, refused) as fwd:
-            outcomes = await fwd.forward([urls("https://a.example/x"), urls("https://b.example/y")])
+            outcomes = await fwd.apply([urls("https://a.example/x"), urls("https://b.example/y")])
             texts.append(repr(fwd.stats()))
 
     assert [o.status for o in outcomes] == ["done", "permanent"]

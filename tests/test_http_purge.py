@@ -120,7 +120,7 @@ async def test_url_purges_send_one_request_per_url(
         Purge(urls=frozenset({"https://site.example/a?x=1"})),
     ]
     async with purger(url=cache.base + "{path}", headers={"Host": "{host}"}) as target:
-        outcomes = await target.forward(purges)
+        outcomes = await target.apply(purges)
 
     assert [o.status for o in outcomes] == ["done", "done"]
     assert sorted((s.method, s.path, s.headers["host"]) for s in cache.seen) == [
@@ -146,7 +146,7 @@ async def test_tags_and_keys_travel_in_the_header_template(
         "headers": {"Surrogate-Key": "{tags}", "X-Purge-Host": "{host}"},
     }
     async with purger(**settings) as target:
-        outcomes = await target.forward(purges)
+        outcomes = await target.apply(purges)
 
     assert [o.status for o in outcomes] == ["done", "done"]
     assert sorted(s.headers["surrogate-key"] for s in cache.seen) == expected
@@ -169,7 +169,7 @@ async def test_hosts_prefixes_and_everything_use_the_ban_templates(
         "headers": {"X-Ban-Host": "{host}", "X-Ban-Url": "{path_regex}"},
     }
     async with purger(**settings) as target:
-        outcomes = await target.forward(purges)
+        outcomes = await target.apply(purges)
 
     assert [o.status for o in outcomes] == ["done"] * 3
     seen = {(s.path, s.headers.get("x-ban-host")): s for s in cache.seen}
@@ -193,7 +193,7 @@ async def test_soft_tag_purges_use_the_soft_headers(
     purges = [Purge(tags=frozenset({"a", "b"}), soft=True), Purge(keys=frozenset({"c"}))]
     settings = {"url": cache.base + "{path}", "tags_url": cache.base + "/", **VARNISH_XKEY}
     async with purger(**settings) as target:
-        outcomes = await target.forward(purges)
+        outcomes = await target.apply(purges)
 
     assert [o.status for o in outcomes] == ["done", "done"]
     assert len(cache.seen) == 2
@@ -212,7 +212,7 @@ async def test_soft_url_purges_carry_the_soft_mode_only_when_configured(
     """Souin's soft form is a header; without soft_headers a soft purge is sent hard."""
     settings = {**SOUIN, **(SOUIN_SOFT if configured else {})}
     async with purger(url=cache.base + "{path}", **settings) as target:
-        outcomes = await target.forward([Purge(urls=frozenset({"https://s.example/x"}), soft=True)])
+        outcomes = await target.apply([Purge(urls=frozenset({"https://s.example/x"}), soft=True)])
 
     assert [o.status for o in outcomes] == ["done"]
     assert [(s.method, s.path, s.headers.get("souin-purge-mode")) for s in cache.seen] == [
@@ -230,7 +230,7 @@ async def test_a_hard_purge_absorbs_the_same_soft_one(
     ]
     settings = {"url": cache.base + "{path}", "tags_url": cache.base + "/", **VARNISH_XKEY}
     async with purger(ban_url=cache.base + "/ban", **settings) as target:
-        outcomes = await target.forward(purges)
+        outcomes = await target.apply(purges)
 
     assert [o.status for o in outcomes] == ["done", "done"]
     assert sorted((s.method, s.path, s.headers.get("xkey-purge")) for s in cache.seen) == [
@@ -255,7 +255,7 @@ async def test_kinds_without_a_template_follow_on_unsupported(
     monkeypatch.setattr(http_purge_module, "_log", structlog.get_logger(http_purge_module.__name__))
     with structlog.testing.capture_logs() as events:
         async with purger(url=cache.base + "{path}", on_unsupported=on_unsupported) as target:
-            outcomes = await target.forward([Purge(tags=frozenset({"t"}))])
+            outcomes = await target.apply([Purge(tags=frozenset({"t"}))])
             stats = target.stats()
 
     assert [o.status for o in outcomes] == [status]
@@ -269,7 +269,7 @@ async def test_a_5xx_and_a_429_are_retried(cache: RecordingCache, purger: MakePu
     cache.reply_next(503)
     cache.reply_next(429, headers={"Retry-After": "0.2"})
     async with purger(url=cache.base + "{path}") as target:
-        outcomes = await target.forward([Purge(urls=frozenset({"https://s.example/x"}))])
+        outcomes = await target.apply([Purge(urls=frozenset({"https://s.example/x"}))])
         stats = target.stats()
 
     assert [o.status for o in outcomes] == ["done"]
@@ -289,7 +289,7 @@ async def test_an_unexpected_status_is_permanent(
     """A 404 fails the purge for good unless expect_status lists it."""
     cache.reply_next(404)
     async with purger(url=cache.base + "{path}", expect_status=expect) as target:
-        outcomes = await target.forward([Purge(urls=frozenset({"https://s.example/x"}))])
+        outcomes = await target.apply([Purge(urls=frozenset({"https://s.example/x"}))])
 
     assert [o.status for o in outcomes] == [status]
     assert len(cache.seen) == 1
@@ -312,7 +312,7 @@ async def test_one_failed_part_fails_only_the_purges_that_carry_it(
         "headers": {"xkey-purge": "{tags}"},
     }
     async with purger(**settings) as target:
-        outcomes = await target.forward(purges)
+        outcomes = await target.apply(purges)
 
     assert [o.status for o in outcomes] == ["permanent", "done"]
     assert "HTTP 403" in (outcomes[0].error or "")
@@ -325,7 +325,7 @@ async def test_an_unreachable_cache_is_retry_later(purger: MakePurger) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     async with purger(url=f"http://127.0.0.1:{port}{{path}}") as target:
-        outcomes = await target.forward([Purge(urls=frozenset({"https://s.example/x"}))])
+        outcomes = await target.apply([Purge(urls=frozenset({"https://s.example/x"}))])
 
     assert outcomes[0].status == "retry_later"
     assert "ConnectError" in (outcomes[0].error or "")

@@ -20,10 +20,11 @@ from typing import Any
 import anyio
 import structlog
 
+from drainbus.drain.cloudflare import CloudflareForwarder
 from drainbus.drain.purges import Purge
 from drainbus.drain.receipts import target_receipt
 from drainbus.drain.retry import Outcome, merge_outcomes
-from drainbus.drain.targets import CloudflareTarget, Target
+from drainbus.drain.targets import Target
 
 __all__ = ["CallAcks", "apply_to_targets"]
 
@@ -56,7 +57,7 @@ class CallAcks:
         # Only a role whose one target is Cloudflare: with more targets a purge is done
         # only when all of them are, which the end of the batch decides.
         only = targets[0] if len(targets) == 1 else None
-        self.target = only if isinstance(only, CloudflareTarget) else None
+        self.target = only if isinstance(only, CloudflareForwarder) else None
 
     async def apply(self, target: Target, purges: Sequence[Purge]) -> list[Outcome]:
         """``target.apply(purges)``, hearing of each call's purges if it is the one target."""

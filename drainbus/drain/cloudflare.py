@@ -320,8 +320,6 @@ class CloudflareForwarder(HttpTarget):
         await run_lanes(lanes.values(), self._execute, parts, on_settled)
         return [merge_outcomes(parts[i]) for i in range(len(purges))]
 
-    forward = apply  # the name callers used before it was the Target protocol's
-
     async def _execute(self, call: Call) -> dict[int, Outcome]:
         verdict = await self._send(call)
         if (

@@ -277,8 +277,6 @@ class HttpPurger(HttpTarget):
                 group.start_soon(run, request, owners)
         return [merge_outcomes(parts[i]) for i in range(len(purges))]
 
-    forward = apply  # the name callers used before it was the Target protocol's
-
     async def flush_all(self) -> int:
         """Send the configured everything-purge; the cache does not say how many it held."""
         outcome = (await self.apply([Purge(everything=True)]))[0]

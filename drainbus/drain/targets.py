@@ -18,19 +18,15 @@ from typing import Any, Protocol
 
 import structlog
 
-from drainbus.drain.cloudflare import CloudflareForwarder
 from drainbus.drain.nginx import NginxCache
 from drainbus.drain.purges import Purge, ScopeRule, key_host_for
 from drainbus.drain.retry import Outcome
 from drainbus.drain.target_stats import NginxStats, TargetStats
 from drainbus.errors import DrainbusError
 
-__all__ = ["CloudflareTarget", "LocalCacheTarget", "NginxTarget", "Target"]
+__all__ = ["LocalCacheTarget", "NginxTarget", "Target"]
 
 log = structlog.get_logger(__name__)
-
-#: The cdn target: the forwarder is one (a name kept for the code that tells it apart).
-CloudflareTarget = CloudflareForwarder
 
 
 class Target(Protocol):
