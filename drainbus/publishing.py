@@ -26,6 +26,7 @@ async def publish_as(
     user: str,
     raw: bool = False,
     pack: bool = False,
+    confirm: bool = True,
 ) -> list[StreamId]:
     """Store ``messages`` on ``topic`` as ``user``, in one atomic batch; return the ids.
 
@@ -36,7 +37,9 @@ async def publish_as(
     """
     started = time.perf_counter()
     try:
-        ids = await bus.publisher.publish(topic, messages, user=user, raw=raw, pack=pack)
+        ids = await bus.publisher.publish(
+            topic, messages, user=user, raw=raw, pack=pack, confirm=confirm
+        )
     except PublishRefused as refused:  # over a limit: its first messages were stored all the same
         MESSAGES_PUBLISHED.labels(topic_label(topic)).inc(refused.stored)
         raise

@@ -14,6 +14,7 @@ from typing import Any, cast
 import pytest
 
 from drainbus.bus.streams import read_rows
+from drainbus.errors import NotDurable
 from drainbus.ssh.commands import SessionContext
 from drainbus.ssh.pub import LinePublisher
 from tests.conftest import RunningBus, User, run_ssh
@@ -117,3 +118,42 @@ async def test_checked_purge_lines_are_stored_one_entry_each(
     stdin = b"acme-blog\ntag:acme-news\nacme-shop\n"
     assert (await run_ssh(node.port, acme.key_file, "pub", "cache-drain", stdin=stdin)).code == 0
     assert await node.bus.redis.xlen(node.bus.keys.stream("cache-drain")) == 3
+
+
+class _PublisherWhoseDiskFails:
+    """Stores every batch, but a durability check finds the server's AOF write failed."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def publish(self, topic: str, messages: list[bytes], **options: Any) -> list[Any]:
+        self.calls.append(f"publish confirm={options['confirm']}")
+        return [None] * len(messages)
+
+    async def confirm(self, topic: str) -> None:
+        self.calls.append("confirm")
+        raise NotDurable("not durable: Redis persistence is failing", topic=topic)
+
+
+async def test_a_session_counts_as_stored_only_what_was_confirmed_durable() -> None:
+    """Lines go out without a durability round trip each; before the session says anything
+    was stored it confirms, and when that fails it counts only what was confirmed."""
+    publisher = _PublisherWhoseDiskFails()
+    ctx = SimpleNamespace(
+        identity=SimpleNamespace(user="alice"),
+        line_checks={},
+        settings=SimpleNamespace(server=SimpleNamespace(max_message_bytes=100)),
+        stderr=[].append,
+        bus=SimpleNamespace(publisher=publisher),
+    )
+    lines = LinePublisher(cast(SessionContext, ctx), "t")
+    lines.feed(b"a\nb\n")
+    await lines.flush()
+    assert (lines.published, lines.confirmed, publisher.calls) == (2, 0, ["publish confirm=False"])
+    with pytest.raises(NotDurable) as caught:
+        await lines.confirm()
+    assert publisher.calls[-1] == "confirm"
+    assert str(caught.value).endswith(
+        "0 message(s) of this session were stored before it, the rest are not"
+    )
+    assert lines.confirmed == 0

@@ -162,8 +162,13 @@ class Publisher:
         user: str,
         raw: bool = False,
         pack: bool = False,
+        confirm: bool = True,
     ) -> list[StreamId]:
         """Store ``messages`` on ``topic`` as one batch; return the entries' ids.
+
+        ``confirm=False`` leaves the check that the batch survives a restart (one more round
+        trip, see :meth:`confirm`) to the caller, who must make it before saying "stored":
+        a session publishing line after line confirms now and then and at its end.
 
         With ``pack`` (lines without ``\\n``, not raw), several messages share an entry.
         Returns only once Redis acknowledged every XADD and the batch is durable as its topic's
@@ -202,11 +207,22 @@ class Publisher:
                 more, wait_ms, reason = await self._store(batch.after(len(ids)))
                 ids += more
         if ids:  # a topic whose first publish was refused whole is not listed (ls)
+            if confirm:
+                await self.confirm(topic)
             await self._housekeeping(topic)
         if len(ids) < len(entries):
             retry = wait_ms / 1000 if reason == "rate" else None
             raise self._refused(topic, user, reason, groups, ids=ids, retry_after=retry)
         return ids
+
+    async def confirm(self, topic: str) -> None:
+        """Raise NotDurable unless everything published so far on ``topic`` is durable as
+        its mode says. A Redis-compatible server replies before it appends to its AOF, so the
+        outcome of that append is read after the reply (a ``fsync``/``replica`` wait already
+        covers it where the server has WAITAOF)."""
+        persistence = self._persistence
+        if persistence is not None and (self._durability(topic) == "os" or not persistence.waitaof):
+            await persistence.confirm(topic)
 
     async def _store(self, batch: _Batch) -> tuple[list[StreamId], int, str]:
         """Store what fits of ``batch``: (the ids stored, ms until a refused entry fits, why
@@ -289,8 +305,6 @@ class Publisher:
                 reply, waited = await pipe.execute()
             persistence.check_wait(mode, waited, topic)
         appended, trimmed, wait_ms, reason, *ids = reply
-        if persistence is not None and int(appended) and (mode == "os" or not persistence.waitaof):
-            await persistence.confirm(topic)  # the reply came before the AOF write's outcome
         return (int(appended), int(trimmed), int(wait_ms), text(reason), [parse_id(i) for i in ids])
 
     async def _give_back(self, owner: str | None, topic: str, size: int) -> None:

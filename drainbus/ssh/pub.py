@@ -6,6 +6,7 @@ With ``--wait`` it then waits for the drain nodes' receipts (:mod:`drainbus.ssh.
 from __future__ import annotations
 
 import argparse
+import time
 
 from drainbus.acl import check_topic_name
 from drainbus.bus.limits import PublishRefused
@@ -26,6 +27,8 @@ from drainbus.ssh.receipts import wait_for_receipts
 
 __all__ = ["LinePublisher", "run_pub"]
 
+# Seconds between durability checks while a session publishes (see LinePublisher.confirm).
+_CONFIRM_EVERY = 0.1
 _BATCH_LINES = 2048  # messages per stored batch when a publisher sends a lot at once
 
 
@@ -53,6 +56,7 @@ async def run_pub(ctx: SessionContext, args: argparse.Namespace) -> int:
         await publisher.flush()
     publisher.finish()
     await publisher.flush()
+    await publisher.confirm()
     code = publisher.report()
     if wait is None or not publisher.stored:
         return code
@@ -95,6 +99,8 @@ class LinePublisher:
         self.pending: list[bytes] = []
         self.raw = False
         self.published = 0
+        self.confirmed = 0  # of those, how many Redis is known to have made durable
+        self._confirmed_at = time.monotonic()
         self.rejected = 0
         self.worst = ExitCode.OK
         self.refusal: PublishRefused | None = None  # over a limit: nothing more is stored
@@ -185,6 +191,7 @@ class LinePublisher:
                     user=self.ctx.identity.user,
                     raw=self.raw,
                     pack=self.check is None,  # checked lines stay one entry each (the drain's unit)
+                    confirm=False,  # below, now and then: not a round trip per line
                 )
             except PublishRefused as exc:  # its first exc.stored lines were stored
                 self.refusal, ids, batch = exc, exc.ids, batch[: exc.stored]
@@ -193,12 +200,31 @@ class LinePublisher:
                 # but it would not survive a restart, so it does not count as stored.
                 rest = "the rest are not" if isinstance(exc, NotDurable) else "none after"
                 exc.message += (
-                    f"; {self.published} message(s) of this session were stored before it, {rest}"
+                    f"; {self.confirmed} message(s) of this session were stored before it, {rest}"
                 )
                 raise
             self.published += len(batch)
             if self.keep_ids:  # checked lines are never packed: one entry id per line
                 self.stored += zip(ids, (m.decode("utf-8", "replace") for m in batch), strict=True)
+            if time.monotonic() - self._confirmed_at >= _CONFIRM_EVERY:
+                await self.confirm()
+
+    async def confirm(self) -> None:
+        """Make sure what this session published is durable (see Publisher.confirm): now and
+        then while lines come, and before the session says anything was stored. A line-by-line
+        publisher (a script writing one purge at a time) then pays one round trip per
+        ``_CONFIRM_EVERY``, not one per line; what it is told was stored is always confirmed."""
+        if self.published > self.confirmed:
+            try:
+                await self.ctx.bus.publisher.confirm(self.topic)
+            except BackendError as exc:
+                exc.message += (
+                    f"; {self.confirmed} message(s) of this session were stored before it, "
+                    "the rest are not"
+                )
+                raise
+            self.confirmed = self.published
+        self._confirmed_at = time.monotonic()
 
     def report(self) -> int:
         if self.refusal:
