@@ -43,6 +43,7 @@ from drainbus.bus.streams import (
     ZERO_ID,
     Entry,
     Keys,
+    Row,
     StreamId,
     format_id,
     read_after,
@@ -55,7 +56,6 @@ __all__ = ["Batch", "Fanout", "Overflow", "TrimNotice"]
 
 log = structlog.get_logger(__name__)
 
-_Row = tuple[bytes, dict[bytes, bytes]]
 _READ_COUNT = 1024  # entries per XREAD / XRANGE page
 _RECENT_IDS = 4096  # message ids remembered per topic to drop repeats of a retried XADD
 
@@ -390,7 +390,7 @@ class Fanout:
                             {key: format_id(reader.position)}, count=_READ_COUNT, block=BLOCK_MS
                         )
                         backoff.succeeded()
-                        replies = cast(list[tuple[bytes, list[_Row]]], reply or [])  # no-op
+                        replies = cast(list[tuple[bytes, list[Row]]], reply or [])  # no-op
                         for _key, rows in replies:
                             entries = [Entry.from_redis(i, f) for i, f in rows]
                             reader.position = entries[-1].id

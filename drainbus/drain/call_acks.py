@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import structlog
 
+from drainbus.bus.streams import Row
 from drainbus.drain.cloudflare import CloudflareForwarder
 from drainbus.drain.purges import Purge
 from drainbus.drain.receipts import target_receipt
@@ -30,8 +31,7 @@ __all__ = ["CallAcks", "apply_to_targets"]
 
 log = structlog.get_logger("drainbus.drain.daemon")
 
-_Row = tuple[bytes, dict[bytes, bytes]]
-WriteReceipts = Callable[[Sequence[tuple[_Row, Sequence[dict[str, Any]]]]], Awaitable[None]]
+WriteReceipts = Callable[[Sequence[tuple[Row, Sequence[dict[str, Any]]]]], Awaitable[None]]
 Ack = Callable[[list[bytes]], Awaitable[None]]
 
 
@@ -42,7 +42,7 @@ class CallAcks:
         self,
         targets: Sequence[Target],
         purges: list[Purge],
-        rows: dict[Purge, list[_Row]],
+        rows: dict[Purge, list[Row]],
         *,
         write_receipts: WriteReceipts,
         ack: Ack,

@@ -49,10 +49,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from drainbus.backoff import Backoff
 from drainbus.bus.connection import BLOCK_MS, RedisClient, backend_error, reader_client
-from drainbus.bus.streams import Keys
+from drainbus.bus.streams import Keys, Row
 from drainbus.config import DrainSettings
 from drainbus.drain.call_acks import CallAcks, apply_to_targets
-from drainbus.drain.fair import FairBacklog, Row, keep_claimed
+from drainbus.drain.fair import FairBacklog, keep_claimed
 from drainbus.drain.groups import (
     claim_idle,
     deliveries,
@@ -84,7 +84,6 @@ __all__ = ["Drain", "DrainStats", "Role"]
 
 log = structlog.get_logger(__name__)
 
-_Row = Row
 _Batch = dict[Purge, list[Row]]  # a batch's distinct purges, each with its entries
 
 
@@ -355,7 +354,7 @@ class Drain:
             if not role.backlog.room:
                 return  # a full backlog: the rest is claimed on a later round
 
-    async def _dead_letter_exhausted(self, role: Role, rows: list[_Row]) -> list[_Row]:
+    async def _dead_letter_exhausted(self, role: Role, rows: list[Row]) -> list[Row]:
         """Move entries delivered more than ``max_deliveries`` times; return the rest."""
         counts = await deliveries(self._redis, self._stream, role.group, [r[0] for r in rows])
         keep = []
@@ -370,7 +369,7 @@ class Drain:
                 keep.append(row)
         return keep
 
-    async def _handle(self, role: Role, rows: list[_Row]) -> None:
+    async def _handle(self, role: Role, rows: list[Row]) -> None:
         """Carry out one read's entries as one batch: parse and check each entry once,
         coalesce them into distinct purges, hand the whole batch to every target of the role
         in one call each, write the receipts, then acknowledge every entry whose purge is
@@ -416,9 +415,7 @@ class Drain:
             seconds=round(time.monotonic() - started, 4),
         )
 
-    async def _parse_batch(
-        self, role: Role, rows: list[_Row]
-    ) -> tuple[dict[Purge, list[_Row]], int]:
+    async def _parse_batch(self, role: Role, rows: list[Row]) -> tuple[dict[Purge, list[Row]], int]:
         """The distinct purges of ``rows``, each with its entries; and how many were invalid
         (those are dead-lettered)."""
         batch: _Batch = {}
@@ -442,7 +439,7 @@ class Drain:
                     observe(max(0.0, now_ms - int(received)) / 1000)
         self.stats.last_purge_ms = int(time.time() * 1000)
 
-    async def _parse(self, role: Role, row: _Row) -> Purge | None:
+    async def _parse(self, role: Role, row: Row) -> Purge | None:
         """The entry's purge, checked again against its publisher's scope; None if invalid."""
         fields = row[1]
         user = fields.get(b"u", b"").decode("utf-8", "replace")

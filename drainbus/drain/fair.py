@@ -26,12 +26,12 @@ import structlog
 from redis.exceptions import RedisError
 
 from drainbus.bus.connection import RedisClient
+from drainbus.bus.streams import Row
 
-__all__ = ["FairBacklog", "Row", "keep_claimed"]
+__all__ = ["FairBacklog", "keep_claimed"]
 
 log = structlog.get_logger(__name__)
 
-Row = tuple[bytes, dict[bytes, bytes]]
 _CLAIM_CHUNK = 5000  # ids per XCLAIM, so one command never carries the whole backlog
 
 

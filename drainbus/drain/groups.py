@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 
 from drainbus.bus.connection import RedisClient
-from drainbus.bus.streams import Keys, parse_id, stream_info, text
-from drainbus.drain.fair import Row
+from drainbus.bus.streams import Keys, Row, parse_id, stream_info, text
 
 __all__ = [
     "claim_idle",

@@ -18,7 +18,7 @@ from typing import Any, Final
 import structlog
 
 from drainbus.bus.connection import RedisClient
-from drainbus.drain.fair import Row
+from drainbus.bus.streams import Row
 from drainbus.drain.purges import Purge
 from drainbus.drain.receipt_writer import ReceiptWriter
 from drainbus.drain.receipts import receipt, target_part

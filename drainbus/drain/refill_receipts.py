@@ -24,7 +24,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.exceptions import RedisError
 
-from drainbus.drain.fair import Row
+from drainbus.bus.streams import Row
 from drainbus.drain.purges import Purge
 from drainbus.drain.receipts import receipt, target_part
 

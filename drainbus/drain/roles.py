@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from drainbus.drain.fair import FairBacklog, Row
+from drainbus.bus.streams import Row
+from drainbus.drain.fair import FairBacklog
 from drainbus.drain.purges import Purge
 from drainbus.drain.targets import Target
 
