@@ -47,6 +47,18 @@ __all__ = [  # fixtures
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 
 
+@pytest.fixture(autouse=True)
+def fresh_url_memos() -> None:
+    """The grammar and the key code remember URLs and hosts process-wide: each test (and each
+    mutant scripts/mutate runs in a fork of a process that already ran the tests) works its
+    URLs out afresh, or a mutant would read answers its original computed."""
+    from drainbus.drain import key_template, purges, url_rules
+
+    url_rules.split_url.cache_clear()
+    key_template.forget_urls()
+    purges._host.cache_clear()
+
+
 @pytest.fixture
 def fresh_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """structlog as before any configure_logging(), for structlog.testing.capture_logs.

@@ -32,13 +32,6 @@ _URI_PART = (
 )
 
 
-@pytest.fixture(autouse=True)
-def forget_url_parts() -> None:
-    """url_parts remembers URLs process-wide: each test (and each mutant scripts/mutate runs
-    in a fork of a process that already ran the tests) works its URLs out afresh."""
-    url_parts.cache_clear()
-
-
 def whole(message: str) -> str:
     """A pytest.raises pattern that matches exactly ``message``, to its last word."""
     return f"^{re.escape(message)}$"

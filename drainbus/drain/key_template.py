@@ -19,15 +19,16 @@ import functools
 import re
 import sys
 from typing import NamedTuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
-from drainbus.drain.url_rules import path_under
+from drainbus.drain.url_rules import path_under, split_url
 
 __all__ = [
     "SUPPORTED_VARIABLES",
     "KeyParts",
     "KeyTemplate",
     "Reading",
+    "forget_urls",
     "host_reading_matches",
     "is_request_variable",
     "prefix_reading_matches",
@@ -120,8 +121,12 @@ def _nginx_host(netloc: str) -> str:
     return host.lower().rstrip(".")  # (lower case first: no 'X' for rstrip("X.X") to strip)
 
 
+# A URL purge needs its URL's variables up to four times (its key, the key check, the index,
+# the refill window) within one batch: split once, remembered for the last few thousand URLs.
+# The dict is shared by every caller: read it, never change it.
+@functools.lru_cache(maxsize=_URL_MEMO)
 def _url_variables(url: str) -> dict[str, str]:
-    split = urlsplit(url)
+    split = split_url(url)
     path = split.path or "/"
     has_query = "?" in url.partition("#")[0]
     return {
@@ -162,13 +167,15 @@ def proxy_host_of(proxy_pass: str) -> tuple[str, str]:
     return scheme, f"{host}:{port}"
 
 
-# A URL purge needs its URL's parts three times (the key check, the index, the refill
-# window) within one batch: remembered for the last few thousand URLs, not worked out again.
-@functools.lru_cache(maxsize=_URL_MEMO)
 def url_parts(url: str) -> KeyParts:
     """Host, decoded path and query of an absolute URL, normalised as index entries are."""
     values = _url_variables(url)
     return KeyParts(values["host"], values["uri"], values["args"] or None)
+
+
+def forget_urls() -> None:
+    """Drop the remembered URL variables (tests: each must compute its own)."""
+    _url_variables.cache_clear()
 
 
 #: A KeyParts as a plain tuple, (host, path, query): the form the index keeps.
@@ -204,6 +211,15 @@ def prefix_reading_matches(reading: Reading, want: KeyParts) -> bool:
     return host in (None, want.host) and path is not None and path_under(path, want.path or "/")
 
 
+def _pieces(template: str) -> tuple[tuple[str, str], ...]:
+    pieces, last = [], 0
+    for match in _VARIABLE.finditer(template):
+        pieces.append((template[last : match.start()], match[1] or match[2]))
+        last = match.end()
+    pieces.append((template[last:], ""))  # "" is no variable: values.get("", "") adds nothing
+    return tuple(pieces)
+
+
 class KeyTemplate:
     """An nginx ``proxy_cache_key`` template: renders keys for URLs and reads keys back.
 
@@ -232,6 +248,9 @@ class KeyTemplate:
         self.has_host = "host" in self.variables
         self.has_query = bool(self.variables & {"request_uri", "args"})
         self._patterns = tuple(self._pattern(scheme) for scheme in ("https", "http"))
+        # The template as (text before a variable, the variable's name) pairs, ending with
+        # (the text after the last one, ""): rendering joins them, no regex per key.
+        self._pieces = _pieces(template)
         self._url_keys: dict[str, str | None] = {}  # url_key's memo, see there
 
     @classmethod
@@ -279,9 +298,13 @@ class KeyTemplate:
         values = _url_variables(url)
         # Any text would do for an unknown $proxy_host: render() refuses a template using it
         # and ambiguous_example() gives it a stand-in, so this value never reaches a key.
-        values["proxy_host"] = self.proxy_host or ""
-        # re.sub writes nothing for a None from the function, as for "": either default does.
-        return _VARIABLE.sub(lambda m: values.get(m[1] or m[2], ""), self.template)
+        proxy_host = self.proxy_host or ""
+        return "".join(
+            [
+                text + (proxy_host if name == "proxy_host" else values.get(name, ""))
+                for text, name in self._pieces
+            ]
+        )
 
     def url_key(self, url: str) -> str | None:
         """The key nginx computes for ``url`` if a URL purge of it may evict that key's file
