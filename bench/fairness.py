@@ -42,7 +42,7 @@ from drainbus.bus.connection import command_client
 from drainbus.bus.streams import Keys
 from drainbus.config import Settings
 from drainbus.drain.build import open_drain
-from drainbus.drain.receipts import receipts_topic
+from drainbus.drain.receipts import receipts_of, receipts_topic
 from drainbus.log import configure_logging
 from tests.fakes.cloudflare_api import FakeCloudflare
 
@@ -73,12 +73,12 @@ async def _local_receipt(redis: Any, receipts: str) -> tuple[float, int]:
         for _key, entries in reply or ():
             for entry_id, fields in entries:
                 position = entry_id
-                record = json.loads(fields[b"d"])
-                if record["role"] != "local":
-                    continue
-                if record["user"] == SINGLE_USER:
-                    return time.monotonic(), before
-                before += 1
+                for record in receipts_of(entry_id, fields):
+                    if record["role"] != "local":
+                        continue
+                    if record["user"] == SINGLE_USER:
+                        return time.monotonic(), before
+                    before += 1
 
 
 async def _round(redis_url: str, cache: Path, burst: int) -> dict[str, float]:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from drainbus.drain.receipts import receipts_topic
+from drainbus.drain.receipts import receipts_of, receipts_topic
 from drainbus.node import Node
 from tests.conftest import Subscriber, User, run_ssh
 from tests.fakes.cloudflare_api import FakeCloudflare
@@ -208,7 +208,7 @@ async def test_every_acknowledged_purge_has_its_receipt_stored(
     keys, redis = node.bus.keys, node.bus.redis
     purges: Any = await redis.xrange(keys.stream("cache-drain"))
     receipts: Any = await redis.xrange(keys.stream(receipts_topic("cache-drain")))
-    receipted = {json.loads(fields[b"d"])["id"] for _, fields in receipts}
+    receipted = {r["id"] for entry_id, fields in receipts for r in receipts_of(entry_id, fields)}
     assert receipted == {entry_id.decode() for entry_id, _ in purges}
     groups = await redis.xinfo_groups(keys.stream("cache-drain"))
     assert [(g["name"], g["pending"]) for g in groups] == [(b"node-web1", 0)]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
 from drainbus.bus.connection import RedisClient
-from drainbus.bus.streams import Keys, StreamId, format_id, text
+from drainbus.bus.streams import Entry, Keys, StreamId, format_id, text
 from drainbus.drain.retry import Outcome
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "answered_by",
     "live_drain_nodes",
     "receipt",
+    "receipts_of",
     "receipts_topic",
     "render_line",
     "result_of",
@@ -63,6 +64,12 @@ def receipts_topic(topic: str) -> str:
     can publish to it; the fan-out reads it like any topic (``Keys.stream`` of this name).
     """
     return f"{topic}#receipts"
+
+
+def receipts_of(entry_id: bytes, fields: Mapping[bytes, bytes]) -> list[dict[str, Any]]:
+    """The receipts one entry of a receipt stream holds, as redis-py returns the entry: a
+    batch's receipts share an entry (see :mod:`drainbus.drain.receipt_writer`)."""
+    return [json.loads(m) for m in Entry.from_redis(entry_id, dict(fields)).messages()]
 
 
 def result_of(outcome: Outcome) -> Result:
