@@ -56,7 +56,10 @@ from tests.fakes.cloudflare_api import FakeCloudflare
 
 __all__ = ["measure", "publish"]
 
-KEY = "$scheme$host$request_uri"
+# The key the README recommends, and the floor's: unambiguous, so every url: purge computes
+# its file (MD5 of the key) and unlinks it, as floor_drain.py does. ($scheme$host$request_uri
+# is ambiguous for these hosts: a URL purge would find its files through the index only.)
+KEY = "$scheme://$host$request_uri"
 USER = "bench"
 URL_HOST = "absent.pages.example"  # no cache file of this host exists
 TAG_HOST = "tagged.pages.example"
@@ -69,7 +72,7 @@ def _write_tagged(root: Path, files: int) -> None:
     made: set[Path] = set()
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     for n in range(files):
-        key = f"https{TAG_HOST}/p/{n}"
+        key = f"https://{TAG_HOST}/p/{n}"
         path = cache_file_path(root, LEVELS, key)
         if path.parent not in made:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ __all__ = [
     "CacheHead",
     "CacheHeader",
     "UnknownCacheVersion",
+    "cache_file_name",
     "cache_file_path",
     "cache_files",
     "expire_cache_file",
@@ -71,15 +72,21 @@ def parse_levels(levels: str) -> tuple[int, ...]:
 
 def cache_file_path(root: Path, levels: Iterable[int], key: str) -> Path:
     """Where nginx stores the object for ``key``: folders from the end of its MD5."""
+    return Path(cache_file_name(str(root), levels, key))
+
+
+def cache_file_name(root: str, levels: Iterable[int], key: str) -> str:
+    """:func:`cache_file_path` as a string, for the drain's hot path (no Path objects)."""
     # Codec names match in any case. usedforsecurity matters only where FIPS forbids MD5
     # (here it names files and secures nothing): no test machine can show it.
     digest = hashlib.md5(key.encode("utf-8", "surrogateescape"), usedforsecurity=False)
     name = digest.hexdigest()
-    path, end = root, len(name)
+    parts, end = [root], len(name)
     for width in levels:
-        path = path / name[end - width : end]
+        parts.append(name[end - width : end])
         end -= width
-    return path / name
+    parts.append(name)
+    return "/".join(parts)
 
 
 def is_cache_file_name(name: str) -> bool:

@@ -112,7 +112,15 @@ async def apply_to_targets(
                 tg.start_soon(run, number, target)
     parts: list[list[dict[str, Any]]] = [[] for _ in purges]
     for target, column, ms in zip(targets, columns, took, strict=True):
+        # Most of a batch's purges end alike at a target (done, 0 or 1 evicted): one part,
+        # shared by every receipt that says the same (they are serialised, never changed).
+        same: dict[Outcome, dict[str, Any]] = {}
         for i, outcome in enumerate(column):
-            parts[i].append(target_receipt(target.name, outcome, ms))
+            part = same.get(outcome)
+            if part is None:
+                part = same[outcome] = target_receipt(target.name, outcome, ms)
+            parts[i].append(part)
+    if len(columns) == 1:  # one target: its outcomes are the purges' (merging one is a copy)
+        return list(columns[0]), parts
     merged = [merge_outcomes(column) for column in zip(*columns, strict=True)]
     return merged, parts

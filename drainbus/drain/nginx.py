@@ -34,8 +34,8 @@ import anyio.to_thread
 import structlog
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from drainbus.drain.cache_file import cache_file_name, parse_levels
 from drainbus.drain.cache_file import cache_file_path as _cache_file_path
-from drainbus.drain.cache_file import parse_levels
 from drainbus.drain.evict import Job, carry_out, expire_tree, unlink_tree
 from drainbus.drain.key_check import SAMPLE_SIZE, check_keys
 from drainbus.drain.key_template import KeyTemplate, proxy_host_of, template_variables
@@ -175,6 +175,7 @@ class NginxCache:
         self.config = config
         self.name = config.name or str(config.cache_path)
         self._levels = parse_levels(config.levels)
+        self._root = str(config.cache_path)
         self._template = config.key_template()
         self.refill_guard = RefillGuard(refill_window, self._template, name=self.name)
         self.index = CacheIndex(
@@ -320,7 +321,7 @@ class NginxCache:
                 # key is other URLs' too: then the index alone finds the URL's files.
                 key = self._template.url_key(url)
                 if key is not None:
-                    paths.add(str(_cache_file_path(self.config.cache_path, self._levels, key)))
+                    paths.add(cache_file_name(self._root, self._levels, key))
                     paths |= index.paths_for_key(key)
                 paths |= index.paths_for_url(url)
             for prefix in purge.prefixes:
