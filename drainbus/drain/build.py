@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -52,6 +53,13 @@ async def open_drain(
             busy_for = target.busy_for
             batch_size = _cdn_batch_size(drain.cloudflare)
             cdn.append(target)
+        # What start-up built (the nginx index above all: a few objects per cache file)
+        # lives as long as the drain. Frozen, Python's collector no longer walks it at every
+        # full collection: those walks took a fifth of the drain's time per purge with a
+        # 20,000-file index (32 of 157 us), more with a larger one. Frozen objects are
+        # still freed when no longer referenced (reference counting); only a cycle among
+        # them would stay, and the index holds none.
+        gc.freeze()
         yield Drain(
             drain,
             redis=redis,

@@ -252,6 +252,7 @@ class KeyTemplate:
         # (the text after the last one, ""): rendering joins them, no regex per key.
         self._pieces = _pieces(template)
         self._url_keys: dict[str, str | None] = {}  # url_key's memo, see there
+        self._readings: dict[str, tuple[Reading, ...]] = {}  # readings' memo, see there
 
     @classmethod
     def nginx_default(cls, proxy_pass: str | None = None) -> KeyTemplate:
@@ -381,7 +382,20 @@ class KeyTemplate:
         return tuple(KeyParts(*reading) for reading in self.readings(key))
 
     def readings(self, key: str) -> tuple[Reading, ...]:
-        """:meth:`invert` as plain tuples, the form the index keeps."""
+        """:meth:`invert` as plain tuples, the form the index keeps.
+
+        Remembered for the last few thousand keys: a URL purge reads its key back twice
+        (may it evict the file? which Vary variants share the key?).
+        """
+        memo = self._readings
+        found = memo.get(key)
+        if found is None:
+            if len(memo) >= _URL_MEMO:
+                memo.clear()
+            found = memo[key] = self._read(key)
+        return found
+
+    def _read(self, key: str) -> tuple[Reading, ...]:
         readings: list[Reading] = []
         for pattern in self._patterns:
             match = pattern.fullmatch(key)
