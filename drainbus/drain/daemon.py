@@ -66,7 +66,7 @@ from drainbus.drain.missed import act_on_missed
 from drainbus.drain.purges import Purge, check_scope, parse_purge
 from drainbus.drain.receipt_writer import ReceiptWriter
 from drainbus.drain.receipts import receipts_topic
-from drainbus.drain.refill_receipts import RefillReceipts
+from drainbus.drain.refill_receipts import RefillReceipts, read_entries
 from drainbus.drain.roles import (
     GATHER_MAX,
     READ_COUNT,
@@ -166,7 +166,10 @@ class Drain:
         self._refills: RefillReceipts | None = None
         if settings.refill_window > 0 and any(isinstance(t, NginxTarget) for t in local_targets):
             self._refills = RefillReceipts(
-                settings.refill_window, node=self.consumer, append=self._receipts.append
+                settings.refill_window,
+                node=self.consumer,
+                append=self._receipts.append,
+                fetch=partial(read_entries, self._redis, self._stream),
             )
             for target in local_targets:
                 if isinstance(target, NginxTarget):

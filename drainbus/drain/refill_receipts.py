@@ -7,9 +7,10 @@ for that long and a little more; when a guard reports an eviction, a receipt mar
 ``refill`` is appended for each of those entries.
 
 Kept small on purpose: a busy drain carries out thousands of purges a second and remembers
-each for about 15 s. Per entry only its id, purge line and user are kept, in one mapping per
-batch, so nothing is allocated per purge beyond that (a mapping of its own per purge and the
-entries' whole field dicts made up much of the drain's memory through a large backlog).
+each for about 15 s. Per entry only its id is kept, in one mapping per batch; the purge line
+and user a receipt quotes are read back from the stream (``fetch``) for the rare entry whose
+refill is evicted. (A mapping of its own per purge and the entries' whole field dicts, then
+their lines and users, made up much of the drain's memory through a large backlog.)
 """
 
 from __future__ import annotations
@@ -24,26 +25,34 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.exceptions import RedisError
 
+from drainbus.bus.connection import RedisClient
 from drainbus.bus.streams import Row
 from drainbus.drain.purges import Purge
 from drainbus.drain.receipts import receipt, target_part
 
-__all__ = ["RefillReceipts"]
+__all__ = ["RefillReceipts", "read_entries"]
 
 log = structlog.get_logger(__name__)
 
 _QUEUED = 1024  # refill receipts waiting to be written, at most
 _SLACK_S = 5.0  # how much longer than the refill window a purge is remembered
 
-# An entry as remembered: (id, purge line, user).
-_Entry = tuple[bytes, bytes, bytes]
+
+async def read_entries(redis: RedisClient, stream: str, ids: Sequence[bytes]) -> list[Row]:
+    """The entries ``ids`` of ``stream``, in one round trip; those trimmed since are left out."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry_id in ids:
+            pipe.xrange(stream, entry_id, entry_id)
+        replies = await pipe.execute()
+    return [row for reply in replies for row in reply or ()]
 
 
 class RefillReceipts:
     """Remembers the local group's recent purges and writes the receipts of their refills.
 
-    ``append`` writes receipt records (the drain's own receipt writer); ``node`` names this
-    node in them. :meth:`evicted` is what a refill guard calls; :meth:`run` writes until
+    ``append`` writes receipt records (the drain's own receipt writer); ``fetch`` reads
+    entries back by id (those trimmed meanwhile are left out); ``node`` names this node in
+    the receipts. :meth:`evicted` is what a refill guard calls; :meth:`run` writes until
     cancelled.
     """
 
@@ -53,12 +62,14 @@ class RefillReceipts:
         *,
         node: str,
         append: Callable[[Sequence[dict[str, Any]]], Awaitable[None]],
+        fetch: Callable[[Sequence[bytes]], Awaitable[list[Row]]],
     ) -> None:
         self._keep_for = refill_window + _SLACK_S
         self._node = node
         self._append = append
-        # (monotonic time, {purge: its entries}) per batch, oldest first.
-        self._batches: deque[tuple[float, dict[Purge, list[_Entry]]]] = deque()
+        self._fetch = fetch
+        # (monotonic time, {purge: its entries' ids}) per batch, oldest first.
+        self._batches: deque[tuple[float, dict[Purge, list[bytes]]]] = deque()
         self._out: MemoryObjectSendStream[tuple[str, Purge, int]] | None = None
 
     def remember(self, purges: Iterable[Purge], batch: Mapping[Purge, Sequence[Row]]) -> None:
@@ -67,20 +78,17 @@ class RefillReceipts:
         batches = self._batches
         while batches and batches[0][0] < now - self._keep_for:
             batches.popleft()
-        kept = {
-            purge: [(i, f.get(b"d", b""), f.get(b"u", b"")) for i, f in batch[purge]]
-            for purge in purges
-        }
+        kept = {purge: [row[0] for row in batch[purge]] for purge in purges}
         if kept:
             batches.append((now, kept))
 
-    def entries(self, purge: Purge) -> list[Row]:
-        """The entries of the latest batch that carried out ``purge``, as rows (id, fields
-        with the purge line and user); empty if it is no longer remembered."""
+    def entries(self, purge: Purge) -> list[bytes]:
+        """The ids of the entries of the latest batch that carried out ``purge``; empty if it
+        is no longer remembered."""
         for _, kept in reversed(self._batches):
-            entries = kept.get(purge)
-            if entries is not None:
-                return [(i, {b"d": d, b"u": u}) for i, d, u in entries]
+            ids = kept.get(purge)
+            if ids is not None:
+                return ids
         return []
 
     def evicted(self, target: str, purge: Purge, count: int) -> None:
@@ -109,18 +117,18 @@ class RefillReceipts:
     async def _write(self, refills: MemoryObjectReceiveStream[tuple[str, Purge, int]]) -> None:
         async for target, purge, count in refills:
             part = target_part(target, "evicted", count=count)
-            records = [
-                receipt(
-                    entry_id=i,
-                    fields=f,
-                    node=self._node,
-                    role="local",
-                    targets=[part],
-                    refill=True,
-                )
-                for i, f in self.entries(purge)
-            ]
             try:
+                records = [
+                    receipt(
+                        entry_id=i,
+                        fields=f,
+                        node=self._node,
+                        role="local",
+                        targets=[part],
+                        refill=True,
+                    )
+                    for i, f in await self._fetch(self.entries(purge))
+                ]
                 await self._append(records)
             except (RedisError, OSError) as exc:  # the eviction happened; only the news is lost
                 log.warning("drain_refill_receipt_failed", target=target, error=str(exc))
