@@ -39,9 +39,11 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,6 @@ from drainbus.config import Settings
 from drainbus.drain.build import open_drain
 from drainbus.drain.cache_file import cache_file_path
 from drainbus.log import configure_logging
-from tests.fakes.cloudflare_api import FakeCloudflare
 
 __all__ = ["measure", "publish"]
 
@@ -121,6 +122,39 @@ async def publish(redis: Any, stream: str, lines: list[str], user: str = USER) -
                 )
                 pipe.xadd(stream, fields)
             await pipe.execute()
+
+
+# The Cloudflare stand-in (tests/fakes) serves until its stdin closes.
+_SERVE_CLOUDFLARE = """
+import sys
+from tests.fakes.cloudflare_api import FakeCloudflare
+with FakeCloudflare(plan=sys.argv[1]) as api:
+    print(api.api_base, flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _cloudflare_elsewhere(plan: str) -> Iterator[str]:
+    """The Cloudflare stand-in on ``plan``, in a process of its own; yields its API base.
+
+    Cloudflare is never in the drain's process: in this one, the stand-in's HTTP server
+    threads would take turns with the drain for Python's lock and slow the nginx group by
+    what Cloudflare itself never costs a drain.
+    """
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVE_CLOUDFLARE, plan],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        yield server.stdout.readline().strip()
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(timeout=10)
 
 
 async def _group_done(redis: Any, stream: str, group: str, count: int) -> bool:
@@ -196,8 +230,7 @@ async def _measure(
             shutil.rmtree(cache)
             cache.mkdir()
             _write_tagged(cache, tags)
-            with FakeCloudflare(plan="free") as api:
-                base = api.api_base
+            with _cloudflare_elsewhere("free") as base:
                 figures["url_with_cloudflare"] = await _phase(
                     redis_url, cache, url_lines, node="urlcf", cloudflare=base
                 )

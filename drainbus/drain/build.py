@@ -53,13 +53,7 @@ async def open_drain(
             busy_for = target.busy_for
             batch_size = _cdn_batch_size(drain.cloudflare)
             cdn.append(target)
-        # What start-up built (the nginx index above all: a few objects per cache file)
-        # lives as long as the drain. Frozen, Python's collector no longer walks it at every
-        # full collection: those walks took a fifth of the drain's time per purge with a
-        # 20,000-file index (32 of 157 us), more with a larger one. Frozen objects are
-        # still freed when no longer referenced (reference counting); only a cycle among
-        # them would stay, and the index holds none.
-        gc.freeze()
+        _settle_collector()
         yield Drain(
             drain,
             redis=redis,
@@ -74,6 +68,27 @@ async def open_drain(
             cdn_busy_for=busy_for,
             cdn_batch_size=batch_size,
         )
+
+
+# Allocations between young collections (Python's default: 700).
+_GC_YOUNG_THRESHOLD = 50_000
+
+
+def _settle_collector() -> None:
+    """Keep Python's cycle collector from walking the drain's long-lived state per purge.
+
+    What start-up built (the nginx index above all: a few objects per cache file) lives as
+    long as the drain: frozen, the collector no longer walks it at every full collection
+    (those walks took 32 of 157 us per url: purge with a 20,000-file index). What a busy
+    drain holds for seconds (its read-ahead, the refill windows: hundreds of thousands of
+    objects) was still walked every few batches, 31 us per purge through 100,000 purges:
+    young collections every 50,000 allocations instead of 700 make that 6 us. Nothing is
+    leaked: reference counting frees what is no longer used, frozen or not; the collector
+    is only for cycles, which the drain's state does not form.
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def _cdn_batch_size(zones: Sequence[CloudflareZoneConfig]) -> int:
