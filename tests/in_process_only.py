@@ -1,16 +1,16 @@
-"""A pytest plugin for scripts/mutate: leave out the tests that drive a real nginx.
+"""A pytest plugin for scripts/mutate: leave out the tests that drive a real nginx or OpenSSH.
 
-Those tests (the ``nginx_env`` fixture) take a second or more each and reach the cache-file
-and index code that the in-process tests beside them already cover, so running them for
-every mutant would turn minutes into hours. Loaded only by scripts/_mutate.py
-(``-p tests.in_process_only``); the suite itself always runs them.
+Those tests (the ``nginx_env`` fixture; ``add_user``, whose key the test hands the OpenSSH
+client) take a second or more each and reach code that the in-process tests beside them
+already cover, so running them for every mutant would turn minutes into hours. Loaded only
+by scripts/_mutate.py (``-p tests.in_process_only``); the suite itself always runs them.
 """
 
 from __future__ import annotations
 
 import pytest
 
-_SLOW_FIXTURES = frozenset({"nginx_env"})
+_SLOW_FIXTURES = frozenset({"nginx_env", "add_user"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
