@@ -281,6 +281,7 @@ async def test_pending_entries_trimmed_while_the_node_was_down_are_missed_purges
     assert await list_dead_letters(redis, keys, TOPIC) == []
 
 
+@pytest.mark.own_process
 async def test_drain_start_up_refused_by_redis_is_one_line_and_a_code(
     redis: Redis, redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
