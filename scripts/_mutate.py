@@ -60,6 +60,17 @@ MODULES: dict[str, list[str]] = {
     ],
     "drainbus/drain/nginx_index.py": ["tests/test_nginx_index.py", "tests/test_nginx.py"],
     "drainbus/drain/cache_scan.py": ["tests/test_nginx_index.py", "tests/test_nginx.py"],
+    # The drain's parts, each with its own tests and the in-process drain tests (those that
+    # publish over OpenSSH or start nginx are left out: tests/in_process_only.py).
+    "drainbus/drain/groups.py": ["tests/test_groups.py", "tests/test_drain_recovery.py"],
+    "drainbus/drain/roles.py": [
+        "tests/test_roles.py",
+        "tests/test_drain_recovery.py",
+        "tests/test_fair_drain.py",
+    ],
+    "drainbus/drain/missed.py": ["tests/test_missed.py", "tests/test_drain_recovery.py"],
+    "drainbus/drain/fair.py": ["tests/test_fair.py", "tests/test_fair_drain.py"],
+    "drainbus/drain/call_acks.py": ["tests/test_call_acks.py"],
 }
 DEFAULT = [
     "drainbus/bus/fanout.py",
@@ -74,6 +85,11 @@ DEFAULT = [
     "drainbus/drain/cache_file.py",
     "drainbus/drain/nginx_index.py",
     "drainbus/drain/cache_scan.py",
+    "drainbus/drain/groups.py",
+    "drainbus/drain/roles.py",
+    "drainbus/drain/missed.py",
+    "drainbus/drain/fair.py",
+    "drainbus/drain/call_acks.py",
 ]
 
 

@@ -9,14 +9,19 @@ since real limits would starve the machine) and descriptors running out during t
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import itertools
 import os
 import shutil
+import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import structlog
 from asyncinotify import Inotify
@@ -363,3 +368,187 @@ async def test_a_file_that_becomes_unreadable_leaves_the_index(shared_cache_dir:
         assert path not in index
         assert index.paths_for_tag("t") == set()
         assert index.skipped_unreadable == 1
+
+
+# --- the inotify lifecycle around a scan ------------------------------------------------------
+
+
+class RecordingInotify(Inotify):
+    """inotify that tells the test when the index has read an event, and runs ``on_watch``
+    inside the scan's worker thread as each folder is about to be watched: the seam that
+    lets the test change the tree, as nginx would, while a scan is under way."""
+
+    def __init__(self, on_watch: Callable[[Path], None] | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.read_one = threading.Event()
+        self.on_watch = on_watch
+
+    def add_watch(self, path: Any, mask: Any) -> Any:
+        if self.on_watch is not None:
+            self.on_watch(Path(path))
+        return super().add_watch(path, mask)
+
+    def sync_get(self) -> Any:
+        event = super().sync_get()
+        if event is not None:
+            self.read_one.set()
+        return event
+
+
+@dataclass
+class Inotifies:
+    """Every inotify the index made in this test, in order; ``on_watch`` for the next ones."""
+
+    made: list[RecordingInotify] = field(default_factory=list)
+    on_watch: Callable[[Path], None] | None = None
+
+    def __call__(self, **kwargs: Any) -> RecordingInotify:
+        self.made.append(RecordingInotify(self.on_watch, **kwargs))
+        return self.made[-1]
+
+
+@pytest.fixture
+def inotifies(monkeypatch: pytest.MonkeyPatch) -> Inotifies:
+    """The index's inotify instances made RecordingInotify, and listed."""
+    made = Inotifies()
+    monkeypatch.setattr(nginx_index, "Inotify", made)
+    return made
+
+
+def key_in(cache_dir: Path, folder: Path, name: str) -> str:
+    """A key ``httph/NAME-N`` whose cache file lies in ``folder``, or, for a folder that does
+    not exist, in a top-level folder not made yet."""
+    for n in itertools.count():  # pragma: no branch
+        key = f"httph/{name}-{n}"
+        parent = cache_file_path(cache_dir, [1, 2], key).parent
+        if parent == folder or (not folder.exists() and not parent.parent.exists()):
+            return key
+    raise AssertionError
+
+
+async def test_files_changed_while_the_scan_runs_are_applied_to_its_tables(
+    cache_dir: Path, inotifies: Inotifies
+) -> None:
+    """nginx at work while the start-up scan runs in its worker thread: the event loop reads
+    the events meanwhile and applies them once the scan's tables are in place. A file the
+    scan had opened and that was then deleted is gone; a file renamed into a folder already
+    listed, and a folder made in the root, are found; the listener hears of those two only."""
+    # Two top-level folders: once the first leaf is listed, another folder is still to come.
+    a = write_cache_file(cache_dir, "httph/a")
+    b = write_cache_file(cache_dir, key_in(cache_dir, cache_dir / "none", "b"))
+    walked: list[Path] = []
+    changed: dict[str, Path] = {}
+    read_during_scan: list[bool] = []
+
+    def change_the_tree(folder: Path) -> None:  # in the scan's thread
+        leaves = [f for f in walked if len(f.relative_to(cache_dir).parts) == 2]
+        walked.append(folder)
+        if not leaves or changed:
+            return
+        # The first leaf is listed and its file opened by the read-ahead, not read yet.
+        [changed["deleted"]] = [f for f in (a, b) if f.parent == leaves[0]]
+        changed["deleted"].unlink()
+        changed["renamed"] = write_cache_file(cache_dir, key_in(cache_dir, leaves[0], "new"))
+        fresh = key_in(cache_dir, cache_dir / "none", "fresh")
+        changed["in_new_folder"] = write_cache_file(cache_dir, fresh)
+        # The scan goes on once the event loop has read an event, not before.
+        read_during_scan.append(inotifies.made[0].read_one.wait(timeout=5))
+
+    inotifies.on_watch = change_the_tree
+    heard: list[str] = []
+    index = CacheIndex(cache_dir, HOST_TEMPLATE, on_file_added=lambda p, _: heard.append(p))
+    async with index:
+        assert read_during_scan == [True]
+        found = {changed["renamed"], changed["in_new_folder"], *({a, b} - {changed["deleted"]})}
+        assert all(path in index for path in found)
+        assert len(index) == len(found) == 3
+        assert changed["deleted"] not in index
+    assert sorted(heard) == sorted(str(changed[k]) for k in ("renamed", "in_new_folder"))
+
+
+async def test_the_loop_applies_new_files_between_syncs(cache_dir: Path) -> None:
+    """Between syncs the event loop applies each file nginx puts in place as it sees it; so
+    does an index entered after another one left on the same loop (whose inotify descriptor
+    the new one reuses)."""
+    for name in ("first", "second"):
+        arrived = asyncio.Event()
+        async with CacheIndex(
+            cache_dir, HOST_TEMPLATE, on_file_added=lambda *_, done=arrived: done.set()
+        ) as index:
+            path = write_cache_file(cache_dir, f"httph/{name}")
+            async with asyncio.timeout(5):
+                await arrived.wait()  # no sync(): the loop's reader applied it
+            assert path in index
+
+
+async def test_a_stale_index_stops_listening_until_it_rescans(
+    cache_dir: Path, inotifies: Inotifies
+) -> None:
+    """A folder moved away makes the index stale: it stops listening to inotify (whose events
+    the rescan supersedes; listening, the loop would wake for them over and over) until sync
+    rescans, and listens again after."""
+    moved = write_cache_file(cache_dir, "httph/moved")
+    arrived = asyncio.Event()
+    async with CacheIndex(
+        cache_dir, HOST_TEMPLATE, on_file_added=lambda *_: arrived.set()
+    ) as index:
+        (cache_dir / moved.relative_to(cache_dir).parts[0]).rename(cache_dir.parent / "away")
+        stale = inotifies.made[0]
+        assert await anyio.to_thread.run_sync(stale.read_one.wait, 5)
+        # Nothing listens on the stale descriptor: removing a reader finds none.
+        assert asyncio.get_running_loop().remove_reader(stale.fd) is False
+        await index.sync()
+        assert moved not in index
+        path = write_cache_file(cache_dir, "httph/after")
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        assert path in index
+    assert len(inotifies.made) == 2
+
+
+async def test_a_folder_deleted_is_no_reason_to_rescan(cache_dir: Path) -> None:
+    """A folder deleted with its files (by hand, or a tool tidying the cache): the files leave
+    the index, and the folder's lost watch does not make the index stale; only the root's
+    does."""
+    gone = write_cache_file(cache_dir, "httph/gone")
+    kept = write_cache_file(cache_dir, key_in(cache_dir, cache_dir / "none", "kept"))
+    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+        with capture_logs() as logs:
+            shutil.rmtree(cache_dir / gone.relative_to(cache_dir).parts[0])
+            await index.sync()
+            await index.sync()
+        assert gone not in index
+        assert kept in index
+    assert events(logs, "nginx_cache_index_stale") == events(logs, "nginx_cache_indexed") == []
+
+
+async def test_a_file_written_in_place_is_read_once_finished(cache_dir: Path) -> None:
+    """A cache file created under its final name (not renamed in) is read when it is closed,
+    not at its creation, when it is still empty: it is never counted invalid."""
+    source = write_cache_file(cache_dir.parent / "source", "httph/in-place")
+    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+        path = cache_dir / source.relative_to(cache_dir.parent / "source")
+        path.parent.mkdir(parents=True)
+        await index.sync()  # the folders are watched now
+        with path.open("wb") as file:
+            await index.sync()  # the file exists, empty
+            assert (path not in index, index.skipped_invalid) == (True, 0)
+            file.write(source.read_bytes())
+        await index.sync()
+        assert (path in index, index.skipped_invalid) == (True, 0)
+
+
+async def test_running_out_of_watches_mid_scan_closes_the_files_read_ahead(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of watches at start, after the scan opened files ahead: StartupError with the fix,
+    and every file the read-ahead had opened is closed."""
+    paths = [write_cache_file(cache_dir, f"httph/{n}") for n in range(3)]
+    leaf = paths[0].parent
+    (leaf / "full").mkdir()  # listed with the files: watched after they are opened
+    monkeypatch.setattr(nginx_index, "Inotify", LimitedInotify)
+    open_before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(StartupError, match="No space left on device; raise the sysctls"):
+        async with CacheIndex(cache_dir, HOST_TEMPLATE):
+            pass
+    assert set(os.listdir("/proc/self/fd")) == open_before

@@ -94,6 +94,7 @@ class Tables:
         key, tags, readings = entry
         for tag in tags:
             yield self.by_tag, tag
+        # by_key is read only for keys no path can be read from: linking one more is waste.
         has_path = False
         for host, path, _ in readings:
             if host is not None:
@@ -113,7 +114,8 @@ class Tables:
             if paths is None:
                 table[value] = {path: None}
             else:
-                paths[path] = None
+                paths[path] = None  # values never read: a dict is an ordered set here
+        # A wider set would do too: paths_for_host checks every candidate's readings.
         if any(host is None and key_path is not None for host, key_path, _ in readings_of(entry)):
             self.any_host.add(path)
         if not readings_of(entry):
@@ -204,6 +206,7 @@ def _walk(tables: Tables, top: Path, inotify: Inotify) -> Iterator[str]:
             continue
         with listing:
             for item in listing:
+                # Followed, a symlinked folder is refused by the watch (ONLYDIR | DONT_FOLLOW).
                 if item.is_dir(follow_symlinks=False):
                     stack.append(item.path)
                 elif is_cache_file_name(item.name):
@@ -226,7 +229,7 @@ def _read_ahead(paths: Iterable[str]) -> Iterator[tuple[str, bytes | OSError]]:
     try:
         for path in paths:
             ahead.append((path, _open_ahead(path)))
-            if len(ahead) > _READ_AHEAD_FILES:
+            if len(ahead) > _READ_AHEAD_FILES:  # one file more or less ahead: tuning only
                 yield _finish_read(*ahead.popleft())
         while ahead:
             yield _finish_read(*ahead.popleft())
@@ -242,8 +245,10 @@ def _open_ahead(path: str) -> int | OSError | None:
     except OSError as exc:
         # Out of descriptors (the bus holds one per connection): None opens the file at its
         # turn instead, once those ahead of it are closed, rather than skip it.
+        # (Retrying after any error would do too: at its turn the open fails the same way.)
         return None if exc.errno in (errno.EMFILE, errno.ENFILE) else exc
-    with contextlib.suppress(OSError):  # only a hint
+    # Only a hint (its range and errors change no result; it fails only on a pipe or a bad fd).
+    with contextlib.suppress(OSError):
         os.posix_fadvise(fd, 0, HEAD_FIRST_READ, os.POSIX_FADV_WILLNEED)
     return fd
 

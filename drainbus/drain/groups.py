@@ -105,7 +105,8 @@ async def own_pending(
         entries = cast(list[tuple[bytes, dict[bytes, bytes] | None]], reply[0][1] if reply else [])
         if not entries:
             return
-        # Entries trimmed since come back with no fields: skip them, keep paging.
+        # Entries trimmed since come back with no fields (redis-py gives {}, or None): skip
+        # them, keep paging.
         position = text(entries[-1][0])
-        rows: list[Row] = [(i, f) for i, f in entries if f is not None]
+        rows: list[Row] = [(i, f) for i, f in entries if f]
         yield rows, len(rows) < len(entries)

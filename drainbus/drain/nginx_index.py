@@ -104,6 +104,7 @@ class CacheIndex:
         self.template = template
         self.name = name or str(root)
         self.on_file_added = on_file_added
+        # Start values: entering sets each of the next five before it is read.
         self._tables = Tables()
         self._inotify: Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -205,7 +206,7 @@ class CacheIndex:
         want = url_parts(url)
         has_query = self.template.has_query
         found = set()
-        for path in self._tables.by_path.get(want.path or "/", ()):
+        for path in self._tables.by_path.get(want.path or "/", ()):  # (url_parts gives "/")
             readings = readings_of(self._tables.entries[path])
             if all(url_reading_matches(r, want, has_query=has_query) for r in readings):
                 found.add(path)
@@ -222,7 +223,7 @@ class CacheIndex:
         want = url_parts(prefix_url)
         return {
             path
-            for path in self.paths_for_host(want.host or "")
+            for path in self.paths_for_host(want.host or "")  # (url_parts always has one)
             if all(prefix_reading_matches(r, want) for r in readings_of(self._tables.entries[path]))
         }
 
@@ -263,7 +264,7 @@ class CacheIndex:
         )
 
     def _close_inotify(self) -> None:
-        self._held = None
+        self._held = None  # read only while an inotify is open, and _rebuild sets it then
         if self._inotify is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self._inotify.fd)
@@ -280,6 +281,7 @@ class CacheIndex:
                 self._held.append(event)
             else:
                 self._apply(event, inotify)
+        # The loop ends here only when stale, or closed (no inotify: no reader to remove).
         if self._stale and inotify is not None and self._loop is not None:
             # Stop reading until sync() rescans; the events left are superseded by that scan.
             self._loop.remove_reader(inotify.fd)
@@ -290,6 +292,8 @@ class CacheIndex:
             log.warning("nginx_cache_index_stale", cache=self.name, reason=repr(mask))
             self._stale = True
         elif path is None or Mask.IGNORED in mask:
+            # (`and` would do: no other event lacks a path, and a folder whose watch is
+            # IGNORED never has a cache file's name.)
             return
         elif Mask.ISDIR in mask:
             if mask & (Mask.CREATE | Mask.MOVED_TO):
@@ -306,6 +310,7 @@ class CacheIndex:
                 if head is not None and Mask.MOVED_TO in mask:
                     self._file_added(str(path), head)
             elif mask & (Mask.DELETE | Mask.MOVED_FROM):
+                # (CREATE, the one event left, would find nothing to remove: not indexed yet.)
                 self._tables.remove(str(path))
 
     def _file_added(self, path: str, head: CacheHead) -> None:

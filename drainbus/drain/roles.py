@@ -105,5 +105,5 @@ def rows_of(reply: Any) -> list[Row]:
     """The entries of an XREADGROUP reply, without those trimmed since (no fields)."""
     rows: list[Row] = []
     for _key, entries in reply or ():
-        rows += [(i, f) for i, f in entries if f is not None]
+        rows += [(i, f) for i, f in entries if f]  # no fields: {} from redis-py, or None
     return rows
