@@ -388,7 +388,9 @@ def make_servers(tmp_path: Path) -> Iterator[MakeServers]:
 
     def start(binary: Path, *, appendonly: str, replica: bool = False) -> list[Server]:
         ports = free_ports(2)
-        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly]
+        # No 5 s wait for more replicas before a full sync: the replica is in sync at once.
+        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly,
+                  "--repl-diskless-sync-delay", "0"]  # fmt: skip
         base = tmp_path / f"servers{len(started)}"
         pair = [Server(binary, ports[0], base / "primary", ["--port", str(ports[0]), *common])]
         if replica:
