@@ -38,7 +38,16 @@ MODULES: dict[str, list[str]] = {
         "tests/test_publisher.py",
         "tests/test_fanout.py",
     ],
-    "drainbus/bus/publisher.py": ["tests/test_publisher.py", "tests/test_streams.py"],
+    # test_limits' other tests drive OpenSSH; these four run the Publisher in process.
+    "drainbus/bus/publisher.py": [
+        "tests/test_publisher.py",
+        "tests/test_publisher_limits.py",
+        "tests/test_streams.py",
+        "tests/test_limits.py::test_refusals_are_logged_per_user_topic_and_interval",
+        "tests/test_limits.py::test_a_leaked_reservation_is_recounted_before_it_refuses",
+        "tests/test_limits.py::test_a_lowered_byte_cap_trims_many_entries_at_once_keeping_the_newest",
+        "tests/test_limits.py::test_a_full_server_is_a_clear_75_and_loses_nothing",
+    ],
     "drainbus/acl.py": ["tests/test_acl.py"],
     "drainbus/identity.py": [
         "tests/test_identity.py",
