@@ -13,6 +13,7 @@ Tests that kill a server restart it afterwards (:meth:`Cluster.restart`,
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -34,6 +35,7 @@ __all__ = [
     "SentinelSetup",
     "Server",
     "redis_cluster",
+    "redis_cluster_url",
     "redis_sentinel",
     "replicated",
     "wait_until",
@@ -276,6 +278,18 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
     """A running 3-primary, 3-replica cluster shared by the session's cluster tests."""
     with start_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a cluster for tests that only use it (they kill no node): the one at
+    ``DRAINBUS_TEST_CLUSTER_URL`` if set (scripts/mutate starts one for its whole run, not
+    one per mutant), else ``redis_cluster``'s."""
+    external = os.environ.get("DRAINBUS_TEST_CLUSTER_URL")
+    if external:
+        return external
+    cluster: Cluster = request.getfixturevalue("redis_cluster")
+    return cluster.url
 
 
 # --- sentinel ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import asyncio
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from drainbus.bus.streams import Keys, StreamId, parse_id, read_rows, text
 from drainbus.errors import BackendUnavailable, NotDurable
 from drainbus.metrics import PUBLISH_REFUSED
 from drainbus.values import Durability
-from tests.redis_topology import Cluster, MakeServers
+from tests.redis_topology import MakeServers
 
 DRAIN = "cache-drain"
 MESSAGE = 100  # bytes of each test message: an entry of it counts SIZE against the quotas
@@ -192,6 +193,21 @@ async def test_over_the_byte_quota_what_fits_is_stored(redis: Redis, namespace: 
     assert len(await pub.publish("bob/x", lines("b", 3), user="bob")) == 3
 
 
+async def test_a_failed_append_stores_and_counts_nothing(redis: Redis, namespace: str) -> None:
+    """When Redis fails the append script, none of the batch is stored or counted."""
+    keys = Keys(namespace)
+    pub = publisher(redis, namespace, Limits(max_user_bytes=100 * SIZE))
+    await pub.publish("alice/x", lines("a", 1), user="alice")
+    await redis.delete(keys.stream_bytes("alice/x"))
+    await redis.hset(keys.stream_bytes("alice/x"), "not", "a count")  # its GET fails
+
+    with pytest.raises(BackendUnavailable, match="WRONGTYPE"):
+        await pub.publish("alice/x", lines("b", 2), user="alice")
+
+    assert len(await stored(redis, namespace, "alice/x")) == 1
+    assert await usage(redis, namespace, "alice") == {"alice/x": SIZE}
+
+
 async def test_a_new_topic_over_the_topic_quota_is_refused_whole(
     redis: Redis, namespace: str
 ) -> None:
@@ -291,8 +307,9 @@ async def test_the_byte_cap_keeps_the_newest_entries_and_frees_their_quota(
 
 
 @pytest.fixture
-async def cluster(redis_cluster: Cluster) -> AsyncIterator[RedisClient]:
-    client = command_client(redis_cluster.url)
+async def cluster(redis_cluster_url: str) -> AsyncIterator[RedisClient]:
+    """A client of the tests' Redis Cluster, closed after the test."""
+    client = command_client(redis_cluster_url)
     yield client
     await client.aclose()
 
@@ -336,6 +353,31 @@ async def test_on_redis_cluster_trimmed_and_failed_bytes_are_given_back(
     assert [d for _, d in await stored(cluster, namespace, "alice/x")] == messages[2:]
     assert await usage(cluster, namespace, "alice") == {"alice/x": 3 * SIZE}
     assert await usage(cluster, namespace, "carol") == {}
+
+
+@pytest.mark.usefixtures("fresh_logging")
+async def test_on_redis_cluster_a_failed_give_back_is_logged_and_loses_nothing(
+    cluster: RedisClient, namespace: str
+) -> None:
+    """A credit the owner's hash refuses (here: lowering a corrupt count would overflow it)
+    leaves the count high, is logged, and the batch is stored as published."""
+    keys = Keys(namespace)
+    limits = Limits(max_user_bytes=100 * SIZE)
+    await publisher(cluster, namespace, limits).publish("alice/x", lines("old", 10), user="alice")
+    await cluster.hset(keys.usage("alice"), "alice/x", -(2**63) + 100)
+    capped = publisher(cluster, namespace, replace(limits, max_topic_bytes=SIZE))
+
+    with capture_logs() as logs:
+        [new] = await capped.publish("alice/x", [b"new"], user="alice")
+
+    assert await stored(cluster, namespace, "alice/x") == [(new, b"new")]
+    [failed] = [e for e in logs if e["event"] == "quota_credit_failed"]
+    assert (failed["topic"], failed["bytes"], failed["log_level"]) == (
+        "alice/x",
+        10 * SIZE,
+        "warning",
+    )
+    assert "overflow" in failed["error"]
 
 
 # --- durability -----------------------------------------------------------------------------
