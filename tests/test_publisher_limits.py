@@ -30,7 +30,7 @@ from drainbus.bus.streams import Keys, StreamId, parse_id, read_rows, text
 from drainbus.errors import BackendUnavailable, NotDurable
 from drainbus.metrics import PUBLISH_REFUSED
 from drainbus.values import Durability
-from tests.redis_topology import MakeServers
+from tests.redis_topology import MakeServers, binaries
 
 DRAIN = "cache-drain"
 MESSAGE = 100  # bytes of each test message: an entry of it counts SIZE against the quotas
@@ -253,21 +253,35 @@ async def test_a_drifted_count_is_recounted_at_most_once_a_minute(
     pub = publisher(redis, namespace, Limits(max_user_bytes=5 * SIZE))
     await pub.publish("alice/x", lines("old", 2), user="alice")
     await redis.hincrby(keys.usage("alice"), "alice/x", 2 * SIZE)  # e.g. a batch cut off
-    messages = lines("new", 4)
+    messages = [b"n" * MESSAGE, b"n" * 50, b"n" * 60, b"n" * 150]  # sizes differ: each counts
 
     refused = await refusal(pub, "alice/x", messages, "alice")
 
-    # 1 fitted as counted; after the recount 2 more did (5 in all), and the last did not.
+    # 1 fitted as counted; after the recount the next two did (2 * SIZE left), the last not.
     assert (refused.reason, refused.stored, refused.refused) == ("bytes", 3, 1)
     held = await stored(redis, namespace, "alice/x")
     assert held[2:] == list(zip(refused.ids, messages[:3], strict=True))
-    assert await usage(redis, namespace, "alice") == {"alice/x": 5 * SIZE}
+    counted = 3 * SIZE + 50 + 60 + 2 * ENTRY_OVERHEAD
+    assert await usage(redis, namespace, "alice") == {"alice/x": counted}
 
     await redis.hdel(keys.usage("alice"), "alice/x")  # under-counted now: room for all
     await redis.hincrby(keys.usage("alice"), "alice/x", 6 * SIZE)  # over-counted again
     again = await refusal(pub, "alice/x", [b"z"], "alice")
     assert (again.stored, again.refused) == (0, 1)
     assert await usage(redis, namespace, "alice") == {"alice/x": 6 * SIZE}  # not recounted
+
+
+async def test_a_topic_refusal_is_recounted_too(redis: Redis, namespace: str) -> None:
+    """A topic still counted though nothing of it is stored goes at the recount, and the
+    new topic it kept out is stored."""
+    keys = Keys(namespace)
+    pub = publisher(redis, namespace, Limits(max_user_bytes=1 << 20, max_topics_per_user=1))
+    await redis.hset(keys.usage("alice"), "alice/gone", SIZE)
+
+    [entry] = await pub.publish("alice/x", [b"m"], user="alice")
+
+    assert await stored(redis, namespace, "alice/x") == [(entry, b"m")]
+    assert await usage(redis, namespace, "alice") == {"alice/x": 1 + ENTRY_OVERHEAD}
 
 
 @pytest.mark.usefixtures("fresh_logging")
@@ -327,12 +341,14 @@ async def test_on_redis_cluster_the_quotas_hold_and_admins_pass(
     over_bytes = await refusal(pub, "alice/b", messages, "alice")
     over_topics = await refusal(pub, "alice/c", [b"c"], "alice")
     by_admin = await pub.publish("alice/a", lines("r", 2), user="root")
+    purges = await pub.publish(DRAIN, [b"alice-a", b"alice-b"], user="alice")  # no owner
 
     assert (over_bytes.reason, over_bytes.stored, over_bytes.refused) == ("bytes", 1, 1)
     assert await stored(cluster, namespace, "alice/b") == [(over_bytes.ids[0], messages[0])]
     assert (over_topics.reason, over_topics.stored) == ("topics", 0)
     assert await stored(cluster, namespace, "alice/c") == []
     assert len(by_admin) == 2
+    assert [i for i, _ in await stored(cluster, namespace, DRAIN)] == purges
     assert await usage(cluster, namespace, "alice") == {"alice/a": 4 * SIZE, "alice/b": SIZE}
 
 
@@ -448,6 +464,35 @@ async def test_replica_without_a_replica_is_not_durable(
     assert caught.value.topic == "x/y"
 
 
+async def test_replica_with_a_replica_waits_until_it_has_the_batch(
+    make_servers: MakeServers,
+) -> None:
+    """ "replica" sends WAITAOF 1 1 after the batch on its connection (outside MULTI, where it
+    would not wait): the call returns once the replica holds the batch."""
+    primary, replica = make_servers(binaries()[0], appendonly="yes", replica=True)
+    redis = Redis(host="127.0.0.1", port=primary.port)
+    try:
+        await redis.config_set("appendfsync", "always")  # the local fsync is never the wait
+        persistence = Persistence(redis, timeout=5)
+        await persistence.check_support({"replica"})
+        pub = publisher(
+            redis, "d", Limits(), persistence=persistence, durability=modes(x="replica")
+        )
+
+        await pub.publish("x/y", [b"replicated"], user="alice")
+
+        with replica.client() as client:
+            assert client.xlen(Keys("d").stream("x/y")) == 1
+    finally:
+        await redis.aclose()
+
+
+async def test_without_persistence_a_reply_counts_as_stored(redis: Redis, namespace: str) -> None:
+    """A publisher given durability modes but no persistence takes Redis's reply as stored."""
+    pub = publisher(redis, namespace, Limits(), durability=modes(x="replica"))
+    assert len(await pub.publish("x/y", [b"a"], user="alice")) == 1
+
+
 @pytest.mark.skipif(REDIS_7_0 is None, reason="needs redis-server (7.0, without WAITAOF)")
 async def test_without_waitaof_replica_waits_with_wait_then_reads_the_state(
     make_servers: MakeServers,
@@ -509,6 +554,7 @@ async def test_a_failing_disk_makes_publishing_not_durable(
     assert taken.value.message == (
         "not durable: Redis persistence is failing: rdb_last_bgsave_status=err"
     )
+    assert taken.value.topic == "x/y"
     assert refused.value.message.startswith("not durable: the server refused the write (MISCONF ")
     assert refused.value.topic == "x/y"
     assert not persistence.state.ok
