@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -464,25 +465,33 @@ async def test_replica_without_a_replica_is_not_durable(
     assert caught.value.topic == "x/y"
 
 
-async def test_replica_with_a_replica_waits_until_it_has_the_batch(
+async def test_replica_waits_for_the_replica_to_confirm_this_batch(
     make_servers: MakeServers,
 ) -> None:
-    """ "replica" sends WAITAOF 1 1 after the batch on its connection (outside MULTI, where it
-    would not wait): the call returns once the replica holds the batch."""
+    """ "replica" sends WAITAOF 1 1 after the batch on its connection, outside MULTI (inside
+    one it would not wait for the batch, only for what came before): a replica that
+    confirmed all before it and then stops makes the batch not durable."""
     primary, replica = make_servers(binaries()[0], appendonly="yes", replica=True)
+    assert replica.process is not None
     redis = Redis(host="127.0.0.1", port=primary.port)
     try:
         await redis.config_set("appendfsync", "always")  # the local fsync is never the wait
-        persistence = Persistence(redis, timeout=5)
+        persistence = Persistence(redis, timeout=0.2)
         await persistence.check_support({"replica"})
         pub = publisher(
             redis, "d", Limits(), persistence=persistence, durability=modes(x="replica")
         )
-
-        await pub.publish("x/y", [b"replicated"], user="alice")
-
-        with replica.client() as client:
-            assert client.xlen(Keys("d").stream("x/y")) == 1
+        # Until the replica confirms a write on one connection (it does once a second: ~1 s).
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set("d:before", 1)
+            pipe.execute_command("WAITAOF", 1, 1, 5000)
+            assert (await pipe.execute())[1] == [1, 1]
+        replica.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(NotDurable, match="not confirmed by a replica within 200 ms"):
+                await pub.publish("x/y", [b"unconfirmed"], user="alice")
+        finally:
+            replica.process.send_signal(signal.SIGCONT)
     finally:
         await redis.aclose()
 
