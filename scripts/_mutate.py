@@ -38,7 +38,16 @@ MODULES: dict[str, list[str]] = {
         "tests/test_publisher.py",
         "tests/test_fanout.py",
     ],
-    "drainbus/bus/publisher.py": ["tests/test_publisher.py", "tests/test_streams.py"],
+    # test_limits' other tests drive OpenSSH; these four run the Publisher in process.
+    "drainbus/bus/publisher.py": [
+        "tests/test_publisher.py",
+        "tests/test_publisher_limits.py",
+        "tests/test_streams.py",
+        "tests/test_limits.py::test_refusals_are_logged_per_user_topic_and_interval",
+        "tests/test_limits.py::test_a_leaked_reservation_is_recounted_before_it_refuses",
+        "tests/test_limits.py::test_a_lowered_byte_cap_trims_many_entries_at_once_keeping_the_newest",
+        "tests/test_limits.py::test_a_full_server_is_a_clear_75_and_loses_nothing",
+    ],
     "drainbus/acl.py": ["tests/test_acl.py"],
     "drainbus/identity.py": [
         "tests/test_identity.py",
@@ -101,30 +110,48 @@ def resolve(name: str) -> str:
     return matches[0]
 
 
-def start_redis(tmp: Path) -> subprocess.Popen[str]:
-    """One Redis for every mutant's tests, in a process of its own.
+# Modules whose tests publish to a Redis Cluster (the redis_cluster_url fixture): the run
+# starts one for all their mutants, as a cluster per mutant would take 2 s each.
+NEEDS_CLUSTER = frozenset({"drainbus/bus/publisher.py"})
+
+
+def start_servers(tmp: Path, *, cluster: bool) -> subprocess.Popen[str]:
+    """One Redis (and, if asked, one Redis Cluster) for every mutant's tests, in a process of
+    its own.
 
     Started in a child so this process never imports drainbus: the tests must import the
     mutated copy in mutants/, not the package already in sys.modules.
     """
     code = (
-        "import sys; from pathlib import Path; from drainbus.bus.embedded import EmbeddedRedis\n"
-        "with EmbeddedRedis(Path(sys.argv[1])) as server:\n"
-        "    print('url', server.url, flush=True); sys.stdin.read()\n"
+        "import sys; from contextlib import ExitStack; from pathlib import Path\n"
+        "from drainbus.bus.embedded import EmbeddedRedis\n"
+        "with ExitStack() as stack:\n"
+        "    server = stack.enter_context(EmbeddedRedis(Path(sys.argv[1]) / 'redis'))\n"
+        "    print('url', server.url, flush=True)\n"
+        "    if sys.argv[2:]:\n"
+        "        from tests.redis_topology import start_cluster\n"
+        "        nodes = stack.enter_context(start_cluster(Path(sys.argv[1]) / 'cluster'))\n"
+        "        print('cluster', nodes.url, flush=True)\n"
+        "    sys.stdin.read()\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp / "redis")],
+        [sys.executable, "-c", code, str(tmp), *(["cluster"] if cluster else [])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout is not None
-    # The server's own log lines come first; the URL is on the line that starts with "url".
-    url = next((line.split()[1] for line in proc.stdout if line.startswith("url ")), "")
-    if not url:
-        sys.exit("could not start the embedded Redis for the mutation run")
-    os.environ["DRAINBUS_TEST_REDIS_URL"] = url
-    return proc
+    # The servers' own log lines come first; the URLs are on the lines naming them.
+    wanted = {"url": "DRAINBUS_TEST_REDIS_URL"}
+    if cluster:
+        wanted["cluster"] = "DRAINBUS_TEST_CLUSTER_URL"
+    for line in proc.stdout:
+        name, _, url = line.strip().partition(" ")
+        if name in wanted:
+            os.environ[wanted.pop(name)] = url
+        if not wanted:
+            return proc
+    sys.exit(f"could not start the servers for the mutation run (no {', '.join(wanted)})")
 
 
 def mutant_glob(module: str) -> str:
@@ -168,7 +195,7 @@ def main(argv: list[str]) -> None:
     if globs and len(modules) != 1:
         sys.exit("name one module with mutant globs")
     with tempfile.TemporaryDirectory(prefix="db-mut-") as tmp:
-        redis = start_redis(Path(tmp))
+        servers = start_servers(Path(tmp), cluster=bool(NEEDS_CLUSTER & set(modules)))
         try:
             results = {}
             for module in modules:
@@ -193,9 +220,9 @@ def main(argv: list[str]) -> None:
                 for line in results[module][2]:
                     cli(["show", line.split(":")[0]], standalone_mode=False)
         finally:
-            assert redis.stdin is not None
-            redis.stdin.close()
-            redis.wait()
+            assert servers.stdin is not None
+            servers.stdin.close()
+            servers.wait()
     print("\nmutation score (killed / total):")
     for module, (killed, total, _) in results.items():
         print(f"  {module:32} {killed:4} / {total:<4}")

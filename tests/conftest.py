@@ -31,6 +31,7 @@ from tests.nginx_env import nginx_directives, nginx_env, origin  # real nginx, f
 from tests.redis_topology import (  # started only when asked for
     make_servers,
     redis_cluster,
+    redis_cluster_url,
     redis_sentinel,
 )
 
@@ -41,6 +42,7 @@ __all__ = [  # fixtures
     "nginx_env",
     "origin",
     "redis_cluster",
+    "redis_cluster_url",
     "redis_sentinel",
 ]
 

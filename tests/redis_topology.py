@@ -13,6 +13,7 @@ Tests that kill a server restart it afterwards (:meth:`Cluster.restart`,
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -34,6 +35,7 @@ __all__ = [
     "SentinelSetup",
     "Server",
     "redis_cluster",
+    "redis_cluster_url",
     "redis_sentinel",
     "replicated",
     "wait_until",
@@ -278,6 +280,18 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a cluster for tests that only use it (they kill no node): the one at
+    ``DRAINBUS_TEST_CLUSTER_URL`` if set (scripts/mutate starts one for its whole run, not
+    one per mutant), else ``redis_cluster``'s."""
+    external = os.environ.get("DRAINBUS_TEST_CLUSTER_URL")
+    if external:
+        return external
+    cluster: Cluster = request.getfixturevalue("redis_cluster")
+    return cluster.url
+
+
 # --- sentinel ----------------------------------------------------------------------------
 
 
@@ -388,7 +402,9 @@ def make_servers(tmp_path: Path) -> Iterator[MakeServers]:
 
     def start(binary: Path, *, appendonly: str, replica: bool = False) -> list[Server]:
         ports = free_ports(2)
-        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly]
+        # No 5 s wait for more replicas before a full sync: the replica is in sync at once.
+        common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly,
+                  "--repl-diskless-sync-delay", "0"]  # fmt: skip
         base = tmp_path / f"servers{len(started)}"
         pair = [Server(binary, ports[0], base / "primary", ["--port", str(ports[0]), *common])]
         if replica:

@@ -179,6 +179,20 @@ async def test_retention_trims_old_entries_once_per_interval(redis: Redis, names
     assert len(await stored(redis, namespace)) == before + 300
 
 
+async def test_retention_is_due_per_topic(redis: Redis, namespace: str) -> None:
+    """Trimming one topic by age does not put off the first trim of another."""
+    key = Keys(namespace).stream("alice/other")
+    old = int(time.time() * 1000) - 120_000
+    for n in range(300):
+        await redis.xadd(key, {"d": b"old"}, id=f"{old}-{n}")
+    pub = publisher(redis, namespace, retention=60)
+
+    await pub.publish(TOPIC, [b"first"], user="alice")
+    await pub.publish("alice/other", [b"new"], user="alice")
+
+    assert await redis.xlen(key) < 300  # approximately: whole nodes went
+
+
 async def test_an_unreachable_redis_is_backend_unavailable() -> None:
     """No Redis: BackendUnavailable (exit 69) naming the topic and the client's error."""
     dead = Redis(unix_socket_path="/nonexistent/redis.sock", retry=Retry(NoBackoff(), 0))

@@ -113,6 +113,8 @@ class _Batch:
 
     def after(self, n: int) -> _Batch:
         """This batch without its first ``n`` entries."""
+        # (Only a quota refusal is offered again, on an owned topic, never the drain topic
+        # whose rate limit is all that reads ``groups``: left whole, nothing would differ.)
         return replace(self, groups=self.groups[n:], entries=self.entries[n:], sizes=self.sizes[n:])
 
 
@@ -190,7 +192,7 @@ class Publisher:
                 raw=raw,
                 count=len(group),
             )
-            for d, group in zip(data, groups, strict=True)
+            for d, group in zip(data, groups, strict=True)  # (strict: equal lengths by build)
         ]
         sizes = [len(d) + ENTRY_OVERHEAD for d in data]
         owner = self._limits.owner_of(topic)
@@ -229,6 +231,7 @@ class Publisher:
         the rest was refused: "" none was, "rate", "bytes", "topics" or "memory")."""
         owner, topic = batch.owner, batch.topic
         reserve_first = owner is not None and self._cluster
+        # (refusal's "" is returned only when nothing was refused, and then not read.)
         granted, refusal, reserved = len(batch.entries), "", 0
         try:
             if reserve_first:
@@ -241,16 +244,20 @@ class Publisher:
         except (RedisError, OSError) as exc:
             await self._give_back(owner, topic, reserved)
             if isinstance(exc, OutOfMemoryError):
-                return [], 0, "memory"
+                return [], 0, "memory"  # (the wait is read for "rate" only)
             if isinstance(exc, ResponseError) and self._persistence and is_misconf(exc):
                 raise self._persistence.misconf(exc, topic) from exc
             raise backend_error(exc, f"publishing to '{topic}'") from exc
-        if reserve_first:  # give back what was reserved but not appended, and what was trimmed
+        # Give back what was trimmed, and what was reserved but not appended (none today: an
+        # owned topic is never rate limited, so the append refuses none of what was reserved).
+        if reserve_first:
             await self._give_back(owner, topic, trimmed + sum(batch.sizes[appended:granted]))
         return ids, wait_ms, reason or refusal
 
     def _recount_due(self, owner: str | None) -> bool:
         now = time.monotonic()
+        # As in _retention_due: any default far in the past will do, and "<=" matters only
+        # to the exact microsecond.
         if owner is None or now - self._last_recount.get(owner, -_RECOUNT_EVERY) < _RECOUNT_EVERY:
             return False
         self._last_recount[owner] = now
@@ -267,7 +274,7 @@ class Publisher:
 
     def _quota(self, user: str) -> int:
         """``user``'s byte quota as the scripts take it: -1 counts without refusing."""
-        return -1 if self._limits.exempt(user) else self._limits.max_user_bytes
+        return -1 if self._limits.exempt(user) else self._limits.max_user_bytes  # (any < 0)
 
     async def _append_batch(
         self, batch: _Batch, *, usage: str | None
@@ -281,6 +288,7 @@ class Publisher:
             self._retention_due(topic), topic, self._quota(user),
             self._limits.max_topics_per_user,
         ]  # fmt: skip
+        # (strict: the three lists are built the same length)
         for group, fields, size in zip(batch.groups, batch.entries, batch.sizes, strict=True):
             args += [len(group), size, len(fields)]
             for name, value in fields.items():
@@ -298,6 +306,7 @@ class Publisher:
             reply = await self._append_script(keys=keys, args=args)
         else:  # WAITAOF waits for this connection's writes: the wait must follow on it
             assert persistence is not None
+            # No MULTI (None would do as False): inside one, WAITAOF answers without waiting.
             async with self._redis.pipeline(transaction=False) as pipe:
                 queue: Any = pipe  # redis-py's Script types no pipeline, but queues on one
                 await self._append_script(keys=keys, args=args, client=queue)
@@ -309,6 +318,7 @@ class Publisher:
 
     async def _give_back(self, owner: str | None, topic: str, size: int) -> None:
         """Credit ``size`` bytes no longer stored to ``owner``; a failure only over-counts."""
+        # (A credit of 0 changes nothing but costs a round trip; no size is 1 byte.)
         if owner is None or size <= 0:
             return
         try:
@@ -334,7 +344,7 @@ class Publisher:
     ) -> PublishRefused:
         ids = ids or []
         limits = self._limits
-        owner = limits.owner_of(topic) or ""
+        owner = limits.owner_of(topic) or ""  # (named only by the quotas: then there is one)
         message = {
             "rate": f"over user {user}'s purge rate limit (drain.max_purges_per_user: "
             f"{limits.purges_per_minute} per minute, bursts of {limits.purge_burst})",
