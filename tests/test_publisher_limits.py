@@ -3,8 +3,8 @@ the byte cap, Redis Cluster's reservation, and what makes a batch count as store
 
 The same behaviour is tested end to end through OpenSSH in test_limits, test_durability and
 test_disk_full; these tests drive :class:`Publisher` directly against real servers (the
-suite's Redis, a private embedded one where a test breaks its disk, the Redis Cluster), fast
-enough to run for every mutant (scripts/mutate).
+suite's Redis, a private embedded one where a test breaks its disk, the Redis Cluster, a
+primary with a replica for the waits), fast enough to run for every mutant (scripts/mutate).
 """
 
 from __future__ import annotations
