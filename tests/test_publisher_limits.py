@@ -3,8 +3,8 @@ the byte cap, Redis Cluster's reservation, and what makes a batch count as store
 
 The same behaviour is tested end to end through OpenSSH in test_limits, test_durability and
 test_disk_full; these tests drive :class:`Publisher` directly against real servers (the
-suite's Redis, a private embedded one where a test breaks its disk, the Redis Cluster), fast
-enough to run for every mutant (scripts/mutate).
+suite's Redis, a private embedded one where a test breaks its disk, the Redis Cluster, a
+primary with a replica for the waits), fast enough to run for every mutant (scripts/mutate).
 """
 
 from __future__ import annotations
@@ -465,31 +465,35 @@ async def test_replica_without_a_replica_is_not_durable(
     assert caught.value.topic == "x/y"
 
 
-async def test_replica_waits_for_the_replica_to_confirm_this_batch(
+async def test_replica_waits_until_the_replica_confirms_the_batch(
     make_servers: MakeServers,
 ) -> None:
     """ "replica" sends WAITAOF 1 1 after the batch on its connection, outside MULTI (inside
-    one it would not wait for the batch, only for what came before): a replica that
-    confirmed all before it and then stops makes the batch not durable."""
+    one it would not wait for the batch, only for what came before): it returns once the
+    replica confirms the batch; a replica that then stops makes the next one not durable."""
     primary, replica = make_servers(binaries()[0], appendonly="yes", replica=True)
     assert replica.process is not None
-    redis = Redis(host="127.0.0.1", port=primary.port)
+    # One connection: the test's own WAITAOF below waits for the publisher's writes too.
+    redis = Redis(host="127.0.0.1", port=primary.port, max_connections=1)
     try:
         await redis.config_set("appendfsync", "always")  # the local fsync is never the wait
-        persistence = Persistence(redis, timeout=0.2)
-        await persistence.check_support({"replica"})
-        pub = publisher(
-            redis, "d", Limits(), persistence=persistence, durability=modes(x="replica")
-        )
-        # Until the replica confirms a write on one connection (it does once a second: ~1 s).
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.set("d:before", 1)
-            pipe.execute_command("WAITAOF", 1, 1, 5000)
-            assert (await pipe.execute())[1] == [1, 1]
+        patient, hasty = [
+            publisher(redis, "d", Limits(), persistence=Persistence(redis, timeout=seconds),
+                      durability=modes(x="replica"))
+            for seconds in (5, 0.2)
+        ]  # fmt: skip
+        await Persistence(redis).check_support({"replica"})  # (this server can: WAITAOF, AOF)
+
+        # (~1 s: a replica confirms its AOF once a second)
+        await patient.publish("x/y", [b"confirmed"], user="alice")
+        with replica.client() as client:
+            assert client.xlen(Keys("d").stream("x/y")) == 1
+        waited = await redis.execute_command("WAITAOF", 1, 1, 5000)  # type: ignore[no-untyped-call]
+        assert waited == [1, 1]  # at once: the replica confirmed all this connection wrote
         replica.process.send_signal(signal.SIGSTOP)
         try:
             with pytest.raises(NotDurable, match="not confirmed by a replica within 200 ms"):
-                await pub.publish("x/y", [b"unconfirmed"], user="alice")
+                await hasty.publish("x/y", [b"unconfirmed"], user="alice")
         finally:
             replica.process.send_signal(signal.SIGCONT)
     finally:
