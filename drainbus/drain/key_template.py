@@ -121,11 +121,7 @@ def _nginx_host(netloc: str) -> str:
     return host.lower().rstrip(".")  # (lower case first: no 'X' for rstrip("X.X") to strip)
 
 
-# A URL purge needs its URL's variables up to four times (its key, the key check, the index,
-# the refill window) within one batch: split once, remembered for the last few thousand URLs.
-# The dict is shared by every caller: read it, never change it.
-@functools.lru_cache(maxsize=_URL_MEMO)
-def _url_variables(url: str) -> dict[str, str]:
+def _split_variables(url: str) -> dict[str, str]:
     split = split_url(url)
     path = split.path or "/"
     has_query = "?" in url.partition("#")[0]
@@ -137,6 +133,13 @@ def _url_variables(url: str) -> dict[str, str]:
         "args": split.query,
         "is_args": "?" if split.query else "",
     }
+
+
+# A URL purge needs its URL's variables up to four times (its key, the key check, the index,
+# the refill window) within one batch: split once, remembered for the last few thousand URLs.
+# The dict is shared by every caller: read it, never change it. Wrapped here rather than
+# decorated: mutmut (scripts/mutate) skips decorated functions.
+_url_variables = functools.lru_cache(maxsize=_URL_MEMO)(_split_variables)
 
 
 def proxy_host_of(proxy_pass: str) -> tuple[str, str]:
