@@ -219,7 +219,8 @@ def _pieces(template: str) -> tuple[tuple[str, str], ...]:
     for match in _VARIABLE.finditer(template):
         pieces.append((template[last : match.start()], match[1] or match[2]))
         last = match.end()
-    pieces.append((template[last:], ""))  # "" is no variable: values.get("", "") adds nothing
+    # "" is no variable (any non-variable name would do): values.get("", "") adds nothing.
+    pieces.append((template[last:], ""))
     return tuple(pieces)
 
 
@@ -391,9 +392,9 @@ class KeyTemplate:
         (may it evict the file? which Vary variants share the key?).
         """
         memo = self._readings
-        found = memo.get(key)
+        found = memo.get(key)  # (a lookup that always misses reads the key again: the same)
         if found is None:
-            if len(memo) >= _URL_MEMO:
+            if len(memo) >= _URL_MEMO:  # ('>' keeps one key more: the same readings either way)
                 memo.clear()
             found = memo[key] = self._read(key)
         return found
