@@ -4,7 +4,10 @@ mutmut 3 copies the package into ``mutants/``, turns every function into a tramp
 can switch to one of its mutants, and runs pytest in-process there. So only in-process tests
 can kill a mutant: a test that starts ``python -m drainbus`` runs the installed, unmutated
 code. ``MODULES`` names, per module, the fast in-process test files that cover it; mutmut then
-runs, for each mutant, only the tests of those that call the mutated function.
+runs, for each mutant, only the tests of those that call the mutated function. mutmut leaves
+decorated functions unmutated, so a memo wraps a plain function (``f = lru_cache(...)(_f)``);
+tests/conftest.py clears the memos before each test, as each mutant runs in a fork of a
+process that already ran the tests and would otherwise read its remembered answers.
 
 Usage: scripts/mutate [MODULE...] [-- MUTANT_GLOB...]
     MODULE is a path (drainbus/acl.py) or a short name (acl, fanout). No MODULE: the modules

@@ -52,7 +52,7 @@ from tests.nginx_env import (
 
 __all__ = ["nginx_directives", "nginx_env", "origin"]  # fixtures, imported for pytest
 
-HOST_TEMPLATE = KeyTemplate("$scheme$host$request_uri")
+HOST_KEY = "$scheme$host$request_uri"
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -282,9 +282,11 @@ def cache_dir(tmp_path: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def open_index(
-    cache_dir: Path, template: KeyTemplate = HOST_TEMPLATE
+    cache_dir: Path, template: KeyTemplate | None = None
 ) -> AsyncIterator[CacheIndex]:
-    async with CacheIndex(cache_dir, template) as index:
+    # A template made per test: one made at import would keep its memos of read-back keys
+    # across tests, and scripts/mutate's mutants would read what the original computed.
+    async with CacheIndex(cache_dir, template or KeyTemplate(HOST_KEY)) as index:
         yield index
 
 

@@ -38,7 +38,11 @@ from tests.test_nginx import cache_dir, reading_as_nobody, shared_cache_dir
 
 __all__ = ["cache_dir", "shared_cache_dir"]  # fixtures, imported for pytest
 
-HOST_TEMPLATE = KeyTemplate("$scheme$host$request_uri")
+
+def host_template() -> KeyTemplate:
+    """A ``$scheme$host$request_uri`` template made per test: one made at import would keep
+    its memos of read-back keys across tests (and scripts/mutate's mutants would read them)."""
+    return KeyTemplate("$scheme$host$request_uri")
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +65,7 @@ async def test_the_scan_is_logged_with_its_counts(cache_dir: Path) -> None:
     bad.write_bytes(b"not a cache file")
     began = time.monotonic()
     with capture_logs() as logs:
-        async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+        async with CacheIndex(cache_dir, host_template()) as index:
             pass
     took = time.monotonic() - began
     [scan] = events(logs, "nginx_cache_indexed")
@@ -73,7 +77,7 @@ async def test_the_scan_is_logged_with_its_counts(cache_dir: Path) -> None:
     assert 0 <= scan["seconds"] <= took
     assert scan["seconds"] == round(scan["seconds"], 3)
     assert index.name == str(cache_dir)
-    async with CacheIndex(cache_dir, HOST_TEMPLATE, name="edge") as named:
+    async with CacheIndex(cache_dir, host_template(), name="edge") as named:
         assert named.name == "edge"
 
 
@@ -85,7 +89,7 @@ async def test_unreadable_files_are_counted_and_logged_once(shared_cache_dir: Pa
         folder.mkdir(parents=True, exist_ok=True)
         for level in (folder, folder.parent):
             level.chmod(0o755)
-    async with CacheIndex(shared_cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(shared_cache_dir, host_template()) as index:
         paths = [write_cache_file(shared_cache_dir, key, levels=CACHE_LEVELS) for key in keys]
         for path in paths:
             path.chmod(0o000)
@@ -103,7 +107,7 @@ async def test_unreadable_files_are_counted_and_logged_once(shared_cache_dir: Pa
 
 async def test_unreadable_folders_are_counted_and_the_walk_goes_on(shared_cache_dir: Path) -> None:
     """A folder the daemon may not list is counted and named; its siblings are indexed."""
-    async with CacheIndex(shared_cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(shared_cache_dir, host_template()) as index:
         staging = shared_cache_dir.parent / f"{shared_cache_dir.name}-staging"
         shutil.rmtree(staging, ignore_errors=True)
         good = write_cache_file(staging / "d", "httph/good")
@@ -134,7 +138,7 @@ async def test_files_that_are_not_nginx_files_are_counted_and_logged(cache_dir: 
     """A symlink where a cache file should be, or a file rewritten as garbage, is invalid."""
     target = write_cache_file(cache_dir.parent / "elsewhere", "httph/target")
     rewritten = write_cache_file(cache_dir, "httph/rewritten", headers=["Cache-Tag: t"])
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         links = [cache_file_path(cache_dir, [1, 2], f"link{n}") for n in range(2)]
         with capture_logs() as logs:
             for link in links:  # renamed into place, as nginx puts its files
@@ -167,7 +171,7 @@ async def test_files_sharing_a_path_are_told_apart_and_dropped_one_at_a_time(
     """Two hosts' files on one path: each key finds its own, and deleting one keeps the other."""
     a = write_cache_file(cache_dir, "httpa.example/x")
     b = write_cache_file(cache_dir, "httpb.example/x")
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         assert a in index
         assert index.paths_for_key("httpa.example/x") == {str(a)}
         assert index.paths_for_key("httpa.example/missing") == set()
@@ -184,7 +188,7 @@ async def test_an_ambiguous_key_leaves_cleanly(cache_dir: Path) -> None:
     both, and a neighbour on that path stays."""
     ambiguous = write_cache_file(cache_dir, "httpshop.example/x")
     neighbour = write_cache_file(cache_dir, "httpa.example/x")
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         ambiguous.unlink()
         await index.sync()
         assert index.paths_for_url("http://a.example/x") == {str(neighbour)}
@@ -206,7 +210,7 @@ async def test_a_removed_root_is_rescanned_once_nginx_makes_it_again(cache_dir: 
     """Losing the root's watch marks the index stale (logged); sync rescans, and keeps
     rescanning until the folder is back."""
     write_cache_file(cache_dir, "httph/old")
-    async with CacheIndex(cache_dir, HOST_TEMPLATE, name="edge") as index:
+    async with CacheIndex(cache_dir, host_template(), name="edge") as index:
         shutil.rmtree(cache_dir)
         with capture_logs() as logs:
             await index.sync()  # the watch is gone: stale
@@ -228,7 +232,7 @@ async def test_a_folder_moved_away_is_forgotten_by_a_rescan(cache_dir: Path) -> 
     kept = write_cache_file(cache_dir, "httph/kept")
     top = gone.relative_to(cache_dir).parts[0]
     assert kept.relative_to(cache_dir).parts[0] != top
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         (cache_dir / top).rename(cache_dir.parent / "moved-away")
         await index.sync()
         await index.sync()
@@ -251,7 +255,7 @@ async def test_running_out_of_watches_is_logged_then_reported_with_the_fix(
     """A folder that cannot be watched marks the index stale; the rescan that cannot watch
     it either fails sync with the sysctls to raise."""
     monkeypatch.setattr(nginx_index, "Inotify", LimitedInotify)
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         with capture_logs() as logs:
             (cache_dir / "full").mkdir()
             await index.sync()
@@ -285,7 +289,7 @@ async def test_an_index_that_cannot_watch_at_start_is_a_startup_error(
 
     monkeypatch.setattr(nginx_index, "Inotify", no_inotify)
     with pytest.raises(StartupError) as caught:
-        async with CacheIndex(cache_dir, HOST_TEMPLATE):
+        async with CacheIndex(cache_dir, host_template()):
             pass
     assert str(caught.value) == (
         f"cannot index nginx cache folder {str(cache_dir)!r}: [Errno {code}] refused{hint}"
@@ -307,7 +311,7 @@ async def test_files_read_ahead_without_descriptors_are_read_at_their_turn(
         return real_open(path)
 
     monkeypatch.setattr(cache_scan, "open_cache_file", open_cache_file)
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         assert len(index) == len(paths)
         assert all(path in index for path in paths)
         assert index.skipped_invalid == 0
@@ -320,7 +324,7 @@ async def test_a_failing_listener_is_logged_and_the_file_still_indexed(cache_dir
     def listener(path: str, head: object) -> None:
         raise RuntimeError(f"listener broke on {path}")
 
-    async with CacheIndex(cache_dir, HOST_TEMPLATE, name="edge", on_file_added=listener) as index:
+    async with CacheIndex(cache_dir, host_template(), name="edge", on_file_added=listener) as index:
         with capture_logs() as logs:
             path = write_cache_file(cache_dir, "httph/new")
             await index.sync()
@@ -334,7 +338,7 @@ async def test_symlinked_folders_are_not_walked(cache_dir: Path, tmp_path: Path)
     outside = write_cache_file(tmp_path / "outside", "httph/outside")
     (cache_dir / "link").symlink_to(tmp_path / "outside", target_is_directory=True)
     inside = write_cache_file(cache_dir, "httph/inside")
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         assert inside in index
         assert len(index) == 1
     assert outside.exists()
@@ -346,7 +350,7 @@ async def test_a_folder_removed_during_the_scan_is_passed_by(
     """nginx's cache manager may remove a folder the scan listed: the scan goes on."""
     files = [write_cache_file(cache_dir, f"httph/{n}") for n in range(8)]
     removed = vanish_first_folder(monkeypatch, cache_dir)
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         lost = {f for f in files if str(f).startswith(removed[0] + os.sep)}
         assert {f for f in files if f in index} == set(files) - lost
         assert len(index) == len(files) - len(lost)
@@ -359,7 +363,7 @@ async def test_a_file_that_becomes_unreadable_leaves_the_index(shared_cache_dir:
     for folder in path.parents[:2]:
         folder.chmod(0o755)
     path.chmod(0o644)
-    async with CacheIndex(shared_cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(shared_cache_dir, host_template()) as index:
         assert index.paths_for_tag("t") == {str(path)}
         path.chmod(0o000)
         path.write_bytes(path.read_bytes())  # an in-place rewrite: IN_CLOSE_WRITE
@@ -456,7 +460,7 @@ async def test_files_changed_while_the_scan_runs_are_applied_to_its_tables(
 
     inotifies.on_watch = change_the_tree
     heard: list[str] = []
-    index = CacheIndex(cache_dir, HOST_TEMPLATE, on_file_added=lambda p, _: heard.append(p))
+    index = CacheIndex(cache_dir, host_template(), on_file_added=lambda p, _: heard.append(p))
     async with index:
         assert read_during_scan == [True]
         found = {changed["renamed"], changed["in_new_folder"], *({a, b} - {changed["deleted"]})}
@@ -473,7 +477,7 @@ async def test_the_loop_applies_new_files_between_syncs(cache_dir: Path) -> None
     for name in ("first", "second"):
         arrived = asyncio.Event()
         async with CacheIndex(
-            cache_dir, HOST_TEMPLATE, on_file_added=lambda *_, done=arrived: done.set()
+            cache_dir, host_template(), on_file_added=lambda *_, done=arrived: done.set()
         ) as index:
             path = write_cache_file(cache_dir, f"httph/{name}")
             async with asyncio.timeout(5):
@@ -490,7 +494,7 @@ async def test_a_stale_index_stops_listening_until_it_rescans(
     moved = write_cache_file(cache_dir, "httph/moved")
     arrived = asyncio.Event()
     async with CacheIndex(
-        cache_dir, HOST_TEMPLATE, on_file_added=lambda *_: arrived.set()
+        cache_dir, host_template(), on_file_added=lambda *_: arrived.set()
     ) as index:
         (cache_dir / moved.relative_to(cache_dir).parts[0]).rename(cache_dir.parent / "away")
         stale = inotifies.made[0]
@@ -512,7 +516,7 @@ async def test_a_folder_deleted_is_no_reason_to_rescan(cache_dir: Path) -> None:
     does."""
     gone = write_cache_file(cache_dir, "httph/gone")
     kept = write_cache_file(cache_dir, key_in(cache_dir, cache_dir / "none", "kept"))
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         with capture_logs() as logs:
             shutil.rmtree(cache_dir / gone.relative_to(cache_dir).parts[0])
             await index.sync()
@@ -526,7 +530,7 @@ async def test_a_file_written_in_place_is_read_once_finished(cache_dir: Path) ->
     """A cache file created under its final name (not renamed in) is read when it is closed,
     not at its creation, when it is still empty: it is never counted invalid."""
     source = write_cache_file(cache_dir.parent / "source", "httph/in-place")
-    async with CacheIndex(cache_dir, HOST_TEMPLATE) as index:
+    async with CacheIndex(cache_dir, host_template()) as index:
         path = cache_dir / source.relative_to(cache_dir.parent / "source")
         path.parent.mkdir(parents=True)
         await index.sync()  # the folders are watched now
@@ -549,6 +553,6 @@ async def test_running_out_of_watches_mid_scan_closes_the_files_read_ahead(
     monkeypatch.setattr(nginx_index, "Inotify", LimitedInotify)
     open_before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(StartupError, match="No space left on device; raise the sysctls"):
-        async with CacheIndex(cache_dir, HOST_TEMPLATE):
+        async with CacheIndex(cache_dir, host_template()):
             pass
     assert set(os.listdir("/proc/self/fd")) == open_before

@@ -233,6 +233,8 @@ def test_purges_are_hashable_values() -> None:
         pytest.param("https://h.example/x#top", "has a fragment", id="url-fragment"),
         pytest.param("https://h.example/x#", "has a fragment", id="url-empty-fragment"),
         pytest.param("https://h.example/a b", "contains whitespace", id="url-space"),
+        # '!' and '~' are the ends of the printable range: the space after them is named.
+        pytest.param("https://h.example/!~ b", "contains whitespace", id="url-space-after-!~"),
         pytest.param(
             "https://h.example/ä", "contains 'ä'; a URL is printable ASCII", id="url-utf8"
         ),

@@ -121,11 +121,7 @@ def _nginx_host(netloc: str) -> str:
     return host.lower().rstrip(".")  # (lower case first: no 'X' for rstrip("X.X") to strip)
 
 
-# A URL purge needs its URL's variables up to four times (its key, the key check, the index,
-# the refill window) within one batch: split once, remembered for the last few thousand URLs.
-# The dict is shared by every caller: read it, never change it.
-@functools.lru_cache(maxsize=_URL_MEMO)
-def _url_variables(url: str) -> dict[str, str]:
+def _split_variables(url: str) -> dict[str, str]:
     split = split_url(url)
     path = split.path or "/"
     has_query = "?" in url.partition("#")[0]
@@ -137,6 +133,13 @@ def _url_variables(url: str) -> dict[str, str]:
         "args": split.query,
         "is_args": "?" if split.query else "",
     }
+
+
+# A URL purge needs its URL's variables up to four times (its key, the key check, the index,
+# the refill window) within one batch: split once, remembered for the last few thousand URLs.
+# The dict is shared by every caller: read it, never change it. Wrapped here rather than
+# decorated: mutmut (scripts/mutate) skips decorated functions.
+_url_variables = functools.lru_cache(maxsize=_URL_MEMO)(_split_variables)
 
 
 def proxy_host_of(proxy_pass: str) -> tuple[str, str]:
@@ -216,7 +219,8 @@ def _pieces(template: str) -> tuple[tuple[str, str], ...]:
     for match in _VARIABLE.finditer(template):
         pieces.append((template[last : match.start()], match[1] or match[2]))
         last = match.end()
-    pieces.append((template[last:], ""))  # "" is no variable: values.get("", "") adds nothing
+    # "" is no variable (any non-variable name would do): values.get("", "") adds nothing.
+    pieces.append((template[last:], ""))
     return tuple(pieces)
 
 
@@ -388,9 +392,9 @@ class KeyTemplate:
         (may it evict the file? which Vary variants share the key?).
         """
         memo = self._readings
-        found = memo.get(key)
+        found = memo.get(key)  # (a lookup that always misses reads the key again: the same)
         if found is None:
-            if len(memo) >= _URL_MEMO:
+            if len(memo) >= _URL_MEMO:  # ('>' keeps one key more: the same readings either way)
                 memo.clear()
             found = memo[key] = self._read(key)
         return found
