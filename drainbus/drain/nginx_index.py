@@ -296,6 +296,8 @@ class CacheIndex:
         # The mask as a plain int: each operation on a Mask builds enum members, and a
         # drain deleting thousands of files a second reads as many events.
         mask, path = int(event.mask), event.path
+        # (`|` for the `&` of IGNORED would do: with no *_SELF bits watched, IGNORED is the
+        # one event whose path is the root itself.)
         if mask & _Q_OVERFLOW or (mask & _IGNORED and path == self.root):
             log.warning("nginx_cache_index_stale", cache=self.name, reason=repr(event.mask))
             self._stale = True
