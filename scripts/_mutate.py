@@ -61,10 +61,13 @@ MODULES: dict[str, list[str]] = {
     # test_receipts' tests publish over OpenSSH or start nginx (left out); these run it in
     # process against the suite's Redis. test_fair_drain's in-process test is not run for
     # them: it times keep-alives 0.1 s apart against a 0.3 s reclaim, which mutmut's
-    # trampolines on a loaded machine overrun (its clean run failed); test_drain_daemon
-    # tests the same keep-alives with room to spare.
-    "drainbus/drain/daemon.py": ["tests/test_drain_recovery.py"],
-    "drainbus/drain/ledger.py": ["tests/test_ledger.py", "tests/test_drain_recovery.py"],
+    # trampolines on a loaded machine overrun (its clean run failed).
+    "drainbus/drain/daemon.py": ["tests/test_drain_daemon.py", "tests/test_drain_recovery.py"],
+    "drainbus/drain/ledger.py": [
+        "tests/test_ledger.py",
+        "tests/test_drain_daemon.py",
+        "tests/test_drain_recovery.py",
+    ],
     "drainbus/drain/receipt_writer.py": [
         "tests/test_receipt_writer.py",
         "tests/test_ledger.py",

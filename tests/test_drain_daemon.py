@@ -1,0 +1,435 @@
+"""The drain daemon in process, against the suite's Redis, with targets that answer as told:
+retries and dead letters, resuming after a crash, missed purges, batch sizes, the cdn role's
+wait for rate-limit room, Redis failing under the loop, refill receipts, start-up errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from drainbus.bus.streams import Keys
+from drainbus.config import DrainSettings
+from drainbus.drain import daemon, ledger
+from drainbus.drain.daemon import Drain
+from drainbus.drain.dead_letters import list_dead_letters
+from drainbus.drain.nginx import NginxCache, NginxCacheConfig
+from drainbus.drain.purges import Purge
+from drainbus.drain.receipts import receipts_of, receipts_topic, target_part
+from drainbus.drain.retry import DONE, Outcome
+from drainbus.drain.target_stats import HttpPurgeStats
+from drainbus.drain.targets import NginxTarget, Target
+from drainbus.errors import BackendUnavailable, StartupError
+from tests.nginx_env import CACHE_KEY, CACHE_LEVELS, write_cache_file
+
+TOPIC = "cache-drain"
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def logs(
+    fresh_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[MutableMapping[str, Any]]]:
+    """What the daemon logs (the ledger logs under its name), at every level."""
+    for module in (daemon, ledger):
+        monkeypatch.setattr(module, "log", structlog.get_logger("drainbus.drain.daemon"))
+    from drainbus import backoff
+
+    monkeypatch.setattr(backoff, "log", structlog.get_logger("drainbus.backoff"))
+    with capture_logs() as captured:
+        yield captured
+
+
+class Scripted:
+    """A target that carries out each batch at once, failing the keys it is told to."""
+
+    def __init__(self, name: str = "edge") -> None:
+        self.name = name
+        self.fail: dict[str, Outcome] = {}
+        self.batches: list[list[str]] = []
+        self.flushes = 0
+
+    def done(self) -> list[str]:
+        return [key for batch in self.batches for key in batch]
+
+    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
+        keys = [min(p.keys) for p in purges]
+        self.batches.append(keys)
+        return [self.fail.get(key, DONE) for key in keys]
+
+    async def flush_all(self) -> int:
+        self.flushes += 1
+        return 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"batches": len(self.batches)}
+
+    def stats(self) -> HttpPurgeStats:
+        return HttpPurgeStats(requests={}, retries=0, skipped=0, last_error=None)
+
+
+def make_drain(
+    redis: Redis, redis_url: str, namespace: str, *, local: Sequence[Any] = (),
+    cdn: Sequence[Target] = (), **settings: Any,
+) -> Drain:  # fmt: skip
+    return Drain(
+        DrainSettings(**{"node": "web1", "retry_after": 10.0, **settings}),
+        redis=redis, redis_url=redis_url, keys=Keys(namespace),
+        admins=frozenset({"root", "acme", "other"}), local_targets=local, cdn_targets=cdn,
+    )  # fmt: skip
+
+
+async def publish(redis: Redis, namespace: str, *lines: str, user: str = "root") -> list[bytes]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for line in lines:
+            pipe.xadd(Keys(namespace).stream(TOPIC), {"d": line, "u": user, "m": line})
+        ids: Any = await pipe.execute()
+    return [bytes(i) for i in ids]
+
+
+async def until(condition: Callable[[], Any], timeout: float = 5) -> None:
+    """Return once ``condition()`` (sync or async) holds; the targets and Redis give no event."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = condition()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def receipts(redis: Redis, namespace: str) -> list[dict[str, Any]]:
+    entries: Any = await redis.xrange(Keys(namespace).stream(receipts_topic(TOPIC)))
+    return [r for i, f in entries for r in receipts_of(i, f)]
+
+
+async def test_a_failing_purge_is_retried_then_dead_lettered_with_the_targets_error(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """max_deliveries 2: a purge its target keeps failing is tried twice, each failure
+    receipted, then dead-lettered with the target's last error; the other is done once."""
+    target = Scripted()
+    target.fail["site-bad"] = Outcome("retry_later", error="edge: HTTP 503")
+    drain = make_drain(
+        redis, redis_url, namespace, local=[target], retry_after=0.2, max_deliveries=2
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        bad, ok = await publish(redis, namespace, "site-bad", "site-ok")
+        await until(lambda: list_dead_letters(redis, Keys(namespace), TOPIC))
+        tg.cancel_scope.cancel()
+    [letter] = await list_dead_letters(redis, Keys(namespace), TOPIC)
+    assert (letter.origin_id, letter.group) == (bad.decode(), "node-web1")
+    assert letter.error == "gave up after 2 deliveries: edge: HTTP 503"
+    assert sorted(target.done()) == ["site-bad", "site-bad", "site-ok"]
+    assert drain.stats.retries == 2
+    parts = [(r["id"], r["targets"][0]["target"], r["targets"][0]["result"])
+             for r in await receipts(redis, namespace)]  # fmt: skip
+    assert sorted(parts) == sorted([
+        (bad.decode(), "edge", "failed"), (ok.decode(), "edge", "accepted"),
+        (bad.decode(), "edge", "failed"), (bad.decode(), "(drain)", "dead-lettered"),
+    ])  # fmt: skip
+    assert parts[-1] == (bad.decode(), "(drain)", "dead-lettered")
+    (group,) = await redis.xinfo_groups(Keys(namespace).stream(TOPIC))
+    assert group["pending"] == 0
+
+
+async def test_a_restart_resumes_its_own_pending_entries_and_drops_those_over_the_limit(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """Entries delivered to this node before it stopped: carried out after the restart, but
+    one already delivered more than max_deliveries times is dead-lettered before the node
+    says it is ready; the group existed, so none is created."""
+    stream = Keys(namespace).stream(TOPIC)
+    await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
+    again, tired = await publish(redis, namespace, "site-again", "site-tired")
+    await redis.xreadgroup("node-web1", "web1", {stream: ">"}, count=10)  # then it crashed
+    for _ in range(2):  # and crashed on site-tired twice more: 3 deliveries
+        await redis.xclaim(stream, "node-web1", "web1", 0, [tired])
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target], max_deliveries=2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        letters = await list_dead_letters(redis, Keys(namespace), TOPIC)
+        await until(target.done)
+        tg.cancel_scope.cancel()
+    assert [(d.origin_id, d.error) for d in letters] == [
+        (tired.decode(), "gave up after 3 deliveries: no success within the delivery limit")
+    ]
+    assert target.done() == ["site-again"]
+    resumed = [e for e in logs if e["event"] == "drain_resuming_pending"]
+    assert [(e["log_level"], e["group"], e["entries"]) for e in resumed] == [
+        ("info", "node-web1", 2)
+    ]
+    assert not any(e["event"] == "drain_group_created" for e in logs)
+    kept: Any = await redis.xrange(stream)
+    assert again in [bytes(i) for i, _ in kept]
+
+
+async def test_a_new_group_starts_at_the_streams_end_and_is_logged(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """A node's first start creates its group after what the stream already holds."""
+    await publish(redis, namespace, "site-before")
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        await publish(redis, namespace, "site-after")
+        await until(target.done)
+        tg.cancel_scope.cancel()
+    assert target.done() == ["site-after"]
+    created = [(e["log_level"], e["group"]) for e in logs if e["event"] == "drain_group_created"]
+    assert created == [("info", "node-web1")]
+
+
+async def test_purges_trimmed_unread_before_the_start_flush_the_caches_once(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """The gap seen at start-up is acted on once, not again before the read that jumps it."""
+    stream = Keys(namespace).stream(TOPIC)
+    await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
+    await publish(redis, namespace, *(f"site-{n}" for n in range(10)))
+    await redis.xtrim(stream, maxlen=2, approximate=False)
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await until(lambda: "site-9" in target.done())
+        tg.cancel_scope.cancel()
+    assert (target.flushes, drain.stats.flushes) == (1, 1)
+    assert target.done() == ["site-8", "site-9"]
+
+
+@pytest.mark.parametrize(
+    ("users", "batches"),
+    [(["acme"], [1000, 200]), (["acme", "other"], [250, 250, 250, 250, 200])],
+    ids=["one-publisher", "two-publishers"],
+)
+async def test_a_local_batch_is_smaller_while_several_publishers_wait(
+    redis: Redis, redis_url: str, namespace: str, users: list[str], batches: list[int]
+) -> None:
+    """1,200 purges waiting: one publisher's go in batches of 1,000; two publishers' in
+    batches of 250, so a purge that just got its turn waits for a quarter of a batch."""
+    stream = Keys(namespace).stream(TOPIC)
+    await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
+    for user in users:
+        count = 1200 // len(users)
+        await publish(redis, namespace, *(f"{user}-{n}" for n in range(count)), user=user)
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await until(lambda: len(target.done()) == 1200)
+        tg.cancel_scope.cancel()
+    assert [len(b) for b in target.batches] == batches
+
+
+class Calls(Scripted):
+    """A cdn target that signals each call."""
+
+    def __init__(self) -> None:
+        super().__init__("cloudflare")
+        self.called = asyncio.Event()
+
+    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
+        self.called.set()
+        return await super().apply(purges)
+
+
+async def test_a_busy_cdn_role_waits_for_room_and_sends_what_arrived_meanwhile_together(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """After a call, with no room for another for 0.5 s (the batch window too), the loop
+    waits before reading: two purges published during the wait go in one call."""
+    target = Calls()
+    drain = Drain(
+        DrainSettings(node="web1", retry_after=10.0), redis=redis, redis_url=redis_url,
+        keys=Keys(namespace), admins=frozenset({"root"}), cdn_targets=[target],
+        cdn_batch_window=0.5, cdn_busy_for=lambda: 0.5,
+    )  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        await publish(redis, namespace, "site-1")
+        await target.called.wait()
+        await publish(redis, namespace, "site-2")
+        # Time is what is tested: the second purge comes later, but within the wait.
+        await asyncio.sleep(0.05)
+        await publish(redis, namespace, "site-3")
+        await until(lambda: len(target.batches) == 2)
+        tg.cancel_scope.cancel()
+    assert target.batches == [["site-1"], ["site-2", "site-3"]]
+    waits = [e for e in logs if e["event"] == "drain_waiting_for_rate_limit"]
+    assert waits[0] == {
+        "event": "drain_waiting_for_rate_limit", "log_level": "debug", "group": "cdn",
+        "seconds": 0.5,
+    }  # fmt: skip
+
+
+async def test_a_busy_cdn_role_never_waits_past_the_next_reclaim(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """A bucket with no room for a minute and a minute's batch window: the loop still reads
+    (and reclaims) every retry_after / 2, so the next purge is sent within a second."""
+    target = Calls()
+    drain = Drain(
+        DrainSettings(node="web1", retry_after=0.4), redis=redis, redis_url=redis_url,
+        keys=Keys(namespace), admins=frozenset({"root"}), cdn_targets=[target],
+        cdn_batch_window=60, cdn_busy_for=lambda: 60.0,
+    )  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        await publish(redis, namespace, "site-1")
+        await target.called.wait()
+        await publish(redis, namespace, "site-2")
+        await until(lambda: len(target.batches) == 2, timeout=2)
+        tg.cancel_scope.cancel()
+    waits = [e["seconds"] for e in logs if e["event"] == "drain_waiting_for_rate_limit"]
+    assert waits
+    assert all(0 < s <= 0.2 for s in waits), waits
+
+
+async def test_redis_refusing_the_loop_is_retried_and_a_lost_group_recreated(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """The stream's key replaced by a string: each failure is a retry logged with its group
+    and a short first delay; the key gone, the group is made again (a loss, so a flush)
+    and purges flow again. (Until the next reclaim, retry_after / 2, meets NOGROUP, the
+    check for missed purges fails too: XINFO GROUPS on no key is "no such key".)"""
+    stream = Keys(namespace).stream(TOPIC)
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target], retry_after=0.4)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.delete(stream)
+            pipe.set(stream, "not a stream")
+            await pipe.execute()
+        await until(lambda: any(e["event"] == "drain_redis_retry" for e in logs))
+        await redis.delete(stream)
+        await until(lambda: target.flushes)
+        await publish(redis, namespace, "site-after")
+        await until(target.done)
+        tg.cancel_scope.cancel()
+    retry = next(e for e in logs if e["event"] == "drain_redis_retry")
+    assert (retry["log_level"], retry["group"], retry["attempt"]) == ("warning", "node-web1", 1)
+    assert retry["error"]
+    assert 0.05 <= retry["delay"] <= 0.1
+    [lost] = [e for e in logs if e["event"] == "drain_group_lost"]
+    assert (lost["log_level"], lost["group"]) == ("error", "node-web1")
+    assert lost["reason"] == (
+        "the consumer group vanished from Redis (a failover lost writes not yet replicated, "
+        "Redis restarted empty, or the stream was deleted); recreating it"
+    )
+    assert target.flushes == 1
+
+
+async def test_a_stale_refill_evicted_after_the_purge_gets_a_receipt(
+    redis: Redis, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """With a refill window, a stale copy written back after the purge is evicted, and the
+    purge's entry gets a second receipt marked refill, read back from the stream."""
+    host, path = "acme-blog.pages.example", "/p"
+    (tmp_path / "cache").mkdir()
+    config = NginxCacheConfig(cache_path=tmp_path / "cache", levels=CACHE_LEVELS, key=CACHE_KEY)
+    write_cache_file(config.cache_path, f"http{host}{path}", headers=['ETag: "v1"'])
+    settings = DrainSettings(node="web1", refill_window=60)
+    async with NginxCache(config, refill_window=60) as cache:
+        target = NginxTarget(cache, settings.scope_rule, "pages")
+        drain = Drain(settings, redis=redis, redis_url=redis_url, keys=Keys(namespace),
+                      admins=frozenset({"root"}), local_targets=[target])  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain.run)
+            await drain.ready.wait()
+            [entry] = await publish(redis, namespace, f"url:http://{host}{path}")
+            await until(lambda: cache.refill_guard.refills_evicted == 0 and drain.stats.purges_done)
+            write_cache_file(config.cache_path, f"http{host}{path}", headers=['ETag: "v1"'])
+            await cache.index.sync()
+            assert cache.refills_evicted == 1
+            await until(lambda: _refill_receipts(redis, namespace))
+            tg.cancel_scope.cancel()
+    [refill] = await _refill_receipts(redis, namespace)
+    assert refill == {
+        "id": entry.decode(), "purge": f"url:http://{host}{path}", "user": "root",
+        "node": "web1", "role": "local", "targets": [target_part("pages", "evicted", count=1)],
+        "refill": True,
+    }  # fmt: skip
+
+
+async def _refill_receipts(redis: Redis, namespace: str) -> list[dict[str, Any]]:
+    return [r for r in await receipts(redis, namespace) if r.get("refill")]
+
+
+async def test_a_stream_key_of_another_type_is_a_one_line_startup_error(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """Redis refusing the groups: StartupError naming the topic, the key and what it must be."""
+    stream = Keys(namespace).stream(TOPIC)
+    await redis.set(stream, "not a stream")
+    drain = make_drain(redis, redis_url, namespace, local=[Scripted()])
+    with pytest.raises(StartupError) as caught:
+        await drain.run()
+    message = str(caught.value)
+    assert message.startswith(
+        f"cannot drain '{TOPIC}': Redis refused to set up consumer groups on {stream} ("
+    )
+    assert "WRONGTYPE" in message
+    assert message.endswith("); that key must be a stream (or not exist)")
+
+
+async def test_redis_not_answering_at_start_up_is_backend_unavailable(namespace: str) -> None:
+    """No Redis at the address: BackendUnavailable saying what the drain was doing."""
+    url = "redis://127.0.0.1:9"  # discard: nothing listens
+    client = Redis.from_url(url)
+    try:
+        drain = make_drain(client, url, namespace, local=[Scripted()])
+        with pytest.raises(BackendUnavailable) as caught:
+            await drain.run()
+    finally:
+        await client.aclose()
+    message = str(caught.value)
+    assert message.startswith(
+        f"backend unavailable: Redis did not answer while setting up the drain of '{TOPIC}' ("
+    )
+    assert "127.0.0.1:9" in message
+
+
+async def test_the_status_says_what_this_node_runs_before_it_is_ready(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """Publishers waiting for receipts count the live nodes: the status is there at ready."""
+    local, cdn = Scripted("pages"), Calls()
+    drain = make_drain(redis, redis_url, namespace, local=[local], cdn=[cdn], retry_after=20)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        key = Keys(namespace).drain_status("web1")
+        raw: Any = await redis.get(key)
+        ttl = await redis.ttl(key)
+        tg.cancel_scope.cancel()
+    status = json.loads(raw)
+    assert (status["node"], status["roles"]) == ("web1", ["local", "cdn"])
+    assert (status["local_targets"], status["cdn_targets"]) == (["pages"], ["cloudflare"])
+    assert status["targets"] == {"pages": {"batches": 0}, "cloudflare": {"batches": 0}}
+    assert 50 < ttl <= 60  # three retry_after periods
