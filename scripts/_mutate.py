@@ -29,8 +29,9 @@ from mutmut.configuration import config
 # Module -> the fast in-process test files that cover it. mutmut runs every test that
 # reaches a surviving mutant's function, so the tests driving OpenSSH (test_ssh, test_packing,
 # test_bus: seconds each) would make a run take hours: they are left out, and so are the
-# tests of test_nginx and test_refill that start nginx (tests/in_process_only.py). What they
-# reach beyond these tests (the fan-out's retry paths when Redis fails) is in the README.
+# tests in the listed files that start nginx, publish over OpenSSH or run drainbus in a
+# process of its own (tests/in_process_only.py). What they reach beyond these tests (the
+# fan-out's retry paths when Redis fails) is in the README.
 MODULES: dict[str, list[str]] = {
     "drainbus/bus/fanout.py": ["tests/test_fanout.py", "tests/test_streams.py"],
     "drainbus/bus/streams.py": [

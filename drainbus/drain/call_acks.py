@@ -68,6 +68,7 @@ class CallAcks:
     async def settled(self, outcomes: dict[int, Outcome]) -> None:
         """Write the receipts of the purges done, then acknowledge their entries."""
         assert self.target is not None
+        # (Times are checked within bounds: a factor of 1001 for 1000 is below what they show.)
         ms = (time.monotonic() - self._started) * 1000
         done = sorted(i for i, outcome in outcomes.items() if outcome.status == "done")
         if not done:
@@ -91,6 +92,7 @@ async def apply_to_targets(
     Returns each purge's merged outcome, and for each purge the receipt part of every
     target (what it did, and how long the target took for the whole batch).
     """
+    # Start values: run() sets each target's column and time, whatever the target does.
     columns: list[list[Outcome]] = [[] for _ in targets]
     took: list[float] = [0.0 for _ in targets]
 
@@ -102,7 +104,7 @@ async def apply_to_targets(
             log.exception("drain_target_failed", target=target.name)
             column = [Outcome("retry_later", f"{target.name}: {exc}")] * len(purges)
         columns[number] = column
-        took[number] = (time.monotonic() - started) * 1000
+        took[number] = (time.monotonic() - started) * 1000  # (1001 alike: see settled())
 
     if len(targets) == 1:
         await run(0, targets[0])
@@ -111,6 +113,7 @@ async def apply_to_targets(
             for number, target in enumerate(targets):
                 tg.start_soon(run, number, target)
     parts: list[list[dict[str, Any]]] = [[] for _ in purges]
+    # strict= on zips of equal lengths (one column and time per target, an outcome per purge).
     for target, column, ms in zip(targets, columns, took, strict=True):
         # Most of a batch's purges end alike at a target (done, 0 or 1 evicted): one part,
         # shared by every receipt that says the same (they are serialised, never changed).

@@ -65,7 +65,7 @@ class FairBacklog:
     def add(self, rows: Iterable[Row]) -> None:
         """Queue ``rows`` (in stream order) behind their publishers' earlier entries."""
         for row in rows:
-            user = row[1].get(b"u", b"")
+            user = row[1].get(b"u", b"")  # any default would do: it only keys their queue
             queue = self._queues.get(user)
             if queue is None:
                 queue = self._queues[user] = deque()
@@ -122,6 +122,7 @@ async def keep_claimed(
         try:
             for start in range(0, len(held), _CLAIM_CHUNK):
                 chunk: list[Any] = list(held[start : start + _CLAIM_CHUNK])
+                # min-idle-time 0: held entries are claimed however recently (1 ms: alike).
                 await redis.xclaim(stream, group, consumer, 0, chunk, justid=True)
         except (RedisError, OSError) as exc:
             log.warning("drain_heartbeat_failed", group=group, error=str(exc))

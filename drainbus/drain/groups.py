@@ -53,6 +53,8 @@ async def claim_idle(
             stream, group, consumer, min_idle_ms, start_id=cursor, count=count
         )
         cursor = text(reply[0])
+        # Redis 6.2 answers a trimmed entry as nil, and no third element; 7 (and valkey)
+        # drops such entries and lists them in a third element, always there. (cast: no-op)
         rows = cast(list[Row], [r for r in reply[1] if r and r[1] is not None])
         lost = len(reply[2]) if len(reply) > 2 and reply[2] else 0
         yield rows, lost
@@ -65,7 +67,8 @@ async def deliveries(
 ) -> dict[Any, int]:
     """How many times each of ``ids`` was delivered in ``group``."""
     # One XPENDING per id: in a shared group other consumers' entries lie between ours,
-    # so a range query could stop short of some of them.
+    # so a range query could stop short of some of them. (A range of one id holds one
+    # entry whatever the count; a transaction would answer the same, at a MULTI's cost.)
     async with redis.pipeline(transaction=False) as pipe:
         for entry_id in ids:
             pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
@@ -91,7 +94,7 @@ async def publish_status(
     now_ms = int(time.time() * 1000)
     await redis.set(keys.drain_status(node), json.dumps(status, default=str), px=ttl_ms)
     await redis.zadd(keys.drain_nodes, {node: now_ms})
-    await redis.zremrangebyscore(keys.drain_nodes, "-inf", now_ms - ttl_ms)
+    await redis.zremrangebyscore(keys.drain_nodes, "-inf", now_ms - ttl_ms)  # "-INF" alike
 
 
 async def own_pending(
@@ -102,6 +105,8 @@ async def own_pending(
     position = "0"
     while True:
         reply: Any = await redis.xreadgroup(group, consumer, {stream: position}, count=count)
+        # (Pending entries are answered [[stream, []]] when there are none: `reply` is never
+        # empty here, the test is for safety. cast: no-op.)
         entries = cast(list[tuple[bytes, dict[bytes, bytes] | None]], reply[0][1] if reply else [])
         if not entries:
             return

@@ -122,12 +122,13 @@ class Ledger:
         kinds: Counter[str] = Counter()
         retry_errors: list[str] = []
         retry_entries = 0
+        debug = log.debug  # looked up once: each lookup on the lazy logger binds it anew
         for i, (purge, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             entries = batch[purge]
             results[outcome.status] += 1
             kind = purge_kind(purge)
             kinds[kind] += 1
-            log.debug("drain_purge", group=role.group, kind=kind, result=outcome.status,
+            debug("drain_purge", group=role.group, kind=kind, result=outcome.status,
                       entries=len(entries), evicted=outcome.evicted,
                       error=outcome.error)  # fmt: skip
             if outcome.status == "done":

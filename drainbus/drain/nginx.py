@@ -363,6 +363,7 @@ class NginxCache:
         window = guard.open_batch(watched)
         outcomes = await carry_out(jobs)
         guard.armed(window, (validators for _, validators, _ in outcomes))
+        debug = log.debug  # looked up once: each lookup on the lazy logger binds it anew
         for job, (count, _, failed) in zip(jobs, outcomes, strict=True):
             verb = "expire" if job.soft else "delete"
             try:
@@ -370,7 +371,7 @@ class NginxCache:
             except CacheEvictionFailed as exc:
                 results[job.number] = exc
                 continue
-            log.debug(
+            debug(
                 "nginx_cache_expired" if job.soft else "nginx_cache_purged",
                 cache=self.name,
                 matched=len(job.paths),

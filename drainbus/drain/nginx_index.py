@@ -53,6 +53,12 @@ log = structlog.get_logger("drainbus.drain.nginx")
 _EVENT_BATCH = 1024
 
 
+# inotify's event bits as ints, for _apply (see there).
+_Q_OVERFLOW, _IGNORED, _ISDIR = int(Mask.Q_OVERFLOW), int(Mask.IGNORED), int(Mask.ISDIR)
+_CREATE, _CLOSE_WRITE, _DELETE = int(Mask.CREATE), int(Mask.CLOSE_WRITE), int(Mask.DELETE)
+_MOVED_FROM, _MOVED_TO = int(Mask.MOVED_FROM), int(Mask.MOVED_TO)
+
+
 class CacheEntry(NamedTuple):
     """One indexed cache file: its key, its tags (folded by :func:`fold_tag`, sorted) and
     every reading of the key."""
@@ -287,29 +293,31 @@ class CacheIndex:
             self._loop.remove_reader(inotify.fd)
 
     def _apply(self, event: Event, inotify: Inotify) -> None:
-        mask, path = event.mask, event.path
-        if Mask.Q_OVERFLOW in mask or (Mask.IGNORED in mask and path == self.root):
-            log.warning("nginx_cache_index_stale", cache=self.name, reason=repr(mask))
+        # The mask as a plain int: each operation on a Mask builds enum members, and a
+        # drain deleting thousands of files a second reads as many events.
+        mask, path = int(event.mask), event.path
+        if mask & _Q_OVERFLOW or (mask & _IGNORED and path == self.root):
+            log.warning("nginx_cache_index_stale", cache=self.name, reason=repr(event.mask))
             self._stale = True
-        elif path is None or Mask.IGNORED in mask:
+        elif path is None or mask & _IGNORED:
             # (`and` would do: no other event lacks a path, and a folder whose watch is
             # IGNORED never has a cache file's name.)
             return
-        elif Mask.ISDIR in mask:
-            if mask & (Mask.CREATE | Mask.MOVED_TO):
+        elif mask & _ISDIR:
+            if mask & (_CREATE | _MOVED_TO):
                 try:
                     scan(self._tables, self.template, path, inotify, self._file_added)
                 except OSError:  # out of watches: the next sync rescans, or says why
                     log.exception("nginx_cache_folder_unwatched", path=str(path))
                     self._stale = True
-            elif mask & Mask.MOVED_FROM:
+            elif mask & _MOVED_FROM:
                 self._stale = True  # the folder's watch now names a wrong path
         elif is_cache_file_name(path.name):
-            if mask & (Mask.CLOSE_WRITE | Mask.MOVED_TO):
+            if mask & (_CLOSE_WRITE | _MOVED_TO):
                 head = load(self._tables, self.template, str(path))
-                if head is not None and Mask.MOVED_TO in mask:
+                if head is not None and mask & _MOVED_TO:
                     self._file_added(str(path), head)
-            elif mask & (Mask.DELETE | Mask.MOVED_FROM):
+            elif mask & (_DELETE | _MOVED_FROM):
                 # (CREATE, the one event left, would find nothing to remove: not indexed yet.)
                 self._tables.remove(str(path))
 

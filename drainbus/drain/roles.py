@@ -55,6 +55,7 @@ class Role:
         """How long to wait after a batch, at most ``most`` seconds, for the rate limit to
         have room for a call: the next call could not leave sooner, and what arrives
         meanwhile joins it. 0 for a role without a rate limit or batch window."""
+        # (`< 0` would do: the min below is 0 for a window of 0; this skips asking busy_for.)
         if self.busy_for is None or self.batch_window <= 0:
             return 0.0
         return max(0.0, min(self.busy_for(), self.batch_window, most))
