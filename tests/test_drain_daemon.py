@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from drainbus.drain.retry import DONE, Outcome
 from drainbus.drain.target_stats import HttpPurgeStats
 from drainbus.drain.targets import NginxTarget, Target
 from drainbus.errors import BackendUnavailable, StartupError
+from drainbus.metrics import REGISTRY
 from tests.nginx_env import CACHE_KEY, CACHE_LEVELS, write_cache_file
 
 TOPIC = "cache-drain"
@@ -93,10 +95,13 @@ def make_drain(
     )  # fmt: skip
 
 
-async def publish(redis: Redis, namespace: str, *lines: str, user: str = "root") -> list[bytes]:
+async def publish(
+    redis: Redis, namespace: str, *lines: str | bytes, user: str = "root", **fields: Any
+) -> list[bytes]:
     async with redis.pipeline(transaction=False) as pipe:
         for line in lines:
-            pipe.xadd(Keys(namespace).stream(TOPIC), {"d": line, "u": user, "m": line})
+            entry: dict[Any, Any] = {"d": line, "u": user, "m": "m", **fields}
+            pipe.xadd(Keys(namespace).stream(TOPIC), entry)
         ids: Any = await pipe.execute()
     return [bytes(i) for i in ids]
 
@@ -306,7 +311,28 @@ async def test_a_busy_cdn_role_never_waits_past_the_next_reclaim(
         tg.cancel_scope.cancel()
     waits = [e["seconds"] for e in logs if e["event"] == "drain_waiting_for_rate_limit"]
     assert waits
-    assert all(0 < s <= 0.2 for s in waits), waits
+    assert all(0 < s <= 0.2 and round(s, 3) == s for s in waits), waits
+
+
+async def test_a_cdn_role_with_room_never_waits(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """Room for the next call at once: no wait after a batch, whatever the batch window."""
+    target = Calls()
+    drain = Drain(
+        DrainSettings(node="web1"), redis=redis, redis_url=redis_url, keys=Keys(namespace),
+        admins=frozenset({"root"}), cdn_targets=[target], cdn_batch_window=60,
+        cdn_busy_for=lambda: 0.0,
+    )  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        await publish(redis, namespace, "site-1")
+        await target.called.wait()
+        await publish(redis, namespace, "site-2")
+        await until(lambda: len(target.batches) == 2)
+        tg.cancel_scope.cancel()
+    assert not any(e["event"] == "drain_waiting_for_rate_limit" for e in logs)
 
 
 async def test_redis_refusing_the_loop_is_retried_and_a_lost_group_recreated(
@@ -433,3 +459,106 @@ async def test_the_status_says_what_this_node_runs_before_it_is_ready(
     assert (status["local_targets"], status["cdn_targets"]) == (["pages"], ["cloudflare"])
     assert status["targets"] == {"pages": {"batches": 0}, "cloudflare": {"batches": 0}}
     assert 50 < ttl <= 60  # three retry_after periods
+
+
+async def test_each_entry_is_checked_again_against_its_publishers_scope(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """A non-admin's purge of a key they do not own, a line that is not a purge, or one that
+    is not UTF-8, is dead-lettered as invalid; their own key is carried out."""
+    await redis.xgroup_create(Keys(namespace).stream(TOPIC), "node-web1", id="$", mkstream=True)
+    # Queued before the start: one read, one batch of invalid entries only.
+    theirs, junk, binary = await publish(
+        redis, namespace, "other-site", "frob:x", b"\xff", user="acme"
+    )
+    target = Scripted()
+    drain = Drain(
+        DrainSettings(node="web1", key_host="{key}.pages.example"), redis=redis,
+        redis_url=redis_url, keys=Keys(namespace), admins=frozenset({"root"}),
+        local_targets=[target],
+    )  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await until(lambda: any(e["event"] == "drain_batch" for e in logs))
+        await publish(redis, namespace, "acme-blog", user="acme")
+        await until(target.done)
+        tg.cancel_scope.cancel()
+    assert target.done() == ["acme-blog"]
+    letters = await list_dead_letters(redis, Keys(namespace), TOPIC)
+    assert [d.origin_id for d in letters] == [theirs.decode(), junk.decode(), binary.decode()]
+    assert all(d.error.startswith("invalid purge: ") for d in letters)
+    assert "other-site" in letters[0].error
+    assert "frob" in letters[1].error
+    assert next(e for e in logs if e["event"] == "drain_batch") == {
+        "event": "drain_batch", "log_level": "info", "group": "node-web1", "entries": 3,
+        "invalid": 3,
+    }  # fmt: skip
+
+
+def purge_seconds() -> tuple[float, float]:
+    """The local role's purge latency histogram: (observations, their sum in seconds)."""
+    count = REGISTRY.get_sample_value("drainbus_purge_seconds_count", {"role": "local"})
+    total = REGISTRY.get_sample_value("drainbus_purge_seconds_sum", {"role": "local"})
+    return count or 0.0, total or 0.0
+
+
+async def test_each_acknowledged_entry_times_its_purge_from_its_arrival(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """An entry received 2 s ago is observed as about 2 s; one stamped in the future as 0;
+    one without a time is not observed; the drain notes when it last purged."""
+    now_ms = int(time.time() * 1000)
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target])
+    count, total = purge_seconds()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        await publish(redis, namespace, "site-old", t=now_ms - 2000)
+        await publish(redis, namespace, "site-ahead", t=now_ms + 60_000)
+        await publish(redis, namespace, "site-untimed")
+        await until(lambda: len(target.done()) == 3)
+        await until(lambda: drain.stats.entries_acked == 3)
+        tg.cancel_scope.cancel()
+    after_count, after_total = purge_seconds()
+    assert after_count - count == 2
+    assert 2.0 <= after_total - total < 4.0
+    assert drain.stats.last_purge_ms is not None
+    assert now_ms <= drain.stats.last_purge_ms <= int(time.time() * 1000)
+
+
+class FlushFails(Scripted):
+    """A local target whose first flush fails (a cache folder it cannot read)."""
+
+    async def flush_all(self) -> int:
+        await super().flush_all()
+        if self.flushes == 1:
+            raise PermissionError("cache folder not readable")
+        return 0
+
+
+async def test_a_failure_while_recreating_a_lost_group_is_logged_and_backed_off(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """The group destroyed, and the flush that follows its recreation failing: a warning
+    naming the group and the error, then the loop backs off on the lost group's error; the
+    group is back, so purges flow again."""
+    stream = Keys(namespace).stream(TOPIC)
+    target = FlushFails()
+    drain = make_drain(redis, redis_url, namespace, local=[target], retry_after=0.4)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        await redis.xgroup_destroy(stream, "node-web1")
+        await until(lambda: any(e["event"] == "drain_redis_retry" for e in logs))
+        await publish(redis, namespace, "site-after")
+        await until(target.done)
+        tg.cancel_scope.cancel()
+    [failed] = [e for e in logs if e["event"] == "drain_group_recreate_failed"]
+    assert failed == {
+        "event": "drain_group_recreate_failed", "log_level": "warning", "group": "node-web1",
+        "error": "cache folder not readable",
+    }  # fmt: skip
+    retry = next(e for e in logs if e["event"] == "drain_redis_retry")
+    assert "NOGROUP" in retry["error"]
+    assert target.done() == ["site-after"]
