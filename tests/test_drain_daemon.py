@@ -562,3 +562,30 @@ async def test_a_failure_while_recreating_a_lost_group_is_logged_and_backed_off(
     retry = next(e for e in logs if e["event"] == "drain_redis_retry")
     assert "NOGROUP" in retry["error"]
     assert target.done() == ["site-after"]
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "waiting", "batches"),
+    [(0, 3, [1, 1, 1]), (2, 3, [2, 1]), (5000, 4097, [4096, 1])],
+    ids=["at-least-one", "as-configured", "at-most-4096"],
+)
+async def test_a_cdn_batch_holds_the_configured_number_of_purges(
+    redis: Redis, redis_url: str, namespace: str, batch_size: int, waiting: int,
+    batches: list[int],
+) -> None:  # fmt: skip
+    """cdn_batch_size purges per cdn batch, two publishers waiting or not: at least one, at
+    most 4,096."""
+    stream = Keys(namespace).stream(TOPIC)
+    await redis.xgroup_create(stream, "cdn", id="$", mkstream=True)
+    for user, share in (("acme", waiting // 2), ("other", waiting - waiting // 2)):
+        await publish(redis, namespace, *(f"{user}-{n}" for n in range(share)), user=user)
+    target = Calls()
+    drain = Drain(
+        DrainSettings(node="web1"), redis=redis, redis_url=redis_url, keys=Keys(namespace),
+        admins=frozenset({"acme", "other"}), cdn_targets=[target], cdn_batch_size=batch_size,
+    )  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await until(lambda: len(target.done()) == waiting)
+        tg.cancel_scope.cancel()
+    assert [len(b) for b in target.batches] == batches
