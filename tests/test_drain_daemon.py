@@ -14,12 +14,14 @@ from typing import Any
 import anyio
 import pytest
 import structlog
+from pydantic import SecretStr
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from drainbus.bus.streams import Keys
 from drainbus.config import DrainSettings
 from drainbus.drain import daemon, ledger
+from drainbus.drain.cloudflare import CloudflareForwarder, CloudflareZoneConfig
 from drainbus.drain.daemon import Drain
 from drainbus.drain.dead_letters import list_dead_letters
 from drainbus.drain.nginx import NginxCache, NginxCacheConfig
@@ -30,6 +32,7 @@ from drainbus.drain.target_stats import HttpPurgeStats
 from drainbus.drain.targets import NginxTarget, Target
 from drainbus.errors import BackendUnavailable, StartupError
 from drainbus.metrics import REGISTRY
+from tests.fakes.cloudflare_api import FakeCloudflare
 from tests.nginx_env import CACHE_KEY, CACHE_LEVELS, write_cache_file
 
 TOPIC = "cache-drain"
@@ -124,7 +127,7 @@ async def receipts(redis: Redis, namespace: str) -> list[dict[str, Any]]:
 
 
 async def test_a_failing_purge_is_retried_then_dead_lettered_with_the_targets_error(
-    redis: Redis, redis_url: str, namespace: str
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
 ) -> None:
     """max_deliveries 2: a purge its target keeps failing is tried twice, each failure
     receipted, then dead-lettered with the target's last error; the other is done once."""
@@ -153,6 +156,19 @@ async def test_a_failing_purge_is_retried_then_dead_lettered_with_the_targets_er
     assert parts[-1] == (bad.decode(), "(drain)", "dead-lettered")
     (group,) = await redis.xinfo_groups(Keys(namespace).stream(TOPIC))
     assert group["pending"] == 0
+    retried = [e for e in logs if e["event"] == "drain_purge_retry_later"]
+    assert {(e["group"], e["retry_after"], e["error"]) for e in retried} == {
+        ("node-web1", 0.2, "edge: HTTP 503")
+    }
+    batch = next(e for e in logs if e["event"] == "drain_batch" and e["purges"] == 2)
+    seconds = batch.pop("seconds")
+    assert 0 <= seconds < 5
+    assert round(seconds, 4) == seconds
+    assert batch == {
+        "event": "drain_batch", "log_level": "info", "group": "node-web1", "entries": 2,
+        "invalid": 0, "purges": 2, "kinds": {"key": 2}, "results": {"retry_later": 1, "done": 1},
+        "acked": 1,
+    }  # fmt: skip
 
 
 async def test_a_restart_resumes_its_own_pending_entries_and_drops_those_over_the_limit(
@@ -594,3 +610,104 @@ async def test_a_cdn_batch_holds_the_configured_number_of_purges(
         await until(lambda: len(target.done()) == waiting)
         tg.cancel_scope.cancel()
     assert [len(b) for b in target.batches] == batches
+
+
+async def test_entries_missing_their_fields_are_invalid_purges(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """An entry without a publisher is no one's (nor one whose name is not UTF-8); one
+    without a line is no purge: each is dead-lettered, none reaches the target."""
+    stream = Keys(namespace).stream(TOPIC)
+    await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
+    no_user: Any = await redis.xadd(stream, {"d": "site-x"})
+    bad_user: Any = await redis.xadd(stream, {"d": "site-x", "u": b"\xff"})
+    no_line: Any = await redis.xadd(stream, {"u": "root"})
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await until(lambda: drain.stats.dead_lettered == 3)
+        tg.cancel_scope.cancel()
+    letters = await list_dead_letters(redis, Keys(namespace), TOPIC)
+    assert [d.origin_id for d in letters] == [i.decode() for i in (no_user, bad_user, no_line)]
+    assert "user '' may purge only" in letters[0].error
+    assert "user '\ufffd' may purge only" in letters[1].error
+    assert letters[2].error.startswith("invalid purge: ")
+    assert target.batches == []
+
+
+async def test_cloudflare_alone_acknowledges_each_call_as_it_is_accepted(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """The cdn role with Cloudflare its one target: 250 tag purges in three calls, each
+    call's entries receipted with its purge id and acknowledged as it is accepted; the batch
+    log counts them all acknowledged, and their latency is observed."""
+    stream = Keys(namespace).stream(TOPIC)
+    await redis.xgroup_create(stream, "cdn", id="$", mkstream=True)
+    ids = await publish(redis, namespace, *(f"tag:t{n:03d}" for n in range(250)))
+    async with FakeCloudflare(plan="enterprise") as fake:
+        zone = CloudflareZoneConfig(
+            zone_id="zone-a", api_base=fake.api_base, api_token=SecretStr("test-token")
+        )
+        async with CloudflareForwarder([zone]) as cloudflare:
+            drain = make_drain(redis, redis_url, namespace, cdn=[cloudflare])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain.run)
+                await until(lambda: drain.stats.entries_acked == 250)
+                await until(lambda: any(e["event"] == "drain_batch" for e in logs))
+                tg.cancel_scope.cancel()
+    assert len(fake.accepted) == 3
+    by_call = {tag: call.reference for call in fake.accepted for tag in call.items}
+    written = await receipts(redis, namespace)
+    assert [r["id"] for r in written] == [i.decode() for i in ids]
+    assert all(r["role"] == "cdn" for r in written)
+    assert all(
+        r["targets"][0]["reference"] == by_call[r["purge"].removeprefix("tag:")] for r in written
+    )
+    (group,) = await redis.xinfo_groups(stream)
+    assert group["pending"] == 0
+    batch = next(e for e in logs if e["event"] == "drain_batch")
+    assert (batch["group"], batch["purges"], batch["acked"]) == ("cdn", 250, 250)
+    assert batch["results"] == {"done": 250}
+    assert drain.stats.last_purge_ms is not None
+
+
+async def test_entries_in_flight_and_read_ahead_stay_claimed_while_a_batch_is_held(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """A batch held for two retry_after periods: its entry and the one waiting behind it
+    are claimed again and again, never idle long enough to be taken as abandoned."""
+    stream = Keys(namespace).stream(TOPIC)
+    await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
+    # Two publishers: a batch of 250 (SHARED_BATCH) in turns, so acme-249 waits behind it.
+    await publish(redis, namespace, *(f"acme-{n}" for n in range(250)), user="acme")
+    await publish(redis, namespace, "other-0", user="other")
+    target = Gated()
+    drain = make_drain(redis, redis_url, namespace, local=[target], retry_after=0.9)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await target.entered.wait()
+        # Time itself is what is tested: two retry_after periods pass with the batch held.
+        await asyncio.sleep(1.8)
+        pending: Any = await redis.xpending_range(stream, "node-web1", "-", "+", 300)
+        target.gate.set()
+        await until(lambda: len(target.done()) == 251)
+        tg.cancel_scope.cancel()
+    assert [len(b) for b in target.batches] == [250, 1]
+    assert len(pending) == 251
+    assert all(p["time_since_delivered"] < 900 for p in pending), pending
+    assert drain.stats.retries == 0
+
+
+class Gated(Scripted):
+    """A target that holds its batches until the gate opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def apply(self, purges: Sequence[Purge]) -> list[Outcome]:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().apply(purges)
