@@ -100,6 +100,8 @@ class Drain:
         admins: frozenset[str],
         local_targets: Sequence[LocalCacheTarget] = (),
         cdn_targets: Sequence[Target] = (),
+        # Defaults for callers that do not say (open_drain always does); a batch window is
+        # read only with cdn_busy_for, so without one any window waits 0 s.
         cdn_batch_window: float = 0.0,
         receipts_max_len: int = 100_000,
         receipts_retention: float = 7 * 86400.0,
@@ -234,6 +236,7 @@ class Drain:
         They pass the delivery limit first, so an entry that crashes the process is
         dead-lettered after ``max_deliveries`` restarts instead of crashing it forever.
         """
+        # READ_COUNT is a page size: how many entries per round trip, not which.
         pages = own_pending(self._redis, self._stream, role.group, self.consumer, READ_COUNT)
         async for rows, trimmed in pages:
             if trimmed:  # entries trimmed since came back with no fields
@@ -247,16 +250,17 @@ class Drain:
     # --- the loop ----------------------------------------------------------------------
 
     async def _consume(self, role: Role) -> None:
-        backoff = Backoff("drain_redis_retry", base=0.1, cap=5.0)
-        next_claim = 0.0
-        busy = False  # the last read found entries: the bus is busy, not idle
+        backoff = Backoff("drain_redis_retry", base=0.1, cap=5.0)  # cap: after 6 failures in a row
+        next_claim = 0.0  # due at once: monotonic time is past 0 (or 1)
+        busy = False  # the last read found entries: the bus is busy, not idle (None: idle too)
         while True:
             client = reader_client(self._redis_url)
             try:
                 while True:
-                    if time.monotonic() >= next_claim:
+                    if time.monotonic() >= next_claim:  # > alike: the clock moves on
                         await self._reclaim(role)
                         await self._publish_status()
+                        # Any period under retry_after finds the idle entries in time (/ 3 too).
                         next_claim = time.monotonic() + self.settings.retry_after / 2
                     if busy:
                         await self._wait_for_room(role, next_claim)
@@ -362,7 +366,7 @@ class Drain:
         counts = await deliveries(self._redis, self._stream, role.group, [r[0] for r in rows])
         keep = []
         for row in rows:
-            count = counts.get(row[0], 0)
+            count = counts.get(row[0], 0)  # always there: each row is pending (read or claimed)
             if count > self.settings.max_deliveries:
                 error = self._ledger.last_error.get(row[0], "no success within the delivery limit")
                 await self._ledger.dead_letter(
@@ -400,7 +404,9 @@ class Drain:
         )
         if role.name == "local" and self._refills is not None:
             self._refills.remember(
-                [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"], batch
+                # strict: one outcome per purge, always (apply_to_targets' contract).
+                [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"],
+                batch,
             )
         if acked:
             await self._ledger.ack(role, acked)
