@@ -140,15 +140,17 @@ async def test_a_failing_purge_is_retried_then_dead_lettered_with_the_targets_er
         tg.start_soon(drain.run)
         await drain.ready.wait()
         bad, ok = await publish(redis, namespace, "site-bad", "site-ok")
-        await until(lambda: list_dead_letters(redis, Keys(namespace), TOPIC))
+        # Two reclaims 0.2 s apart: well within 2.5 s unless a read blocks past a reclaim.
+        await until(lambda: list_dead_letters(redis, Keys(namespace), TOPIC), timeout=2.5)
         tg.cancel_scope.cancel()
     [letter] = await list_dead_letters(redis, Keys(namespace), TOPIC)
     assert (letter.origin_id, letter.group) == (bad.decode(), "node-web1")
     assert letter.error == "gave up after 2 deliveries: edge: HTTP 503"
     assert sorted(target.done()) == ["site-bad", "site-bad", "site-ok"]
     assert drain.stats.retries == 2
-    parts = [(r["id"], r["targets"][0]["target"], r["targets"][0]["result"])
-             for r in await receipts(redis, namespace)]  # fmt: skip
+    written = await receipts(redis, namespace)
+    assert {(r["node"], r["role"]) for r in written} == {("web1", "local")}
+    parts = [(r["id"], r["targets"][0]["target"], r["targets"][0]["result"]) for r in written]
     assert sorted(parts) == sorted([
         (bad.decode(), "edge", "failed"), (ok.decode(), "edge", "accepted"),
         (bad.decode(), "edge", "failed"), (bad.decode(), "(drain)", "dead-lettered"),
@@ -401,8 +403,8 @@ async def test_a_stale_refill_evicted_after_the_purge_gets_a_receipt(
     (tmp_path / "cache").mkdir()
     config = NginxCacheConfig(cache_path=tmp_path / "cache", levels=CACHE_LEVELS, key=CACHE_KEY)
     write_cache_file(config.cache_path, f"http{host}{path}", headers=['ETag: "v1"'])
-    settings = DrainSettings(node="web1", refill_window=60)
-    async with NginxCache(config, refill_window=60) as cache:
+    settings = DrainSettings(node="web1", refill_window=1.0)  # a window of a second counts
+    async with NginxCache(config, refill_window=1.0) as cache:
         target = NginxTarget(cache, settings.scope_rule, "pages")
         drain = Drain(settings, redis=redis, redis_url=redis_url, keys=Keys(namespace),
                       admins=frozenset({"root"}), local_targets=[target])  # fmt: skip
@@ -462,24 +464,31 @@ async def test_redis_not_answering_at_start_up_is_backend_unavailable(namespace:
     assert "127.0.0.1:9" in message
 
 
+@pytest.mark.parametrize(("retry_after", "ttl"), [(1.0, 30), (20.0, 60)], ids=["30s", "3x"])
 async def test_the_status_says_what_this_node_runs_before_it_is_ready(
-    redis: Redis, redis_url: str, namespace: str
+    redis: Redis, redis_url: str, namespace: str, retry_after: float, ttl: int
 ) -> None:
-    """Publishers waiting for receipts count the live nodes: the status is there at ready."""
+    """Publishers waiting for receipts count the live nodes: the status is there at ready,
+    for three retry_after periods and at least 30 s."""
     local, cdn = Scripted("pages"), Calls()
-    drain = make_drain(redis, redis_url, namespace, local=[local], cdn=[cdn], retry_after=20)
+    drain = make_drain(
+        redis, redis_url, namespace, local=[local], cdn=[cdn], retry_after=retry_after
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(drain.run)
         await drain.ready.wait()
         key = Keys(namespace).drain_status("web1")
         raw: Any = await redis.get(key)
-        ttl = await redis.ttl(key)
+        left = await redis.ttl(key)
         tg.cancel_scope.cancel()
     status = json.loads(raw)
     assert (status["node"], status["roles"]) == ("web1", ["local", "cdn"])
     assert (status["local_targets"], status["cdn_targets"]) == (["pages"], ["cloudflare"])
     assert status["targets"] == {"pages": {"batches": 0}, "cloudflare": {"batches": 0}}
-    assert 50 < ttl <= 60  # three retry_after periods
+    counters = ("last_purge_ms", "purges_done", "dead_lettered", "last_error")
+    assert [status[name] for name in counters] == [None, 0, 0, None]
+    assert drain.stats.groups == {"node-web1": (0, 0), "cdn": (0, 0)}
+    assert ttl - 5 < left <= ttl
 
 
 async def test_each_entry_is_checked_again_against_its_publishers_scope(
@@ -711,3 +720,66 @@ class Gated(Scripted):
         self.entered.set()
         await self.gate.wait()
         return await super().apply(purges)
+
+
+async def test_an_idle_drain_blocks_in_its_reads_instead_of_polling(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """Nothing to read: each read blocks until the next reclaim (retry_after / 2 = 0.25 s),
+    so half a second idle costs a handful of XREADGROUPs, not hundreds."""
+    drain = make_drain(redis, redis_url, namespace, local=[Scripted()], retry_after=0.5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        before = await xreadgroup_calls(redis)
+        # Time itself is what is tested: how many reads half a second takes.
+        await asyncio.sleep(0.5)
+        after = await xreadgroup_calls(redis)
+        tg.cancel_scope.cancel()
+    assert 1 <= after - before <= 10
+
+
+async def xreadgroup_calls(redis: Redis) -> int:
+    """XREADGROUPs the server has run (every client's: the tests run one at a time)."""
+    stats: Any = await redis.info("commandstats")
+    return int(stats.get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+
+async def test_the_backlog_reads_ahead_no_more_than_read_ahead(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """read_ahead 10 with 25 purges waiting: each read takes what the backlog has room for,
+    so batches of 10, 10 and 5."""
+    await redis.xgroup_create(Keys(namespace).stream(TOPIC), "node-web1", id="$", mkstream=True)
+    await publish(redis, namespace, *(f"site-{n}" for n in range(25)))
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target], read_ahead=10)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await until(lambda: len(target.done()) == 25)
+        tg.cancel_scope.cancel()
+    assert [len(b) for b in target.batches] == [10, 10, 5]
+
+
+async def test_pending_entries_of_a_dead_consumer_trimmed_since_are_lost_and_flushed(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """Entries another consumer read and never acknowledged, trimmed before this node
+    reclaims them: logged as lost with their count, and the local caches flushed."""
+    stream = Keys(namespace).stream(TOPIC)
+    await redis.xgroup_create(stream, "node-web1", id="$", mkstream=True)
+    await publish(redis, namespace, "site-0", "site-1", "site-2")
+    await redis.xreadgroup("node-web1", "crashed", {stream: ">"}, count=10)
+    await redis.xtrim(stream, maxlen=1, approximate=False)
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target], retry_after=0.2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await until(lambda: target.done() == ["site-2"])
+        tg.cancel_scope.cancel()
+    [lost] = [e for e in logs if e["event"] == "drain_entries_lost"]
+    assert lost == {
+        "event": "drain_entries_lost", "log_level": "error", "group": "node-web1", "count": 2,
+        "reason": "pending entries were trimmed from the stream before success",
+    }  # fmt: skip
+    assert target.flushes >= 1
