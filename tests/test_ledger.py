@@ -165,7 +165,7 @@ async def test_settle_acks_done_dead_letters_refusals_and_leaves_failures_pendin
     for line, row in zip(lines, rows, strict=True):
         batch.setdefault(parse_purge(line), []).append(row)
     outcomes = [
-        DONE,  # tag:a, twice
+        Outcome("done", evicted=3),  # tag:a, twice
         DONE,  # acknowledged early
         Outcome("permanent", error="1014 bad tag"),
         Outcome("permanent"),
@@ -197,14 +197,15 @@ async def test_settle_acks_done_dead_letters_refusals_and_leaves_failures_pendin
          "purges": 2, "entries": 2, "error": "failed", "retry_after": 7.5}
     ]  # fmt: skip
     debug = [e for e in logs if e["event"] == "drain_purge"]
-    assert [(e["kind"], e["result"], e["entries"], e["error"]) for e in debug] == [
-        ("tag", "done", 2, None),
-        ("url", "done", 1, None),
-        ("tag", "permanent", 1, "1014 bad tag"),
-        ("host", "permanent", 1, None),
-        ("mixed", "retry_later", 1, None),
-        ("prefix", "retry_later", 1, "HTTP 503"),
+    assert [(e["kind"], e["result"], e["entries"], e["evicted"], e["error"]) for e in debug] == [
+        ("tag", "done", 2, 3, None),
+        ("url", "done", 1, None, None),
+        ("tag", "permanent", 1, None, "1014 bad tag"),
+        ("host", "permanent", 1, None, None),
+        ("mixed", "retry_later", 1, None, None),
+        ("prefix", "retry_later", 1, None, "HTTP 503"),
     ]
+    assert {e["group"] for e in debug} == {"cdn"}
     assert {e["log_level"] for e in debug} == {"debug"}
 
 

@@ -48,6 +48,8 @@ async def test_a_batch_is_packed_a_thousand_receipts_per_entry(redis: Redis, str
     assert [f.get(b"n") for _, f in entries] == [b"1000", b"1000", None]
     assert {f[b"u"] for _, f in entries} == {b""}
     assert len({f[b"m"] for _, f in entries}) == 3  # a message id of its own each
+    assert {len(f[b"m"]) for _, f in entries} == {16}  # 16 hex digits, as pub's
+    assert all(b"r" not in f for _, f in entries)  # lines of text, not a raw chunk
     assert all(int(f[b"t"]) >= before_ms for _, f in entries)
 
 
@@ -75,10 +77,12 @@ async def test_the_stream_keeps_about_max_len_receipts_not_entries(
 async def test_receipts_older_than_the_retention_are_trimmed_exactly(
     redis: Redis, stream: str
 ) -> None:
-    """A receipt an hour old goes at the next append when the retention is a minute; the
-    new ones and one 30 s old stay, though all of them share the stream's first node."""
+    """Receipts an hour and a minute and 30 ms old go at the next append when the retention
+    is a minute; the new ones and one 30 s old stay, though all of them share the stream's
+    first node."""
     now_ms = int(time.time() * 1000)
     await redis.xadd(stream, {"d": "old"}, id=f"{now_ms - 3_600_000}-0")
+    await redis.xadd(stream, {"d": "just over"}, id=f"{now_ms - 60_030}-0")
     await redis.xadd(stream, {"d": "recent"}, id=f"{now_ms - 30_000}-0")
     await ReceiptWriter(redis, stream, max_len=100_000, retention=60).append(records(2))
     entries = await stored(redis, stream)
