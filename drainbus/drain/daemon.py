@@ -444,14 +444,14 @@ class Drain:
         for entries in batch.values():
             for row in entries:
                 received = row[1].get(b"t")
-                if received:
+                if received:  # a floor of 1 ms, or / 1001: a thousandth off, below what is read
                     observe(max(0.0, now_ms - int(received)) / 1000)
         self.stats.last_purge_ms = int(time.time() * 1000)
 
     async def _parse(self, role: Role, row: Row) -> Purge | None:
         """The entry's purge, checked again against its publisher's scope; None if invalid."""
         fields = row[1]
-        user = fields.get(b"u", b"").decode("utf-8", "replace")
+        user = fields.get(b"u", b"").decode("utf-8", "replace")  # "UTF-8": the same codec
         try:
             purge = parse_purge(fields.get(b"d", b"").decode("utf-8"))
             check_scope(purge, user=user, is_admin=user_key(user) in self._admins, rule=self._rule)
