@@ -166,6 +166,7 @@ class Drain:
         self.ready = anyio.Event()
         # A stale refill evicted later is added to its purge's receipts: see refill_receipts.
         self._refills: RefillReceipts | None = None
+        # Built without a guard to feed it (`or`, `>= 0`), it would only remember purges.
         if settings.refill_window > 0 and any(isinstance(t, NginxTarget) for t in local_targets):
             self._refills = RefillReceipts(
                 settings.refill_window,
@@ -213,6 +214,7 @@ class Drain:
 
     async def _prepare(self, role: Role) -> None:
         try:
+            # id="$" is also redis-py's default: said here because it is the contract.
             await self._redis.xgroup_create(self._stream, role.group, id="$", mkstream=True)
             log.info("drain_group_created", group=role.group)
         except ResponseError as exc:
@@ -327,6 +329,7 @@ class Drain:
         backlog = role.backlog
         if not backlog.room:
             return
+        # Redis times a blocked read out at its hz (100 ms): 1 or 2 ms (or s / 1000) wait alike.
         wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
         rows = rows_of(
             await client.xreadgroup(
@@ -338,12 +341,12 @@ class Drain:
             )
         )
         if rows:
-            role.gap_handled = False
+            role.gap_handled = False  # None alike: only its truth is read
             backlog.add(rows)
 
     async def _reclaim(self, role: Role) -> None:
         """Claim entries idle for ``retry_after`` (failed here, or on a dead consumer)."""
-        min_idle_ms = int(self.settings.retry_after * 1000)
+        min_idle_ms = int(self.settings.retry_after * 1000)  # * 1001: a thousandth later
         pages = claim_idle(self._redis, self._stream, role.group, self.consumer,
                            min_idle_ms=min_idle_ms, count=READ_COUNT)  # fmt: skip
         async for rows, lost in pages:
@@ -358,8 +361,10 @@ class Drain:
             if rows:
                 self.stats.retries += len(rows)
                 role.backlog.add(await self._dead_letter_exhausted(role, rows))
+            # A full backlog: the rest is claimed on a later round (stopping with room too would
+            # only claim a page per round; READ_COUNT, the page, bounds a reply, not which).
             if not role.backlog.room:
-                return  # a full backlog: the rest is claimed on a later round
+                return
 
     async def _dead_letter_exhausted(self, role: Role, rows: list[Row]) -> list[Row]:
         """Move entries delivered more than ``max_deliveries`` times; return the rest."""
@@ -453,7 +458,7 @@ class Drain:
         fields = row[1]
         user = fields.get(b"u", b"").decode("utf-8", "replace")  # "UTF-8": the same codec
         try:
-            purge = parse_purge(fields.get(b"d", b"").decode("utf-8"))
+            purge = parse_purge(fields.get(b"d", b"").decode("utf-8"))  # "UTF-8" alike
             check_scope(purge, user=user, is_admin=user_key(user) in self._admins, rule=self._rule)
         except (DataError, PermissionDenied, UnicodeDecodeError) as exc:
             await self._ledger.dead_letter(role, row, f"invalid purge: {exc}")
@@ -464,7 +469,7 @@ class Drain:
         # Resets the entries' idle time so no consumer reclaims them while held or in flight.
         await keep_claimed(
             self._redis, self._stream, group=role.group, consumer=self.consumer, ids=ids,
-            every=self.settings.retry_after / 3,
+            every=self.settings.retry_after / 3,  # any period well under retry_after (/ 4 too)
         )  # fmt: skip
 
     async def _publish_status(self) -> None:
