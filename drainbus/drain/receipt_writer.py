@@ -55,7 +55,7 @@ class ReceiptWriter:
                     "\n".join(chunk).encode(),
                     user="",  # each receipt names its purge's user
                     message_id=secrets.token_hex(8),
-                    raw=False,
+                    raw=False,  # None alike: only its truth is read
                     count=len(chunk),
                 )
                 max_len = max(1, round(self._max_len / self._per_entry))
