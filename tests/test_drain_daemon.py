@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from drainbus.bus.streams import Keys
 from drainbus.config import DrainSettings
-from drainbus.drain import daemon, ledger
+from drainbus.drain import daemon, ledger, missed
 from drainbus.drain.cloudflare import CloudflareForwarder, CloudflareZoneConfig
 from drainbus.drain.daemon import Drain
 from drainbus.drain.dead_letters import list_dead_letters
@@ -50,7 +50,7 @@ def logs(
     fresh_logging: None, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[list[MutableMapping[str, Any]]]:
     """What the daemon logs (the ledger logs under its name), at every level."""
-    for module in (daemon, ledger):
+    for module in (daemon, ledger, missed):
         monkeypatch.setattr(module, "log", structlog.get_logger("drainbus.drain.daemon"))
     from drainbus import backoff
 
