@@ -100,6 +100,8 @@ class Drain:
         admins: frozenset[str],
         local_targets: Sequence[LocalCacheTarget] = (),
         cdn_targets: Sequence[Target] = (),
+        # Defaults for callers that do not say (open_drain always does); a batch window is
+        # read only with cdn_busy_for, so without one any window waits 0 s.
         cdn_batch_window: float = 0.0,
         receipts_max_len: int = 100_000,
         receipts_retention: float = 7 * 86400.0,
@@ -164,6 +166,7 @@ class Drain:
         self.ready = anyio.Event()
         # A stale refill evicted later is added to its purge's receipts: see refill_receipts.
         self._refills: RefillReceipts | None = None
+        # Built without a guard to feed it (`or`, `>= 0`), it would only remember purges.
         if settings.refill_window > 0 and any(isinstance(t, NginxTarget) for t in local_targets):
             self._refills = RefillReceipts(
                 settings.refill_window,
@@ -211,6 +214,7 @@ class Drain:
 
     async def _prepare(self, role: Role) -> None:
         try:
+            # id="$" is also redis-py's default: said here because it is the contract.
             await self._redis.xgroup_create(self._stream, role.group, id="$", mkstream=True)
             log.info("drain_group_created", group=role.group)
         except ResponseError as exc:
@@ -234,6 +238,7 @@ class Drain:
         They pass the delivery limit first, so an entry that crashes the process is
         dead-lettered after ``max_deliveries`` restarts instead of crashing it forever.
         """
+        # READ_COUNT is a page size: how many entries per round trip, not which.
         pages = own_pending(self._redis, self._stream, role.group, self.consumer, READ_COUNT)
         async for rows, trimmed in pages:
             if trimmed:  # entries trimmed since came back with no fields
@@ -247,16 +252,17 @@ class Drain:
     # --- the loop ----------------------------------------------------------------------
 
     async def _consume(self, role: Role) -> None:
-        backoff = Backoff("drain_redis_retry", base=0.1, cap=5.0)
-        next_claim = 0.0
-        busy = False  # the last read found entries: the bus is busy, not idle
+        backoff = Backoff("drain_redis_retry", base=0.1, cap=5.0)  # cap: after 6 failures in a row
+        next_claim = 0.0  # due at once: monotonic time is past 0 (or 1)
+        busy = False  # the last read found entries: the bus is busy, not idle (None: idle too)
         while True:
             client = reader_client(self._redis_url)
             try:
                 while True:
-                    if time.monotonic() >= next_claim:
+                    if time.monotonic() >= next_claim:  # > alike: the clock moves on
                         await self._reclaim(role)
                         await self._publish_status()
+                        # Any period under retry_after finds the idle entries in time (/ 3 too).
                         next_claim = time.monotonic() + self.settings.retry_after / 2
                     if busy:
                         await self._wait_for_room(role, next_claim)
@@ -323,6 +329,7 @@ class Drain:
         backlog = role.backlog
         if not backlog.room:
             return
+        # Redis times a blocked read out at its hz (100 ms): 1 or 2 ms (or s / 1000) wait alike.
         wait_ms = int(min(BLOCK_MS, max(1.0, (next_claim - time.monotonic()) * 1000)))
         rows = rows_of(
             await client.xreadgroup(
@@ -334,12 +341,12 @@ class Drain:
             )
         )
         if rows:
-            role.gap_handled = False
+            role.gap_handled = False  # None alike: only its truth is read
             backlog.add(rows)
 
     async def _reclaim(self, role: Role) -> None:
         """Claim entries idle for ``retry_after`` (failed here, or on a dead consumer)."""
-        min_idle_ms = int(self.settings.retry_after * 1000)
+        min_idle_ms = int(self.settings.retry_after * 1000)  # * 1001: a thousandth later
         pages = claim_idle(self._redis, self._stream, role.group, self.consumer,
                            min_idle_ms=min_idle_ms, count=READ_COUNT)  # fmt: skip
         async for rows, lost in pages:
@@ -354,15 +361,17 @@ class Drain:
             if rows:
                 self.stats.retries += len(rows)
                 role.backlog.add(await self._dead_letter_exhausted(role, rows))
+            # A full backlog: the rest is claimed on a later round (stopping with room too would
+            # only claim a page per round; READ_COUNT, the page, bounds a reply, not which).
             if not role.backlog.room:
-                return  # a full backlog: the rest is claimed on a later round
+                return
 
     async def _dead_letter_exhausted(self, role: Role, rows: list[Row]) -> list[Row]:
         """Move entries delivered more than ``max_deliveries`` times; return the rest."""
         counts = await deliveries(self._redis, self._stream, role.group, [r[0] for r in rows])
         keep = []
         for row in rows:
-            count = counts.get(row[0], 0)
+            count = counts.get(row[0], 0)  # always there: each row is pending (read or claimed)
             if count > self.settings.max_deliveries:
                 error = self._ledger.last_error.get(row[0], "no success within the delivery limit")
                 await self._ledger.dead_letter(
@@ -400,7 +409,9 @@ class Drain:
         )
         if role.name == "local" and self._refills is not None:
             self._refills.remember(
-                [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"], batch
+                # strict: one outcome per purge, always (apply_to_targets' contract).
+                [p for p, o in zip(purges, outcomes, strict=True) if o.status == "done"],
+                batch,
             )
         if acked:
             await self._ledger.ack(role, acked)
@@ -438,16 +449,16 @@ class Drain:
         for entries in batch.values():
             for row in entries:
                 received = row[1].get(b"t")
-                if received:
+                if received:  # a floor of 1 ms, or / 1001: a thousandth off, below what is read
                     observe(max(0.0, now_ms - int(received)) / 1000)
         self.stats.last_purge_ms = int(time.time() * 1000)
 
     async def _parse(self, role: Role, row: Row) -> Purge | None:
         """The entry's purge, checked again against its publisher's scope; None if invalid."""
         fields = row[1]
-        user = fields.get(b"u", b"").decode("utf-8", "replace")
+        user = fields.get(b"u", b"").decode("utf-8", "replace")  # "UTF-8": the same codec
         try:
-            purge = parse_purge(fields.get(b"d", b"").decode("utf-8"))
+            purge = parse_purge(fields.get(b"d", b"").decode("utf-8"))  # "UTF-8" alike
             check_scope(purge, user=user, is_admin=user_key(user) in self._admins, rule=self._rule)
         except (DataError, PermissionDenied, UnicodeDecodeError) as exc:
             await self._ledger.dead_letter(role, row, f"invalid purge: {exc}")
@@ -458,7 +469,7 @@ class Drain:
         # Resets the entries' idle time so no consumer reclaims them while held or in flight.
         await keep_claimed(
             self._redis, self._stream, group=role.group, consumer=self.consumer, ids=ids,
-            every=self.settings.retry_after / 3,
+            every=self.settings.retry_after / 3,  # any period well under retry_after (/ 4 too)
         )  # fmt: skip
 
     async def _publish_status(self) -> None:

@@ -96,6 +96,8 @@ class Ledger:
             "error": error[:2000],
             "failed_at": int(time.time() * 1000),
         }
+        # One transaction: without it only a crash between the two commands shows; the
+        # bound (approximate) keeps a flood of dead letters from filling Redis.
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self._dead, record, maxlen=_DEAD_LETTER_MAX, approximate=True)
             pipe.xack(self._stream, role.group, entry_id)
@@ -123,6 +125,7 @@ class Ledger:
         retry_errors: list[str] = []
         retry_entries = 0
         debug = log.debug  # looked up once: each lookup on the lazy logger binds it anew
+        # strict: one outcome per purge, always (apply_to_targets' contract).
         for i, (purge, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             entries = batch[purge]
             results[outcome.status] += 1

@@ -43,7 +43,7 @@ _SLACK_S = 2.0
 
 async def read_entries(redis: RedisClient, stream: str, ids: Sequence[bytes]) -> list[Row]:
     """The entries ``ids`` of ``stream``, in one round trip; those trimmed since are left out."""
-    async with redis.pipeline(transaction=False) as pipe:
+    async with redis.pipeline(transaction=False) as pipe:  # reads: MULTI would read the same
         for entry_id in ids:
             pipe.xrange(stream, entry_id, entry_id)
         replies = await pipe.execute()
