@@ -102,14 +102,14 @@ def test_the_latest_batch_that_carried_out_a_purge_names_its_entries(clock: Cloc
     assert memo.entries(parse_purge("tag:never")) == []
 
 
-def test_a_purge_is_remembered_for_the_refill_window_and_five_seconds(clock: Clock) -> None:
-    """Batches older than refill_window + 5 s are forgotten at the next remember, all of
+def test_a_purge_is_remembered_for_the_refill_window_and_two_seconds(clock: Clock) -> None:
+    """Batches older than refill_window + 2 s are forgotten at the next remember, all of
     them, oldest first; one exactly that old is kept."""
     memo = refills()
     for n, line in enumerate(["tag:a", "tag:b", "tag:c"]):
         clock.now = 1000.0 + n
         memo.remember(*memory([line], [(f"{n}-0".encode(), {})]))
-    clock.now = 1002.0 + WINDOW + 5.0  # tag:a and tag:b aged out; tag:c is just that old
+    clock.now = 1002.0 + WINDOW + 2.0  # tag:a and tag:b aged out; tag:c is just that old
     memo.remember(*memory(["tag:d"], [(b"3-0", {})]))
     assert [memo.entries(parse_purge(f"tag:{t}")) for t in "abcd"] == [[], [], [b"2-0"], [b"3-0"]]
 
@@ -166,6 +166,7 @@ async def test_a_full_queue_drops_the_receipt_with_a_warning(
         written.append(records)
 
     memo = refills(append=append, fetch=fetch)
+    memo.remember(*memory(["tag:a"], [(b"1-0", {})]))
     async with anyio.create_task_group() as tg:
         tg.start_soon(memo.run)
         await anyio.wait_all_tasks_blocked()
@@ -216,3 +217,22 @@ async def test_a_receipt_redis_refused_is_logged_and_the_next_is_written(
     assert "WRONGTYPE" in failed["error"]
     entries: Any = await redis.xrange(receipts_key)
     assert [r["targets"][0]["count"] for i, f in entries for r in receipts_of(i, f)] == [2]
+
+
+async def test_a_refill_of_a_purge_no_longer_remembered_says_so(
+    fresh_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No receipt can be written for it: a warning says so, rather than nothing at all."""
+    monkeypatch.setattr(refill_receipts, "log", structlog.get_logger("drainbus.drain.daemon"))
+    memo = refills()  # appending or fetching anything fails the test
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(memo.run)
+        await anyio.wait_all_tasks_blocked()
+        with capture_logs() as logs:
+            memo.evicted("pages", parse_purge("tag:gone"), 2)
+            await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    assert logs == [
+        {"event": "drain_refill_receipt_unmatched", "log_level": "warning", "target": "pages",
+         "count": 2, "reason": "the purge's entries are no longer remembered"}
+    ]  # fmt: skip
