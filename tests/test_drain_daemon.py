@@ -363,8 +363,7 @@ async def test_redis_refusing_the_loop_is_retried_and_a_lost_group_recreated(
 ) -> None:
     """The stream's key replaced by a string: each failure is a retry logged with its group
     and a short first delay; the key gone, the group is made again (a loss, so a flush)
-    and purges flow again. (Until the next reclaim, retry_after / 2, meets NOGROUP, the
-    check for missed purges fails too: XINFO GROUPS on no key is "no such key".)"""
+    and purges flow again."""
     stream = Keys(namespace).stream(TOPIC)
     target = Scripted()
     drain = make_drain(redis, redis_url, namespace, local=[target], retry_after=0.4)
@@ -392,6 +391,27 @@ async def test_redis_refusing_the_loop_is_retried_and_a_lost_group_recreated(
         "Redis restarted empty, or the stream was deleted); recreating it"
     )
     assert target.flushes == 1
+
+
+async def test_a_stream_deleted_under_the_drain_has_its_group_made_again_at_once(
+    redis: Redis, redis_url: str, namespace: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """The stream deleted with its group while the drain runs: the check before the next
+    read answers "no such key", which is the group gone too, so it is made again (and the
+    caches flushed) at once, not at the next reclaim, retry_after / 2 = 15 s later."""
+    stream = Keys(namespace).stream(TOPIC)
+    target = Scripted()
+    drain = make_drain(redis, redis_url, namespace, local=[target], retry_after=30)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain.run)
+        await drain.ready.wait()
+        await redis.delete(stream)
+        await until(lambda: target.flushes)
+        await publish(redis, namespace, "site-after")
+        await until(target.done)
+        tg.cancel_scope.cancel()
+    assert [e["group"] for e in logs if e["event"] == "drain_group_lost"] == ["node-web1"]
+    assert target.done() == ["site-after"]
 
 
 async def test_a_stale_refill_evicted_after_the_purge_gets_a_receipt(
@@ -592,6 +612,8 @@ async def test_a_failure_while_recreating_a_lost_group_is_logged_and_backed_off(
     retry = next(e for e in logs if e["event"] == "drain_redis_retry")
     assert "NOGROUP" in retry["error"]
     assert target.done() == ["site-after"]
+    # The failed flush is owed, not forgotten: it is tried again, and succeeds.
+    assert target.flushes == 2
 
 
 @pytest.mark.parametrize(

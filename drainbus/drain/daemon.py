@@ -164,6 +164,7 @@ class Drain:
                 )
             )
         self.ready = anyio.Event()
+        self._flush_owed: set[str] = set()  # groups recreated whose flush has not succeeded
         # A stale refill evicted later is added to its purge's receipts: see refill_receipts.
         self._refills: RefillReceipts | None = None
         # Built without a guard to feed it (`or`, `>= 0`), it would only remember purges.
@@ -264,6 +265,9 @@ class Drain:
                         await self._publish_status()
                         # Any period under retry_after finds the idle entries in time (/ 3 too).
                         next_claim = time.monotonic() + self.settings.retry_after / 2
+                    if role.group in self._flush_owed:  # a recreated group's failed flush
+                        await self._missed(role)
+                        self._flush_owed.discard(role.group)
                     if busy:
                         await self._wait_for_room(role, next_claim)
                     # Before every read: once XREADGROUP jumps a trimmed gap, Redis counts the
@@ -278,7 +282,10 @@ class Drain:
                     if rows:
                         await self._handle(role, rows)
             except (RedisError, OSError) as exc:
-                if "NOGROUP" in str(exc) and await self._recreate_group(role):
+                # The group is gone: NOGROUP from a read, or "no such key" from the check
+                # before it (XINFO GROUPS) when the stream went with it.
+                gone = "NOGROUP" in str(exc) or "no such key" in str(exc)
+                if gone and await self._recreate_group(role):
                     backoff.succeeded()
                     continue
                 await backoff.failed(exc, group=role.group)
@@ -302,12 +309,14 @@ class Drain:
             "replicated, Redis restarted empty, or the stream was deleted); recreating it",
         )
         role.backlog.clear()  # their pending entries went with the group: none can be acked
+        self._flush_owed.add(role.group)  # until done: the group back, no read says NOGROUP
         try:
             await self._prepare(role)
             await self._missed(role)
         except (RedisError, OSError) as exc:
             log.warning("drain_group_recreate_failed", group=role.group, error=str(exc))
             return False
+        self._flush_owed.discard(role.group)
         return True
 
     async def _wait_for_room(self, role: Role, next_claim: float) -> None:
