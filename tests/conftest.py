@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from drainbus.bus import Bus
 from drainbus.bus.embedded import EmbeddedRedis
@@ -99,6 +100,14 @@ def redis_url(short_tmp: Path) -> Iterator[str]:
         return
     with EmbeddedRedis(short_tmp / "shared-redis") as server:
         yield server.url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client of the tests' Redis (bytes replies), closed after the test."""
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -39,13 +39,6 @@ TOPIC = "cache-drain"
 PER_CALL = 100  # tags per Cloudflare call
 
 
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
 async def start_drain(config: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "drainbus", "--log-level", "error", "drain", "--config",

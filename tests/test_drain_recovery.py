@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,6 @@ from tests.test_drain import cache_states, drain_config, prime, wait_drained
 
 StartNode = Callable[..., Awaitable[Node]]
 TOPIC = "cache-drain"
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def add_entry(redis: Redis, keys: Keys, data: str, user: str = "root") -> bytes:

@@ -3,7 +3,7 @@ heartbeat that keeps the entries it holds claimed (against a real Redis)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -89,14 +89,6 @@ def test_ids_lists_every_entry_held_and_clear_forgets_them() -> None:
 
 
 # --- keep_claimed ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    """A client of the tests' Redis, closed after the test."""
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 class Rounds:

@@ -4,7 +4,6 @@ dead-lettered, its receipt written first."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +24,6 @@ from drainbus.drain.retry import DONE, Outcome
 from drainbus.drain.roles import DrainStats, Role
 
 TOPIC = "cache-drain"
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -16,14 +15,6 @@ from drainbus.bus.streams import Entry, Keys, read_rows
 from drainbus.errors import BackendUnavailable
 
 TOPIC = "alice/pub"
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    """A client of the tests' Redis, closed after the test."""
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def publisher(

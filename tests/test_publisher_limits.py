@@ -73,14 +73,6 @@ def refused_count(reason: str) -> float:
     return float(PUBLISH_REFUSED.labels(reason)._value.get())  # no public getter
 
 
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    """A client of the tests' Redis, closed after the test."""
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
 # --- the receipts' append script ------------------------------------------------------------
 
 

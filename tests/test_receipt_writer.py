@@ -4,7 +4,6 @@ as many receipts as the topic keeps, and by age."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,13 +12,6 @@ from redis.asyncio import Redis
 from drainbus.bus.streams import Keys
 from drainbus.drain.receipt_writer import ReceiptWriter
 from drainbus.drain.receipts import receipts_of, receipts_topic
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

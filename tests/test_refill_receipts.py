@@ -4,7 +4,6 @@ written when one is evicted (the stream and receipt writer are real; the clock i
 from __future__ import annotations
 
 import types
-from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -23,13 +22,6 @@ from drainbus.drain.refill_receipts import RefillReceipts, read_entries
 
 TOPIC = "cache-drain"
 WINDOW = 10.0  # refill_window: a purge is remembered for it and 5 s more
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 class Clock:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -22,15 +21,6 @@ from drainbus.bus.streams import (
     stream_info,
     text,
 )
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    """A client of the tests' Redis, closed after the test."""
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
 
 # --- ids, times, names ----------------------------------------------------------------------
 
