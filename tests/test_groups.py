@@ -162,7 +162,7 @@ async def test_own_pending_pages_through_this_consumers_unacknowledged_entries(
     redis: Redis, stream: str
 ) -> None:
     """After a crash: this consumer's unacknowledged entries, page by page, never another
-    consumer's; a page with entries trimmed since says so and skips them."""
+    consumer's; a page with entries trimmed since names them and skips them."""
     await redis.xgroup_create(stream, "g", id="$", mkstream=True)
     ids = await add(redis, stream, 6)
     mine = await read(redis, stream, "g", "me", 5)
@@ -173,7 +173,7 @@ async def test_own_pending_pages_through_this_consumers_unacknowledged_entries(
         ([i for i, _ in rows], trimmed)
         async for rows, trimmed in own_pending(redis, stream, "g", "me", 2)
     ]
-    assert pages == [([ids[0], ids[2]], False), ([ids[4]], True)]
+    assert pages == [([ids[0], ids[2]], []), ([ids[4]], [ids[3]])]
     assert [page async for page in own_pending(redis, stream, "g", "nobody", 2)] == []
 
 

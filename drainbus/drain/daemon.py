@@ -242,8 +242,9 @@ class Drain:
         # READ_COUNT is a page size: how many entries per round trip, not which.
         pages = own_pending(self._redis, self._stream, role.group, self.consumer, READ_COUNT)
         async for rows, trimmed in pages:
-            if trimmed:  # entries trimmed since came back with no fields
-                await self._missed(role)
+            if trimmed:  # entries trimmed since came back with no fields: acted on, so
+                await self._missed(role)  # acknowledged, or the reclaim reports them again
+                await self._redis.xack(self._stream, role.group, *trimmed)
             if rows:
                 log.info("drain_resuming_pending", group=role.group, entries=len(rows))
                 # Into the backlog, not carried out here: a read-ahead's worth of entries

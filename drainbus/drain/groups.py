@@ -99,9 +99,9 @@ async def publish_status(
 
 async def own_pending(
     redis: RedisClient, stream: str, group: str, consumer: str, count: int
-) -> AsyncIterator[tuple[list[Row], bool]]:
+) -> AsyncIterator[tuple[list[Row], list[bytes]]]:
     """The entries delivered to ``consumer`` and never acknowledged (after a crash), page by
-    page: yields (the entries, whether some were trimmed from the stream since)."""
+    page: yields (the entries, the ids of those trimmed from the stream since)."""
     position = "0"
     while True:
         reply: Any = await redis.xreadgroup(group, consumer, {stream: position}, count=count)
@@ -114,4 +114,4 @@ async def own_pending(
         # them, keep paging.
         position = text(entries[-1][0])
         rows: list[Row] = [(i, f) for i, f in entries if f]
-        yield rows, len(rows) < len(entries)
+        yield rows, [i for i, f in entries if not f]
