@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +82,15 @@ class Scripted:
 
 def make_drain(
     redis: Redis, redis_url: str, namespace: str, *, local: Sequence[Any] = (),
-    cdn: Sequence[Target] = (), **settings: Any,
+    cdn: Sequence[Target] = (), admins: Iterable[str] = ("root", "acme", "other"),
+    options: Mapping[str, Any] | None = None, **settings: Any,
 ) -> Drain:  # fmt: skip
+    """A drain on the test's namespace: ``settings`` for its DrainSettings, ``options`` for
+    Drain's own keywords (the cdn role's batch window, rate limit and batch size)."""
     return Drain(
         DrainSettings(**{"node": "web1", "retry_after": 10.0, **settings}),
-        redis=redis, redis_url=redis_url, keys=Keys(namespace),
-        admins=frozenset({"root", "acme", "other"}), local_targets=local, cdn_targets=cdn,
+        redis=redis, redis_url=redis_url, keys=Keys(namespace), admins=frozenset(admins),
+        local_targets=local, cdn_targets=cdn, **(options or {}),
     )  # fmt: skip
 
 
@@ -281,11 +284,8 @@ async def test_a_busy_cdn_role_waits_for_room_and_sends_what_arrived_meanwhile_t
     waits before reading: two purges published during the wait go in one call. Before
     the first call it did not wait: an idle bus sends at once."""
     target = Calls(logs)
-    drain = Drain(
-        DrainSettings(node="web1", retry_after=10.0), redis=redis, redis_url=redis_url,
-        keys=Keys(namespace), admins=frozenset({"root"}), cdn_targets=[target],
-        cdn_batch_window=0.5, cdn_busy_for=lambda: 0.5,
-    )  # fmt: skip
+    drain = make_drain(redis, redis_url, namespace, cdn=[target], admins={"root"},
+                       options={"cdn_batch_window": 0.5, "cdn_busy_for": lambda: 0.5})  # fmt: skip
     async with anyio.create_task_group() as tg:
         tg.start_soon(drain.run)
         await drain.ready.wait()
@@ -312,11 +312,9 @@ async def test_a_busy_cdn_role_never_waits_past_the_next_reclaim(
     """A bucket with no room for a minute and a minute's batch window: the loop still reads
     (and reclaims) every retry_after / 2, so the next purge is sent within a second."""
     target = Calls()
-    drain = Drain(
-        DrainSettings(node="web1", retry_after=0.4), redis=redis, redis_url=redis_url,
-        keys=Keys(namespace), admins=frozenset({"root"}), cdn_targets=[target],
-        cdn_batch_window=60, cdn_busy_for=lambda: 60.0,
-    )  # fmt: skip
+    drain = make_drain(redis, redis_url, namespace, cdn=[target], admins={"root"},
+                       options={"cdn_batch_window": 60, "cdn_busy_for": lambda: 60.0},
+                       retry_after=0.4)  # fmt: skip
     async with anyio.create_task_group() as tg:
         tg.start_soon(drain.run)
         await drain.ready.wait()
@@ -335,11 +333,8 @@ async def test_a_cdn_role_with_room_never_waits(
 ) -> None:
     """Room for the next call at once: no wait after a batch, whatever the batch window."""
     target = Calls()
-    drain = Drain(
-        DrainSettings(node="web1"), redis=redis, redis_url=redis_url, keys=Keys(namespace),
-        admins=frozenset({"root"}), cdn_targets=[target], cdn_batch_window=60,
-        cdn_busy_for=lambda: 0.0,
-    )  # fmt: skip
+    drain = make_drain(redis, redis_url, namespace, cdn=[target], admins={"root"},
+                       options={"cdn_batch_window": 60, "cdn_busy_for": lambda: 0.0})  # fmt: skip
     async with anyio.create_task_group() as tg:
         tg.start_soon(drain.run)
         await drain.ready.wait()
@@ -515,11 +510,9 @@ async def test_each_entry_is_checked_again_against_its_publishers_scope(
         redis, namespace, "other-site", "frob:x", b"\xff", user="acme"
     )
     target = Scripted()
-    drain = Drain(
-        DrainSettings(node="web1", key_host="{key}.pages.example"), redis=redis,
-        redis_url=redis_url, keys=Keys(namespace), admins=frozenset({"root"}),
-        local_targets=[target],
-    )  # fmt: skip
+    drain = make_drain(
+        redis, redis_url, namespace, local=[target], admins={"root"}, key_host="{key}.pages.example"
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(drain.run)
         await until(lambda: any(e["event"] == "drain_batch" for e in logs))
@@ -628,10 +621,14 @@ async def test_a_cdn_batch_holds_the_configured_number_of_purges(
     for user, share in (("acme", waiting // 2), ("other", waiting - waiting // 2)):
         await publish(redis, namespace, *(f"{user}-{n}" for n in range(share)), user=user)
     target = Calls()
-    drain = Drain(
-        DrainSettings(node="web1"), redis=redis, redis_url=redis_url, keys=Keys(namespace),
-        admins=frozenset({"acme", "other"}), cdn_targets=[target], cdn_batch_size=batch_size,
-    )  # fmt: skip
+    drain = make_drain(
+        redis,
+        redis_url,
+        namespace,
+        cdn=[target],
+        admins={"acme", "other"},
+        options={"cdn_batch_size": batch_size},
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(drain.run)
         await until(lambda: len(target.done()) == waiting)
