@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 from urllib.parse import unquote
 
 from drainbus.drain.url_rules import path_under, split_url
@@ -53,6 +53,7 @@ _CAPTURE = {
 }
 # An unknown $proxy_host: any host[:port], up to the first '/'.
 _ANY_PROXY_HOST = r"[^/\s]+"
+_T = TypeVar("_T")
 _URL_MEMO = 4096  # URLs whose parts and key are remembered (a few batches' worth)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # URLs whose keys show an ambiguous template: hosts that are another host with a scheme's
@@ -214,6 +215,15 @@ def prefix_reading_matches(reading: Reading, want: KeyParts) -> bool:
     return host in (None, want.host) and path is not None and path_under(path, want.path or "/")
 
 
+def _remember(memo: dict[str, _T], key: str, value: _T) -> _T:
+    """Store ``value`` under ``key`` in one of a template's memos; a memo that holds
+    ``_URL_MEMO`` entries is emptied first (a few batches' worth is all they are for)."""
+    if len(memo) >= _URL_MEMO:  # ('>' keeps one entry more: the same answers either way)
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 def _pieces(template: str) -> tuple[tuple[str, str], ...]:
     pieces, last = [], 0
     for match in _VARIABLE.finditer(template):
@@ -327,10 +337,7 @@ class KeyTemplate:
             key = self._render(url)
             if not self.key_means_only(key, url):
                 key = None
-        if len(memo) >= _URL_MEMO:  # ('>' keeps one URL more: the same keys either way)
-            memo.clear()
-        memo[url] = key
-        return key
+        return _remember(memo, url, key)  # (under another key: worked out again, the same)
 
     def key_means_only(self, key: str, url: str) -> bool:
         """Whether every reading of ``key`` is ``url``: only then may a URL purge evict it.
@@ -391,12 +398,10 @@ class KeyTemplate:
         Remembered for the last few thousand keys: a URL purge reads its key back twice
         (may it evict the file? which Vary variants share the key?).
         """
-        memo = self._readings
-        found = memo.get(key)  # (a lookup that always misses reads the key again: the same)
+        found = self._readings.get(key)  # (a lookup always missing reads it again: the same)
         if found is None:
-            if len(memo) >= _URL_MEMO:  # ('>' keeps one key more: the same readings either way)
-                memo.clear()
-            found = memo[key] = self._read(key)
+            # (Stored under another key, it is read again next time: the same readings.)
+            found = _remember(self._readings, key, self._read(key))
         return found
 
     def _read(self, key: str) -> tuple[Reading, ...]:
